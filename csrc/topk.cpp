@@ -1,0 +1,339 @@
+#include "topk.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rankfast {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Keys: one unsigned integer per entry whose order is the ranking order.
+//
+// The high half is the score mapped to an order-preserving unsigned integer
+// (NaN -> 0, the lowest; -0.0 folded onto +0.0; negated for largest=false);
+// the low half is (2^32 - 1 - id), so among equal scores the lower id has the
+// larger key. Keys are unique within a row, so heap and nth_element results
+// do not depend on the order entries are visited in.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct KeyTraits;
+template <>
+struct KeyTraits<float> {
+  using Bits = uint32_t;
+  using Key = uint64_t;
+};
+template <>
+struct KeyTraits<double> {
+  using Bits = uint64_t;
+  using Key = unsigned __int128;
+};
+
+template <typename T, bool Largest>
+struct Order {
+  using Bits = typename KeyTraits<T>::Bits;
+  using Key = typename KeyTraits<T>::Key;
+  static constexpr Bits kSign = Bits(1) << (8 * sizeof(Bits) - 1);
+  static constexpr uint32_t kIdMask = 0xFFFFFFFFu;
+
+  static Bits score_bits(T v) {
+    if (std::isnan(v)) return 0;
+    T w = Largest ? v : -v;
+    w += T(0);  // -0.0 + 0.0 == +0.0: both zeros get one key
+    Bits b;
+    std::memcpy(&b, &w, sizeof b);
+    return (b & kSign) ? Bits(~b) : Bits(b | kSign);
+  }
+
+  // Inverse of score_bits (NaN comes back as a quiet NaN, -0.0 as +0.0).
+  static T score_of_bits(Bits b) {
+    if (b == 0) return std::numeric_limits<T>::quiet_NaN();
+    Bits raw = (b & kSign) ? Bits(b & ~kSign) : Bits(~b);
+    T w;
+    std::memcpy(&w, &raw, sizeof w);
+    return Largest ? w : -w;
+  }
+
+  static Key make(T v, int64_t id) {
+    return (Key(score_bits(v)) << 32) | Key(kIdMask - uint32_t(id));
+  }
+  static Bits bits_of(Key key) { return Bits(key >> 32); }
+  static int64_t id_of(Key key) { return int64_t(kIdMask - uint32_t(key & kIdMask)); }
+
+  // Conservative numeric pre-filter: false only for entries that cannot
+  // beat a key whose score is t (t not NaN). Compiles to packed compares.
+  static bool may_beat(T v, T t) { return Largest ? v >= t : v <= t; }
+};
+
+// Where an entry's id comes from, and which entries may be returned.
+struct PositionIds {  // select: the id is the column; exclusions by flag
+  const uint8_t* excluded;  // null: none excluded
+  int64_t id(int64_t j) const { return j; }
+  bool eligible(int64_t j) const { return excluded == nullptr || !excluded[j]; }
+};
+struct GivenIds {  // merge: ids given beside the values; -1 is padding
+  const int64_t* ids;
+  int64_t id(int64_t j) const { return ids[j]; }
+  bool eligible(int64_t j) const { return ids[j] >= 0; }
+};
+
+// Per-thread selection state, reused across rows.
+template <typename T, bool Largest>
+class RowSelector {
+  using O = Order<T, Largest>;
+  using Key = typename O::Key;
+
+ public:
+  explicit RowSelector(int64_t k) : k_(k) { keys_.reserve(std::max<int64_t>(4 * k, 1024)); }
+
+  // Selects the best min(k, eligible) entries of x[0:n]; returns their count
+  // and leaves their keys in keys_ (best first when `sorted`).
+  template <typename Ids>
+  int64_t select(const T* x, int64_t n, const Ids& ids, bool sorted) {
+    keys_.clear();
+    if (k_ == 0) return 0;
+    // A heap pays off when few entries enter it; with k a large fraction of
+    // the row, buffered quickselect over everything is cheaper.
+    if (16 * k_ >= n) {
+      collect(x, 0, n, ids);
+    } else {
+      heap_select(x, n, ids);
+    }
+    if (sorted) std::sort(keys_.begin(), keys_.end(), std::greater<Key>());
+    return int64_t(keys_.size());
+  }
+
+  template <typename Ids>
+  void write(const T* x, const Ids& ids, int64_t count, T* out_values, int64_t* out_ids) const {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t id = O::id_of(keys_[i]);
+      out_ids[i] = id;
+      out_values[i] = value_of(x, ids, keys_[i]);
+    }
+  }
+
+ private:
+  static T value_of(const T* x, const PositionIds&, Key key) { return x[O::id_of(key)]; }
+  static T value_of(const T*, const GivenIds&, Key key) { return O::score_of_bits(O::bits_of(key)); }
+
+  // Bounded min-heap of the k best keys seen; a numeric threshold skips whole
+  // blocks that cannot enter it. Falls back to `collect` when the heap churns
+  // (e.g. ascending rows, where every entry would enter).
+  template <typename Ids>
+  void heap_select(const T* x, int64_t n, const Ids& ids) {
+    int64_t j = 0;
+    for (; j < n && int64_t(keys_.size()) < k_; ++j) {
+      if (ids.eligible(j)) keys_.push_back(O::make(x[j], ids.id(j)));
+    }
+    if (int64_t(keys_.size()) < k_) return;  // fewer eligible than k: all of them
+    std::make_heap(keys_.begin(), keys_.end(), std::greater<Key>());
+
+    constexpr int64_t kBlock = 32;
+    const int64_t churn_limit = 2 * k_ + 1024 + n / 16;
+    int64_t inserts = 0;
+    bool top_nan = O::bits_of(keys_[0]) == 0;
+    T t = O::score_of_bits(O::bits_of(keys_[0]));
+    while (j < n) {
+      if (!top_nan) {  // skip blocks in which nothing can beat the threshold
+        while (j + kBlock <= n) {
+          bool any = false;
+          for (int64_t b = 0; b < kBlock; ++b) any |= O::may_beat(x[j + b], t);
+          if (any) break;
+          j += kBlock;
+        }
+      }
+      const int64_t end = std::min(n, j + kBlock);
+      for (; j < end; ++j) {
+        if (!top_nan && !O::may_beat(x[j], t)) continue;
+        if (!ids.eligible(j)) continue;
+        const Key key = O::make(x[j], ids.id(j));
+        if (key <= keys_[0]) continue;
+        replace_top(key);
+        top_nan = O::bits_of(keys_[0]) == 0;
+        t = O::score_of_bits(O::bits_of(keys_[0]));
+        ++inserts;
+      }
+      if (inserts > churn_limit) {
+        collect(x, j, n, ids);
+        return;
+      }
+    }
+  }
+
+  void replace_top(Key key) {  // sift `key` down from the root of the min-heap
+    const int64_t size = int64_t(keys_.size());
+    int64_t i = 0;
+    for (;;) {
+      int64_t child = 2 * i + 1;
+      if (child >= size) break;
+      if (child + 1 < size && keys_[child + 1] < keys_[child]) ++child;
+      if (keys_[child] >= key) break;
+      keys_[i] = keys_[child];
+      i = child;
+    }
+    keys_[i] = key;
+  }
+
+  // Buffered quickselect over x[j:n], starting from the keys already in
+  // keys_: append keys that beat the current k-th best, and shrink the buffer
+  // back to k (raising the threshold) whenever it fills. Linear time whatever
+  // the order of the row.
+  template <typename Ids>
+  void collect(const T* x, int64_t j, int64_t n, const Ids& ids) {
+    const int64_t capacity = std::max<int64_t>(4 * k_, 1024);
+    bool have_kth = false;
+    Key kth = 0;
+    auto shrink = [&] {
+      std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.end(), std::greater<Key>());
+      keys_.resize(k_);
+      kth = keys_[k_ - 1];
+      have_kth = true;
+    };
+    if (int64_t(keys_.size()) >= k_) shrink();
+    for (; j < n; ++j) {
+      if (!ids.eligible(j)) continue;
+      const Key key = O::make(x[j], ids.id(j));
+      if (have_kth && key <= kth) continue;
+      keys_.push_back(key);
+      if (int64_t(keys_.size()) >= capacity) shrink();
+    }
+    if (int64_t(keys_.size()) > k_) shrink();
+  }
+
+  int64_t k_;
+  std::vector<Key> keys_;
+};
+
+int default_threads(int64_t rows, int64_t n, int requested) {
+  int threads = requested;
+  if (threads <= 0) {
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#else
+    threads = 1;
+#endif
+    // Below ~64k entries per thread, starting threads costs more than it saves.
+    const int64_t by_work = std::max<int64_t>(1, rows * n / 65536);
+    threads = int(std::min<int64_t>(threads, by_work));
+  }
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+}
+
+void check_shape(int64_t rows, int64_t n, int64_t k) {
+  if (rows < 0 || n < 0) throw std::invalid_argument("scores: negative dimension");
+  if (k < 0) throw std::invalid_argument("k must be >= 0, got " + std::to_string(k));
+  if (n > kMaxRowLength)
+    throw std::invalid_argument("scores: rows longer than 2^32 - 1 entries are not supported");
+}
+
+void check_exclude(int64_t rows, int64_t n, const int64_t* indptr, const int64_t* ids) {
+  if (indptr == nullptr) return;
+  if (indptr[0] != 0) throw std::invalid_argument("exclude: indptr[0] must be 0");
+  for (int64_t r = 0; r < rows; ++r) {
+    if (indptr[r + 1] < indptr[r]) throw std::invalid_argument("exclude: indptr must be non-decreasing");
+  }
+  for (int64_t e = 0; e < indptr[rows]; ++e) {
+    if (ids[e] < 0 || ids[e] >= n)
+      throw std::invalid_argument("exclude: id " + std::to_string(ids[e]) + " out of range [0, " +
+                                  std::to_string(n) + ")");
+  }
+}
+
+template <typename T>
+void pad(int64_t from, int64_t k, bool largest, T* out_values, int64_t* out_ids) {
+  const T fill = largest ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::infinity();
+  for (int64_t i = from; i < k; ++i) {
+    out_values[i] = fill;
+    out_ids[i] = -1;
+  }
+}
+
+template <typename T, bool Largest>
+void select_rows(const T* scores, int64_t rows, int64_t n, int64_t k, bool sorted,
+                 const int64_t* excl_indptr, const int64_t* excl_ids, T* out_values,
+                 int64_t* out_ids, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    RowSelector<T, Largest> selector(std::min(k, n));
+    std::vector<uint8_t> excluded(excl_indptr ? n : 0, 0);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = scores + r * n;
+      PositionIds ids{nullptr};
+      if (excl_indptr != nullptr && excl_indptr[r + 1] > excl_indptr[r]) {
+        for (int64_t e = excl_indptr[r]; e < excl_indptr[r + 1]; ++e) excluded[excl_ids[e]] = 1;
+        ids.excluded = excluded.data();
+      }
+      const int64_t count = selector.select(x, n, ids, sorted);
+      selector.write(x, ids, count, out_values + r * k, out_ids + r * k);
+      pad(count, k, Largest, out_values + r * k, out_ids + r * k);
+      if (ids.excluded != nullptr) {
+        for (int64_t e = excl_indptr[r]; e < excl_indptr[r + 1]; ++e) excluded[excl_ids[e]] = 0;
+      }
+    }
+  }
+}
+
+template <typename T, bool Largest>
+void merge_rows(const T* values, const int64_t* ids, int64_t rows, int64_t m, int64_t k,
+                bool sorted, T* out_values, int64_t* out_ids, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    RowSelector<T, Largest> selector(std::min(k, m));
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* x = values + r * m;
+      const GivenIds row_ids{ids + r * m};
+      const int64_t count = selector.select(x, m, row_ids, sorted);
+      selector.write(x, row_ids, count, out_values + r * k, out_ids + r * k);
+      pad(count, k, Largest, out_values + r * k, out_ids + r * k);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void select_topk(const T* scores, int64_t rows, int64_t n, int64_t k, bool largest, bool sorted,
+                 const int64_t* excl_indptr, const int64_t* excl_ids, T* out_values,
+                 int64_t* out_ids, int num_threads) {
+  check_shape(rows, n, k);
+  check_exclude(rows, n, excl_indptr, excl_ids);
+  const int threads = default_threads(rows, n, num_threads);
+  auto run = largest ? select_rows<T, true> : select_rows<T, false>;
+  run(scores, rows, n, k, sorted, excl_indptr, excl_ids, out_values, out_ids, threads);
+}
+
+template <typename T>
+void merge_topk(const T* values, const int64_t* ids, int64_t rows, int64_t m, int64_t k,
+                bool largest, bool sorted, T* out_values, int64_t* out_ids, int num_threads) {
+  check_shape(rows, m, k);
+  for (int64_t e = 0; e < rows * m; ++e) {
+    if (ids[e] < -1 || ids[e] >= kMaxRowLength)
+      throw std::invalid_argument("indices: id " + std::to_string(ids[e]) +
+                                  " out of range [-1, 2^32 - 1)");
+  }
+  const int threads = default_threads(rows, m, num_threads);
+  auto run = largest ? merge_rows<T, true> : merge_rows<T, false>;
+  run(values, ids, rows, m, k, sorted, out_values, out_ids, threads);
+}
+
+template void select_topk<float>(const float*, int64_t, int64_t, int64_t, bool, bool,
+                                 const int64_t*, const int64_t*, float*, int64_t*, int);
+template void select_topk<double>(const double*, int64_t, int64_t, int64_t, bool, bool,
+                                  const int64_t*, const int64_t*, double*, int64_t*, int);
+template void merge_topk<float>(const float*, const int64_t*, int64_t, int64_t, int64_t, bool,
+                                bool, float*, int64_t*, int);
+template void merge_topk<double>(const double*, const int64_t*, int64_t, int64_t, int64_t, bool,
+                                 bool, double*, int64_t*, int);
+
+}  // namespace rankfast

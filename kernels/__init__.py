@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `rankfast.kernels` (one module per fused operation)."""

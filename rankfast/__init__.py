@@ -1,0 +1,7 @@
+"""rankfast: fast ranking for recommender systems."""
+
+from rankfast.topk import extension_available, topk, topk_merge
+
+__version__ = "0.1.0"
+
+__all__ = ["topk", "topk_merge", "extension_available", "__version__"]
