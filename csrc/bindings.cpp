@@ -1,5 +1,5 @@
 // pybind11 bindings of the top-K selector: numpy buffers in, numpy arrays out.
-// Argument checking that needs Python types lives in rankfast/topk.py; the
+// Argument checking that needs Python types lives in rankfast/selection.py; the
 // checks here keep direct callers from reading out of bounds.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -70,8 +70,30 @@ struct Order {
   static int64_t id_of(Key key) { return int64_t(kIdMask - uint32_t(key & kIdMask)); }
 
   // Conservative numeric pre-filter: false only for entries that cannot
-  // beat a key whose score is t (t not NaN). Compiles to packed compares.
+  // beat a key whose score is t (t not NaN).
   static bool may_beat(T v, T t) { return Largest ? v >= t : v <= t; }
+
+  // First j' >= j at which a block of kBlock entries holds one that may
+  // beat t (or the end of the last whole block). 16-byte GCC/Clang vector
+  // extensions map onto SSE2/NEON packed compares on every x86-64/arm64.
+  typedef T Vec __attribute__((vector_size(16)));
+  static constexpr int64_t kLanes = 16 / sizeof(T);
+  static constexpr int64_t kBlock = 4 * kLanes;
+  static int64_t skip_blocks(const T* x, int64_t j, int64_t n, T t) {
+    const Vec threshold = Vec{} + t;
+    for (; j + kBlock <= n; j += kBlock) {
+      Vec v[4];
+      std::memcpy(v, x + j, sizeof v);
+      const auto hits = Largest ? ((v[0] >= threshold) | (v[1] >= threshold) | (v[2] >= threshold) |
+                                   (v[3] >= threshold))
+                                : ((v[0] <= threshold) | (v[1] <= threshold) | (v[2] <= threshold) |
+                                   (v[3] <= threshold));
+      uint64_t words[2];
+      std::memcpy(words, &hits, sizeof words);
+      if ((words[0] | words[1]) != 0) break;
+    }
+    return j;
+  }
 };
 
 // Where an entry's id comes from, and which entries may be returned.
@@ -87,13 +109,26 @@ struct GivenIds {  // merge: ids given beside the values; -1 is padding
 };
 
 // Per-thread selection state, reused across rows.
+//
+// Small k: a bounded min-heap of the k best keys. Larger k, rows where the
+// heap churns (ascending rows: every entry would enter it), or k a large
+// fraction of n: buffered quickselect (append keys that beat the k-th best,
+// nth_element back to k when the buffer fills). Both skip whole blocks whose
+// scores cannot beat the current bound, using packed compares; quickselect
+// over a long run first raises that bound to a floor estimated from a strided
+// sample of the run, so sorted rows cost one vectorized pass.
 template <typename T, bool Largest>
 class RowSelector {
   using O = Order<T, Largest>;
   using Key = typename O::Key;
+  static constexpr int64_t kHeapMaxK = 32;
+  static constexpr int64_t kSamples = 256;
 
  public:
-  explicit RowSelector(int64_t k) : k_(k) { keys_.reserve(std::max<int64_t>(4 * k, 1024)); }
+  explicit RowSelector(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, 64)) {
+    keys_.reserve(capacity_);
+    sample_.reserve(kSamples);
+  }
 
   // Selects the best min(k, eligible) entries of x[0:n]; returns their count
   // and leaves their keys in keys_ (best first when `sorted`).
@@ -101,12 +136,10 @@ class RowSelector {
   int64_t select(const T* x, int64_t n, const Ids& ids, bool sorted) {
     keys_.clear();
     if (k_ == 0) return 0;
-    // A heap pays off when few entries enter it; with k a large fraction of
-    // the row, buffered quickselect over everything is cheaper.
-    if (16 * k_ >= n) {
-      collect(x, 0, n, ids);
-    } else {
-      heap_select(x, n, ids);
+    const bool done = (k_ <= kHeapMaxK && 16 * k_ < n) ? heap_select(x, n, ids) : collect(x, 0, n, ids, true);
+    if (!done) {  // the sampled floor was too high for this row: once more without it
+      keys_.clear();
+      collect(x, 0, n, ids, false);
     }
     if (sorted) std::sort(keys_.begin(), keys_.end(), std::greater<Key>());
     return int64_t(keys_.size());
@@ -115,8 +148,7 @@ class RowSelector {
   template <typename Ids>
   void write(const T* x, const Ids& ids, int64_t count, T* out_values, int64_t* out_ids) const {
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t id = O::id_of(keys_[i]);
-      out_ids[i] = id;
+      out_ids[i] = O::id_of(keys_[i]);
       out_values[i] = value_of(x, ids, keys_[i]);
     }
   }
@@ -125,48 +157,48 @@ class RowSelector {
   static T value_of(const T* x, const PositionIds&, Key key) { return x[O::id_of(key)]; }
   static T value_of(const T*, const GivenIds&, Key key) { return O::score_of_bits(O::bits_of(key)); }
 
-  // Bounded min-heap of the k best keys seen; a numeric threshold skips whole
-  // blocks that cannot enter it. Falls back to `collect` when the heap churns
-  // (e.g. ascending rows, where every entry would enter).
-  template <typename Ids>
-  void heap_select(const T* x, int64_t n, const Ids& ids) {
-    int64_t j = 0;
-    for (; j < n && int64_t(keys_.size()) < k_; ++j) {
-      if (ids.eligible(j)) keys_.push_back(O::make(x[j], ids.id(j)));
-    }
-    if (int64_t(keys_.size()) < k_) return;  // fewer eligible than k: all of them
-    std::make_heap(keys_.begin(), keys_.end(), std::greater<Key>());
-
-    constexpr int64_t kBlock = 32;
-    const int64_t churn_limit = 2 * k_ + 1024 + n / 16;
-    int64_t inserts = 0;
-    bool top_nan = O::bits_of(keys_[0]) == 0;
-    T t = O::score_of_bits(O::bits_of(keys_[0]));
+  // Calls on_key(j, key) for each eligible entry of x[j:n] whose key exceeds
+  // bound(), skipping blocks that cannot. on_key may raise the bound, and
+  // returns false to stop the scan early; returns where the scan stopped.
+  template <typename Ids, typename Bound, typename OnKey>
+  static int64_t scan(const T* x, int64_t j, int64_t n, const Ids& ids, Bound bound, OnKey on_key) {
+    Key b = bound();
     while (j < n) {
-      if (!top_nan) {  // skip blocks in which nothing can beat the threshold
-        while (j + kBlock <= n) {
-          bool any = false;
-          for (int64_t b = 0; b < kBlock; ++b) any |= O::may_beat(x[j + b], t);
-          if (any) break;
-          j += kBlock;
-        }
-      }
-      const int64_t end = std::min(n, j + kBlock);
+      const bool filter = O::bits_of(b) != 0;  // bound 0 (or a NaN score): no numeric filter
+      const T t = O::score_of_bits(O::bits_of(b));
+      if (filter) j = O::skip_blocks(x, j, n, t);
+      const int64_t end = std::min(n, j + O::kBlock);
       for (; j < end; ++j) {
-        if (!top_nan && !O::may_beat(x[j], t)) continue;
+        if (filter && !O::may_beat(x[j], t)) continue;
         if (!ids.eligible(j)) continue;
         const Key key = O::make(x[j], ids.id(j));
-        if (key <= keys_[0]) continue;
-        replace_top(key);
-        top_nan = O::bits_of(keys_[0]) == 0;
-        t = O::score_of_bits(O::bits_of(keys_[0]));
-        ++inserts;
-      }
-      if (inserts > churn_limit) {
-        collect(x, j, n, ids);
-        return;
+        if (key <= b) continue;
+        if (!on_key(j, key)) return j + 1;
+        b = bound();
       }
     }
+    return j;
+  }
+
+  // Returns false only if a sampled floor (in collect) proved too high.
+  template <typename Ids>
+  bool heap_select(const T* x, int64_t n, const Ids& ids) {
+    int64_t inserts = 0;
+    bool churning = false;
+    auto bound = [&] { return int64_t(keys_.size()) < k_ ? Key(0) : keys_[0]; };
+    const int64_t j = scan(x, 0, n, ids, bound, [&](int64_t pos, Key key) {
+      if (int64_t(keys_.size()) < k_) {
+        keys_.push_back(key);
+        if (int64_t(keys_.size()) == k_) std::make_heap(keys_.begin(), keys_.end(), std::greater<Key>());
+        return true;
+      }
+      replace_top(key);
+      // Random rows see about k * ln(pos / k) inserts; far more means the row
+      // is (nearly) sorted and quickselect with a sampled floor is cheaper.
+      churning = ++inserts > 2 * k_ + pos / 8;
+      return !churning;
+    });
+    return churning ? collect(x, j, n, ids, true) : true;
   }
 
   void replace_top(Key key) {  // sift `key` down from the root of the min-heap
@@ -184,33 +216,52 @@ class RowSelector {
   }
 
   // Buffered quickselect over x[j:n], starting from the keys already in
-  // keys_: append keys that beat the current k-th best, and shrink the buffer
-  // back to k (raising the threshold) whenever it fills. Linear time whatever
-  // the order of the row.
+  // keys_. With `use_floor`, entries at or below a floor sampled from the run
+  // are skipped; that is exact when at least k kept keys end above the floor,
+  // and the return value says whether they did.
   template <typename Ids>
-  void collect(const T* x, int64_t j, int64_t n, const Ids& ids) {
-    const int64_t capacity = std::max<int64_t>(4 * k_, 1024);
-    bool have_kth = false;
+  bool collect(const T* x, int64_t j, int64_t n, const Ids& ids, bool use_floor) {
+    const Key floor = use_floor ? sampled_floor(x, j, n, ids) : Key(0);
     Key kth = 0;
     auto shrink = [&] {
       std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.end(), std::greater<Key>());
       keys_.resize(k_);
       kth = keys_[k_ - 1];
-      have_kth = true;
     };
     if (int64_t(keys_.size()) >= k_) shrink();
-    for (; j < n; ++j) {
-      if (!ids.eligible(j)) continue;
-      const Key key = O::make(x[j], ids.id(j));
-      if (have_kth && key <= kth) continue;
+    scan(x, j, n, ids, [&] { return std::max(floor, kth); }, [&](int64_t, Key key) {
       keys_.push_back(key);
-      if (int64_t(keys_.size()) >= capacity) shrink();
-    }
+      if (int64_t(keys_.size()) >= capacity_) shrink();
+      return true;
+    });
     if (int64_t(keys_.size()) > k_) shrink();
+    return floor == 0 ||
+           std::count_if(keys_.begin(), keys_.end(), [&](Key key) { return key > floor; }) == k_;
+  }
+
+  // A key that about 2k + 4 * (n - j) / kSamples entries of x[j:n] exceed
+  // in a row of random order: the r-th best of kSamples strided entries.
+  // 0 (no floor) when the run is too short for sampling to pay.
+  template <typename Ids>
+  Key sampled_floor(const T* x, int64_t j, int64_t n, const Ids& ids) {
+    const int64_t run = n - j;
+    if (run < 16 * kSamples) return 0;
+    const int64_t stride = run / kSamples;
+    sample_.clear();
+    for (int64_t p = j; p < n; p += stride) {
+      if (ids.eligible(p)) sample_.push_back(O::make(x[p], ids.id(p)));
+    }
+    const int64_t rank = 4 + (2 * k_ + stride - 1) / stride;
+    if (rank > int64_t(sample_.size()) / 2) return 0;
+    std::nth_element(sample_.begin(), sample_.begin() + (rank - 1), sample_.end(), std::greater<Key>());
+    const Key floor = sample_[rank - 1];
+    return O::bits_of(floor) == 0 ? Key(0) : floor;
   }
 
   int64_t k_;
+  int64_t capacity_;
   std::vector<Key> keys_;
+  std::vector<Key> sample_;
 };
 
 int default_threads(int64_t rows, int64_t n, int requested) {

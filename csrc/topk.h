@@ -1,6 +1,6 @@
 // Top-K selection over rows of scores, and merging of per-shard top-K lists.
 //
-// Semantics (shared with the Python fallback in rankfast/topk.py):
+// Semantics (shared with the Python fallback in rankfast/selection.py):
 //   * NaN ranks below every number; -0.0 and +0.0 tie;
 //   * ties go to the lower id, so results are deterministic;
 //   * a row with fewer than k eligible entries is padded with id -1 and

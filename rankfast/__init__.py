@@ -1,6 +1,6 @@
 """rankfast: fast ranking for recommender systems."""
 
-from rankfast.topk import extension_available, topk, topk_merge
+from rankfast.selection import extension_available, topk, topk_merge
 
 __version__ = "0.1.0"
 

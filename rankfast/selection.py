@@ -119,16 +119,20 @@ def topk_merge(values, indices, k, *, largest=True, sorted=True, num_threads=Non
 
 
 def _order_keys(x: torch.Tensor, largest: bool) -> torch.Tensor:
-    """int64 keys with the ranking order: NaN lowest (above only the
-    exclusion sentinel, ``int64 min``), ``-0.0`` equal to ``0.0``."""
+    """int64 keys with the ranking order: NaN lowest, ``-0.0`` equal to ``0.0``.
+
+    float32 keys fit in 32 bits (to be packed with a position); float64 keys
+    leave ``int64 min`` free for the exclusion sentinel.
+    """
     oriented = (x if largest else -x) + 0.0  # + 0.0 folds -0.0 onto 0.0
     if x.dtype == torch.float32:
         bits = oriented.view(torch.int32)
         keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+        nan_key = torch.iinfo(torch.int32).min
     else:
         bits = oriented.view(torch.int64)
         keys = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
-    nan_key = torch.iinfo(torch.int64).min + 1
+        nan_key = torch.iinfo(torch.int64).min + 1
     return torch.where(torch.isnan(x), torch.full_like(keys, nan_key), keys)
 
 
