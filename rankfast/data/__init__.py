@@ -1,0 +1,23 @@
+"""Interaction data: the container, loaders, splits, negative sampling and histories."""
+
+from rankfast.data.interactions import MAPPINGS_FILE, IdMap, Interactions
+from rankfast.data.loaders import DataFormatError, NCFData, load_movielens, load_ncf, load_table
+from rankfast.data.sampling import NegativeSampler, event_histories, user_histories
+from rankfast.data.splits import leave_last_out, random_split, temporal_split
+
+__all__ = [
+    "MAPPINGS_FILE",
+    "IdMap",
+    "Interactions",
+    "DataFormatError",
+    "NCFData",
+    "load_movielens",
+    "load_ncf",
+    "load_table",
+    "NegativeSampler",
+    "event_histories",
+    "user_histories",
+    "random_split",
+    "temporal_split",
+    "leave_last_out",
+]

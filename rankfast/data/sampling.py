@@ -1,0 +1,113 @@
+"""Negative sampling and leakage-free user histories."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rankfast.data.interactions import Interactions
+
+__all__ = ["NegativeSampler", "event_histories", "user_histories"]
+
+
+class NegativeSampler:
+    """Draws items a user never interacted with in ``data``.
+
+    ``distribution="uniform"`` draws every item alike; ``"popularity"`` draws
+    item ``i`` with probability proportional to ``count_i ** alpha`` (items
+    never seen in ``data`` are then never drawn). Draws that hit one of the
+    user's positives are redrawn, so a positive is never returned.
+    """
+
+    def __init__(self, data: Interactions, *, distribution: str = "uniform", alpha: float = 0.75):
+        if distribution not in ("uniform", "popularity"):
+            raise ValueError(f"distribution: expected 'uniform' or 'popularity', got {distribution!r}")
+        self.num_items = data.num_items
+        self.indptr, self.positives = data.user_items()
+        self._keys = np.repeat(np.arange(data.num_users, dtype=np.int64), np.diff(self.indptr)) * self.num_items + self.positives
+        if distribution == "uniform":
+            weights = np.ones(self.num_items)
+        else:
+            weights = data.item_counts().astype(np.float64) ** float(alpha)
+            weights[data.item_counts() == 0] = 0.0
+        self.probs = weights / weights.sum()
+        self._cdf = np.cumsum(self.probs)
+        self._cdf[-1] = 1.0
+        # Mass left to each user once their positives are removed: zero means
+        # there is nothing to draw for that user.
+        owners = self._keys // self.num_items
+        self._free_mass = 1.0 - np.bincount(owners, weights=self.probs[self.positives], minlength=data.num_users)
+
+    def log_prob(self, items) -> np.ndarray:
+        """``log q(item)`` of the proposal distribution (for logQ correction)."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.probs[np.asarray(items)])
+
+    def is_positive(self, users, items) -> np.ndarray:
+        """Whether each ``(user, item)`` pair is an interaction of ``data``."""
+        keys = np.asarray(users, dtype=np.int64) * self.num_items + np.asarray(items, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        return self._keys[pos] == keys if len(self._keys) else np.zeros(keys.shape, dtype=bool)
+
+    def sample(self, users, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``[len(users), n]`` int64 negatives for each user (with replacement)."""
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        if int(n) < 0:
+            raise ValueError(f"n: must be non-negative, got {n}")
+        if users.size and (users.min() < 0 or users.max() >= len(self._free_mass)):
+            raise ValueError(f"users: ids must lie in [0, {len(self._free_mass)})")
+        starved = users[self._free_mass[users] <= 1e-12]
+        if starved.size:
+            raise ValueError(f"users: user {int(starved[0])} has no item left to sample as a negative")
+        out = np.empty((len(users), int(n)), dtype=np.int64)
+        todo = np.arange(out.size)
+        row_users = np.repeat(users, int(n))
+        while todo.size:
+            draws = np.searchsorted(self._cdf, rng.random(todo.size), side="right")
+            draws = np.minimum(draws, self.num_items - 1)
+            out.reshape(-1)[todo] = draws
+            todo = todo[self.is_positive(row_users[todo], draws)]
+        return out
+
+
+def _padded_windows(items, starts, ends, max_len):
+    """Rows ``items[max(start, end - max_len):end]``, left-aligned, zero-padded."""
+    lengths = np.minimum(ends - starts, max_len)
+    cols = np.arange(max_len)
+    index = (ends - lengths)[:, None] + cols
+    valid = cols < lengths[:, None]
+    history = np.where(valid, items[np.minimum(index, max(len(items) - 1, 0))] if len(items) else 0, 0)
+    return history.astype(np.int64), lengths.astype(np.int64)
+
+
+def _check_max_len(max_len):
+    if int(max_len) < 1:
+        raise ValueError(f"max_len: must be at least 1, got {max_len}")
+    return int(max_len)
+
+
+def event_histories(data: Interactions, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each interaction, the user's last ``max_len`` items strictly before it.
+
+    Order is by timestamp, ties by item id (as in the splits). Returns
+    ``history [len(data), max_len]`` (oldest first, zero-padded on the
+    right) and ``lengths [len(data)]``, aligned with ``data``'s rows.
+    """
+    max_len = _check_max_len(max_len)
+    order = data.chronological_order()
+    users = data.users[order]
+    first = np.searchsorted(users, users, side="left")
+    history, lengths = _padded_windows(data.items[order], first, np.arange(len(order)), max_len)
+    out_h, out_l = np.empty_like(history), np.empty_like(lengths)
+    out_h[order], out_l[order] = history, lengths
+    return out_h, out_l
+
+
+def user_histories(data: Interactions, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's last ``max_len`` items of ``data`` (e.g. the training split),
+    as ``history [num_users, max_len]`` and ``lengths [num_users]``; the
+    history to score that user's future with."""
+    max_len = _check_max_len(max_len)
+    order = data.chronological_order()
+    counts = np.bincount(data.users, minlength=data.num_users)
+    ends = np.cumsum(counts)
+    return _padded_windows(data.items[order], ends - counts, ends, max_len)
