@@ -1,0 +1,189 @@
+"""Evaluation protocols: full ranking, sampled ranking and pointwise.
+
+A ``model`` is either a rankfast model (``rankfast.models``), scored through
+:func:`rankfast.score`, or any object with ``recommend(users, k, exclude=)``
+and ``model(users, items)`` pair scores, such as :mod:`rankfast.baselines`.
+Models that read a user history (``model.uses_history``, the attention
+model) get each user's last ``max_history`` items of ``train``. A model
+whose forward returns a tuple (:class:`rankfast.train.MultiTask`) is read
+through its click logits, or its ratings for ``task="rating"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import rankfast
+from rankfast import metrics
+from rankfast.data import Interactions, NegativeSampler, user_histories
+
+__all__ = ["evaluate", "evaluate_sampled", "evaluate_pointwise"]
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """``torch.no_grad`` and eval mode, restoring the training flag after."""
+    was_training = getattr(model, "training", None)
+    if was_training:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+class _Histories:
+    """Per-user histories from ``train`` for models that need them (else ``None``s)."""
+
+    def __init__(self, model, train: Interactions, max_history: int):
+        if not getattr(model, "uses_history", False):
+            self.history = self.lengths = None
+        else:
+            history, lengths = user_histories(train, max_history)
+            self.history, self.lengths = torch.from_numpy(history), torch.from_numpy(lengths)
+
+    def __call__(self, users: torch.Tensor):
+        if self.history is None:
+            return None, None
+        return self.history[users], self.lengths[users]
+
+
+def _check_same_space(train, other, name):
+    if train.user_ids != other.user_ids or train.item_ids != other.item_ids:
+        raise ValueError(f"{name}: must share train's id maps (split one Interactions, or pass user_ids/item_ids)")
+
+
+def _check_batch_size(batch_size):
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+    return int(batch_size)
+
+
+def _rows(indptr, indices, users):
+    return [indices[indptr[u] : indptr[u + 1]] for u in users]
+
+
+def evaluate(
+    model, train: Interactions, test: Interactions, *, ks=(10, 20), batch_size: int = 1024, max_history: int = 50, progress: bool = True
+):
+    """Full ranking: each test user's items ranked against all items, the
+    user's training items excluded; HR/Recall/Precision/NDCG/MAP@K and MRR
+    (over the top ``max(ks)``), averaged over users with test items.
+
+    Users are scored ``batch_size`` at a time, so no users x items matrix
+    exists beyond one batch.
+    """
+    _check_same_space(train, test, "test")
+    batch_size = _check_batch_size(batch_size)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks: expected positive cut-offs, got {ks}")
+    k = max(ks)
+    users = np.unique(test.users)
+    train_ptr, train_items = train.user_items()
+    test_ptr, test_items = test.user_items()
+    histories = _Histories(model, train, max_history)
+    ranked = np.full((len(users), k), -1, dtype=np.int64)
+    starts = range(0, len(users), batch_size)
+    with _inference(model):
+        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress or None, leave=False):
+            batch = users[start : start + batch_size]
+            exclude = _rows(train_ptr, train_items, batch)
+            batch_t = torch.from_numpy(batch)
+            if hasattr(model, "recommend"):
+                ids, _ = model.recommend(batch_t, k, exclude=exclude)
+            else:
+                history, lengths = histories(batch_t)
+                ids, _ = rankfast.score(model, batch_t, k=k, exclude=exclude, history=history, lengths=lengths)
+            ranked[start : start + len(batch)] = torch.as_tensor(ids).cpu().numpy()
+    return metrics.ranking_metrics(ranked, _rows(test_ptr, test_items, users), ks)
+
+
+def _pair_scores(model, users, items, histories, batch_size, output=0):
+    """Model scores of aligned ``(users[j], items[j])``, in batches (float64
+    numpy); ``output`` picks the element of a tuple-returning forward."""
+    out = np.empty(len(users), dtype=np.float64)
+    with _inference(model):
+        for start in range(0, len(users), batch_size):
+            u = torch.from_numpy(users[start : start + batch_size])
+            i = torch.from_numpy(items[start : start + batch_size])
+            history, lengths = histories(u)
+            scores = model(u, i, history, lengths)
+            if isinstance(scores, tuple):
+                scores = scores[output]
+            out[start : start + len(u)] = scores.float().cpu().numpy()
+    return out
+
+
+def evaluate_sampled(
+    model,
+    train: Interactions,
+    test: Interactions,
+    negatives=None,
+    *,
+    num_negatives: int = 100,
+    ks=(10,),
+    seed: int = 0,
+    batch_size: int = 4096,
+    max_history: int = 50,
+):
+    """Sampled ranking: each test interaction's item ranked among negatives.
+
+    ``negatives [len(test), n]`` are given (e.g. NCF's ``.test.negative``) or,
+    when ``None``, ``num_negatives`` are drawn uniformly from items the user
+    has in neither ``train`` nor ``test``. A target's rank counts only the
+    negatives scored strictly higher, and a negative equal to the target is
+    dropped. Returns HR@K, NDCG@K, MRR and the sampled AUC.
+    """
+    _check_same_space(train, test, "test")
+    batch_size = _check_batch_size(batch_size)
+    if negatives is None:
+        if int(num_negatives) < 1:
+            raise ValueError(f"num_negatives: must be at least 1, got {num_negatives}")
+        users, items = (np.concatenate(pair) for pair in ((train.users, test.users), (train.items, test.items)))
+        both = Interactions(users, items, None, None, train.user_ids, train.item_ids)
+        negatives = NegativeSampler(both).sample(test.users, num_negatives, np.random.default_rng(seed))
+    negatives = np.asarray(torch.as_tensor(negatives, dtype=torch.int64).cpu().numpy())
+    if negatives.ndim != 2 or negatives.shape[0] != len(test):
+        raise ValueError(f"negatives: expected shape ({len(test)}, n), got {negatives.shape}")
+    if negatives.size and (negatives.min() < 0 or negatives.max() >= train.num_items):
+        raise ValueError(f"negatives: ids must lie in [0, {train.num_items})")
+    histories = _Histories(model, train, max_history)
+    n = negatives.shape[1]
+    users = np.repeat(test.users, n + 1)
+    items = np.concatenate([test.items[:, None], negatives], axis=1).reshape(-1)
+    scores = _pair_scores(model, users, items, histories, batch_size).reshape(len(test), n + 1)
+    valid = negatives != test.items[:, None]
+    ranks = metrics.sampled_ranks(scores[:, 0], scores[:, 1:], valid)
+    return metrics.rank_metrics(ranks, ks, num_negatives=valid.sum(axis=1))
+
+
+def evaluate_pointwise(
+    model, train: Interactions, data: Interactions, *, task: str = "rating", batch_size: int = 4096, max_history: int = 50
+):
+    """Pointwise quality on ``data``'s own pairs.
+
+    ``task="rating"``: the model predicts ``data.ratings``; MAE and RMSE.
+    ``task="click"``: the model's logits against 0/1 ``data.ratings``; AUC,
+    GAUC (grouped by user) and accuracy at logit 0 (probability 1/2).
+    ``train`` supplies histories for models that need them.
+    """
+    _check_same_space(train, data, "data")
+    if task not in ("rating", "click"):
+        raise ValueError(f"task: expected 'rating' or 'click', got {task!r}")
+    if data.ratings is None:
+        raise ValueError("data: has no ratings or labels to compare with")
+    histories = _Histories(model, train, max_history)
+    scores = _pair_scores(model, data.users, data.items, histories, _check_batch_size(batch_size), int(task == "rating"))
+    if task == "rating":
+        return {"mae": metrics.mae(scores, data.ratings), "rmse": metrics.rmse(scores, data.ratings)}
+    return {
+        "auc": metrics.auc(scores, data.ratings),
+        "gauc": metrics.gauc(scores, data.ratings, data.users),
+        "accuracy": metrics.accuracy(scores, data.ratings, threshold=0.0),
+    }

@@ -1,0 +1,115 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rankfast.baselines import EASE
+from rankfast.data import Interactions, temporal_split
+from rankfast.evaluate import evaluate, evaluate_pointwise, evaluate_sampled
+
+
+def _split(n_users=25, n_items=30, seed=0):
+    rng = np.random.default_rng(seed)
+    users, items, stamps = [], [], []
+    for u in range(n_users):
+        n = rng.integers(4, 20)
+        users += [u] * n
+        items += list(rng.choice(n_items, size=n, replace=False))
+        stamps += list(rng.permutation(n))
+    data = Interactions.from_raw(users, items, rng.integers(1, 6, size=len(users)), stamps)
+    return temporal_split(data, 0.3)
+
+
+def _brute_full_ranking(scores, train, test, k):
+    """Dense scores, train items masked, stable sort (ties to the lower id), textbook metrics."""
+    recalls, ndcgs = [], []
+    for u in np.unique(test.users):
+        s = scores[u].astype(np.float64).copy()
+        s[train.items[train.users == u]] = -np.inf
+        top = [int(i) for i in np.argsort(-s, kind="stable")[:k]]
+        rel = set(test.items[test.users == u].tolist())
+        hits = [i in rel for i in top]
+        recalls.append(sum(hits) / min(len(rel), k))
+        idcg = sum(1 / math.log2(p + 2) for p in range(min(len(rel), k)))
+        ndcgs.append(sum(1 / math.log2(p + 2) for p, h in enumerate(hits) if h) / idcg)
+    return np.mean(recalls), np.mean(ndcgs)
+
+
+def test_full_ranking_matches_brute_force_and_is_batch_invariant():
+    train, test = _split()
+    model = EASE(train, lam=5.0)
+    scores = model.score(np.arange(train.num_users)).numpy()
+    for k in (3, 10):
+        expected = _brute_full_ranking(scores, train, test, k)
+        for batch_size in (1, 7, 1000):
+            got = evaluate(model, train, test, ks=(k,), batch_size=batch_size, progress=False)
+            assert (got[f"recall@{k}"], got[f"ndcg@{k}"]) == pytest.approx(expected)
+
+
+def test_full_ranking_argument_errors():
+    train, test = _split()
+    other = Interactions.from_raw([0], [0])
+    with pytest.raises(ValueError, match="test: must share train's id maps"):
+        evaluate(EASE(train), train, other)
+    with pytest.raises(ValueError, match="batch_size: must be at least 1"):
+        evaluate(EASE(train), train, test, batch_size=0)
+    with pytest.raises(ValueError, match="ks: expected positive"):
+        evaluate(EASE(train), train, test, ks=(0,))
+
+
+class _Table(torch.nn.Module):
+    """Stand-in model: a fixed score table looked up per (user, item) pair."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def forward(self, users, items, history=None, lengths=None):
+        return self.table[users, items]
+
+
+def test_sampled_ranking_counts_strictly_higher_and_drops_the_target():
+    train = Interactions.from_raw([0, 1, 1], [0, 0, 1])
+    maps = {"user_ids": train.user_ids, "item_ids": train.item_ids}
+    table = np.array([[0.5, 0.9], [0.2, 0.2]])
+    model = _Table(table)
+    test = Interactions.from_raw([0, 1], [0, 0], **maps)
+    # User 0: one negative (item 1) above; the negative equal to the target is dropped.
+    # User 1: a tie with the target does not count.
+    out = evaluate_sampled(model, train, test, negatives=np.array([[1, 0], [1, 1]]), ks=(1,))
+    assert out["hr@1"] == 0.5 and out["mrr"] == pytest.approx(0.75)
+    assert out["auc"] == pytest.approx(0.5)  # user 0: 0 of 1 below; user 1: 2 of 2
+    with pytest.raises(ValueError, match=r"negatives: expected shape \(2, n\)"):
+        evaluate_sampled(model, train, test, negatives=np.zeros((3, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"negatives: ids must lie in \[0, 2\)"):
+        evaluate_sampled(model, train, test, negatives=np.array([[2], [0]]))
+
+
+def test_generated_negatives_exclude_train_and_test_items():
+    train, test = _split(seed=2)
+    rng = np.random.default_rng(0)
+    table = rng.random((train.num_users, train.num_items))
+    seen = np.zeros_like(table, dtype=bool)
+    seen[train.users, train.items] = True
+    seen[test.users, test.items] = True
+    table[seen] = -1.0  # anything the sampler must avoid scores below every target...
+    table[test.users, test.items] = 0.0  # ...and targets score below every true negative
+    out = evaluate_sampled(_Table(table), train, test, num_negatives=5, ks=(5,), seed=3)
+    assert out["hr@5"] == 0.0 and out["auc"] == 0.0
+
+
+def test_pointwise_rating_and_click():
+    train, test = _split(seed=5)
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(train.num_users, train.num_items))
+    got = evaluate_pointwise(_Table(table), train, test, task="rating")
+    pred = table[test.users, test.items].astype(np.float32)
+    assert got["mae"] == pytest.approx(np.abs(pred - test.ratings).mean(), rel=1e-5)
+    assert got["rmse"] == pytest.approx(np.sqrt(((pred - test.ratings) ** 2).mean()), rel=1e-5)
+    clicks = Interactions(test.users, test.items, (test.ratings > 3).astype(np.float32), None, test.user_ids, test.item_ids)
+    got = evaluate_pointwise(_Table(table), train, clicks, task="click")
+    assert got["accuracy"] == pytest.approx(((pred >= 0) == (clicks.ratings > 0.5)).mean())
+    assert 0.0 <= got["auc"] <= 1.0 and 0.0 <= got["gauc"] <= 1.0
+    with pytest.raises(ValueError, match="task: expected 'rating' or 'click'"):
+        evaluate_pointwise(_Table(table), train, test, task="ctr")
