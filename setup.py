@@ -9,7 +9,7 @@ import os
 import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.errors import CompileError
 
 
@@ -63,4 +63,10 @@ if os.environ.get("RANKFAST_SKIP_EXT") != "1":
         )
     )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtWithOpenMP})
+setup(
+    # `kernels/` ships as `rankfast.kernels`; no top-level `kernels` package is installed.
+    packages=find_packages(include=["rankfast", "rankfast.*"]) + ["rankfast.kernels"],
+    package_dir={"rankfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtWithOpenMP},
+)
