@@ -1,0 +1,223 @@
+"""Config base class, model base class, and saving/loading (config.json + model.safetensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rankfast.models.layers import ACTIVATIONS, Representation
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+_MODEL_TYPES: dict[str, type[RankingModel]] = {}
+
+
+# --- config validation helpers ---------------------------------------------------------
+
+
+def check_positive_int(owner: str, name: str, value, *, optional: bool = False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}.{name}: expected a positive int, got {value!r}")
+
+
+def check_widths(owner: str, name: str, value, *, allow_empty: bool = True) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{owner}.{name}: expected a sequence of layer widths, got {value!r}")
+    widths = tuple(value)
+    for w in widths:
+        check_positive_int(owner, name, w)
+    if not widths and not allow_empty:
+        raise ValueError(f"{owner}.{name}: needs at least one layer width")
+    return tuple(int(w) for w in widths)
+
+
+def check_activation(owner: str, value: str):
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{owner}.activation: expected one of {sorted(ACTIVATIONS)}, got {value!r}")
+
+
+def check_dropout(owner: str, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.dropout: expected a probability in [0, 1), got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Fields every model has.
+
+    ``user_feature_dim`` / ``item_feature_dim``: ``None`` for an ID embedding
+    table; an int ``F`` when that side is represented by precomputed feature
+    vectors ``[num, F]`` through a learned projection (the vectors are passed
+    to the model's constructor and saved with the weights).
+    """
+
+    num_users: int
+    num_items: int
+    dim: int
+    user_feature_dim: int | None = None
+    item_feature_dim: int | None = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        for name in ("num_users", "num_items", "dim"):
+            check_positive_int(owner, name, getattr(self, name))
+        for name in ("user_feature_dim", "item_feature_dim"):
+            check_positive_int(owner, name, getattr(self, name), optional=True)
+
+
+# --- model base class ------------------------------------------------------------------
+
+
+class RankingModel(nn.Module):
+    """Base of the ranking models: representations, config, save and load.
+
+    Subclasses define ``forward(users, items, history=None, lengths=None)``
+    returning raw scores ``[B]`` for aligned (user, item) pairs; that forward
+    is the reference implementation every fast scoring path is tested against.
+    """
+
+    config_class: ClassVar[type[ModelConfig]]
+    #: Whether ``forward`` needs the users' histories (``history`` and ``lengths``).
+    uses_history: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _MODEL_TYPES[cls.__name__] = cls
+
+    def __init__(self, config: ModelConfig, repr_dim: int, user_features=None, item_features=None):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"config: {type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.user_repr = Representation(
+            config.num_users,
+            repr_dim,
+            _check_features("user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"),
+        )
+        self.item_repr = Representation(
+            config.num_items,
+            repr_dim,
+            _check_features("item_features", item_features, config.num_items, config.item_feature_dim, "item_feature_dim"),
+        )
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` into ``directory``
+        (created if needed); other files there are left alone."""
+        os.makedirs(directory, exist_ok=True)
+        meta = {"model_type": type(self).__name__, "config": dataclasses.asdict(self.config)}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        _write_atomically(os.path.join(directory, CONFIG_FILE), lambda p: _write_json(p, meta))
+        _write_atomically(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> RankingModel:
+        """Reads a model saved by :meth:`save`; it must be a ``cls``."""
+        model = load_model(directory, device)
+        if not isinstance(model, cls):
+            raise ValueError(
+                f"{os.path.join(directory, CONFIG_FILE)}: holds a {type(model).__name__}, not a {cls.__name__}"
+            )
+        return model
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> RankingModel:
+    """Reads any model saved by :meth:`RankingModel.save`, checking what it
+    reads; the model comes back in eval mode, in the saved dtype.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an
+    unreadable file, an unknown model type, a config the model rejects, or
+    tensors whose names or shapes do not match the config.
+    """
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (expected a directory written by model.save)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        model_type, fields = meta["model_type"], meta["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_path}: not a rankfast model config ({err!r})") from err
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"{config_path}: unknown model_type {model_type!r}; known: {sorted(_MODEL_TYPES)}")
+    cls = _MODEL_TYPES[model_type]
+    try:
+        config = cls.config_class(**fields)
+    except TypeError as err:
+        raise ValueError(f"{config_path}: config does not fit {cls.config_class.__name__} ({err})") from err
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
+
+    features = {
+        "user_features": tensors.get("user_repr.features"),
+        "item_features": tensors.get("item_repr.features"),
+    }
+    try:
+        model = cls(config, **features)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{weights_path}: feature matrices do not match {config_path} ({err})") from err
+    _check_state(model.state_dict(), tensors, weights_path)
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(float_dtypes) == 1:
+        model.to(float_dtypes.pop())
+    model.load_state_dict(tensors)
+    return model.to(device).eval()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _check_features(name, features, num, feature_dim, config_field):
+    if feature_dim is None:
+        if features is not None:
+            raise ValueError(f"{name}: given, but config.{config_field} is None (ID embeddings)")
+        return None
+    if features is None:
+        raise ValueError(f"{name}: required, since config.{config_field} = {feature_dim}")
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor [{num}, {feature_dim}]")
+    if tuple(features.shape) != (num, feature_dim):
+        raise ValueError(f"{name}: expected shape ({num}, {feature_dim}), got {tuple(features.shape)}")
+    return features
+
+
+def _check_state(expected: dict, found: dict, path: str):
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
+    for name, tensor in expected.items():
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(found[name].shape)}, the config needs {tuple(tensor.shape)}"
+            )
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _write_atomically(path, write):
+    """Writes through a temporary file so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)

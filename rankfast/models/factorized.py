@@ -1,0 +1,213 @@
+"""The factorized scoring path: each model's forward, restructured for B users x N candidates.
+
+A concat-MLP's first layer splits, ``W1 [e_u; e_i] = W1u e_u + W1i e_i``, so the
+user term (once per user) and the item term (once per candidate) are
+precomputed and a pair only adds them; the ``[B*N, 2D]`` concatenation never
+exists. Target attention splits the activation unit the same way: over
+``[h, q, h-q, h*q]`` the first layer is ``(Wh + Wd) h + (Wq - Wd) q + Wx (h*q)``,
+so only the ``h*q`` term is computed per (pair, history item), and the softmax
+over the history runs online in blocks (as in flash attention).
+
+Each scorer handles one block of users. ``items(ids)`` computes the item-side
+terms for candidate ids ``[Nc]`` (shared by the block) or ``[T, Nc]``
+(per-user candidates of rows ``rows``); ``pairs(rows, state)`` scores users
+``rows`` of the block against them, ``[T, Nc]``. ``footprint`` gives the
+elements held per user, per candidate and per pair, for sizing chunks to a
+memory budget. These run under ``torch.inference_mode`` with the model in
+eval mode (dropout off); the models' ``forward`` is the reference they are
+tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rankfast.models.attention import AttentionModel, history_mask
+from rankfast.models.base import RankingModel
+from rankfast.models.dot import DotModel
+from rankfast.models.mlp import MLPModel
+from rankfast.models.neumf import NeuMF
+
+#: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
+HISTORY_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Elements held per user of a block, per candidate of a chunk, and per pair of a tile."""
+
+    user: int
+    item: int
+    pair: int
+
+
+def _pair_dot(u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``u [T, D]`` against ``i [Nc, D]`` (shared) or ``i [T, Nc, D]`` -> ``[T, Nc]``."""
+    if i.dim() == 2:
+        return u @ i.T
+    return torch.bmm(i, u.unsqueeze(-1)).squeeze(-1)
+
+
+class DotScorer:
+    def __init__(self, model: DotModel, users, history=None, lengths=None):
+        self.model = model
+        self.u = model.user_repr(users)
+        self.u_bias = model.user_bias[users] + model.bias
+
+    def items(self, ids):
+        return self.model.item_repr(ids), self.model.item_bias[ids]
+
+    def pairs(self, rows: slice, state):
+        e_i, b_i = state
+        return _pair_dot(self.u[rows], e_i) + self.u_bias[rows, None] + b_i
+
+    @staticmethod
+    def footprint(model: DotModel, history_len: int) -> Footprint:
+        d = model.config.dim
+        return Footprint(user=d + 1, item=d + 1, pair=1)
+
+
+class MLPScorer:
+    def __init__(self, model: MLPModel, users, history=None, lengths=None):
+        self.model = model
+        w_u, self.w_i = model.tower.linears[0].weight.chunk(2, dim=1)
+        self.a = F.linear(model.user_repr(users), w_u)
+
+    def items(self, ids):
+        return F.linear(self.model.item_repr(ids), self.w_i, self.model.tower.linears[0].bias)
+
+    def pairs(self, rows: slice, c):
+        return self.model.tower.from_first(self.a[rows, None] + c, inplace=True).squeeze(-1)
+
+    @staticmethod
+    def footprint(model: MLPModel, history_len: int) -> Footprint:
+        cfg = model.config
+        width = (cfg.hidden or (1,))[0]
+        return Footprint(user=cfg.dim + width, item=cfg.dim + width, pair=2 * sum(cfg.hidden) + 1)
+
+
+class NeuMFScorer:
+    """The GMF term folds the output layer's GMF weights into the user side,
+    so it is one dot product per pair."""
+
+    def __init__(self, model: NeuMF, users, history=None, lengths=None):
+        self.model = model
+        d = model.config.dim
+        w_out = model.output.weight[0]
+        self.w_mlp_out = w_out[d:].unsqueeze(0)
+        w_u, self.w_i = model.branch.linears[0].weight.chunk(2, dim=1)
+        gmf_u, mlp_u = model.user_repr(users).chunk(2, dim=-1)
+        self.gmf_u = gmf_u * w_out[:d]
+        self.a = F.linear(mlp_u, w_u)
+
+    def items(self, ids):
+        gmf_i, mlp_i = self.model.item_repr(ids).chunk(2, dim=-1)
+        return gmf_i, F.linear(mlp_i, self.w_i, self.model.branch.linears[0].bias)
+
+    def pairs(self, rows: slice, state):
+        gmf_i, c = state
+        mlp = self.model.branch.from_first(self.a[rows, None] + c, inplace=True)
+        return _pair_dot(self.gmf_u[rows], gmf_i) + F.linear(mlp, self.w_mlp_out, self.model.output.bias).squeeze(-1)
+
+    @staticmethod
+    def footprint(model: NeuMF, history_len: int) -> Footprint:
+        cfg = model.config
+        per_side = 2 * cfg.dim + cfg.hidden[0]
+        return Footprint(user=per_side, item=per_side, pair=2 * sum(cfg.hidden) + 2)
+
+
+class AttentionScorer:
+    """History blocks are visited in order with a running maximum, softmax
+    denominator and weighted sum (online softmax), so a tile holds
+    ``[T, Nc, block, width]`` at most, whatever the history length."""
+
+    def __init__(self, model: AttentionModel, users, history, lengths):
+        self.model = model
+        cfg = model.config
+        self.lengths = lengths
+        self.mask = history_mask(lengths, history.shape[1])
+        self.h = model.item_repr(history.masked_fill(~self.mask, 0))  # [U, L, D]
+        first = model.tower.linears[0]
+        w_user, self.w_pooled, self.w_item = first.weight.chunk(3, dim=1)
+        self.a = F.linear(model.user_repr(users), w_user, first.bias)
+        if cfg.attention == "din":
+            unit_first = model.unit.linears[0]
+            w_h, w_q, w_d, self.w_x = unit_first.weight.chunk(4, dim=1)
+            self.h_term = F.linear(self.h, w_h + w_d, unit_first.bias)  # [U, L, A1]
+            self.w_q_unit = w_q - w_d
+        n_blocks = max(1, math.ceil(history.shape[1] / HISTORY_BLOCK))
+        self.block = max(1, math.ceil(history.shape[1] / n_blocks))
+
+    def items(self, ids):
+        q = self.model.item_repr(ids)
+        q_term = F.linear(q, self.w_q_unit) if self.model.config.attention == "din" else None
+        return q, q_term, F.linear(q, self.w_item)
+
+    def pairs(self, rows: slice, state):
+        q, q_term, c = state
+        h, mask = self.h[rows], self.mask[rows]
+        t, n = h.shape[0], q.shape[-2]
+        acc = h.new_zeros(t, n, h.shape[-1])
+        normalize = self.model.config.normalize
+        if normalize:
+            running_max = h.new_full((t, n), float("-inf"))
+            denom = h.new_zeros(t, n)
+        valid_len = int(self.lengths[rows].max()) if t else 0
+        for start in range(0, valid_len, self.block):
+            block = slice(start, min(start + self.block, valid_len))
+            h_b = h[:, block]  # [T, Lb, D]
+            logits = self._logits(rows, block, h_b, q, q_term)  # [T, Nc, Lb]
+            valid = mask[:, None, block]
+            if normalize:
+                logits = logits.masked_fill(~valid, float("-inf"))
+                new_max = torch.maximum(running_max, logits.amax(-1))
+                # Until a row has seen a valid item its maximum is -inf; offset by 0 then.
+                offset = new_max.masked_fill(new_max == float("-inf"), 0.0)
+                p = torch.exp(logits - offset.unsqueeze(-1))
+                rescale = torch.exp(running_max - offset)
+                denom = denom * rescale + p.sum(-1)
+                acc = acc * rescale.unsqueeze(-1) + torch.matmul(p, h_b)
+                running_max = new_max
+            else:
+                acc += torch.matmul(logits.masked_fill(~valid, 0.0), h_b)
+        if normalize:
+            acc = acc / denom.masked_fill(denom == 0, 1.0).unsqueeze(-1)  # empty history: pooled = 0
+        pre = self.a[rows, None] + c + F.linear(acc, self.w_pooled)
+        return self.model.tower.from_first(pre, inplace=True).squeeze(-1)
+
+    def _logits(self, rows, block, h_b, q, q_term):
+        """Attention scores of history items ``h_b [T, Lb, D]`` for each candidate: ``[T, Nc, Lb]``."""
+        if self.model.config.attention == "dot":
+            return torch.matmul(q, h_b.transpose(1, 2)) / math.sqrt(self.model.config.dim)
+        z = F.linear(h_b.unsqueeze(1) * q.unsqueeze(-2), self.w_x)  # the h*q term: [T, Nc, Lb, A1]
+        z += self.h_term[rows, None, block]
+        z += q_term.unsqueeze(-2)
+        return self.model.unit.from_first(z, inplace=True).squeeze(-1)
+
+    @staticmethod
+    def footprint(model: AttentionModel, history_len: int) -> Footprint:
+        cfg = model.config
+        d, h1 = cfg.dim, (cfg.hidden or (1,))[0]
+        a1 = cfg.unit_hidden[0] if cfg.attention == "din" else 0
+        per_item = d + 2 * sum(cfg.unit_hidden) + 4 if cfg.attention == "din" else 4
+        block = min(history_len, HISTORY_BLOCK)
+        return Footprint(
+            user=history_len * (d + a1 + 1) + d + h1,
+            item=d + a1 + h1,
+            pair=block * per_item + d + 3 + 2 * sum(cfg.hidden) + 1,
+        )
+
+
+_SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
+
+
+def factorized_scorer(model: RankingModel):
+    """The factorized scorer class for ``model``'s type (or its nearest base)."""
+    for cls in type(model).__mro__:
+        if cls in _SCORERS:
+            return _SCORERS[cls]
+    raise TypeError(f"model: no factorized scoring path for {type(model).__name__}")

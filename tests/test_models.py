@@ -1,0 +1,268 @@
+"""The ranking models: configs, forward semantics, and save/load."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rankfast.models import (
+    AttentionConfig,
+    AttentionModel,
+    DotConfig,
+    DotModel,
+    MLPConfig,
+    MLPModel,
+    NeuMF,
+    NeuMFConfig,
+    Representation,
+    load_model,
+)
+
+NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
+
+# Small models with awkward widths; dropout is present everywhere it exists
+# (it must be off whenever scores are compared).
+CASES = {
+    "dot": (DotModel, DotConfig, {}),
+    "mlp": (MLPModel, MLPConfig, dict(hidden=(9, 5), activation="gelu", dropout=0.3)),
+    "mlp-linear": (MLPModel, MLPConfig, dict(hidden=())),
+    "neumf": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), activation="silu", dropout=0.2)),
+    "din": (AttentionModel, AttentionConfig, dict(hidden=(8,), unit_hidden=(7, 3), dropout=0.25)),
+    "din-raw": (AttentionModel, AttentionConfig, dict(unit_hidden=(5,), normalize=False, activation="gelu")),
+    "dot-attention": (AttentionModel, AttentionConfig, dict(attention="dot", hidden=(8, 3), dropout=0.1)),
+    "dot-attention-raw": (AttentionModel, AttentionConfig, dict(attention="dot", normalize=False)),
+    "mlp-features": (MLPModel, MLPConfig, dict(hidden=(9,), user_feature_dim=5, item_feature_dim=3)),
+    "din-features": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4)),
+}
+
+
+def make_model(name, seed=0, dtype=torch.float64):
+    """A model of case ``name`` with every parameter random (biases too), in ``dtype``."""
+    cls, config_cls, fields = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    config = config_cls(NUM_USERS, NUM_ITEMS, DIM, **fields)
+    features = {}
+    if config.user_feature_dim:
+        features["user_features"] = torch.randn(NUM_USERS, config.user_feature_dim, generator=gen)
+    if config.item_feature_dim:
+        features["item_features"] = torch.randn(NUM_ITEMS, config.item_feature_dim, generator=gen)
+    model = cls(config, **features).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    return model
+
+
+def random_history(num_users, max_len, seed=1):
+    """Histories whose lengths cycle through 0..max_len, padded with -1."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.arange(num_users) % (max_len + 1)
+    history = torch.randint(0, NUM_ITEMS, (num_users, max_len), generator=gen)
+    history[torch.arange(max_len) >= lengths[:, None]] = -1
+    return history, lengths
+
+
+# --- configs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: DotConfig(0, 5, 4), "num_users"),
+        (lambda: DotConfig(3, 5, 2.5), "dim"),
+        (lambda: DotConfig(3, 5, 4, item_feature_dim=0), "item_feature_dim"),
+        (lambda: MLPConfig(3, 5, 4, hidden=(8, 0)), "hidden"),
+        (lambda: MLPConfig(3, 5, 4, hidden="8"), "hidden"),
+        (lambda: MLPConfig(3, 5, 4, activation="tanh"), "activation"),
+        (lambda: MLPConfig(3, 5, 4, dropout=1.0), "dropout"),
+        (lambda: NeuMFConfig(3, 5, 4, hidden=()), "hidden"),
+        (lambda: AttentionConfig(3, 5, 4, attention="mha"), "attention"),
+        (lambda: AttentionConfig(3, 5, 4, unit_hidden=(-1,)), "unit_hidden"),
+        (lambda: AttentionConfig(3, 5, 4, normalize="yes"), "normalize"),
+    ],
+)
+def test_bad_config_names_the_field(build, field):
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_config_lists_become_tuples():
+    assert MLPConfig(3, 5, 4, hidden=[8, 2]).hidden == (8, 2)
+
+
+def test_model_rejects_another_models_config():
+    with pytest.raises(TypeError, match="config"):
+        MLPModel(DotConfig(3, 5, 4))
+
+
+def test_feature_matrices_are_checked():
+    config = MLPConfig(3, 5, 4, item_feature_dim=2)
+    with pytest.raises(ValueError, match="item_features"):
+        MLPModel(config)
+    with pytest.raises(ValueError, match="item_features"):
+        MLPModel(config, item_features=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="user_features"):
+        MLPModel(config, item_features=torch.randn(5, 2), user_features=torch.randn(3, 2))
+    with pytest.raises(TypeError, match="item_features"):
+        MLPModel(config, item_features=torch.ones(5, 2, dtype=torch.int64))
+
+
+# --- forward semantics -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features", [None, torch.randn(9, 3)])
+def test_representation_rows_match_all(features):
+    rep = Representation(9, 4, features)
+    ids = torch.tensor([[0, 8], [3, 3]])
+    assert rep(ids).shape == (2, 2, 4)
+    torch.testing.assert_close(rep(ids), rep.all()[ids])
+    assert rep.uses_features == (features is not None)
+
+
+def test_dot_model_formula():
+    model = make_model("dot")
+    u, i = torch.tensor([0, 6, 2]), torch.tensor([30, 0, 2])
+    e_u, e_i = model.user_repr.embedding.weight[u], model.item_repr.embedding.weight[i]
+    expected = (e_u * e_i).sum(1) + model.user_bias[u] + model.item_bias[i] + model.bias
+    torch.testing.assert_close(model(u, i), expected)
+
+
+@pytest.mark.parametrize("name", ["din", "din-raw", "dot-attention", "dot-attention-raw"])
+def test_attention_pooling_by_hand(name):
+    """The reference forward against attention written out one history item at a time."""
+    model = make_model(name).eval()
+    cfg = model.config
+    history, lengths = random_history(NUM_USERS, 4)
+    users = torch.arange(NUM_USERS)
+    items = torch.randint(0, NUM_ITEMS, (NUM_USERS,))
+    got = model(users, items, history, lengths)
+    for b in range(NUM_USERS):
+        q = model.item_repr(items[b])
+        hs = [model.item_repr(history[b, j]) for j in range(int(lengths[b]))]
+        if cfg.attention == "din":
+            logits = [model.unit(torch.cat([h, q, h - q, h * q]))[0] for h in hs]
+        else:
+            logits = [h @ q / math.sqrt(DIM) for h in hs]
+        weights = torch.softmax(torch.stack(logits), 0) if (cfg.normalize and hs) else logits
+        pooled = sum((w * h for w, h in zip(weights, hs)), torch.zeros(DIM, dtype=torch.float64))
+        expected = model.tower(torch.cat([model.user_repr(users[b]), pooled, q]))[0]
+        torch.testing.assert_close(got[b], expected)
+
+
+def test_attention_ignores_padding_values():
+    model = make_model("din").eval()
+    history, lengths = random_history(NUM_USERS, 5)
+    users, items = torch.arange(NUM_USERS), torch.arange(NUM_USERS)
+    other = history.clone()
+    other[torch.arange(5) >= lengths[:, None]] = 3
+    torch.testing.assert_close(model(users, items, history, lengths), model(users, items, other, lengths))
+
+
+def test_attention_needs_history():
+    model = make_model("din")
+    with pytest.raises(ValueError, match="history"):
+        model(torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="history"):
+        model(torch.tensor([0]), torch.tensor([1]), torch.tensor([1, 2]), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("name", ["din", "dot-attention"])
+def test_empty_histories_train_with_finite_gradients(name):
+    model = make_model(name, dtype=torch.float32).train()
+    history, lengths = random_history(NUM_USERS, 3)
+    model(torch.arange(NUM_USERS), torch.arange(NUM_USERS), history, lengths).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), pname
+
+
+def test_dropout_is_active_in_training_only():
+    model = make_model("mlp")
+    u, i = torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.long)
+    trained = model.train()(u, i)
+    assert (trained - trained[0]).abs().max() > 1e-3
+    evaluated = model.eval()(u, i)
+    torch.testing.assert_close(evaluated, evaluated[:1].expand(64))
+
+
+# --- save / load -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_save_load_round_trip(tmp_path, name):
+    model = make_model(name).eval()
+    (tmp_path / "ids.json").write_text("keep me")
+    model.save(tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded) is type(model) and loaded.config == model.config and not loaded.training
+    assert (tmp_path / "ids.json").read_text() == "keep me"
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == type(model).__name__
+    history, lengths = random_history(NUM_USERS, 4)
+    users, items = torch.arange(NUM_USERS), torch.randint(0, NUM_ITEMS, (NUM_USERS,))
+    assert torch.equal(loaded(users, items, history, lengths), model(users, items, history, lengths))
+    assert torch.equal(type(model).load(tmp_path)(users, items, history, lengths), model(users, items, history, lengths))
+
+
+def test_load_wrong_model_type(tmp_path):
+    make_model("dot").save(tmp_path)
+    with pytest.raises(ValueError, match="DotModel"):
+        MLPModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_load_missing_file(tmp_path, missing):
+    make_model("mlp").save(tmp_path)
+    os.remove(tmp_path / missing)
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_model(tmp_path)
+
+
+def _edit_config(path, edit):
+    meta = json.loads((path / "config.json").read_text())
+    edit(meta)
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda p: (p / "model.safetensors").write_bytes(b"\x00garbage" * 10), "safetensors"),
+        (lambda p: (p / "config.json").write_text("{not json"), "config.json"),
+        (lambda p: _edit_config(p, lambda m: m.update(model_type="Transformer")), "Transformer"),
+        (lambda p: _edit_config(p, lambda m: m["config"].update(dim=7)), "shape"),
+        (lambda p: _edit_config(p, lambda m: m["config"].update(hidden=[9])), "missing"),
+        (lambda p: _edit_config(p, lambda m: m["config"].update(colour="red")), "colour"),
+        (lambda p: _edit_config(p, lambda m: m["config"].update(activation="tanh")), "activation"),
+        (lambda p: _edit_config(p, lambda m: m["config"].update(item_feature_dim=3)), "item_features"),
+    ],
+)
+def test_load_corrupted(tmp_path, corrupt, match):
+    make_model("mlp").save(tmp_path)
+    corrupt(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["drop", "reshape"])
+def test_load_tensor_mismatch_names_the_tensor(tmp_path, edit):
+    make_model("neumf").save(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    if edit == "drop":
+        del tensors["output.bias"]
+    else:
+        tensors["output.bias"] = torch.zeros(2, dtype=torch.float64)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="output.bias"):
+        load_model(tmp_path)
+
+
+def test_load_to_float32_and_feature_models(tmp_path):
+    model = make_model("mlp-features", dtype=torch.float32)
+    model.save(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.user_repr.features.dtype == torch.float32
+    assert torch.equal(loaded.item_repr.features, model.item_repr.features)
+    x = torch.arange(3)
+    assert torch.equal(loaded(x, x), model(x, x))
