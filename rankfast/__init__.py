@@ -5,3 +5,8 @@ from rankfast.selection import extension_available, topk, topk_merge
 __version__ = "0.1.0"
 
 __all__ = ["topk", "topk_merge", "extension_available", "__version__"]
+
+from rankfast import models  # noqa: E402
+from rankfast.scoring import score  # noqa: E402
+
+__all__ += ["models", "score"]

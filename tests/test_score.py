@@ -1,0 +1,229 @@
+"""rankfast.score: the fast path against the models' own forward, top-K, dispatch, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from test_models import CASES, NUM_ITEMS, NUM_USERS, make_model, random_history
+
+import rankfast
+import rankfast.models.factorized as factorized
+import rankfast.scoring as scoring
+from rankfast.scoring import DEFAULT_MEMORY_BUDGET
+
+MAX_LEN = 5
+ATTENTION = [n for n, (cls, _, _) in CASES.items() if cls.uses_history]
+
+
+def reference_scores(model, users, candidates, history, lengths):
+    """Every (user, candidate) score from the model's forward, one user at a time."""
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for b, u in enumerate(users):
+            cand = candidates[b] if candidates.dim() == 2 else candidates
+            n = cand.shape[0]
+            rows.append(model(u.repeat(n), cand, history[b].repeat(n, 1), lengths[b].repeat(n)))
+    return torch.stack(rows) if rows else torch.zeros(0, candidates.shape[-1], dtype=torch.float64)
+
+
+def candidate_sets(num_users):
+    gen = torch.Generator().manual_seed(2)
+    return {
+        "all": None,
+        "one": torch.tensor([NUM_ITEMS - 1]),
+        "subset-with-repeats": torch.tensor([4, 17, 4, 30, 0, 9, 17, 22, 1, 5, 13, 8, 2]),
+        "per-user": torch.randint(0, NUM_ITEMS, (num_users, 9), generator=gen),
+    }
+
+
+def as_candidates(items):
+    return torch.arange(NUM_ITEMS) if items is None else items
+
+
+@pytest.fixture(params=[64, 2], ids=["one-history-block", "history-blocks-of-2"])
+def history_block(request, monkeypatch):
+    monkeypatch.setattr(factorized, "HISTORY_BLOCK", request.param)
+
+
+@pytest.mark.parametrize("budget", [DEFAULT_MEMORY_BUDGET, 6000, 1], ids=["default", "6kB", "1B"])
+@pytest.mark.parametrize("users", [[1], [0, 6, 2, 3, 5, 4]], ids=["B=1", "B=6"])
+@pytest.mark.parametrize("candidates", ["all", "one", "subset-with-repeats", "per-user"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scores_match_reference(name, candidates, users, budget, history_block):
+    model = make_model(name)
+    users = torch.tensor(users)
+    history, lengths = random_history(len(users), MAX_LEN)
+    items = candidate_sets(len(users))[candidates]
+    got = rankfast.score(model, users, items, history=history, lengths=lengths, memory_budget=budget)
+    expected = reference_scores(model, users, as_candidates(items), history, lengths)
+    assert got.dtype == torch.float64 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _expected_topk(scores, candidates, exclude, k):
+    """topk of the reference scores, excluded positions found by brute force."""
+    skip = None
+    if exclude is not None:
+        skip = []
+        for b, seen in enumerate(exclude):
+            cand = (candidates[b] if candidates.dim() == 2 else candidates).tolist()
+            skip.append([pos for pos, item in enumerate(cand) if item in set(seen)])
+    values, positions = rankfast.topk(scores, k, exclude=skip)
+    ids = torch.stack([(candidates[b] if candidates.dim() == 2 else candidates)[positions[b].clamp_min(0)] for b in range(len(scores))])
+    return ids.masked_fill(positions < 0, -1), values
+
+
+@pytest.mark.parametrize("budget", [DEFAULT_MEMORY_BUDGET, 1], ids=["default", "1B"])
+@pytest.mark.parametrize("k", [0, 3, 40])
+@pytest.mark.parametrize("candidates", ["all", "subset-with-repeats", "per-user"])
+@pytest.mark.parametrize("name", ["dot", "mlp", "neumf", "din", "dot-attention-raw"])
+def test_topk_matches_topk_of_reference(name, candidates, k, budget):
+    model = make_model(name)
+    users = torch.tensor([3, 0, 6, 6, 1])
+    history, lengths = random_history(len(users), MAX_LEN)
+    items = candidate_sets(len(users))[candidates]
+    exclude = [[4, 17, 30], [], list(range(NUM_ITEMS)), [2, 2, 9], [5]]
+    cand = as_candidates(items)
+    scores = reference_scores(model, users, cand, history, lengths)
+    for excl in (None, exclude):
+        ids, values = rankfast.score(model, users, items, k=k, exclude=excl, history=history, lengths=lengths, memory_budget=budget)
+        want_ids, want_values = _expected_topk(scores, cand, excl, k)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(values, want_values, rtol=1e-10, atol=1e-12)
+
+
+def test_exclude_as_csr_and_numpy_inputs():
+    model = make_model("mlp")
+    users = np.array([2, 5])
+    seen = [[1, 2, 3], [30]]
+    ids, values = rankfast.score(model, users.tolist(), k=4, exclude=seen)
+    indptr, indices = np.array([0, 3, 4]), np.array([1, 2, 3, 30])
+    csr_ids, csr_values = rankfast.score(model, users, k=4, exclude=(indptr, indices))
+    assert torch.equal(ids, csr_ids) and torch.equal(values, csr_values)
+    assert not set(ids[0].tolist()) & {1, 2, 3} and 30 not in ids[1].tolist()
+
+
+@pytest.mark.parametrize("name", ["mlp", "din"])
+def test_float32_within_design_tolerance(name):
+    model32 = make_model(name, dtype=torch.float32)
+    model64 = make_model(name)
+    users = torch.arange(NUM_USERS)
+    history, lengths = random_history(NUM_USERS, MAX_LEN)
+    got = rankfast.score(model32, users, history=history, lengths=lengths)
+    expected = reference_scores(model64, users, torch.arange(NUM_ITEMS), history, lengths)
+    assert got.dtype == torch.float32
+    assert ((got.double() - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_reference_backend(monkeypatch):
+    model = make_model("din")
+    users = torch.tensor([0, 4, 2])
+    history, lengths = random_history(3, MAX_LEN)
+
+    def no_fast_path(model):
+        raise AssertionError("the factorized path must not run")
+
+    monkeypatch.setattr(scoring, "factorized_scorer", no_fast_path)
+    monkeypatch.setenv("RANKFAST_BACKEND", "reference")
+    got = rankfast.score(model, users, history=history, lengths=lengths, memory_budget=3000)
+    expected = reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    ids, _ = rankfast.score(model, users, k=2, history=history, lengths=lengths)
+    assert torch.equal(ids, expected.topk(2).indices)
+
+    monkeypatch.setenv("RANKFAST_BACKEND", "auto")
+    with pytest.raises(AssertionError, match="factorized"):
+        rankfast.score(model, users, history=history, lengths=lengths)
+    monkeypatch.setenv("RANKFAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match="RANKFAST_BACKEND"):
+        rankfast.score(model, users, history=history, lengths=lengths)
+
+
+def test_restores_training_mode_and_runs_without_autograd():
+    model = make_model("neumf").train()
+    model.branch.eval()  # a mixed state must come back as it was
+    got = rankfast.score(model, [0, 1])
+    assert model.training and not model.branch.training and model.user_repr.training
+    assert not got.requires_grad
+    model.eval()
+    torch.testing.assert_close(got, rankfast.score(model, [0, 1]), rtol=0, atol=0)
+
+
+def test_history_is_ignored_by_models_without_it():
+    model = make_model("dot")
+    history, lengths = random_history(2, MAX_LEN)
+    torch.testing.assert_close(rankfast.score(model, [1, 2], history=history, lengths=lengths), rankfast.score(model, [1, 2]))
+
+
+def test_empty_users_and_candidates():
+    model = make_model("din")
+    history, lengths = random_history(2, MAX_LEN)
+    assert rankfast.score(model, [], history=torch.zeros(0, 3, dtype=torch.long), lengths=[]).shape == (0, NUM_ITEMS)
+    assert rankfast.score(model, [0, 1], [], history=history, lengths=lengths).shape == (2, 0)
+    ids, values = rankfast.score(model, [0, 1], [], k=2, history=history, lengths=lengths)
+    assert (ids == -1).all() and torch.isinf(values).all()
+
+
+def _bad(**overrides):
+    args = dict(
+        model=make_model("din"),
+        users=[0, 1],
+        items=None,
+        history=torch.tensor([[3, 4, -1], [5, -1, -1]]),
+        lengths=[2, 1],
+    )
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (_bad(model=torch.nn.Linear(2, 1)), TypeError, "model"),
+        (_bad(users=[0, NUM_USERS]), ValueError, "users"),
+        (_bad(users=[-1, 0]), ValueError, "users"),
+        (_bad(users=[0.0, 1.0]), TypeError, "users"),
+        (_bad(users=torch.tensor([True, False])), TypeError, "users"),
+        (_bad(users=[[0, 1]]), ValueError, "users"),
+        (_bad(users=3), TypeError, "users"),
+        (_bad(users=torch.tensor(3)), ValueError, "users"),
+        (_bad(users="abc"), TypeError, "users"),
+        (_bad(items=[0, NUM_ITEMS]), ValueError, "items"),
+        (_bad(items=torch.zeros(3, 4, dtype=torch.long)), ValueError, "items"),
+        (_bad(items=torch.zeros(2, 2, 2, dtype=torch.long)), ValueError, "items"),
+        (_bad(items=np.array([0.5])), TypeError, "items"),
+        (_bad(k=-1), ValueError, "k"),
+        (_bad(k=2.0), TypeError, "k"),
+        (_bad(exclude=[[1], [2]]), ValueError, "exclude"),
+        (_bad(k=2, exclude=[[1]]), ValueError, "exclude"),
+        (_bad(k=2, exclude=[[NUM_ITEMS], []]), ValueError, "exclude"),
+        (_bad(lengths=None), ValueError, "lengths"),
+        (_bad(history=None), ValueError, "history"),
+        (_bad(history=None, lengths=None), ValueError, "history"),
+        (_bad(lengths=[4, 1]), ValueError, "lengths"),
+        (_bad(lengths=[-1, 1]), ValueError, "lengths"),
+        (_bad(lengths=[1, 1, 1]), ValueError, "lengths"),
+        (_bad(lengths=[1.0, 1.0]), TypeError, "lengths"),
+        (_bad(history=torch.tensor([[3, 4, 1]])), ValueError, "history"),
+        (_bad(history=torch.tensor([3, 4])), ValueError, "history"),
+        (_bad(history=torch.tensor([[3, NUM_ITEMS, -1], [5, -1, -1]])), ValueError, "history"),
+        (_bad(history=torch.ones(2, 3)), TypeError, "history"),
+        (_bad(memory_budget=0), ValueError, "memory_budget"),
+        (_bad(memory_budget="1GB"), TypeError, "memory_budget"),
+        (_bad(model=make_model("mlp"), lengths=[5, 0]), ValueError, "lengths"),
+    ],
+)
+def test_bad_input_names_the_argument(args, error, match):
+    args = dict(args)
+    model, users = args.pop("model"), args.pop("users")
+    with pytest.raises(error, match=match):
+        rankfast.score(model, users, **args)
+
+
+def test_save_load_gives_identical_scores(tmp_path):
+    model = make_model("din-features")
+    history, lengths = random_history(4, MAX_LEN)
+    before = rankfast.score(model, [0, 1, 2, 3], k=5, exclude=[[1], [], [2], []], history=history, lengths=lengths)
+    model.save(tmp_path)
+    after = rankfast.score(rankfast.models.load_model(tmp_path), [0, 1, 2, 3], k=5, exclude=[[1], [], [2], []], history=history, lengths=lengths)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
