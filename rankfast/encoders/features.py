@@ -1,0 +1,76 @@
+"""Texts for items and users, pooled user vectors, and cold-start rows."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+def render_texts(template: str, fields) -> list[str]:
+    """One text per record from a ``str.format`` template, e.g. ``"{title}. Genres: {genres}"``.
+
+    ``fields``: a mapping of column name to equal-length sequences (a dict of
+    lists, a pandas DataFrame) or a sequence of mappings (one per record).
+    """
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    if isinstance(fields, Mapping) or hasattr(fields, "columns"):
+        columns = {name: fields[name] for name in names if name in fields}
+        missing = [name for name in names if name not in columns]
+        if missing:
+            raise KeyError(f"template fields {missing} are not columns of the records")
+        lengths = {len(col) for col in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"fields: columns have different lengths {sorted(lengths)}")
+        count = lengths.pop() if lengths else 0
+        records = [{name: columns[name][i] for name in names} for i in range(count)]
+    elif isinstance(fields, Sequence):
+        records = list(fields)
+    else:
+        raise TypeError(f"fields: expected a mapping of columns or a sequence of records, got {type(fields).__name__}")
+    texts = []
+    for i, record in enumerate(records):
+        try:
+            texts.append(template.format(**record))
+        except KeyError as err:
+            raise KeyError(f"record {i}: no field {err} for the template") from None
+    return texts
+
+
+def pool_history(item_vectors: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean of each user's history item vectors: ``[I, d]``, ``[U, L]``, ``[U]`` -> ``[U, d]``.
+
+    Users with an empty history get a zero vector.
+    """
+    if history.dim() != 2 or lengths.shape != history.shape[:1]:
+        raise ValueError(f"history [U, L] and lengths [U] expected, got {tuple(history.shape)} and {tuple(lengths.shape)}")
+    if bool(((lengths < 0) | (lengths > history.shape[1])).any()):
+        raise ValueError("lengths: must lie in [0, L]")
+    valid = torch.arange(history.shape[1]) < lengths[:, None]
+    if valid.any() and (int(history[valid].min()) < 0 or int(history[valid].max()) >= item_vectors.shape[0]):
+        raise ValueError(f"history: item ids must lie in [0, {item_vectors.shape[0]})")
+    vectors = item_vectors[history.clamp(0, item_vectors.shape[0] - 1)] * valid.unsqueeze(-1)
+    return vectors.sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(vectors.dtype)
+
+
+def add_rows(model: nn.Module, side: str, features: torch.Tensor) -> torch.Tensor:
+    """Cold start: appends users or items represented by ``features`` (text
+    vectors) to a feature-based model; returns their new ids.
+
+    Items unseen in training get vectors from their text; users without an
+    ID embedding get their history's pooled text vectors (:func:`pool_history`).
+    """
+    if side not in ("item", "user"):
+        raise ValueError(f"side: expected 'item' or 'user', got {side!r}")
+    representation = getattr(model, f"{side}_repr")
+    if not getattr(representation, "uses_features", False):
+        raise ValueError(f"model.{side}_repr: ID embeddings cannot represent unseen {side}s; use {side} features")
+    old = representation.features
+    if features.dim() != 2 or features.shape[1] != old.shape[1]:
+        raise ValueError(f"features: expected shape [n, {old.shape[1]}], got {tuple(features.shape)}")
+    representation.features = torch.cat([old, features.to(old)])
+    representation.num = representation.features.shape[0]
+    setattr(model.config, f"num_{side}s", representation.num)
+    return torch.arange(old.shape[0], representation.num)

@@ -1,0 +1,211 @@
+"""Transfer learning: which encoder weights train, and how the encoder feeds a ranking model.
+
+Strategies (``TransferConfig.strategy``):
+
+* ``frozen``: no encoder weight trains; precomputed vectors enter the ranking
+  model through its feature-vector interface (a trainable projection).
+* ``top_layers``: the last ``top_layers`` transformer blocks train.
+* ``full``: every encoder weight trains.
+* ``lora``: low-rank adapters (the ``peft`` library) train; the base stays frozen.
+
+For the trainable strategies, :func:`attach_text_encoder` makes a model's
+item (or user) representation run the encoder on each batch's texts, through
+the same projection the frozen vectors use; :func:`refresh_features` writes
+the fine-tuned vectors back into the model's feature matrix, so scoring and
+serving need no encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankfast.encoders.text import TextEncoder
+
+STRATEGIES = ("frozen", "top_layers", "full", "lora")
+
+
+@dataclass
+class TransferConfig:
+    """How to adapt a text encoder while training a ranker.
+
+    ``encoder_lr``: learning rate of the encoder's trainable weights (the
+    ranking head keeps the training config's rate); ``None`` uses the head's.
+    LoRA fields follow ``peft.LoraConfig``; ``lora_target_modules=None`` lets
+    peft pick the usual attention projections for the architecture.
+    """
+
+    strategy: str = "frozen"
+    top_layers: int = 0
+    encoder_lr: float | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"TransferConfig.strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "top_layers" and self.top_layers < 1:
+            raise ValueError("TransferConfig.top_layers: must be >= 1 for strategy 'top_layers'")
+        if self.strategy == "lora" and self.lora_rank < 1:
+            raise ValueError(f"TransferConfig.lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.encoder_lr is not None and self.encoder_lr <= 0:
+            raise ValueError(f"TransferConfig.encoder_lr: must be > 0, got {self.encoder_lr}")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList of same-type modules."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: found no stack of transformer blocks")
+    return best
+
+
+def apply_strategy(encoder: TextEncoder, config: TransferConfig) -> TextEncoder:
+    """Sets which encoder weights train (wrapping the model in LoRA adapters for ``lora``)."""
+    if config.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
+            bias="none",
+        )
+        encoder.model = get_peft_model(encoder.model, lora)  # freezes the base itself
+        return encoder
+    encoder.requires_grad_(config.strategy == "full")
+    if config.strategy == "top_layers":
+        blocks = transformer_blocks(encoder.model)
+        if config.top_layers > len(blocks):
+            raise ValueError(f"TransferConfig.top_layers: {config.top_layers} exceeds the encoder's {len(blocks)} blocks")
+        for block in blocks[len(blocks) - config.top_layers :]:
+            block.requires_grad_(True)
+    return encoder
+
+
+def parameter_groups(model: nn.Module, encoder: TextEncoder | None, lr: float, config: TransferConfig | None) -> list[dict]:
+    """Optimizer groups: the ranking model's parameters at ``lr``, the
+    encoder's trainable ones at ``config.encoder_lr`` (default ``lr``)."""
+    encoder_params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
+    seen = {id(p) for p in encoder_params}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups = [{"params": head, "lr": lr}]
+    if encoder_params:
+        encoder_lr = config.encoder_lr if config is not None and config.encoder_lr is not None else lr
+        groups.append({"params": encoder_params, "lr": encoder_lr})
+    return groups
+
+
+class TextRepresentation(nn.Module):
+    """A representation computed by the encoder from each id's text, then projected.
+
+    Same interface as :class:`rankfast.models.layers.Representation`
+    (``forward(ids)``, ``all()``), sharing the projection of the one it
+    stands in for, so a model trains end to end through the encoder.
+    """
+
+    def __init__(self, encoder: TextEncoder, texts: list[str], projection: nn.Module, batch_size: int = 64):
+        super().__init__()
+        self.encoder, self.projection, self.batch_size = encoder, projection, batch_size
+        self.texts = list(texts)
+        self.num, self.dim = len(self.texts), projection.out_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        batch = self.encoder.tokenize([self.texts[i] for i in unique.tolist()])
+        vectors = self.encoder(**{k: v.to(self.encoder.device) for k, v in batch.items()})
+        return self.projection(vectors.to(self.projection.weight.dtype))[inverse].reshape(*ids.shape, self.dim)
+
+    def all(self) -> torch.Tensor:
+        ids = torch.arange(self.num)
+        return torch.cat([self(ids[s : s + self.batch_size]) for s in range(0, self.num, self.batch_size)])
+
+
+@contextlib.contextmanager
+def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", batch_size: int = 64):
+    """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``.
+
+    The model must represent that side by feature vectors (its projection is
+    reused). On exit the feature-based representation is restored and its
+    feature matrix refreshed from the (now fine-tuned) encoder.
+    """
+    attr = _side_attr(side)
+    original = getattr(model, attr)
+    if not getattr(original, "uses_features", False):
+        raise ValueError(f"model.{attr}: must use feature vectors (config.{side}_feature_dim) to attach an encoder")
+    if len(texts) != original.num:
+        raise ValueError(f"texts: expected {original.num} (one per {side}), got {len(texts)}")
+    setattr(model, attr, TextRepresentation(encoder, texts, original.projection, batch_size))
+    try:
+        yield model
+    finally:
+        setattr(model, attr, original)
+        refresh_features(model, encoder, texts, side, batch_size=batch_size)
+
+
+def refresh_features(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", *, batch_size: int = 64, progress: bool = False) -> None:
+    """Re-encodes ``texts`` into ``model``'s ``side`` feature matrix (e.g. after fine-tuning)."""
+    representation = getattr(model, _side_attr(side))
+    vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
+    with torch.no_grad():
+        representation.features.copy_(vectors.to(representation.features))
+
+
+def save_adapter(encoder: TextEncoder, directory: str | os.PathLike, *, merged: bool = False) -> None:
+    """Saves a LoRA-adapted encoder: the adapter alone (load it with
+    :func:`load_adapter`), or with ``merged=True`` a plain encoder directory
+    with the adapters folded into the weights (load it with
+    :meth:`TextEncoder.from_pretrained`)."""
+    from peft import PeftModel
+
+    if not isinstance(encoder.model, PeftModel):
+        raise ValueError("encoder: has no LoRA adapter (apply_strategy with strategy='lora' first)")
+    model = encoder.model
+    if merged:
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    encoder.tokenizer.save_pretrained(directory)
+
+
+def load_adapter(base_path: str | os.PathLike, adapter_path: str | os.PathLike, *, merge: bool = False, **encoder_kwargs) -> TextEncoder:
+    """Loads the encoder in ``base_path`` with the LoRA adapter saved in ``adapter_path``;
+    ``merge=True`` folds the adapter into the weights."""
+    from peft import PeftModel
+
+    encoder = TextEncoder.from_pretrained(base_path, **encoder_kwargs)
+    model = PeftModel.from_pretrained(encoder.model, adapter_path)
+    encoder.model = (model.merge_and_unload() if merge else model).eval()
+    return encoder
+
+
+def _side_attr(side: str) -> str:
+    if side not in ("item", "user"):
+        raise ValueError(f"side: expected 'item' or 'user', got {side!r}")
+    return f"{side}_repr"
+
+
+__all__ = [
+    "STRATEGIES",
+    "TransferConfig",
+    "apply_strategy",
+    "attach_text_encoder",
+    "load_adapter",
+    "parameter_groups",
+    "refresh_features",
+    "save_adapter",
+    "transformer_blocks",
+]
