@@ -10,3 +10,8 @@ from rankfast import models  # noqa: E402
 from rankfast.scoring import score  # noqa: E402
 
 __all__ += ["models", "score"]
+
+from rankfast import baselines, data, evaluate, metrics, train  # noqa: E402
+from rankfast.train import TrainConfig, fit  # noqa: E402
+
+__all__ += ["baselines", "data", "evaluate", "metrics", "train", "TrainConfig", "fit"]

@@ -113,3 +113,31 @@ def test_pointwise_rating_and_click():
     assert 0.0 <= got["auc"] <= 1.0 and 0.0 <= got["gauc"] <= 1.0
     with pytest.raises(ValueError, match="task: expected 'rating' or 'click'"):
         evaluate_pointwise(_Table(table), train, test, task="ctr")
+
+
+def _dense_forward_scores(model, num_users, num_items, history=None, lengths=None):
+    users = torch.arange(num_users).repeat_interleave(num_items)
+    items = torch.arange(num_items).repeat(num_users)
+    h = None if history is None else torch.from_numpy(history).repeat_interleave(num_items, dim=0)
+    n = None if lengths is None else torch.from_numpy(lengths).repeat_interleave(num_items)
+    with torch.no_grad():
+        return model.eval()(users, items, h, n).view(num_users, num_items).numpy()
+
+
+def test_full_ranking_of_rankfast_models_through_score():
+    from rankfast.data import user_histories
+    from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel
+
+    train, test = _split(seed=7)
+    torch.manual_seed(0)
+    dims = {"num_users": train.num_users, "num_items": train.num_items, "dim": 8}
+    dot = DotModel(DotConfig(**dims))
+    scores = _dense_forward_scores(dot, train.num_users, train.num_items)
+    got = evaluate(dot, train, test, ks=(5,), batch_size=4, progress=False)
+    assert (got["recall@5"], got["ndcg@5"]) == pytest.approx(_brute_full_ranking(scores, train, test, 5), rel=1e-6)
+
+    attention = AttentionModel(AttentionConfig(**dims, hidden=(8,), unit_hidden=(4,)))
+    history, lengths = user_histories(train, 3)
+    scores = _dense_forward_scores(attention, train.num_users, train.num_items, history, lengths)
+    got = evaluate(attention, train, test, ks=(5,), batch_size=4, max_history=3, progress=False)
+    assert (got["recall@5"], got["ndcg@5"]) == pytest.approx(_brute_full_ranking(scores, train, test, 5), rel=1e-6)

@@ -183,7 +183,7 @@ class Interactions:
     def chronological_order(self) -> np.ndarray:
         """Positions sorted by user, then timestamp, then item id (the tie rule)."""
         if self.timestamps is None:
-            raise ValueError("data: this split needs timestamps, and the interactions have none")
+            raise ValueError("data: ordering by time needs timestamps, and the interactions have none")
         return np.lexsort((self.items, self.timestamps, self.users))
 
     def user_items(self) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,349 @@
+"""The training loop: :func:`fit` and its :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from rankfast.data import Interactions, NegativeSampler, event_histories
+from rankfast.evaluate import evaluate, evaluate_pointwise
+from rankfast.models import RankingModel
+from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from rankfast.train.distributed import DistContext, distributed_context, shard
+from rankfast.train.losses import LOSSES, bce_loss, bpr_loss, mse_loss, sampled_softmax_loss
+from rankfast.train.multitask import MultiTask
+from rankfast.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+
+__all__ = ["TrainConfig", "fit"]
+
+#: Validation metrics where lower is better; all others are maximised.
+_LOWER_IS_BETTER = ("mae", "rmse")
+
+#: Fields that may change between a checkpointed run and its resumption.
+_RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_dir", "resume")
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`fit` trains.
+
+    Loss: ``"mse"`` regresses ``data.ratings``; ``"bce"``, ``"bpr"`` and
+    ``"softmax"`` (sampled softmax with logQ correction) rank each
+    interaction against ``num_negatives`` items the user never interacted
+    with, drawn ``"uniform"`` or by ``"popularity"`` (count ** ``negative_alpha``).
+
+    ``batch_size`` interactions per micro-batch (per rank); ``grad_accum``
+    micro-batches per optimizer step. The learning rate warms up linearly
+    over ``warmup_steps`` optimizer steps, then follows ``schedule``.
+    ``grad_clip`` caps the global gradient norm. ``bf16`` runs forward
+    passes under bfloat16 autocast.
+
+    With validation data, the metric ``monitor`` (e.g. ``"ndcg@20"`` for
+    ranking losses, ``"rmse"`` for ``"mse"``) is computed every
+    ``eval_every`` epochs; with ``patience`` training stops after that many
+    evaluations without improvement, and the best weights are restored.
+
+    ``checkpoint_dir``: after every epoch the full training state is written
+    there atomically (rank 0 only), and with ``resume`` a run finds it and
+    continues after the last finished epoch; the final model is saved under
+    ``checkpoint_dir/model`` with the data's id mappings.
+    """
+
+    epochs: int = 10
+    batch_size: int = 1024
+    grad_accum: int = 1
+    loss: str = "bce"
+    num_negatives: int = 4
+    negatives: str = "uniform"
+    negative_alpha: float = 0.75
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    bf16: bool = False
+    max_history: int = 50
+    monitor: str | None = None
+    eval_ks: tuple[int, ...] = (10, 20)
+    eval_every: int = 1
+    patience: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.loss != "mse" and int(self.num_negatives) < 1:
+            raise ValueError(f"num_negatives: must be at least 1 for loss {self.loss!r}, got {self.num_negatives}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip: must be positive or None, got {self.grad_clip}")
+        if self.patience is not None and int(self.patience) < 1:
+            raise ValueError(f"patience: must be at least 1 or None, got {self.patience}")
+        self.eval_ks = tuple(int(k) for k in self.eval_ks)
+        if self.monitor is None:
+            self.monitor = "rmse" if self.loss == "mse" else f"ndcg@{max(self.eval_ks)}"
+
+
+class _Examples:
+    """The training interactions as tensors, with histories when the model reads them."""
+
+    def __init__(self, data: Interactions, config: TrainConfig, uses_history: bool):
+        self.users = torch.from_numpy(data.users)
+        self.items = torch.from_numpy(data.items)
+        self.ratings = None if data.ratings is None else torch.from_numpy(data.ratings)
+        self.history = self.lengths = None
+        if uses_history:
+            history, lengths = event_histories(data, config.max_history)
+            self.history, self.lengths = torch.from_numpy(history), torch.from_numpy(lengths)
+
+    def __len__(self):
+        return len(self.users)
+
+
+class _Trainer:
+    def __init__(self, model, train: Interactions, config: TrainConfig, valid: Interactions | None, context: DistContext):
+        self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
+        self.multitask = isinstance(model, MultiTask)
+        self.ranker = model.base if self.multitask else model
+        needs_ratings = config.loss == "mse" or self.multitask
+        if needs_ratings and train.ratings is None:
+            raise ValueError(f"train: loss {config.loss!r} (or a MultiTask model) needs ratings, and the data has none")
+        if self.multitask and config.loss == "mse":
+            raise ValueError("loss: a MultiTask model trains ratings itself; pick a ranking loss (bce, bpr, softmax)")
+        self.examples = _Examples(train, config, getattr(model, "uses_history", False))
+        self.sampler = None
+        if config.loss != "mse":
+            self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
+            self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
+        self.net = DistributedDataParallel(model) if context.enabled else model
+        self.device = next(model.parameters()).device
+        micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
+        self.steps_per_epoch = -(-micro // config.grad_accum)
+        self.optimizer = build_optimizer(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=self.steps_per_epoch * config.epochs,
+            warmup_steps=config.warmup_steps,
+            schedule=config.schedule,
+            min_lr_ratio=config.min_lr_ratio,
+        )
+        self.epoch, self.history = 0, []
+        self.best_metric, self.best_state, self.bad_evals, self.stopped = None, None, 0, False
+
+    # --- one epoch ------------------------------------------------------------------
+
+    def _epoch_order(self):
+        """This rank's example order and negatives for the current epoch; a
+        function of (seed, epoch, rank) only, so a resumed run repeats it."""
+        config, context = self.config, self.context
+        order = shard(np.random.default_rng([config.seed, self.epoch]).permutation(len(self.examples)), context)
+        negatives = None
+        if self.sampler is not None:
+            rng = np.random.default_rng([config.seed, self.epoch, context.rank, 1])
+            negatives = torch.from_numpy(self.sampler.sample(self.data.users[order], config.num_negatives, rng))
+        return torch.from_numpy(order), negatives
+
+    def _loss(self, idx, negatives):
+        ex, config = self.examples, self.config
+        users, items = ex.users[idx], ex.items[idx]
+        history = None if ex.history is None else ex.history[idx]
+        lengths = None if ex.lengths is None else ex.lengths[idx]
+        if negatives is not None:
+            width = 1 + negatives.shape[1]
+            items = torch.cat([items[:, None], negatives], dim=1).reshape(-1)
+            users = users.repeat_interleave(width)
+            if history is not None:
+                history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
+        to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            out = self.net(to(users), to(items), to(history), to(lengths))
+        clicks, ratings = out if self.multitask else (out, None)
+        if config.loss == "mse":
+            return mse_loss(clicks.float(), to(ex.ratings[idx]))
+        scores = clicks.float().view(len(idx), -1)
+        pos, neg = scores[:, 0], scores[:, 1:]
+        if config.loss == "bce":
+            loss = bce_loss(pos, neg)
+        elif config.loss == "bpr":
+            loss = bpr_loss(pos, neg)
+        else:
+            log_q = self.log_q[items].view(len(idx), -1).to(self.device)
+            loss = sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
+        if self.multitask:
+            rating_loss = mse_loss(ratings.float().view(len(idx), -1)[:, 0], to(ex.ratings[idx]))
+            loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
+        return loss
+
+    def _train_epoch(self, bar) -> float:
+        config = self.config
+        order, negatives = self._epoch_order()
+        self.model.train()
+        starts = list(range(0, len(order), config.batch_size))
+        total, count = 0.0, 0
+        for step in range(0, len(starts), config.grad_accum):
+            group = starts[step : step + config.grad_accum]
+            for j, start in enumerate(group):
+                idx = order[start : start + config.batch_size]
+                neg = None if negatives is None else negatives[start : start + config.batch_size]
+                last = j == len(group) - 1
+                # DDP all-reduces gradients only on the last micro-batch of a step.
+                sync = self.net.no_sync() if self.context.enabled and not last else contextlib.nullcontext()
+                with sync:
+                    loss = self._loss(idx, neg)
+                    (loss / len(group)).backward()
+                total, count = total + float(loss.detach()), count + 1
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        return self.context.mean(total / max(count, 1))
+
+    # --- validation, checkpoints ----------------------------------------------------
+
+    def _validate(self) -> dict:
+        """Validation metrics, computed on rank 0 and shared with every rank."""
+        metrics = None
+        if self.context.is_main:
+            config = self.config
+            kwargs = {"max_history": config.max_history}
+            metrics = {}
+            if config.loss != "mse":
+                metrics.update(evaluate(self.ranker, self.data, self.valid, ks=config.eval_ks, progress=False, **kwargs))
+            if (config.loss == "mse" or self.multitask) and self.valid.ratings is not None:
+                metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="rating", **kwargs))
+            if config.monitor not in metrics:
+                raise ValueError(f"monitor: {config.monitor!r} is not among the validation metrics {sorted(metrics)}")
+        return self.context.from_main(metrics)
+
+    def _improved(self, value: float) -> bool:
+        if self.best_metric is None:
+            return True
+        lower = self.config.monitor in _LOWER_IS_BETTER
+        return value < self.best_metric if lower else value > self.best_metric
+
+    def _state(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": self.context.gather(torch.get_rng_state()),
+            "cuda_rng": self.context.gather(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "best_state": self.best_state,
+            "bad_evals": self.bad_evals,
+            "stopped": self.stopped,
+        }
+
+    def _restore(self, state: dict, path: str):
+        saved = state["config"]
+        mine = dataclasses.asdict(self.config)
+        for name, value in mine.items():
+            if name not in _RESUMABLE_CHANGES and saved.get(name) != value:
+                raise ValueError(f"config.{name}: {value!r} differs from the checkpoint's {saved.get(name)!r} ({path}); use another checkpoint_dir")
+        if len(state["torch_rng"]) != self.context.world_size:
+            raise ValueError(f"checkpoint_dir: {path} was written by {len(state['torch_rng'])} processes, this run has {self.context.world_size}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"][self.context.rank])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"][self.context.rank])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best_metric, self.best_state = state["best_metric"], state["best_state"]
+        self.bad_evals, self.stopped = state["bad_evals"], state["stopped"]
+
+    # --- the run --------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        config, context = self.config, self.context
+        path = None if config.checkpoint_dir is None else os.path.join(config.checkpoint_dir, CHECKPOINT_FILE)
+        if path is not None and config.resume and os.path.exists(path):
+            self._restore(load_checkpoint(path), path)
+        else:
+            torch.manual_seed(config.seed + context.rank)
+        while self.epoch < config.epochs and not self.stopped:
+            self.epoch += 1
+            started = time.perf_counter()
+            disable = not config.progress or not context.is_main
+            with tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}/{config.epochs}", unit="step", disable=disable or None) as bar:
+                record = {"epoch": self.epoch, "loss": self._train_epoch(bar), "lr": self.scheduler.get_last_lr()[0]}
+                if self.valid is not None and (self.epoch % config.eval_every == 0 or self.epoch == config.epochs):
+                    record.update(self._validate())
+                    value = record[config.monitor]
+                    if self._improved(value):
+                        self.best_metric, self.bad_evals = value, 0
+                        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                    else:
+                        self.bad_evals += 1
+                        self.stopped = config.patience is not None and self.bad_evals >= config.patience
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", config.monitor)})
+                record["seconds"] = time.perf_counter() - started
+            self.history.append(record)
+            if path is not None:
+                state = self._state()  # collective (gathers RNG states): every rank takes part
+                if context.is_main:
+                    save_checkpoint(state, path)
+            context.barrier()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        if config.checkpoint_dir is not None and context.is_main:
+            model_dir = os.path.join(config.checkpoint_dir, "model")
+            self.ranker.save(model_dir)
+            self.data.save_mappings(model_dir)
+        context.barrier()
+        return self.history
+
+
+def fit(model, train: Interactions, config: TrainConfig | None = None, *, valid: Interactions | None = None) -> list[dict]:
+    """Trains ``model`` on ``train`` and returns the history, one dict per epoch
+    (``epoch``, ``loss``, ``lr``, ``seconds`` and any validation metrics).
+
+    ``model`` is a :class:`rankfast.models.RankingModel` or a
+    :class:`MultiTask` around one; ``valid`` (same id maps as ``train``) is
+    ranked against all items with ``train``'s items excluded. Under
+    ``torchrun`` the same call trains with DistributedDataParallel, each rank
+    on its shard of every epoch, rank 0 evaluating and writing checkpoints.
+    Randomness comes from ``config.seed``: the global torch RNG is seeded
+    (per rank) at the start, and data order and negatives derive from
+    (seed, epoch, rank), so reruns and resumed runs repeat exactly.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if not isinstance(model, (RankingModel, MultiTask)):
+        raise TypeError(f"model: expected a rankfast.models.RankingModel or MultiTask, got {type(model).__name__}")
+    if not isinstance(train, Interactions) or not len(train):
+        raise ValueError("train: expected a non-empty Interactions")
+    ranker = model.base if isinstance(model, MultiTask) else model
+    if (ranker.config.num_users, ranker.config.num_items) != (train.num_users, train.num_items):
+        raise ValueError(
+            f"train: has {train.num_users} users and {train.num_items} items, the model was built for "
+            f"{ranker.config.num_users} and {ranker.config.num_items}"
+        )
+    if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):
+        raise ValueError("valid: must share train's id maps (split one Interactions)")
+    return _Trainer(model, train, config, valid, distributed_context()).run()

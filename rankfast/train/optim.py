@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["build_optimizer", "build_scheduler", "OPTIMIZERS", "SCHEDULES"]
+
+OPTIMIZERS = ("adamw", "sgd", "adagrad")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def build_optimizer(model: torch.nn.Module, name: str = "adamw", *, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9):
+    """AdamW (decoupled weight decay), SGD with momentum, or Adagrad.
+
+    Weight decay applies to matrices and embedding tables only, not to
+    biases and other 1-D parameters (decaying a bias only adds noise).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay: must be non-negative, got {weight_decay}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.Adagrad(groups, lr=lr)
+
+
+def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0):
+    """Linear warmup over ``warmup_steps`` optimizer steps, then cosine or
+    linear decay to ``min_lr_ratio * lr`` at ``total_steps`` (or a constant)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: must be non-negative, got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {min_lr_ratio}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
