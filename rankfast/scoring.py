@@ -127,7 +127,7 @@ def score(
                     exclude = _shared_positions(items.cpu(), *exclude)
             for start in range(0, num_users, plan.block_users):
                 rows = slice(start, min(start + plan.block_users, num_users))
-                block = scorer(
+                block_scorer = scorer(
                     model,
                     users[rows],
                     None if history is None else history[rows],
@@ -135,19 +135,16 @@ def score(
                 )
                 block_items = items[rows] if per_user else items
                 if k is None:
-                    _fill(block, block_items, out[rows], plan)
+                    _fill(block_scorer, block_items, out[rows], plan)
                     continue
                 buf = torch.empty(rows.stop - rows.start, num_items, dtype=dtype, device=device)
-                _fill(block, block_items, buf, plan)
+                _fill(block_scorer, block_items, buf, plan)
                 skip = None
-                if exclude is not None:
-                    skip = _per_user_positions(block_items.cpu(), exclude, rows, cfg.num_items) if per_user else _csr_rows(exclude, rows)
-                values, positions = topk(buf, k, exclude=skip)
-                # Positions -> item ids; padding (-1) picks the appended -1 column.
-                count = rows.stop - rows.start
-                lookup = torch.cat([block_items.expand(count, -1), block_items.new_full((count, 1), -1)], dim=1)
-                out_ids[rows] = lookup.gather(1, positions.masked_fill(positions < 0, num_items))
-                out[rows] = values
+                if exclude is not None and per_user:
+                    skip = _per_user_positions(block_items.cpu(), exclude, rows, cfg.num_items)
+                elif exclude is not None:
+                    skip = _csr_rows(exclude, rows)
+                out_ids[rows], out[rows] = _top_k(buf, block_items, k, skip)
     finally:
         for m, training in modes:
             m.training = training
@@ -222,7 +219,7 @@ def _plan(fp: Footprint, num_users, num_items, *, per_user, top_k, itemsize, bud
     row_bytes = fp.user * itemsize + (num_items * (itemsize + 9) if top_k else 0)
     spare = budget - tile_users * chunk_items * pair_bytes - (0 if per_user else chunk_items * fp.item * itemsize)
     block_users = max(tile_users, min(num_users, spare // max(1, row_bytes)))
-    return _Plan(block_users=max(1, block_users), chunk_items=chunk_items, tile_users=tile_users)
+    return _Plan(block_users=block_users, chunk_items=chunk_items, tile_users=tile_users)
 
 
 def _fill(scorer, items, out, plan: _Plan):
@@ -235,6 +232,15 @@ def _fill(scorer, items, out, plan: _Plan):
             rows = slice(first, first + plan.tile_users)
             state = shared if shared is not None else scorer.items(items[rows, cols])
             out[rows, cols] = scorer.pairs(rows, state)
+
+
+def _top_k(scores, candidates, k, skip):
+    """Each row's top ``k`` of ``scores [U, N]`` as ``(item ids, scores)``;
+    ``candidates`` ``[N]`` or ``[U, N]`` map positions to ids, padding stays -1."""
+    values, positions = topk(scores, k, exclude=skip)
+    rows, n = scores.shape
+    lookup = torch.cat([candidates.expand(rows, -1), candidates.new_full((rows, 1), -1)], dim=1)
+    return lookup.gather(1, positions.masked_fill(positions < 0, n)), values
 
 
 # --- argument handling -------------------------------------------------------------------

@@ -128,7 +128,7 @@ class AttentionScorer:
     def __init__(self, model: AttentionModel, users, history, lengths):
         self.model = model
         cfg = model.config
-        self.lengths = lengths
+        self.lengths = lengths.cpu()  # per-tile maxima without a device sync
         self.mask = history_mask(lengths, history.shape[1])
         self.h = model.item_repr(history.masked_fill(~self.mask, 0))  # [U, L, D]
         first = model.tower.linears[0]
