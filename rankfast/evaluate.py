@@ -108,12 +108,15 @@ def _pair_scores(model, users, items, histories, batch_size, output=0):
     """Model scores of aligned ``(users[j], items[j])``, in batches (float64
     numpy); ``output`` picks the element of a tuple-returning forward."""
     out = np.empty(len(users), dtype=np.float64)
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    device = next(parameters, torch.empty(0)).device
     with _inference(model):
         for start in range(0, len(users), batch_size):
             u = torch.from_numpy(users[start : start + batch_size])
             i = torch.from_numpy(items[start : start + batch_size])
             history, lengths = histories(u)
-            scores = model(u, i, history, lengths)
+            to = lambda t: None if t is None else t.to(device)  # noqa: E731
+            scores = model(to(u), to(i), to(history), to(lengths))
             if isinstance(scores, tuple):
                 scores = scores[output]
             out[start : start + len(u)] = scores.float().cpu().numpy()

@@ -250,6 +250,8 @@ def test_argument_errors():
     no_ratings = Interactions(data.users, data.items, None, data.timestamps, data.user_ids, data.item_ids)
     with pytest.raises(ValueError, match="train: loss 'mse'"):
         fit(dot_model(data), no_ratings, TrainConfig(loss="mse", **QUIET))
+    with pytest.raises(ValueError, match="patience: early stopping needs validation data"):
+        fit(dot_model(data), data, TrainConfig(patience=2, **QUIET))
     with pytest.raises(ValueError, match="monitor: 'auc' is not among"):
         fit(dot_model(data), data, TrainConfig(epochs=1, monitor="auc", **QUIET), valid=data)
 

@@ -344,6 +344,8 @@ def fit(model, train: Interactions, config: TrainConfig | None = None, *, valid:
             f"train: has {train.num_users} users and {train.num_items} items, the model was built for "
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
+    if valid is None and config.patience is not None:
+        raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):
         raise ValueError("valid: must share train's id maps (split one Interactions)")
     return _Trainer(model, train, config, valid, distributed_context()).run()
