@@ -1,0 +1,636 @@
+"""Fused MLP scoring (MLPModel, NeuMF): forward, backward and score + top-K.
+
+The first layer is split (DESIGN.md): ``A = E_u W1u^T + b1`` per user
+``[B, H1]`` and ``C = E_i W1i^T`` per item ``[M, H1]`` are computed outside
+(small). A program takes a tile of ``BLOCK_U`` users x ``BLOCK_N`` candidates
+(``BLOCK_P`` pairs) and, in registers, forms ``act(A_u + C_i)`` in chunks of
+``BJ`` units, feeding each chunk straight into the next layer's ``tl.dot``;
+later layers follow (up to 3 after the first, widths up to 512), then the
+output layer, NeuMF's GMF term (a per-pair dot of ``g_u * w_gmf`` and
+``g_i``) and the score write. No per-pair tensor ever reaches global memory.
+
+Layer chunking: with hidden widths ``H1..H4`` only ``h2`` (and ``h4``) are
+held at full width; ``h1`` and ``h3`` exist one ``BJ`` chunk at a time, each
+chunk multiplied into the next layer's accumulator (the flash-MLP pattern),
+so weights are read in ``[BJ, H]`` slices.
+
+Backward recomputes the pair activations tile by tile (nothing per pair is
+stored) and accumulates gradients with fp32 atomics: weights and biases per
+tile, ``A`` rows summed over the tile's candidates, ``C`` rows summed over the
+tile's users (shared candidates) or per pair (per-user candidates).
+
+Public entry points (differentiable; registered as ``torch.ops.rankfast.*``):
+
+* :func:`mlp_score` - the op on precomputed ``A``, ``C`` and raw layer weights;
+* :func:`model_scores` - scores of an :class:`MLPModel` / :class:`NeuMF` for
+  users ``[B]`` x shared candidates ``[N]`` or per-user candidates ``[B, N]``;
+* :func:`pair_scores` - aligned pairs ``users [B]``, ``items [B]`` (training);
+* :func:`model_topk` - fused score + top-K (see ``kernels/topk.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rankfast.kernels._common import (
+    INTERPRET,
+    MAX_WIDTH,
+    act_fn,
+    act_grad,
+    dot,
+    check_activation,
+    check_device,
+    check_dtype,
+    check_index,
+    check_precision,
+    pad_width,
+    padded_t,
+    padded_vec,
+)
+
+MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
+
+
+def _configs(backward: bool):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_P": 32, "BJ": 16}, num_warps=4, num_stages=1)]
+    out = []
+    for block_p in (64, 128):
+        for bj in (32, 64):
+            for warps in (4, 8):
+                for stages in ((2,) if backward else (2, 3)):
+                    out.append(triton.Config({"BLOCK_P": block_p, "BJ": bj}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _tile_heuristics():
+    def block_n(a):
+        return min(a["BLOCK_P"], triton.next_power_of_2(max(1, a["N"])))
+
+    return {
+        "BLOCK_N": block_n,
+        "BLOCK_U": lambda a: a["BLOCK_P"] // block_n(a),
+        "BJ1": lambda a: min(a["BJ"], a["H1P"]),
+        "BJ3": lambda a: min(a["BJ"], a["H3P"]),
+    }
+
+
+_KEY = ["N_KEY", "H1P", "H2P", "H3P", "H4P", "GP", "NL", "ACT", "HAS_IDX", "HAS_GMF"]
+
+
+# --- device code ---------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Pair rows of tile ``pid``: user, candidate position, item row, mask (all ``[BLOCK_P]``)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_u = pid // num_n
+    pid_n = pid % num_n
+    p = tl.arange(0, BLOCK_U * BLOCK_N)
+    u = pid_u * BLOCK_U + p // BLOCK_N
+    n = pid_n * BLOCK_N + p % BLOCK_N
+    rmask = (u < B) & (n < N)
+    u64 = u.to(tl.int64)
+    if HAS_IDX:
+        item = tl.load(IDX + u64 * stride_ib + n.to(tl.int64) * stride_in, mask=rmask, other=0).to(tl.int64)
+    else:
+        item = n.to(tl.int64)
+    return pid_u, pid_n, u64, n, item, rmask
+
+
+@triton.jit
+def _z1(a_row, c_row, rmask, cj, H1):
+    """First-layer pre-activations of the tile's pairs for units ``cj``: ``A_u + C_i`` in fp32."""
+    m = rmask[:, None] & (cj[None, :] < H1)
+    a = tl.load(a_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
+    c = tl.load(c_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
+    return a + c
+
+
+@triton.jit
+def _h2(a_row, c_row, rmask, H1, W2, B2,
+        H1P: tl.constexpr, H2P: tl.constexpr, BJ1: tl.constexpr, BLOCK_P: tl.constexpr,
+        ACT: tl.constexpr, PREC: tl.constexpr):
+    """Second hidden layer at full width: ``(z2, act(z2))``, ``[BLOCK_P, H2P]`` fp32."""
+    c2 = tl.arange(0, H2P)
+    acc = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
+    for j in range(0, H1P, BJ1):
+        cj = j + tl.arange(0, BJ1)
+        a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1), ACT)
+        w = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
+        acc = dot(a1.to(w.dtype), w, acc, PREC=PREC)
+    z2 = acc + tl.load(B2 + c2)[None, :]
+    return z2, act_fn(z2, ACT)
+
+
+@triton.jit
+def _mlp_pairs(a_row, c_row, rmask, H1, W2, B2, W3, B3, W4, B4, WO,
+               NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+               BJ1: tl.constexpr, BJ3: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+    """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32."""
+    score = tl.zeros([BLOCK_P], dtype=tl.float32)
+    if NL == 1:
+        for j in range(0, H1P, BJ1):
+            cj = j + tl.arange(0, BJ1)
+            a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1), ACT)
+            score += tl.sum(a1 * tl.load(WO + cj)[None, :], axis=1)
+    else:
+        z2, h2 = _h2(a_row, c_row, rmask, H1, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        c2 = tl.arange(0, H2P)
+        if NL == 2:
+            score = tl.sum(h2 * tl.load(WO + c2)[None, :], axis=1)
+        else:
+            h2c = h2.to(W3.dtype.element_ty)
+            c4 = tl.arange(0, H4P)
+            acc4 = tl.zeros([BLOCK_P, H4P], dtype=tl.float32)
+            for j in range(0, H3P, BJ3):
+                cj = j + tl.arange(0, BJ3)
+                w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
+                a3 = act_fn(dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :], ACT)
+                if NL == 3:
+                    score += tl.sum(a3 * tl.load(WO + cj)[None, :], axis=1)
+                else:
+                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
+                    acc4 = dot(a3.to(w4.dtype), w4, acc4, PREC=PREC)
+            if NL == 4:
+                h4 = act_fn(acc4 + tl.load(B4 + c4)[None, :], ACT)
+                score = tl.sum(h4 * tl.load(WO + c4)[None, :], axis=1)
+    return score
+
+
+@triton.jit
+def _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP: tl.constexpr):
+    cg = tl.arange(0, GP)
+    m = rmask[:, None] & (cg[None, :] < G)
+    gu = tl.load(GU + u64[:, None] * stride_gu + cg[None, :], mask=m, other=0.0).to(tl.float32)
+    gi = tl.load(GI + item[:, None] * stride_gi + cg[None, :], mask=m, other=0.0).to(tl.float32)
+    return gu, gi
+
+
+@triton.autotune(configs=_configs(False), key=_KEY)
+@triton.heuristics(_tile_heuristics())
+@triton.jit
+def _mlp_fwd_kernel(
+    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, BO, OUT,
+    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_ob, N_KEY,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
+    BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    _, _, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
+    score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, rmask, H1, W2, B2, W3, B3, W4, B4, WO,
+                       NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_P, ACT, PREC)
+    if HAS_GMF:
+        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+        score += tl.sum(gu * gi, axis=1)
+    score += tl.load(BO).to(tl.float32)
+    tl.store(OUT + u64 * stride_ob + n, score.to(OUT.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _scatter_rows(DST, stride, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, vals, cols, ncols,
+                  BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr,
+                  PER_USER: tl.constexpr):
+    """Atomically adds per-pair rows ``vals [BLOCK_P, W]`` into ``DST``: summed over the
+    tile's candidates into user rows (``PER_USER``), else into item rows, summed
+    over the tile's users when every user has the same candidates (``SHARED``)."""
+    if PER_USER:
+        v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=1)
+        uu = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+        m = (uu < B)[:, None] & (cols[None, :] < ncols)
+        tl.atomic_add(DST + uu.to(tl.int64)[:, None] * stride + cols[None, :], v, mask=m)
+    elif SHARED:
+        v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=0)
+        nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = nn < N
+        if HAS_IDX:
+            it = tl.load(IDX + nn.to(tl.int64) * stride_in, mask=nm, other=0).to(tl.int64)
+        else:
+            it = nn.to(tl.int64)
+        m = nm[:, None] & (cols[None, :] < ncols)
+        tl.atomic_add(DST + it[:, None] * stride + cols[None, :], v, mask=m)
+    else:
+        m = rmask[:, None] & (cols[None, :] < ncols)
+        tl.atomic_add(DST + item[:, None] * stride + cols[None, :], vals, mask=m)
+
+
+@triton.autotune(
+    configs=_configs(True),
+    key=_KEY + ["SHARED"],
+    reset_to_zero=["DA", "DC", "DGU", "DGI", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"],
+)
+@triton.heuristics(_tile_heuristics())
+@triton.jit
+def _mlp_bwd_kernel(
+    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, GOUT,
+    DA, DC, DGU, DGI, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
+    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_go, N_KEY,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
+    BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_u, pid_n, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
+    a_row = A + u64 * stride_a
+    c_row = C + item * stride_c
+    go = tl.load(GOUT + u64 * stride_go + n, mask=rmask, other=0.0).to(tl.float32)  # [P]
+    tl.atomic_add(DBO, tl.sum(go, axis=0))
+
+    if HAS_GMF:
+        cg = tl.arange(0, GP)
+        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+        _scatter_rows(DGU, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gi, cg, G,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
+        _scatter_rows(DGI, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gu, cg, G,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+
+    c2 = tl.arange(0, H2P)
+    if NL >= 2:
+        z2, h2 = _h2(a_row, c_row, rmask, H1, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        if NL == 2:
+            wo = tl.load(WO + c2)
+            tl.atomic_add(DWO + c2, tl.sum(h2 * go[:, None], axis=0))
+            dz2 = go[:, None] * wo[None, :] * act_grad(z2, ACT)
+        else:
+            h2c = h2.to(W3.dtype.element_ty)
+            c4 = tl.arange(0, H4P)
+            if NL == 4:
+                # Recompute h4, then its gradient.
+                acc4 = tl.zeros([BLOCK_P, H4P], dtype=tl.float32)
+                for j in range(0, H3P, BJ3):
+                    cj = j + tl.arange(0, BJ3)
+                    w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
+                    a3 = act_fn(dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :], ACT)
+                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
+                    acc4 = dot(a3.to(w4.dtype), w4, acc4, PREC=PREC)
+                z4 = acc4 + tl.load(B4 + c4)[None, :]
+                h4 = act_fn(z4, ACT)
+                tl.atomic_add(DWO + c4, tl.sum(h4 * go[:, None], axis=0))
+                dz4 = go[:, None] * tl.load(WO + c4)[None, :] * act_grad(z4, ACT)
+                tl.atomic_add(DB4 + c4, tl.sum(dz4, axis=0))
+                dz4c = dz4.to(W4.dtype.element_ty)
+            dh2 = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
+            for j in range(0, H3P, BJ3):
+                cj = j + tl.arange(0, BJ3)
+                w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
+                z3 = dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :]
+                a3 = act_fn(z3, ACT)
+                if NL == 3:
+                    tl.atomic_add(DWO + cj, tl.sum(a3 * go[:, None], axis=0))
+                    da3 = go[:, None] * tl.load(WO + cj)[None, :]
+                else:
+                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
+                    dw4 = dot(tl.trans(a3.to(w4.dtype)), dz4c, PREC=PREC)
+                    tl.atomic_add(DW4 + cj[:, None] * H4P + c4[None, :], dw4)
+                    da3 = dot(dz4c, tl.trans(w4), PREC=PREC)
+                dz3 = da3 * act_grad(z3, ACT)
+                tl.atomic_add(DB3 + cj, tl.sum(dz3, axis=0))
+                dz3c = dz3.to(w3.dtype)
+                tl.atomic_add(DW3 + c2[:, None] * H3P + cj[None, :], dot(tl.trans(h2c), dz3c, PREC=PREC))
+                dh2 = dot(dz3c, tl.trans(w3), dh2, PREC=PREC)
+            dz2 = dh2 * act_grad(z2, ACT)
+        tl.atomic_add(DB2 + c2, tl.sum(dz2, axis=0))
+        dz2c = dz2.to(W2.dtype.element_ty)
+
+    for j in range(0, H1P, BJ1):
+        cj = j + tl.arange(0, BJ1)
+        z1 = _z1(a_row, c_row, rmask, cj, H1)
+        a1 = act_fn(z1, ACT)
+        if NL == 1:
+            tl.atomic_add(DWO + cj, tl.sum(a1 * go[:, None], axis=0))
+            da1 = go[:, None] * tl.load(WO + cj)[None, :]
+        else:
+            w2 = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
+            tl.atomic_add(DW2 + cj[:, None] * H2P + c2[None, :],
+                          dot(tl.trans(a1.to(w2.dtype)), dz2c, PREC=PREC))
+            da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
+        dz1 = da1 * act_grad(z1, ACT)
+        _scatter_rows(DA, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
+        _scatter_rows(DC, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+
+
+# --- host side -----------------------------------------------------------------------
+
+
+class _Prepared:
+    """Padded, transposed weights and launch constants for one call."""
+
+    def __init__(self, a, c, weights, biases, w_out, gu, dtype):
+        nl = len(weights) + 1
+        widths = [a.shape[1]] + [w.shape[0] for w in weights]
+        self.nl = nl
+        self.widths = widths
+        pads = [pad_width(w) for w in widths] + [16] * (MAX_LAYERS - nl)
+        self.h1p, self.h2p, self.h3p, self.h4p = pads
+        wts = []
+        for i, w in enumerate(weights):
+            wts.append(padded_t(w, pads[i], pads[i + 1], dtype))
+        bs = [padded_vec(b, pads[i + 1], like=a) for i, b in enumerate(biases)]
+        dummy = a.new_zeros(16, dtype=torch.float32)
+        dummy_w = a.new_zeros(16, dtype=dtype)
+        self.w = wts + [dummy_w] * (MAX_LAYERS - 1 - len(wts))
+        self.b = bs + [dummy] * (MAX_LAYERS - 1 - len(bs))
+        self.wo = padded_vec(w_out, pads[nl - 1], like=a)
+        self.g = 0 if gu is None else gu.shape[1]
+        self.gp = pad_width(max(1, self.g))
+
+
+def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    check_dtype("a", a)
+    dtype, device = a.dtype, a.device
+    if a.dim() != 2 or c.dim() != 2 or a.shape[1] != c.shape[1]:
+        raise ValueError(f"a, c: expected [B, H1] and [M, H1], got {tuple(a.shape)} and {tuple(c.shape)}")
+    check_dtype("c", c, dtype)
+    check_device("c", c, device)
+    if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
+        raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} layers after the first with one bias each, "
+                         f"got {len(weights)} weights and {len(biases)} biases")
+    width = a.shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise ValueError(f"weights[{i}]: expected [H, {width}] with bias [H], got {tuple(w.shape)}, {tuple(b.shape)}")
+        check_device(f"weights[{i}]", w, device)
+        width = w.shape[0]
+    widths = [a.shape[1]] + [w.shape[0] for w in weights]
+    if max(widths) > MAX_WIDTH:
+        raise ValueError(f"weights: layer widths up to {MAX_WIDTH} are supported, got {widths}")
+    if w_out.shape != (width,):
+        raise ValueError(f"w_out: expected [{width}] (the output layer's weights), got {tuple(w_out.shape)}")
+    if b_out.numel() != 1:
+        raise ValueError(f"b_out: expected one element, got shape {tuple(b_out.shape)}")
+    if idx is not None:
+        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != a.shape[0]):
+            raise ValueError(f"idx: expected [N] or [B={a.shape[0]}, N], got {tuple(idx.shape)}")
+        check_device("idx", idx, device)
+        check_index("idx", idx, c.shape[0])
+    if (gu is None) != (gi is None):
+        raise ValueError("gu, gi: give both GMF inputs or neither")
+    if gu is not None:
+        if gu.dim() != 2 or gi.dim() != 2 or gu.shape[0] != a.shape[0] or gi.shape[0] != c.shape[0] \
+                or gu.shape[1] != gi.shape[1]:
+            raise ValueError(f"gu, gi: expected [B, G] and [M, G], got {tuple(gu.shape)} and {tuple(gi.shape)}")
+        if gu.shape[1] > MAX_WIDTH:
+            raise ValueError(f"gu: GMF width up to {MAX_WIDTH} is supported, got {gu.shape[1]}")
+        check_dtype("gu", gu, dtype)
+        check_dtype("gi", gi, dtype)
+    act = check_activation(activation)
+    check_precision(precision)
+    return act
+
+
+def _launch_args(a, c, idx, gu, gi):
+    a = a.contiguous()
+    c = c.contiguous()
+    B = a.shape[0]
+    if idx is None:
+        N, stride_ib, stride_in, shared = c.shape[0], 0, 0, True
+        idx_t = a.new_zeros(1, dtype=torch.int32)
+    else:
+        idx_t = idx
+        N = idx.shape[-1]
+        shared = idx.dim() == 1
+        stride_ib = 0 if shared else idx.stride(0)
+        stride_in = idx.stride(-1)
+    gu_t = a if gu is None else gu.contiguous()
+    gi_t = a if gi is None else gi.contiguous()
+    return a, c, idx_t, gu_t, gi_t, B, N, stride_ib, stride_in, shared
+
+
+def _n_key(n):
+    return min(triton.next_power_of_2(max(1, n)), 4096)
+
+
+def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
+    out = torch.empty(B, N, dtype=a.dtype, device=a.device)
+    if B == 0 or N == 0:
+        return out
+    bo = b_out.detach().reshape(1).float()
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _mlp_fwd_kernel[grid](
+        a, c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo, bo, out,
+        B, N, a.shape[1], prep.g, a.stride(0), c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0), out.stride(0),
+        _n_key(N),
+        NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, ACT=act,
+        HAS_IDX=idx is not None, HAS_GMF=gu is not None, PREC=precision,
+    )
+    return out
+
+
+def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    a_c, c_c, idx_t, gu_t, gi_t, B, N, sib, sin, shared = _launch_args(a, c, idx, gu, gi)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    da = torch.zeros(a.shape, **f32)
+    dc = torch.zeros(c.shape, **f32)
+    g = max(1, prep.g)
+    dgu = torch.zeros(a.shape[0] if gu is not None else 1, g, **f32)
+    dgi = torch.zeros(c.shape[0] if gi is not None else 1, g, **f32)
+    pads = [prep.h1p, prep.h2p, prep.h3p, prep.h4p]
+    dws = [torch.zeros(pads[i], pads[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    dbs = [torch.zeros(pads[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    dwo = torch.zeros(pads[prep.nl - 1], **f32)
+    dbo = torch.zeros(1, **f32)
+    grad = grad.contiguous()
+    if B and N:
+        def grid(meta):
+            return (triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _mlp_bwd_kernel[grid](
+            a_c, c_c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo,
+            grad, da, dc, dgu, dgi, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo,
+            B, N, a.shape[1], prep.g, a_c.stride(0), c_c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0),
+            grad.stride(0), _n_key(N),
+            NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, ACT=act,
+            HAS_IDX=idx is not None, HAS_GMF=gu is not None, SHARED=shared, PREC=precision,
+        )
+    widths = prep.widths
+    d_weights = [dws[i][: widths[i], : widths[i + 1]].t().contiguous().to(weights[i].dtype) for i in range(len(weights))]
+    d_biases = [dbs[i][: widths[i + 1]].to(biases[i].dtype) for i in range(len(biases))]
+    d_gu = None if gu is None else dgu.to(gu.dtype)
+    d_gi = None if gi is None else dgi.to(gi.dtype)
+    return (da.to(a.dtype), dc.to(c.dtype), d_gu, d_gi, d_weights, d_biases,
+            dwo[: widths[-1]].to(w_out.dtype), dbo.reshape(b_out.shape).to(b_out.dtype))
+
+
+# --- PyTorch operators -----------------------------------------------------------------
+
+
+@torch.library.custom_op("rankfast::mlp_score", mutates_args=())
+def _mlp_score_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu: torch.Tensor | None,
+                  gi: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                  w_out: torch.Tensor, b_out: torch.Tensor, activation: str, precision: str) -> torch.Tensor:
+    return _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
+
+
+@_mlp_score_op.register_fake
+def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    n = c.shape[0] if idx is None else idx.shape[-1]
+    return a.new_empty(a.shape[0], n)
+
+
+@torch.library.custom_op("rankfast::mlp_score_backward", mutates_args=())
+def _mlp_score_backward_op(grad: torch.Tensor, a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None,
+                           gu: torch.Tensor | None, gi: torch.Tensor | None, weights: list[torch.Tensor],
+                           biases: list[torch.Tensor], w_out: torch.Tensor, b_out: torch.Tensor, activation: str,
+                           precision: str) -> list[torch.Tensor]:
+    da, dc, dgu, dgi, dws, dbs, dwo, dbo = _mlp_backward_impl(
+        grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
+    return [da, dc, a.new_empty(0) if dgu is None else dgu, a.new_empty(0) if dgi is None else dgi, dwo, dbo,
+            *dws, *dbs]
+
+
+@_mlp_score_backward_op.register_fake
+def _(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    return [torch.empty_like(a), torch.empty_like(c), a.new_empty(0) if gu is None else torch.empty_like(gu),
+            a.new_empty(0) if gi is None else torch.empty_like(gi), torch.empty_like(w_out), torch.empty_like(b_out),
+            *[torch.empty_like(w) for w in weights], *[torch.empty_like(b) for b in biases]]
+
+
+def _setup_context(ctx, inputs, output):
+    a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision = inputs
+    ctx.save_for_backward(a, c, idx, gu, gi, w_out, b_out, *weights, *biases)
+    ctx.num_layers = len(weights)
+    ctx.activation, ctx.precision = activation, precision
+
+
+def _backward(ctx, grad):
+    a, c, idx, gu, gi, w_out, b_out, *rest = ctx.saved_tensors
+    nw = ctx.num_layers
+    weights, biases = rest[:nw], rest[nw:]
+    outs = torch.ops.rankfast.mlp_score_backward(grad, a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
+                                                 ctx.activation, ctx.precision)
+    da, dc, dgu, dgi, dwo, dbo = outs[:6]
+    dws, dbs = outs[6:6 + nw], outs[6 + nw:]
+    return (da, dc, None, None if gu is None else dgu, None if gi is None else dgi, list(dws), list(dbs), dwo, dbo,
+            None, None)
+
+
+_mlp_score_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out, b_out, activation="relu",
+              precision="tf32"):
+    """Fused scores ``[B, N]`` of ``act(a_u + c_i)`` through the rest of an MLP.
+
+    Args:
+        a: ``[B, H1]`` user terms of the first layer, its bias included.
+        c: ``[M, H1]`` item terms of the first layer.
+        idx: ``None`` (candidates are the rows of ``c``, N = M), ``[N]``
+            shared candidate rows of ``c``, or ``[B, N]`` per-user rows.
+        gu, gi: NeuMF's GMF vectors ``[B, G]`` (already multiplied by the
+            output layer's GMF weights) and ``[M, G]``; score += <gu_b, gi_i>.
+        weights, biases: the hidden layers after the first, ``nn.Linear``
+            layout (``[out, in]``, ``[out]``); 0 to 3 of them. Every hidden
+            layer is activated.
+        w_out, b_out: the output layer, ``[H_last]`` and one element.
+        activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
+        precision: fp32 dots as ``"tf32"`` (tensor cores) or ``"ieee"``.
+
+    Differentiable with respect to every tensor but ``idx``.
+    """
+    return torch.ops.rankfast.mlp_score(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, activation,
+                                        precision)
+
+
+# --- models --------------------------------------------------------------------------
+
+
+def _model_parts(model):
+    """``(user_side(users) -> (a, gu), item_side(ids) -> (c, gi), weights, biases, w_out, b_out, activation)``."""
+    from rankfast.models.mlp import MLPModel
+    from rankfast.models.neumf import NeuMF
+
+    if isinstance(model, NeuMF):
+        d = model.config.dim
+        first = model.branch.linears[0]
+        w_u, w_i = first.weight.chunk(2, dim=1)
+        w_gmf, w_mlp = model.output.weight[0, :d], model.output.weight[0, d:]
+
+        def user_side(users):
+            gmf, mlp = model.user_repr(users).chunk(2, dim=-1)
+            return torch.nn.functional.linear(mlp, w_u, first.bias), gmf * w_gmf
+
+        def item_side(ids):
+            gmf, mlp = model.item_repr(ids).chunk(2, dim=-1)
+            return torch.nn.functional.linear(mlp, w_i), gmf
+
+        rest = model.branch.linears[1:]
+        return (user_side, item_side, [m.weight for m in rest], [m.bias for m in rest], w_mlp, model.output.bias,
+                model.config.activation, model.config.dropout)
+    if isinstance(model, MLPModel):
+        if not model.config.hidden:
+            raise ValueError("model: an MLPModel without hidden layers has no pair activations to fuse")
+        first = model.tower.linears[0]
+        w_u, w_i = first.weight.chunk(2, dim=1)
+
+        def user_side(users):
+            return torch.nn.functional.linear(model.user_repr(users), w_u, first.bias), None
+
+        def item_side(ids):
+            return torch.nn.functional.linear(model.item_repr(ids), w_i), None
+
+        mid = model.tower.linears[1:-1]
+        last = model.tower.linears[-1]
+        return (user_side, item_side, [m.weight for m in mid], [m.bias for m in mid], last.weight[0], last.bias,
+                model.config.activation, model.config.dropout)
+    raise TypeError(f"model: fused MLP scoring takes an MLPModel or NeuMF, got {type(model).__name__}")
+
+
+def supports(model) -> bool:
+    """Whether :func:`model_scores` can run ``model`` (type, depth and widths)."""
+    try:
+        _, _, weights, _, _, _, _, _ = _model_parts(model)
+    except (TypeError, ValueError):
+        return False
+    cfg = model.config
+    return len(weights) + 1 <= MAX_LAYERS and max(cfg.hidden) <= MAX_WIDTH and cfg.dim <= MAX_WIDTH
+
+
+def _check_training(model, dropout):
+    if model.training and dropout > 0 and torch.is_grad_enabled():
+        raise ValueError("model: the fused kernels have no dropout; call model.eval() or use the reference path")
+
+
+def model_scores(model, users, items=None, *, precision="tf32"):
+    """Scores ``[B, N]`` of ``users [B]`` against ``items``: ``None`` (every
+    item), shared ``[N]`` or per-user ``[B, N]``; differentiable."""
+    user_side, item_side, weights, biases, w_out, b_out, activation, dropout = _model_parts(model)
+    _check_training(model, dropout)
+    a, gu = user_side(users)
+    if items is None:
+        items = torch.arange(model.config.num_items, device=users.device)
+    if items.dim() == 1:
+        c, gi = item_side(items)
+        idx = None
+    else:
+        b, n = items.shape
+        if b * n >= model.config.num_items:
+            # Item terms for the whole table, indexed per pair.
+            c, gi = item_side(torch.arange(model.config.num_items, device=items.device))
+            idx = items
+        else:
+            c, gi = item_side(items.reshape(-1))
+            idx = torch.arange(b * n, device=items.device).view(b, n)
+    return mlp_score(a, c, idx, gu=gu, gi=gi, weights=weights, biases=biases, w_out=w_out, b_out=b_out,
+                     activation=activation, precision=precision)
+
+
+def pair_scores(model, users, items, *, precision="tf32"):
+    """Scores ``[B]`` of aligned pairs ``(users[b], items[b])``: the model's
+    ``forward`` through the fused kernels (training)."""
+    return model_scores(model, users, items.reshape(-1, 1), precision=precision).squeeze(-1)

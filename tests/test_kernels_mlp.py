@@ -1,0 +1,240 @@
+"""Fused MLP scoring kernels (kernels/mlp_score.py) against the float64 reference models.
+
+Runs under TRITON_INTERPRET=1 on a CPU (tiny sizes) and unchanged on a GPU.
+Shapes are deliberately awkward: B and N not multiples of the tile, one
+candidate, widths that are not powers of two.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from rankfast.kernels import mlp_score as ms
+from rankfast.models import MLPConfig, MLPModel, NeuMF, NeuMFConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUM_USERS, NUM_ITEMS, DIM = 9, 41, 12
+
+
+def rel_err(got, expected):
+    return float((got.detach().double() - expected.detach()).norm() / expected.detach().norm())
+
+
+def make(kind, hidden, activation="relu", seed=0, **kw):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=hidden, activation=activation), **kw)
+    else:
+        model = NeuMF(NeuMFConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=hidden, activation=activation), **kw)
+    for p in model.parameters():  # non-zero biases everywhere, so padding mistakes show
+        with torch.no_grad():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.to(DEVICE)
+
+
+def reference(model64, users, items):
+    """The model's own forward over expanded aligned pairs (float64)."""
+    b = users.shape[0]
+    if items.dim() == 1:
+        items = items.expand(b, -1)
+    n = items.shape[1]
+    return model64(users[:, None].expand(b, n).reshape(-1), items.reshape(-1).to(users.device)).view(b, n)
+
+
+def candidates(kind, b, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "shared":
+        return torch.randperm(NUM_ITEMS, generator=g)[:n].to(DEVICE)
+    return torch.randint(0, NUM_ITEMS, (b, n), generator=g).to(DEVICE)
+
+
+CASES = [
+    ("mlp", (40,), "relu"),
+    ("mlp", (40, 24), "gelu"),
+    ("mlp", (33, 24, 20), "silu"),
+    ("mlp", (40, 24, 20, 17), "relu"),
+    ("neumf", (30,), "relu"),
+    ("neumf", (30, 20), "silu"),
+]
+
+
+@pytest.mark.parametrize("kind,hidden,activation", CASES)
+@pytest.mark.parametrize("cand", ["shared", "per_user"])
+def test_forward_and_gradients_match_float64_reference(kind, hidden, activation, cand):
+    model = make(kind, hidden, activation)
+    model64 = copy.deepcopy(model).double()
+    users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
+    items = candidates(cand, 5, 37 if cand == "shared" else 13)
+
+    got = ms.model_scores(model, users, items, precision="ieee")
+    expected = reference(model64, users, items)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-4
+
+    weight = torch.randn(expected.shape, dtype=torch.float64, device=DEVICE)
+    (got * weight.float()).sum().backward()
+    (expected * weight).sum().backward()
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        assert p.grad is not None, name
+        assert rel_err(p.grad, p64.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("b,n", [(1, 1), (3, 1), (1, 5)])
+def test_tiny_shapes(b, n):
+    model = make("mlp", (20, 18), "gelu")
+    model64 = copy.deepcopy(model).double()
+    users = torch.arange(b, device=DEVICE)
+    for items in (candidates("shared", b, n), candidates("per_user", b, n)):
+        got = ms.model_scores(model, users, items, precision="ieee")
+        assert rel_err(got, reference(model64, users, items)) < 1e-4
+
+
+def test_every_item_and_per_user_table_path():
+    """items=None scores every item; per-user candidates with B*N >= M index the whole item table."""
+    model = make("neumf", (24, 16), "relu")
+    model64 = copy.deepcopy(model).double()
+    users = torch.tensor([4, 4, 0], device=DEVICE)  # a repeated user
+    got = ms.model_scores(model, users, precision="ieee")
+    assert rel_err(got, reference(model64, users, torch.arange(NUM_ITEMS, device=DEVICE))) < 1e-4
+    items = candidates("per_user", 3, 20)  # 60 >= 41 items: the table path
+    got = ms.model_scores(model, users, items, precision="ieee")
+    expected = reference(model64, users, items)
+    assert rel_err(got, expected) < 1e-4
+    got.sum().backward()
+    expected.sum().backward()
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        assert rel_err(p.grad, p64.grad) < 1e-4, name
+
+
+def test_aligned_pairs_with_feature_representations():
+    """Training path: aligned (user, item) pairs, item side given by features through a projection."""
+    torch.manual_seed(3)
+    features = torch.randn(NUM_ITEMS, 7)
+    model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(30, 20), item_feature_dim=7),
+                     item_features=features).to(DEVICE)
+    model64 = copy.deepcopy(model).double()
+    users = torch.randint(0, NUM_USERS, (19,), device=DEVICE)
+    items = torch.randint(0, NUM_ITEMS, (19,), device=DEVICE)
+    got = ms.pair_scores(model, users, items, precision="ieee")
+    expected = model64(users, items)
+    assert got.shape == (19,) and rel_err(got, expected) < 1e-4
+    torch.nn.functional.binary_cross_entropy_with_logits(got, (items % 2).float()).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(expected, (items % 2).double()).backward()
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        assert rel_err(p.grad, p64.grad) < 1e-4, name
+    assert model.item_repr.projection.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["mlp", "neumf"])
+def test_half_precision_within_design_tolerance(dtype, kind):
+    """Scores within 2e-2 of float64. Gradients: the eager model in the same
+    dtype is itself off by up to ~4e-2 here (its embedding gradients sum many
+    low-precision products), so each gradient must be within 2e-2 or within
+    1.5x the eager half-precision model's own error, whichever is larger."""
+    model = make(kind, (40, 24), "relu")
+    model64 = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(dtype)
+    eager = copy.deepcopy(low)
+    users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
+    items = candidates("shared", 5, 37)
+    got = ms.model_scores(low, users, items)
+    assert got.dtype == dtype
+    assert rel_err(got, reference(model64, users, items)) < 2e-2
+    got.float().sum().backward()
+    reference(eager, users, items).float().sum().backward()
+    reference(model64, users, items).sum().backward()
+    params = zip(low.named_parameters(), eager.parameters(), model64.parameters())
+    for (name, p), p_eager, p64 in params:
+        assert rel_err(p.grad, p64.grad) < max(2e-2, 1.5 * rel_err(p_eager.grad, p64.grad)), name
+
+
+def test_tf32_default_within_design_tolerance():
+    model = make("mlp", (40, 24), "relu")
+    model64 = copy.deepcopy(model).double()
+    users = torch.tensor([0, 3, 8], device=DEVICE)
+    items = candidates("shared", 3, 30)
+    assert rel_err(ms.model_scores(model, users, items), reference(model64, users, items)) < 1e-3
+
+
+def test_op_level_inputs_are_checked():
+    a = torch.randn(3, 20, device=DEVICE)
+    c = torch.randn(5, 20, device=DEVICE)
+    w_out, b_out = torch.randn(20, device=DEVICE), torch.zeros(1, device=DEVICE)
+    with pytest.raises(ValueError, match="idx"):
+        ms.mlp_score(a, c, torch.tensor([0, 5], device=DEVICE), w_out=w_out, b_out=b_out)
+    with pytest.raises(ValueError, match="idx"):
+        ms.mlp_score(a, c, torch.zeros(2, 4, dtype=torch.long, device=DEVICE), w_out=w_out, b_out=b_out)
+    with pytest.raises(TypeError, match="c"):
+        ms.mlp_score(a, c.double(), w_out=w_out, b_out=b_out)
+    with pytest.raises(ValueError, match="w_out"):
+        ms.mlp_score(a, c, w_out=torch.randn(7, device=DEVICE), b_out=b_out)
+    with pytest.raises(ValueError, match="activation"):
+        ms.mlp_score(a, c, w_out=w_out, b_out=b_out, activation="tanh")
+    with pytest.raises(ValueError, match="widths"):
+        big = torch.randn(600, 20, device=DEVICE)
+        ms.mlp_score(a, c, weights=[big], biases=[torch.zeros(600, device=DEVICE)],
+                     w_out=torch.randn(600, device=DEVICE), b_out=b_out)
+    with pytest.raises(TypeError, match="MLPModel or NeuMF"):
+        ms.model_scores(torch.nn.Linear(2, 2), torch.tensor([0]))
+    assert not ms.supports(MLPModel(MLPConfig(3, 3, 4, hidden=())))
+    assert not ms.supports(MLPModel(MLPConfig(3, 3, 4, hidden=(8, 8, 8, 8, 8))))
+    assert ms.supports(make("neumf", (24, 16)))
+
+
+def test_op_matches_its_fake_and_traces_without_graph_breaks():
+    """torch.library.opcheck (schema, fake, autograd registration), then
+    torch.compile(fullgraph=True) and torch.export through the op."""
+    model = make("neumf", (24, 16), "relu")
+    users = torch.tensor([0, 3, 8], device=DEVICE)
+    items = candidates("shared", 3, 11)
+    a, gu = model.user_repr(users).chunk(2, dim=-1)
+    first = model.branch.linears[0]
+    w_u, w_i = first.weight.chunk(2, dim=1)
+    gmf_i, mlp_i = model.item_repr(items).chunk(2, dim=-1)
+    args = (torch.nn.functional.linear(a, w_u, first.bias).detach().requires_grad_(),
+            torch.nn.functional.linear(mlp_i, w_i).detach().requires_grad_(), None,
+            (gu * model.output.weight[0, :DIM]).detach().requires_grad_(), gmf_i.detach().requires_grad_(),
+            [model.branch.linears[1].weight.detach().requires_grad_()],
+            [model.branch.linears[1].bias.detach().requires_grad_()],
+            model.output.weight[0, DIM:].detach().requires_grad_(), model.output.bias.detach().requires_grad_(),
+            "relu", "ieee")
+    torch.library.opcheck(torch.ops.rankfast.mlp_score.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, users, items):
+            return ms.model_scores(self.model, users, items, precision="ieee")
+
+    scorer = Scorer()
+    expected = scorer(users, items).detach()
+    compiled = torch.compile(scorer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(users, items), expected)
+    exported = torch.export.export(scorer, (users, items))
+    assert any("rankfast.mlp_score" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(users, items), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_compile_forward_and_backward_on_gpu(dtype):
+    model = make("mlp", (256, 128), "relu").to(dtype)
+    users = torch.arange(NUM_USERS, device=DEVICE)
+    items = torch.arange(NUM_ITEMS, device=DEVICE)
+
+    def step(users, items):
+        return ms.model_scores(model, users, items).float().square().mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(users, items)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    step(users, items).backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=1e-3)
