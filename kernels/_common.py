@@ -75,7 +75,7 @@ def check_device(name: str, t: torch.Tensor, device: torch.device):
 def check_index(name: str, idx: torch.Tensor, high: int):
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64 ids, got {idx.dtype}")
-    if idx.numel() and not idx.is_cuda:  # a range check on CUDA would synchronize
+    if idx.numel() and not idx.is_cuda and not torch.compiler.is_compiling():  # on CUDA: a sync
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= high:
             raise ValueError(f"{name}: id out of range [0, {high}): found {lo if lo < 0 else hi}")
@@ -126,3 +126,14 @@ def dot(a, b, acc=None, PREC: tl.constexpr = "tf32"):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PREC)
+
+
+def check_ids(name: str, ids: torch.Tensor, high: int, *, low: int = 0):
+    """Model-level check of id/length tensors (one device sync on a GPU; skipped while tracing)."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer ids, got {ids.dtype}")
+    if torch.compiler.is_compiling() or not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < low or hi >= high:
+        raise ValueError(f"{name}: values must lie in [{low}, {high}), got [{lo}, {hi}]")

@@ -43,6 +43,7 @@ from rankfast.kernels._common import (
     check_activation,
     check_device,
     check_dtype,
+    check_ids,
     check_index,
     check_precision,
     pad_width,
@@ -102,16 +103,22 @@ def _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _z1(a_row, c_row, rmask, cj, H1):
-    """First-layer pre-activations of the tile's pairs for units ``cj``: ``A_u + C_i`` in fp32."""
+def _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P: tl.constexpr, HAS_POOL: tl.constexpr, PREC: tl.constexpr):
+    """First-layer pre-activations of the tile's pairs for units ``cj``: ``A_u + C_i`` in fp32
+    (plus, for target attention, the pooled history's term ``pooled @ WP[:, cj]``)."""
     m = rmask[:, None] & (cj[None, :] < H1)
     a = tl.load(a_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
     c = tl.load(c_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
-    return a + c
+    z = a + c
+    if HAS_POOL:
+        dd = tl.arange(0, pooled.shape[1])
+        wp = tl.load(WP + dd[:, None] * H1P + cj[None, :])
+        z = dot(pooled.to(wp.dtype), wp, z, PREC=PREC)
+    return z
 
 
 @triton.jit
-def _h2(a_row, c_row, rmask, H1, W2, B2,
+def _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2,
         H1P: tl.constexpr, H2P: tl.constexpr, BJ1: tl.constexpr, BLOCK_P: tl.constexpr,
         ACT: tl.constexpr, PREC: tl.constexpr):
     """Second hidden layer at full width: ``(z2, act(z2))``, ``[BLOCK_P, H2P]`` fp32."""
@@ -119,7 +126,7 @@ def _h2(a_row, c_row, rmask, H1, W2, B2,
     acc = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
     for j in range(0, H1P, BJ1):
         cj = j + tl.arange(0, BJ1)
-        a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1), ACT)
+        a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC), ACT)
         w = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
         acc = dot(a1.to(w.dtype), w, acc, PREC=PREC)
     z2 = acc + tl.load(B2 + c2)[None, :]
@@ -127,7 +134,7 @@ def _h2(a_row, c_row, rmask, H1, W2, B2,
 
 
 @triton.jit
-def _mlp_pairs(a_row, c_row, rmask, H1, W2, B2, W3, B3, W4, B4, WO,
+def _mlp_pairs(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2, W3, B3, W4, B4, WO,
                NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
                BJ1: tl.constexpr, BJ3: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
     """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32."""
@@ -135,10 +142,10 @@ def _mlp_pairs(a_row, c_row, rmask, H1, W2, B2, W3, B3, W4, B4, WO,
     if NL == 1:
         for j in range(0, H1P, BJ1):
             cj = j + tl.arange(0, BJ1)
-            a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1), ACT)
+            a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC), ACT)
             score += tl.sum(a1 * tl.load(WO + cj)[None, :], axis=1)
     else:
-        z2, h2 = _h2(a_row, c_row, rmask, H1, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        z2, h2 = _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
         c2 = tl.arange(0, H2P)
         if NL == 2:
             score = tl.sum(h2 * tl.load(WO + c2)[None, :], axis=1)
@@ -183,7 +190,7 @@ def _mlp_fwd_kernel(
 ):
     pid = tl.program_id(0)
     _, _, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-    score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, rmask, H1, W2, B2, W3, B3, W4, B4, WO,
+    score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, rmask, H1, 0.0, WO, False, W2, B2, W3, B3, W4, B4, WO,
                        NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_P, ACT, PREC)
     if HAS_GMF:
         gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
@@ -252,7 +259,7 @@ def _mlp_bwd_kernel(
 
     c2 = tl.arange(0, H2P)
     if NL >= 2:
-        z2, h2 = _h2(a_row, c_row, rmask, H1, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        z2, h2 = _h2(a_row, c_row, rmask, H1, 0.0, WO, False, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
         if NL == 2:
             wo = tl.load(WO + c2)
             tl.atomic_add(DWO + c2, tl.sum(h2 * go[:, None], axis=0))
@@ -300,7 +307,7 @@ def _mlp_bwd_kernel(
 
     for j in range(0, H1P, BJ1):
         cj = j + tl.arange(0, BJ1)
-        z1 = _z1(a_row, c_row, rmask, cj, H1)
+        z1 = _z1(a_row, c_row, rmask, cj, H1, 0.0, WO, H1P, False, PREC)
         a1 = act_fn(z1, ACT)
         if NL == 1:
             tl.atomic_add(DWO + cj, tl.sum(a1 * go[:, None], axis=0))
@@ -611,6 +618,9 @@ def model_scores(model, users, items=None, *, precision="tf32"):
     item), shared ``[N]`` or per-user ``[B, N]``; differentiable."""
     user_side, item_side, weights, biases, w_out, b_out, activation, dropout = _model_parts(model)
     _check_training(model, dropout)
+    check_ids("users", users, model.config.num_users)
+    if items is not None:
+        check_ids("items", items, model.config.num_items)
     a, gu = user_side(users)
     if items is None:
         items = torch.arange(model.config.num_items, device=users.device)

@@ -1,0 +1,434 @@
+"""Fused target-attention scoring (AttentionModel, DIN and "dot" kinds): forward.
+
+Per user row and tile of ``BLOCK_N`` candidates, one program:
+
+1. walks the user's valid history (``lengths[b]`` items) in blocks of
+   ``BLOCK_L``. DIN's activation unit over ``[h, q, h-q, h*q]`` splits as
+   ``(Wh + Wd) h + (Wq - Wd) q + Wx (h*q)``: the history term ``HT [B, L, A1]``
+   (unit bias included) and candidate term ``QT [M, A1]`` come precomputed,
+   only ``(h*q) @ Wx^T`` runs per (pair, history item), on ``tl.dot`` over
+   the flattened ``[BLOCK_N * BLOCK_L, D]`` tile, followed by the unit's other
+   layers. The "dot" kind uses ``<h, q> * scale``.
+2. pools the history with a masked softmax computed online (running max,
+   denominator and weighted sum, as in flash attention), or with the raw
+   masked logits as weights (DIN's ``normalize=False``). An empty history
+   pools to zero.
+3. runs the output MLP on ``[E_u; pooled; E_q]`` in the same pass, its first
+   layer split as ``A_u + CQ_q + pooled @ Wp^T`` (see ``kernels/mlp_score.py``).
+
+Nothing per pair or per (pair, history item) reaches global memory. There is
+no backward kernel yet: the op raises if a gradient is requested (training
+takes the reference model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from rankfast.kernels._common import (
+    INTERPRET,
+    MAX_WIDTH,
+    act_fn,
+    check_activation,
+    check_device,
+    check_dtype,
+    check_ids,
+    check_index,
+    check_precision,
+    dot,
+    pad_width,
+    padded_t,
+    padded_vec,
+)
+from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key
+
+KINDS = {"din": 0, "dot": 1}
+MAX_UNIT_LAYERS = 3
+
+
+def _configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=s)
+        for bn, bl in ((16, 16), (32, 16), (16, 32), (32, 32))
+        for bj in (32, 64)
+        for w in (4, 8)
+        for s in (2,)
+    ]
+
+
+@triton.jit
+def _unit_logits(q32, h, HT, ht_row, lmask, QT_tile, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+                 A1, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+    """DIN activation unit for every (candidate, history item) of the block: ``[BLOCK_N, BLOCK_L]`` fp32."""
+    dd = tl.arange(0, DP)
+    ca = tl.arange(0, A1P)
+    wx = tl.load(WX + dd[:, None] * A1P + ca[None, :])
+    x = tl.reshape(q32[:, None, :] * h[None, :, :], (BLOCK_N * BLOCK_L, DP))
+    ht = tl.load(ht_row[:, None] + ca[None, :], mask=lmask[:, None] & (ca[None, :] < A1), other=0.0).to(tl.float32)
+    base = tl.reshape(QT_tile[:, None, :] + ht[None, :, :], (BLOCK_N * BLOCK_L, A1P))
+    a = act_fn(dot(x.to(wx.dtype), wx, base, PREC=PREC), ACT)
+    if NU >= 2:
+        c2 = tl.arange(0, A2P)
+        w2 = tl.load(UW2 + ca[:, None] * A2P + c2[None, :])
+        a = act_fn(dot(a.to(w2.dtype), w2, PREC=PREC) + tl.load(UB2 + c2)[None, :], ACT)
+        if NU == 3:
+            c3 = tl.arange(0, A3P)
+            w3 = tl.load(UW3 + c2[:, None] * A3P + c3[None, :])
+            a = act_fn(dot(a.to(w3.dtype), w3, PREC=PREC) + tl.load(UB3 + c3)[None, :], ACT)
+            wo = tl.load(UWO + c3)
+        else:
+            wo = tl.load(UWO + c2)
+    else:
+        wo = tl.load(UWO + ca)
+    logit = tl.sum(a * wo[None, :], axis=1)
+    return tl.reshape(logit, (BLOCK_N, BLOCK_L)) + tl.load(UBO).to(tl.float32)
+
+
+@triton.jit
+def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+          D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
+          KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr,
+          A2P: tl.constexpr, A3P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+          ACT: tl.constexpr, PREC: tl.constexpr):
+    """The pooled history of user ``b`` for each candidate of the tile: ``[BLOCK_N, DP]`` fp32."""
+    dd = tl.arange(0, DP)
+    dmask = dd < D
+    q = tl.load(Q + n_item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    q32 = q.to(tl.float32)
+    if KIND == 0:
+        ca = tl.arange(0, A1P)
+        qt = tl.load(QT + n_item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1),
+                     other=0.0).to(tl.float32)
+    length = tl.load(LENS + b).to(tl.int32)
+    acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b64 = b.to(tl.int64)
+    for l0 in range(0, length, BLOCK_L):
+        ll = l0 + tl.arange(0, BLOCK_L)
+        lmask = ll < length
+        h_raw = tl.load(HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
+                        mask=lmask[:, None] & dmask[None, :], other=0.0)
+        h = h_raw.to(tl.float32)
+        if KIND == 0:
+            ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
+            logit = _unit_logits(q32, h, HT, ht_row, lmask, qt, WX, UW2, UB2, UW3, UB3, UWO, UBO, A1,
+                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+        else:
+            logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
+        if NORMALIZE:
+            logit = tl.where(lmask[None, :], logit, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logit, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(logit - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = dot(p.to(h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
+            m = m_new
+        else:
+            w = tl.where(lmask[None, :], logit, 0.0)
+            acc = dot(w.to(h_raw.dtype), h_raw, acc, PREC=PREC)
+    if NORMALIZE:
+        acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
+                                           "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX"])
+@triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
+@triton.jit
+def _attn_fwd_kernel(
+    HIST, HT, LENS, Q, QT, CQ, IDX,
+    WX, UW2, UB2, UW3, UB3, UWO, UBO,
+    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, OUT,
+    B, N, D, A1, H1, scale,
+    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
+    stride_ib, stride_in, stride_ob, N_KEY,
+    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
+    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    b = pid // num_n
+    n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    b64 = b.to(tl.int64)
+    if HAS_IDX:
+        item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
+    else:
+        item = n.to(tl.int64)
+    pooled = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+                   D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
+                   KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
+    score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
+                       NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_N, ACT, PREC)
+    score += tl.load(BO).to(tl.float32)
+    tl.store(OUT + b64 * stride_ob + n, score.to(OUT.dtype.element_ty), mask=nmask)
+
+
+# --- host side -----------------------------------------------------------------------
+
+
+def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+             a, wp, weights, biases, w_out, b_out, kind, activation, precision):
+    """Checks the op's inputs; returns the launch constants and padded weights."""
+    act = check_activation(activation)
+    check_precision(precision)
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
+    check_dtype("hist", hist)
+    dtype, device = hist.dtype, hist.device
+    if hist.dim() != 3:
+        raise ValueError(f"hist: expected [B, L, D], got {tuple(hist.shape)}")
+    B, L, D = hist.shape
+    if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths: expected int [B={B}], got {tuple(lengths.shape)} {lengths.dtype}")
+    check_device("lengths", lengths, device)
+    if not lengths.is_cuda and not torch.compiler.is_compiling() and lengths.numel() \
+            and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+        raise ValueError(f"lengths: each must lie in [0, L={L}], got [{int(lengths.min())}, {int(lengths.max())}]")
+    if q.dim() != 2 or q.shape[1] != D:
+        raise ValueError(f"q: expected [M, D={D}], got {tuple(q.shape)}")
+    if a.dim() != 2 or cq.dim() != 2 or a.shape[0] != B or cq.shape[0] != q.shape[0] or a.shape[1] != cq.shape[1]:
+        raise ValueError(f"a, cq: expected [B={B}, H1] and [M={q.shape[0]}, H1], got {tuple(a.shape)}, {tuple(cq.shape)}")
+    if wp.shape != (a.shape[1], D):
+        raise ValueError(f"wp: expected [H1={a.shape[1]}, D={D}], got {tuple(wp.shape)}")
+    for name, t in (("q", q), ("cq", cq), ("a", a)):
+        check_dtype(name, t, dtype)
+        check_device(name, t, device)
+    if idx is not None:
+        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != B):
+            raise ValueError(f"idx: expected [N] or [B={B}, N], got {tuple(idx.shape)}")
+        check_device("idx", idx, device)
+        check_index("idx", idx, q.shape[0])
+    if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
+        raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} output-MLP layers after the first, one bias each")
+    widths = [a.shape[1]]
+    for i, (w, bb) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != widths[-1] or bb.shape != (w.shape[0],):
+            raise ValueError(f"weights[{i}]: expected [H, {widths[-1]}] with bias [H], got {tuple(w.shape)}")
+        widths.append(w.shape[0])
+    if max(widths) > MAX_WIDTH or D > MAX_WIDTH:
+        raise ValueError(f"weights: widths up to {MAX_WIDTH} are supported, got {widths} (D={D})")
+    if w_out.shape != (widths[-1],) or b_out.numel() != 1:
+        raise ValueError(f"w_out, b_out: expected [{widths[-1]}] and one element, got {tuple(w_out.shape)}, {tuple(b_out.shape)}")
+
+    k = {}
+    k["dp"] = pad_width(D)
+    pads = [pad_width(w) for w in widths] + [16] * (MAX_LAYERS - len(widths))
+    k["pads"] = pads
+    k["nl"] = len(widths)
+    dummy_w = hist.new_zeros(16, dtype=dtype)
+    dummy = hist.new_zeros(16, dtype=torch.float32)
+    tail_w = [padded_t(w, pads[i], pads[i + 1], dtype) for i, w in enumerate(weights)]
+    tail_b = [padded_vec(bb, pads[i + 1], like=hist) for i, bb in enumerate(biases)]
+    k["w"] = tail_w + [dummy_w] * (MAX_LAYERS - 1 - len(tail_w))
+    k["b"] = tail_b + [dummy] * (MAX_LAYERS - 1 - len(tail_b))
+    k["wo"] = padded_vec(w_out, pads[len(widths) - 1], like=hist)
+    k["wp"] = padded_t(wp, k["dp"], pads[0], dtype)
+    if kind == "din":
+        if wx is None or qt is None or ht is None or unit_w_out is None or unit_b_out is None:
+            raise ValueError("wx, ht, qt, unit_w_out, unit_b_out: required for kind='din'")
+        a1 = wx.shape[0]
+        if wx.shape != (a1, D) or ht.shape != (B, L, a1) or qt.shape != (q.shape[0], a1):
+            raise ValueError(f"wx, ht, qt: expected [A1, D={D}], [B, L, A1], [M, A1], got "
+                             f"{tuple(wx.shape)}, {tuple(ht.shape)}, {tuple(qt.shape)}")
+        check_dtype("ht", ht, dtype)
+        check_dtype("qt", qt, dtype)
+        uwidths = [a1]
+        for i, (w, bb) in enumerate(zip(unit_weights, unit_biases)):
+            if w.dim() != 2 or w.shape[1] != uwidths[-1] or bb.shape != (w.shape[0],):
+                raise ValueError(f"unit_weights[{i}]: expected [A, {uwidths[-1]}] with bias [A], got {tuple(w.shape)}")
+            uwidths.append(w.shape[0])
+        if len(unit_biases) != len(unit_weights) or len(uwidths) > MAX_UNIT_LAYERS or max(uwidths) > MAX_WIDTH:
+            raise ValueError(f"unit_weights: 1..{MAX_UNIT_LAYERS} unit layers of width <= {MAX_WIDTH}, got {uwidths}")
+        if unit_w_out.shape != (uwidths[-1],):
+            raise ValueError(f"unit_w_out: expected [{uwidths[-1]}], got {tuple(unit_w_out.shape)}")
+        upads = [pad_width(w) for w in uwidths] + [16] * (MAX_UNIT_LAYERS - len(uwidths))
+        uw = [padded_t(w, upads[i], upads[i + 1], dtype) for i, w in enumerate(unit_weights)]
+        ub = [padded_vec(bb, upads[i + 1], like=hist) for i, bb in enumerate(unit_biases)]
+        k["uw"] = uw + [dummy_w] * (MAX_UNIT_LAYERS - 1 - len(uw))
+        k["ub"] = ub + [dummy] * (MAX_UNIT_LAYERS - 1 - len(ub))
+        k["uwo"] = padded_vec(unit_w_out, upads[len(uwidths) - 1], like=hist)
+        k["ubo"] = unit_b_out.detach().reshape(1).float()
+        k["wx"] = padded_t(wx, k["dp"], upads[0], dtype)
+        k["a1"], k["nu"], k["upads"] = a1, len(uwidths), upads
+    else:
+        k["uw"], k["ub"], k["uwo"], k["ubo"], k["wx"] = [dummy_w] * 2, [dummy] * 2, dummy, dummy, dummy_w
+        k["a1"], k["nu"], k["upads"] = 0, 1, [16] * MAX_UNIT_LAYERS
+    k["act"] = act
+    return k
+
+
+def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                           a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
+    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+    B, L, D = hist.shape
+    N = q.shape[0] if idx is None else idx.shape[-1]
+    out = torch.empty(B, N, dtype=hist.dtype, device=hist.device)
+    if B == 0 or N == 0:
+        return out
+    hist = hist.contiguous() if L else hist.new_zeros(B, 1, D)
+    if kind == "din":
+        ht = ht.contiguous() if L else ht.new_zeros(B, 1, k["a1"])
+        qt = qt.contiguous()
+    else:
+        ht, qt = hist, q
+    q, cq, a = q.contiguous(), cq.contiguous(), a.contiguous()
+    if idx is None:
+        idx_t, sib, sin = lengths, 0, 0
+    else:
+        idx_t, sib, sin = idx, (0 if idx.dim() == 1 else idx.stride(0)), idx.stride(-1)
+    bo = b_out.detach().reshape(1).float()
+
+    def grid(meta):
+        return (B * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    p = k["pads"]
+    up = k["upads"]
+    _attn_fwd_kernel[grid](
+        hist, ht, lengths, q, qt, cq, idx_t,
+        k["wx"], k["uw"][0], k["ub"][0], k["uw"][1], k["ub"][1], k["uwo"], k["ubo"],
+        a, k["wp"], k["w"][0], k["b"][0], k["w"][1], k["b"][1], k["w"][2], k["b"][2], k["wo"], bo, out,
+        B, N, D, k["a1"], a.shape[1], float(scale),
+        hist.stride(0), hist.stride(1), ht.stride(0), ht.stride(1), q.stride(0), qt.stride(0), cq.stride(0),
+        a.stride(0), sib, sin, out.stride(0), _n_key(N),
+        KIND=KINDS[kind], NORMALIZE=bool(normalize), NU=k["nu"], DP=k["dp"], A1P=up[0], A2P=up[1], A3P=up[2],
+        NL=k["nl"], H1P=p[0], H2P=p[1], H3P=p[2], H4P=p[3], ACT=k["act"], HAS_IDX=idx is not None, PREC=precision,
+    )
+    return out
+
+
+# --- PyTorch operator ------------------------------------------------------------------
+
+
+@torch.library.custom_op("rankfast::target_attention_score", mutates_args=())
+def _target_attention_op(
+    hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor, qt: torch.Tensor | None,
+    cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None, unit_weights: list[torch.Tensor],
+    unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None, unit_b_out: torch.Tensor | None,
+    a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
+    b_out: torch.Tensor, kind: str, normalize: bool, scale: float, activation: str, precision: str,
+) -> torch.Tensor:
+    return _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
+                                  unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale,
+                                  activation, precision)
+
+
+@_target_attention_op.register_fake
+def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
+      biases, w_out, b_out, kind, normalize, scale, activation, precision):
+    n = q.shape[0] if idx is None else idx.shape[-1]
+    return hist.new_empty(hist.shape[0], n)
+
+
+def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din", ht=None, qt=None, wx=None,
+                           unit_weights=(), unit_biases=(), unit_w_out=None, unit_b_out=None, normalize=True,
+                           scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision="tf32"):
+    """Fused target-attention scores ``[B, N]`` (forward only).
+
+    Args:
+        hist: ``[B, L, D]`` history item vectors; ``lengths [B]`` valid counts.
+        q: ``[M, D]`` candidate vectors; ``idx`` selects candidates as in
+            :func:`rankfast.kernels.mlp_score.mlp_score` (``None``: all M).
+        cq: ``[M, H1]`` the candidates' term of the output MLP's first layer;
+            ``a``: ``[B, H1]`` the users' term, its bias included; ``wp``:
+            ``[H1, D]`` the pooled history's block of that layer's weight.
+        kind: ``"din"`` (``ht [B, L, A1]`` history term with the unit's first
+            bias, ``qt [M, A1]`` candidate term, ``wx [A1, D]`` the h*q block;
+            ``unit_weights/biases`` the unit's further layers,
+            ``unit_w_out``/``unit_b_out`` its output layer) or ``"dot"``
+            (logit ``<h, q> * scale``).
+        normalize: softmax over the valid history (True) or raw masked logits.
+        weights, biases, w_out, b_out, activation, precision: the output MLP
+            after its first layer, as in ``mlp_score``.
+    """
+    return torch.ops.rankfast.target_attention_score(
+        hist, ht, lengths, q, qt, cq, idx, wx, list(unit_weights), list(unit_biases), unit_w_out, unit_b_out,
+        a, wp, list(weights), list(biases), w_out, b_out, kind, bool(normalize), float(scale), activation, precision)
+
+
+# --- models --------------------------------------------------------------------------
+
+
+def supports(model) -> bool:
+    """Whether :func:`model_scores` can run ``model``."""
+    from rankfast.models.attention import AttentionModel
+
+    if not isinstance(model, AttentionModel):
+        return False
+    cfg = model.config
+    if not cfg.hidden or len(cfg.hidden) > MAX_LAYERS or max(cfg.hidden) > MAX_WIDTH or cfg.dim > MAX_WIDTH:
+        return False
+    if cfg.attention == "din":
+        return 1 <= len(cfg.unit_hidden) <= MAX_UNIT_LAYERS and max(cfg.unit_hidden) <= MAX_WIDTH
+    return True
+
+
+def model_inputs(model, users, items, history, lengths):
+    """The op's arguments for an :class:`AttentionModel` (computed with torch, differentiable)."""
+    from rankfast.models.attention import AttentionModel, history_mask
+
+    if not isinstance(model, AttentionModel):
+        raise TypeError(f"model: fused target attention takes an AttentionModel, got {type(model).__name__}")
+    if not supports(model):
+        raise ValueError(f"model: layer counts/widths beyond what the fused kernel takes ({model.config})")
+    cfg = model.config
+    if history is None or lengths is None or history.dim() != 2 or lengths.shape != history.shape[:1] \
+            or history.shape[0] != users.shape[0]:
+        raise ValueError("history, lengths: expected [B, L] and [B] for the B users")
+    check_ids("users", users, cfg.num_users)
+    check_ids("lengths", lengths, history.shape[1] + 1)
+    if items is not None:
+        check_ids("items", items, cfg.num_items)
+    mask = history_mask(lengths, history.shape[1])
+    check_ids("history", history.masked_fill(~mask, 0), cfg.num_items)
+    hist = model.item_repr(history.masked_fill(~mask, 0))
+    if items is None:
+        items = torch.arange(cfg.num_items, device=users.device)
+    if items.dim() == 1:
+        q_ids, idx = items, None
+    else:
+        b, n = items.shape
+        if b * n >= cfg.num_items:
+            q_ids, idx = torch.arange(cfg.num_items, device=items.device), items
+        else:
+            q_ids, idx = items.reshape(-1), torch.arange(b * n, device=items.device).view(b, n)
+    q = model.item_repr(q_ids)
+    first = model.tower.linears[0]
+    w_user, w_pooled, w_item = first.weight.chunk(3, dim=1)
+    a = torch.nn.functional.linear(model.user_repr(users), w_user, first.bias)
+    cq = torch.nn.functional.linear(q, w_item)
+    kw = dict(idx=idx, kind=cfg.attention, normalize=cfg.normalize, activation=cfg.activation,
+              weights=[m.weight for m in model.tower.linears[1:-1]], biases=[m.bias for m in model.tower.linears[1:-1]],
+              w_out=model.tower.linears[-1].weight[0], b_out=model.tower.linears[-1].bias)
+    if cfg.attention == "din":
+        unit_first = model.unit.linears[0]
+        w_h, w_q, w_d, w_x = unit_first.weight.chunk(4, dim=1)
+        kw.update(ht=torch.nn.functional.linear(hist, w_h + w_d, unit_first.bias),
+                  qt=torch.nn.functional.linear(q, w_q - w_d), wx=w_x,
+                  unit_weights=[m.weight for m in model.unit.linears[1:-1]],
+                  unit_biases=[m.bias for m in model.unit.linears[1:-1]],
+                  unit_w_out=model.unit.linears[-1].weight[0], unit_b_out=model.unit.linears[-1].bias)
+    else:
+        kw["scale"] = 1.0 / math.sqrt(cfg.dim)
+    return (hist, lengths, q, cq, a, w_pooled), kw
+
+
+def model_scores(model, users, items=None, history=None, lengths=None, *, precision="tf32"):
+    """Scores ``[B, N]`` of an :class:`AttentionModel` for ``users [B]`` with
+    ``history [B, L]``/``lengths [B]`` against ``items`` (``None``, ``[N]``
+    or ``[B, N]``). Forward only."""
+    args, kw = model_inputs(model, users, items, history, lengths)
+    return target_attention_score(*args, precision=precision, **kw)
