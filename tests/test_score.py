@@ -1,5 +1,7 @@
 """rankfast.score: the fast path against the models' own forward, top-K, dispatch, bad input."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +149,44 @@ def test_restores_training_mode_and_runs_without_autograd():
     assert not got.requires_grad
     model.eval()
     torch.testing.assert_close(got, rankfast.score(model, [0, 1]), rtol=0, atol=0)
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_concurrent_calls_on_worker_threads(three_threads):
+    model = make_model("din")
+    users = torch.arange(NUM_USERS)
+    history, lengths = random_history(NUM_USERS, MAX_LEN)
+    expected = reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths)
+    results = [None] * 4
+
+    def call(i):
+        results[i] = rankfast.score(model, users, history=history, lengths=lengths, memory_budget=20_000)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.get_num_threads() == 3
+    for got in results:
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_worker_error_propagates_and_threads_are_restored(three_threads, monkeypatch):
+    def broken(self, rows, state):
+        raise RuntimeError("tile failed")
+
+    monkeypatch.setattr(factorized.MLPScorer, "pairs", broken)
+    with pytest.raises(RuntimeError, match="tile failed"):
+        rankfast.score(make_model("mlp"), [0, 1])
+    assert torch.get_num_threads() == 3
 
 
 def test_history_is_ignored_by_models_without_it():

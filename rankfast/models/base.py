@@ -158,7 +158,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     cls = _MODEL_TYPES[model_type]
     try:
         config = cls.config_class(**fields)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: config does not fit {cls.config_class.__name__} ({err})") from err
     try:
         tensors = load_file(weights_path)
