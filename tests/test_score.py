@@ -263,7 +263,8 @@ def test_bad_input_names_the_argument(args, error, match):
 def test_save_load_gives_identical_scores(tmp_path):
     model = make_model("din-features")
     history, lengths = random_history(4, MAX_LEN)
-    before = rankfast.score(model, [0, 1, 2, 3], k=5, exclude=[[1], [], [2], []], history=history, lengths=lengths)
+    args = dict(k=5, exclude=[[1], [], [2], []], history=history, lengths=lengths)
+    before = rankfast.score(model, [0, 1, 2, 3], **args)
     model.save(tmp_path)
-    after = rankfast.score(rankfast.models.load_model(tmp_path), [0, 1, 2, 3], k=5, exclude=[[1], [], [2], []], history=history, lengths=lengths)
+    after = rankfast.score(rankfast.models.load_model(tmp_path), [0, 1, 2, 3], **args)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
