@@ -93,7 +93,7 @@ def _erf(x):
 def act_fn(x, ACT: tl.constexpr):
     """ReLU (0), exact GELU (1, as torch's default) or SiLU (2) of an fp32 tensor."""
     if ACT == 0:
-        y = tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch
     elif ACT == 1:
         y = 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
     else:

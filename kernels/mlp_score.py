@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankfast.kernels import topk as topk_mod
+from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
@@ -324,6 +326,51 @@ def _mlp_bwd_kernel(
                       BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
 
 
+def _topk_configs():
+    if INTERPRET:
+        return [triton.Config({"BJ": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BJ": bj}, num_warps=w, num_stages=2) for bj in (32, 64) for w in (4, 8)]
+
+
+@triton.autotune(configs=_topk_configs(), key=_KEY + ["R", "HAS_EXCL"])
+@triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
+@triton.jit
+def _mlp_topk_kernel(
+    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, BO, EXCL, OUT_KEYS,
+    B, N, H1, G, K, CHUNK, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_e, N_KEY,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
+    R: tl.constexpr, SPLITS: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in tiles of R,
+    keeping the best R keys, and writes the best K to ``OUT_KEYS[b, s]``."""
+    pid = tl.program_id(0)
+    b = pid // SPLITS
+    split = pid % SPLITS
+    b64 = b.to(tl.int64)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    bo = tl.load(BO).to(tl.float32)
+    running = tl.full([R], -(2**63), dtype=tl.int64)
+    u64 = b64 + tl.zeros([R], dtype=tl.int64)
+    for n0 in range(start, end, R):
+        n = n0 + tl.arange(0, R)
+        nmask = n < end
+        if HAS_IDX:
+            item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
+        else:
+            item = n.to(tl.int64)
+        score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, nmask, H1, 0.0, WO, False, W2, B2, W3, B3, W4,
+                           B4, WO, NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
+        if HAS_GMF:
+            gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
+            score += tl.sum(gu * gi, axis=1)
+        score = (score + bo).to(A.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
+        eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
+        running = merge(running, tile_keys(score, n, eligible))
+    store_keys(running, OUT_KEYS, pid, K, R)
+
+
 # --- host side -----------------------------------------------------------------------
 
 
@@ -554,6 +601,70 @@ def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out,
                                         precision)
 
 
+def auto_splits(num_users: int, num_candidates: int, r: int, device: torch.device) -> int:
+    """How many programs share one user's candidates in the fused top-K: enough
+    programs to fill the GPU (4 per SM) when there are few users."""
+    tiles = triton.cdiv(max(1, num_candidates), r)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(4 * sms, max(1, num_users))))
+
+
+def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
+    act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
+    k = topk_mod.check_k(k, N)
+    r = topk_mod.running_size(k, 16 if INTERPRET else 64)
+    splits = auto_splits(B, N, r, a.device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
+    chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
+    if excl is not None and (excl.shape != (B, triton.cdiv(N, 32)) or excl.dtype != torch.int32):
+        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
+                         f"got {tuple(excl.shape)} {excl.dtype}")
+    keys = torch.full((B, splits, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=a.device)
+    if B and N and k:
+        excl_t = excl.contiguous() if excl is not None else idx_t
+        _mlp_topk_kernel[(B * splits,)](
+            a, c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo,
+            b_out.detach().reshape(1).float(), excl_t, keys,
+            B, N, a.shape[1], prep.g, k, chunk, a.stride(0), c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0),
+            excl_t.stride(0) if excl is not None else 0, _n_key(N),
+            NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, ACT=act,
+            HAS_IDX=idx is not None, HAS_GMF=gu is not None, HAS_EXCL=excl is not None, PREC=precision,
+            R=r, SPLITS=splits,
+        )
+    return topk_mod.decode_keys(keys, k, a.dtype)
+
+
+@torch.library.custom_op("rankfast::mlp_score_topk", mutates_args=())
+def _mlp_topk_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu: torch.Tensor | None,
+                 gi: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
+                 b_out: torch.Tensor, excl: torch.Tensor | None, k: int, splits: int, activation: str,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision)
+
+
+@_mlp_topk_op.register_fake
+def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
+    return a.new_empty(a.shape[0], k, dtype=torch.int64), a.new_empty(a.shape[0], k)
+
+
+def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, gi=None, weights=(), biases=(),
+                   w_out, b_out, activation="relu", precision="tf32"):
+    """Each user's best ``k`` candidates ``(positions, values)``, ``[B, k]``,
+    without the ``[B, N]`` scores: the rules of :func:`rankfast.topk`.
+
+    ``exclude_mask``: int32 bitmask ``[B, ceil(N/32)]`` of excluded candidate
+    positions (:func:`rankfast.kernels.topk.exclusion_bitmask`). ``splits``:
+    programs per user (0: automatic). Other arguments as :func:`mlp_score`.
+    Not differentiable.
+    """
+    topk_mod.check_k(k, 0)
+    return torch.ops.rankfast.mlp_score_topk(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
+                                             exclude_mask, int(k), int(splits), activation, precision)
+
+
 # --- models --------------------------------------------------------------------------
 
 
@@ -616,6 +727,11 @@ def _check_training(model, dropout):
 def model_scores(model, users, items=None, *, precision="tf32"):
     """Scores ``[B, N]`` of ``users [B]`` against ``items``: ``None`` (every
     item), shared ``[N]`` or per-user ``[B, N]``; differentiable."""
+    args, kw = _model_op_inputs(model, users, items)
+    return mlp_score(*args, precision=precision, **kw)
+
+
+def _model_op_inputs(model, users, items):
     user_side, item_side, weights, biases, w_out, b_out, activation, dropout = _model_parts(model)
     _check_training(model, dropout)
     check_ids("users", users, model.config.num_users)
@@ -636,8 +752,23 @@ def model_scores(model, users, items=None, *, precision="tf32"):
         else:
             c, gi = item_side(items.reshape(-1))
             idx = torch.arange(b * n, device=items.device).view(b, n)
-    return mlp_score(a, c, idx, gu=gu, gi=gi, weights=weights, biases=biases, w_out=w_out, b_out=b_out,
-                     activation=activation, precision=precision)
+    return (a, c, idx), dict(gu=gu, gi=gi, weights=weights, biases=biases, w_out=w_out, b_out=b_out,
+                             activation=activation)
+
+
+def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision="tf32"):
+    """Fused score + top-K for an :class:`MLPModel` / :class:`NeuMF`: each
+    user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``, the
+    rules of :func:`rankfast.score` with ``k`` (exclusion by item id, NaN
+    last, ties to the earlier candidate, padding id -1 / score -inf)."""
+    with torch.no_grad():
+        args, kw = _model_op_inputs(model, users, items)
+        cand = torch.arange(model.config.num_items, device=users.device) if items is None else items
+        mask = None
+        if exclude is not None:
+            mask = topk_mod.exclusion_bitmask(exclude, cand, users.shape[0], model.config.num_items)
+        positions, values = mlp_score_topk(*args, k=k, exclude_mask=mask, splits=splits, precision=precision, **kw)
+        return topk_mod.positions_to_ids(positions, cand), values
 
 
 def pair_scores(model, users, items, *, precision="tf32"):

@@ -44,7 +44,9 @@ from rankfast.kernels._common import (
     padded_t,
     padded_vec,
 )
-from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key
+from rankfast.kernels import topk as topk_mod
+from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, auto_splits
+from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 KINDS = {"din": 0, "dot": 1}
 MAX_UNIT_LAYERS = 3
@@ -176,6 +178,59 @@ def _attn_fwd_kernel(
     tl.store(OUT + b64 * stride_ob + n, score.to(OUT.dtype.element_ty), mask=nmask)
 
 
+def _topk_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
+            for bl in (16, 32) for bj in (32, 64) for w in (4, 8)]
+
+
+@triton.autotune(configs=_topk_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
+                                                "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX", "HAS_EXCL", "R"])
+@triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
+@triton.jit
+def _attn_topk_kernel(
+    HIST, HT, LENS, Q, QT, CQ, IDX,
+    WX, UW2, UB2, UW3, UB3, UWO, UBO,
+    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, EXCL, OUT_KEYS,
+    B, N, D, A1, H1, K, CHUNK, scale,
+    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
+    stride_ib, stride_in, stride_e, N_KEY,
+    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
+    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
+    R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+):
+    """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in tiles of R."""
+    pid = tl.program_id(0)
+    b = pid // SPLITS
+    split = pid % SPLITS
+    b64 = b.to(tl.int64)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, N)
+    bo = tl.load(BO).to(tl.float32)
+    running = tl.full([R], -(2**63), dtype=tl.int64)
+    a_row = A + b64 * stride_a + tl.zeros([R], dtype=tl.int64)
+    for n0 in range(start, end, R):
+        n = n0 + tl.arange(0, R)
+        nmask = n < end
+        if HAS_IDX:
+            item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
+        else:
+            item = n.to(tl.int64)
+        pooled = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+                       D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
+                       KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, R, BLOCK_L, ACT, PREC)
+        score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
+                           NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
+        score = (score + bo).to(HIST.dtype.element_ty).to(tl.float32)
+        eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
+        running = merge(running, tile_keys(score, n, eligible))
+    store_keys(running, OUT_KEYS, pid, K, R)
+
+
 # --- host side -----------------------------------------------------------------------
 
 
@@ -270,17 +325,11 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
     return k
 
 
-def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                           a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
-    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+def _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k):
+    """Contiguous tensors, candidate strides and shape constants shared by both kernels."""
     B, L, D = hist.shape
-    N = q.shape[0] if idx is None else idx.shape[-1]
-    out = torch.empty(B, N, dtype=hist.dtype, device=hist.device)
-    if B == 0 or N == 0:
-        return out
     hist = hist.contiguous() if L else hist.new_zeros(B, 1, D)
-    if kind == "din":
+    if k["a1"]:
         ht = ht.contiguous() if L else ht.new_zeros(B, 1, k["a1"])
         qt = qt.contiguous()
     else:
@@ -290,24 +339,63 @@ def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, 
         idx_t, sib, sin = lengths, 0, 0
     else:
         idx_t, sib, sin = idx, (0 if idx.dim() == 1 else idx.stride(0)), idx.stride(-1)
-    bo = b_out.detach().reshape(1).float()
+    tensors = [hist, ht, lengths, q, qt, cq, idx_t,
+               k["wx"], k["uw"][0], k["ub"][0], k["uw"][1], k["ub"][1], k["uwo"], k["ubo"],
+               a, k["wp"], k["w"][0], k["b"][0], k["w"][1], k["b"][1], k["w"][2], k["b"][2], k["wo"],
+               b_out.detach().reshape(1).float()]
+    strides = [hist.stride(0), hist.stride(1), ht.stride(0), ht.stride(1), q.stride(0), qt.stride(0), cq.stride(0),
+               a.stride(0), sib, sin]
+    p, up = k["pads"], k["upads"]
+    meta = dict(KIND=k["kind"], NORMALIZE=k["normalize"], NU=k["nu"], DP=k["dp"], A1P=up[0], A2P=up[1], A3P=up[2],
+                NL=k["nl"], H1P=p[0], H2P=p[1], H3P=p[2], H4P=p[3], ACT=k["act"], HAS_IDX=idx is not None,
+                PREC=k["precision"])
+    return tensors, strides, meta
 
-    def grid(meta):
-        return (B * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    p = k["pads"]
-    up = k["upads"]
-    _attn_fwd_kernel[grid](
-        hist, ht, lengths, q, qt, cq, idx_t,
-        k["wx"], k["uw"][0], k["ub"][0], k["uw"][1], k["ub"][1], k["uwo"], k["ubo"],
-        a, k["wp"], k["w"][0], k["b"][0], k["w"][1], k["b"][1], k["w"][2], k["b"][2], k["wo"], bo, out,
-        B, N, D, k["a1"], a.shape[1], float(scale),
-        hist.stride(0), hist.stride(1), ht.stride(0), ht.stride(1), q.stride(0), qt.stride(0), cq.stride(0),
-        a.stride(0), sib, sin, out.stride(0), _n_key(N),
-        KIND=KINDS[kind], NORMALIZE=bool(normalize), NU=k["nu"], DP=k["dp"], A1P=up[0], A2P=up[1], A3P=up[2],
-        NL=k["nl"], H1P=p[0], H2P=p[1], H3P=p[2], H4P=p[3], ACT=k["act"], HAS_IDX=idx is not None, PREC=precision,
-    )
+def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                           a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
+    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
+    B, L, D = hist.shape
+    N = q.shape[0] if idx is None else idx.shape[-1]
+    out = torch.empty(B, N, dtype=hist.dtype, device=hist.device)
+    if B == 0 or N == 0:
+        return out
+    tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+
+    def grid(m):
+        return (B * triton.cdiv(N, m["BLOCK_N"]),)
+
+    _attn_fwd_kernel[grid](*tensors, out, B, N, D, k["a1"], a.shape[1], float(scale), *strides, out.stride(0),
+                           _n_key(N), **meta)
     return out
+
+
+def _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
+                                unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation,
+                                precision, excl, topk, splits):
+    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
+    B, L, D = hist.shape
+    N = q.shape[0] if idx is None else idx.shape[-1]
+    topk = topk_mod.check_k(topk, N)
+    r = topk_mod.running_size(topk, 16 if INTERPRET else 32)
+    splits = auto_splits(B, N, r, hist.device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
+    chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
+    if excl is not None and (excl.shape != (B, triton.cdiv(N, 32)) or excl.dtype != torch.int32):
+        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
+                         f"got {tuple(excl.shape)} {excl.dtype}")
+    keys = torch.full((B, splits, topk), torch.iinfo(torch.int64).min, dtype=torch.int64, device=hist.device)
+    if B and N and topk:
+        tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+        excl_t = excl.contiguous() if excl is not None else lengths
+        _attn_topk_kernel[(B * splits,)](
+            *tensors, excl_t, keys, B, N, D, k["a1"], a.shape[1], topk, chunk, float(scale), *strides,
+            excl_t.stride(0) if excl is not None else 0, _n_key(N), HAS_EXCL=excl is not None, R=r, SPLITS=splits,
+            **meta)
+    return topk_mod.decode_keys(keys, topk, hist.dtype)
 
 
 # --- PyTorch operator ------------------------------------------------------------------
@@ -333,6 +421,46 @@ def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_o
     return hist.new_empty(hist.shape[0], n)
 
 
+@torch.library.custom_op("rankfast::target_attention_topk", mutates_args=())
+def _target_attention_topk_op(
+    hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor, qt: torch.Tensor | None,
+    cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None, unit_weights: list[torch.Tensor],
+    unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None, unit_b_out: torch.Tensor | None,
+    a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
+    b_out: torch.Tensor, kind: str, normalize: bool, scale: float, activation: str, precision: str,
+    excl: torch.Tensor | None, k: int, splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
+                                       unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale,
+                                       activation, precision, excl, k, splits)
+
+
+@_target_attention_topk_op.register_fake
+def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
+      biases, w_out, b_out, kind, normalize, scale, activation, precision, excl, k, splits):
+    return hist.new_empty(hist.shape[0], k, dtype=torch.int64), hist.new_empty(hist.shape[0], k)
+
+
+def _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+             normalize, scale, weights, biases, w_out, b_out, activation, precision):
+    return (hist, ht, lengths, q, qt, cq, idx, wx, list(unit_weights), list(unit_biases), unit_w_out, unit_b_out,
+            a, wp, list(weights), list(biases), w_out, b_out, kind, bool(normalize), float(scale), activation,
+            precision)
+
+
+def target_attention_topk(hist, lengths, q, cq, a, wp, *, k, exclude_mask=None, splits=0, idx=None, kind="din",
+                          ht=None, qt=None, wx=None, unit_weights=(), unit_biases=(), unit_w_out=None,
+                          unit_b_out=None, normalize=True, scale=1.0, weights=(), biases=(), w_out, b_out,
+                          activation="relu", precision="tf32"):
+    """Fused score + top-K: each user's best ``k`` candidate ``(positions, values)`` ``[B, k]``
+    (rules of :func:`rankfast.topk`); arguments as :func:`target_attention_score`, plus
+    ``exclude_mask`` and ``splits`` as in :func:`rankfast.kernels.mlp_score.mlp_score_topk`."""
+    args = _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
+                    unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation, precision)
+    topk_mod.check_k(k, 0)
+    return torch.ops.rankfast.target_attention_topk(*args, exclude_mask, int(k), int(splits))
+
+
 def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din", ht=None, qt=None, wx=None,
                            unit_weights=(), unit_biases=(), unit_w_out=None, unit_b_out=None, normalize=True,
                            scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision="tf32"):
@@ -355,8 +483,8 @@ def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din",
             after its first layer, as in ``mlp_score``.
     """
     return torch.ops.rankfast.target_attention_score(
-        hist, ht, lengths, q, qt, cq, idx, wx, list(unit_weights), list(unit_biases), unit_w_out, unit_b_out,
-        a, wp, list(weights), list(biases), w_out, b_out, kind, bool(normalize), float(scale), activation, precision)
+        *_op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
+                  unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation, precision))
 
 
 # --- models --------------------------------------------------------------------------
@@ -432,3 +560,18 @@ def model_scores(model, users, items=None, history=None, lengths=None, *, precis
     or ``[B, N]``). Forward only."""
     args, kw = model_inputs(model, users, items, history, lengths)
     return target_attention_score(*args, precision=precision, **kw)
+
+
+def model_topk(model, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0,
+               precision="tf32"):
+    """Fused score + top-K for an :class:`AttentionModel`: ``(item ids, scores)``
+    ``[B, k]`` with the rules of :func:`rankfast.score` with ``k``."""
+    with torch.no_grad():
+        args, kw = model_inputs(model, users, items, history, lengths)
+        cand = torch.arange(model.config.num_items, device=users.device) if items is None else items
+        mask = None
+        if exclude is not None:
+            mask = topk_mod.exclusion_bitmask(exclude, cand, users.shape[0], model.config.num_items)
+        positions, values = target_attention_topk(*args, k=k, exclude_mask=mask, splits=splits,
+                                                  precision=precision, **kw)
+        return topk_mod.positions_to_ids(positions, cand), values

@@ -1,0 +1,146 @@
+"""Running top-K inside the scoring kernels (score + top-K fused), and its host helpers.
+
+Same rules as :func:`rankfast.topk` (``largest=True``, sorted): NaN ranks below
+every number, ``-0.0`` ties ``0.0``, ties go to the lower candidate position,
+excluded positions are never returned, and a row with fewer than ``k``
+eligible candidates is padded with position ``-1`` and value ``-inf``.
+
+Each candidate becomes one unique int64 key, as in ``rankfast.selection``:
+the score's order-preserving 32-bit key in the high half (NaN lowest) and
+``0xFFFFFFFF - position`` in the low half, so a larger key is a better entry
+and equal scores prefer the lower position; excluded or out-of-range
+candidates get ``INT64_MIN``. A program keeps the best ``R`` keys of its user
+(``R`` = the candidate tile, a power of two >= k) sorted descending; a new
+tile is sorted ascending, ``max(running[i], tile[i])`` is the best ``R`` of
+the union (the first step of a bitonic merge), and one more sort restores the
+order. Only ``[B, k]`` keys are written (``[B, S, k]`` when ``S`` programs
+split a user's candidates; the host then keeps the best ``k`` of the ``S * k``
+with ``torch.topk`` on the unique keys, which is exact) and decoded into
+positions and values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest k the fused top-K takes (its running list lives in registers).
+MAX_K = 256
+
+_SENTINEL = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def tile_keys(score, pos, eligible):
+    """int64 keys of fp32 ``score`` at candidate positions ``pos`` (``INT64_MIN`` where not ``eligible``)."""
+    s = score + 0.0  # folds -0.0 onto 0.0
+    bits = s.to(tl.int32, bitcast=True)
+    k32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    k32 = tl.where(score != score, -2147483648, k32)
+    low = (tl.full([1], 1, tl.int64) << 32) - 1  # 0xFFFFFFFF as int64, whatever the literal rules
+    key = (k32.to(tl.int64) << 32) | (low - pos.to(tl.int64))
+    return tl.where(eligible, key, _SENTINEL)
+
+
+@triton.jit
+def merge(running, keys):
+    """Best ``R`` of ``running`` (sorted descending) and ``keys`` (any order), sorted descending."""
+    tile = tl.sort(keys, descending=False)
+    return tl.sort(tl.maximum(running, tile), descending=True)
+
+
+@triton.jit
+def store_keys(running, OUT, row, K, R: tl.constexpr):
+    """Writes the first ``K`` keys of ``running`` (sorted descending) to ``OUT[row, :K]``."""
+    r = tl.arange(0, R)
+    tl.store(OUT + row.to(tl.int64) * K + r, running, mask=r < K)
+
+
+@triton.jit
+def excluded(EXCL, row, stride_e, pos, mask, HAS_EXCL: tl.constexpr):
+    """Whether each candidate position is excluded for user ``row`` (bit ``pos`` of its bitmask row)."""
+    if HAS_EXCL:
+        word = tl.load(EXCL + row * stride_e + (pos >> 5), mask=mask, other=0)
+        out = ((word >> (pos & 31)) & 1) != 0
+    else:
+        out = pos < 0
+    return out
+
+
+def running_size(k: int, block: int) -> int:
+    """The running list's length: the candidate tile, a power of two >= max(k, 16)."""
+    return max(16, triton.next_power_of_2(max(1, k)), block)
+
+
+def check_k(k, num_candidates):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"k: the fused top-K takes k <= {MAX_K}, got {k} (use rankfast.score's unfused path)")
+    return k
+
+
+def exclusion_bitmask(exclude, candidates: torch.Tensor, num_users: int, num_items: int):
+    """Excluded item ids per user -> int32 bitmask ``[B, ceil(N / 32)]`` over candidate positions.
+
+    ``exclude``: a list of ``B`` id sequences or CSR ``(indptr, indices)``
+    (as :func:`rankfast.score`); every position holding an excluded id is
+    set, ids that are not candidates are ignored. ``candidates``: ``[N]``
+    shared or ``[B, N]`` per user.
+    """
+    from rankfast.selection import _exclude_csr
+
+    indptr, ids = _exclude_csr(exclude, num_users, num_items, one_row=False)
+    device = candidates.device
+    n = candidates.shape[-1]
+    words = (n + 31) // 32
+    row_of = torch.repeat_interleave(torch.arange(num_users), indptr[1:] - indptr[:-1]).to(device)
+    ids = ids.to(device)
+    if candidates.dim() == 1:
+        sorted_ids, order = torch.sort(candidates)
+        lo = torch.searchsorted(sorted_ids, ids)
+        hi = torch.searchsorted(sorted_ids, ids, right=True)
+        counts = hi - lo
+        total = int(counts.sum())
+        start = torch.repeat_interleave(lo, counts)
+        offset = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        positions = order[start + offset]
+        rows = torch.repeat_interleave(row_of, counts)
+    else:
+        keyed = candidates + torch.arange(num_users, device=device)[:, None] * num_items
+        hit = torch.isin(keyed, row_of * num_items + ids)
+        rows, positions = hit.nonzero(as_tuple=True)
+    flat = torch.unique(rows * n + positions)  # each (row, position) once, so bits can be added
+    rows, positions = flat // n, flat % n
+    mask = torch.zeros(num_users * words, dtype=torch.int64, device=device)
+    mask.index_add_(0, rows * words + positions // 32, torch.ones_like(positions) << (positions % 32))
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask)  # as int32 bit patterns
+    return mask.to(torch.int32).view(num_users, words)
+
+
+def decode_keys(keys: torch.Tensor, k: int, dtype: torch.dtype):
+    """Keys ``[B, S, k]`` (each split sorted descending) -> ``(positions, values)`` ``[B, k]``."""
+    b, splits, _ = keys.shape
+    keys = keys.reshape(b, splits * k)
+    if splits > 1:
+        keys = torch.topk(keys, k, dim=1, sorted=True).values
+    pad = keys == torch.iinfo(torch.int64).min
+    low = 0xFFFFFFFF
+    positions = torch.where(pad, torch.full_like(keys, -1), low - (keys & low))
+    k32 = (keys >> 32).to(torch.int32)
+    bits = torch.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32)
+    values = bits.view(torch.float32)
+    values = torch.where(k32 == torch.iinfo(torch.int32).min, torch.full_like(values, float("nan")), values)
+    values = torch.where(pad, torch.full_like(values, float("-inf")), values)
+    return positions, values.to(dtype)
+
+
+def positions_to_ids(positions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Candidate positions ``[B, k]`` (``-1`` = padding) -> item ids (``-1`` kept)."""
+    b = positions.shape[0]
+    cand = candidates.expand(b, -1) if candidates.dim() == 1 else candidates
+    lookup = torch.cat([cand, cand.new_full((b, 1), -1)], dim=1)
+    return lookup.gather(1, positions.masked_fill(positions < 0, cand.shape[1]))
