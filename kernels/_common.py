@@ -137,3 +137,17 @@ def check_ids(name: str, ids: torch.Tensor, high: int, *, low: int = 0):
     lo, hi = int(ids.min()), int(ids.max())
     if lo < low or hi >= high:
         raise ValueError(f"{name}: values must lie in [{low}, {high}), got [{lo}, {hi}]")
+
+
+@triton.jit
+def cast(x, DT: tl.constexpr):
+    """``x.to(DT)`` rounding to nearest even. On a GPU that is what ``.to`` does;
+    Triton's interpreter truncates to bfloat16 instead (a biased error that
+    would make CPU results look worse than the GPU's), so there the rounding
+    is done on the bits first."""
+    if _INTERP:
+        if DT == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DT)

@@ -41,13 +41,14 @@ from rankfast.kernels._common import (
     MAX_WIDTH,
     act_fn,
     act_grad,
-    dot,
+    cast,
     check_activation,
     check_device,
     check_dtype,
     check_ids,
     check_index,
     check_precision,
+    dot,
     pad_width,
     padded_t,
     padded_vec,
@@ -115,7 +116,7 @@ def _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P: tl.constexpr, HAS_POOL: tl
     if HAS_POOL:
         dd = tl.arange(0, pooled.shape[1])
         wp = tl.load(WP + dd[:, None] * H1P + cj[None, :])
-        z = dot(pooled.to(wp.dtype), wp, z, PREC=PREC)
+        z = dot(cast(pooled, wp.dtype), wp, z, PREC=PREC)
     return z
 
 
@@ -130,7 +131,7 @@ def _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2,
         cj = j + tl.arange(0, BJ1)
         a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC), ACT)
         w = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
-        acc = dot(a1.to(w.dtype), w, acc, PREC=PREC)
+        acc = dot(cast(a1, w.dtype), w, acc, PREC=PREC)
     z2 = acc + tl.load(B2 + c2)[None, :]
     return z2, act_fn(z2, ACT)
 
@@ -152,7 +153,7 @@ def _mlp_pairs(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, 
         if NL == 2:
             score = tl.sum(h2 * tl.load(WO + c2)[None, :], axis=1)
         else:
-            h2c = h2.to(W3.dtype.element_ty)
+            h2c = cast(h2, W3.dtype.element_ty)
             c4 = tl.arange(0, H4P)
             acc4 = tl.zeros([BLOCK_P, H4P], dtype=tl.float32)
             for j in range(0, H3P, BJ3):
@@ -163,7 +164,7 @@ def _mlp_pairs(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, 
                     score += tl.sum(a3 * tl.load(WO + cj)[None, :], axis=1)
                 else:
                     w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
-                    acc4 = dot(a3.to(w4.dtype), w4, acc4, PREC=PREC)
+                    acc4 = dot(cast(a3, w4.dtype), w4, acc4, PREC=PREC)
             if NL == 4:
                 h4 = act_fn(acc4 + tl.load(B4 + c4)[None, :], ACT)
                 score = tl.sum(h4 * tl.load(WO + c4)[None, :], axis=1)
@@ -198,7 +199,7 @@ def _mlp_fwd_kernel(
         gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
         score += tl.sum(gu * gi, axis=1)
     score += tl.load(BO).to(tl.float32)
-    tl.store(OUT + u64 * stride_ob + n, score.to(OUT.dtype.element_ty), mask=rmask)
+    tl.store(OUT + u64 * stride_ob + n, cast(score, OUT.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -267,7 +268,7 @@ def _mlp_bwd_kernel(
             tl.atomic_add(DWO + c2, tl.sum(h2 * go[:, None], axis=0))
             dz2 = go[:, None] * wo[None, :] * act_grad(z2, ACT)
         else:
-            h2c = h2.to(W3.dtype.element_ty)
+            h2c = cast(h2, W3.dtype.element_ty)
             c4 = tl.arange(0, H4P)
             if NL == 4:
                 # Recompute h4, then its gradient.
@@ -277,13 +278,13 @@ def _mlp_bwd_kernel(
                     w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
                     a3 = act_fn(dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :], ACT)
                     w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
-                    acc4 = dot(a3.to(w4.dtype), w4, acc4, PREC=PREC)
+                    acc4 = dot(cast(a3, w4.dtype), w4, acc4, PREC=PREC)
                 z4 = acc4 + tl.load(B4 + c4)[None, :]
                 h4 = act_fn(z4, ACT)
                 tl.atomic_add(DWO + c4, tl.sum(h4 * go[:, None], axis=0))
                 dz4 = go[:, None] * tl.load(WO + c4)[None, :] * act_grad(z4, ACT)
                 tl.atomic_add(DB4 + c4, tl.sum(dz4, axis=0))
-                dz4c = dz4.to(W4.dtype.element_ty)
+                dz4c = cast(dz4, W4.dtype.element_ty)
             dh2 = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
             for j in range(0, H3P, BJ3):
                 cj = j + tl.arange(0, BJ3)
@@ -295,17 +296,17 @@ def _mlp_bwd_kernel(
                     da3 = go[:, None] * tl.load(WO + cj)[None, :]
                 else:
                     w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
-                    dw4 = dot(tl.trans(a3.to(w4.dtype)), dz4c, PREC=PREC)
+                    dw4 = dot(tl.trans(cast(a3, w4.dtype)), dz4c, PREC=PREC)
                     tl.atomic_add(DW4 + cj[:, None] * H4P + c4[None, :], dw4)
                     da3 = dot(dz4c, tl.trans(w4), PREC=PREC)
                 dz3 = da3 * act_grad(z3, ACT)
                 tl.atomic_add(DB3 + cj, tl.sum(dz3, axis=0))
-                dz3c = dz3.to(w3.dtype)
+                dz3c = cast(dz3, w3.dtype)
                 tl.atomic_add(DW3 + c2[:, None] * H3P + cj[None, :], dot(tl.trans(h2c), dz3c, PREC=PREC))
                 dh2 = dot(dz3c, tl.trans(w3), dh2, PREC=PREC)
             dz2 = dh2 * act_grad(z2, ACT)
         tl.atomic_add(DB2 + c2, tl.sum(dz2, axis=0))
-        dz2c = dz2.to(W2.dtype.element_ty)
+        dz2c = cast(dz2, W2.dtype.element_ty)
 
     for j in range(0, H1P, BJ1):
         cj = j + tl.arange(0, BJ1)
@@ -317,7 +318,7 @@ def _mlp_bwd_kernel(
         else:
             w2 = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
             tl.atomic_add(DW2 + cj[:, None] * H2P + c2[None, :],
-                          dot(tl.trans(a1.to(w2.dtype)), dz2c, PREC=PREC))
+                          dot(tl.trans(cast(a1, w2.dtype)), dz2c, PREC=PREC))
             da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
         dz1 = da1 * act_grad(z1, ACT)
         _scatter_rows(DA, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
@@ -365,7 +366,7 @@ def _mlp_topk_kernel(
         if HAS_GMF:
             gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
             score += tl.sum(gu * gi, axis=1)
-        score = (score + bo).to(A.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
+        score = cast(score + bo, A.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
     store_keys(running, OUT_KEYS, pid, K, R)

@@ -33,6 +33,7 @@ from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
     act_fn,
+    cast,
     check_activation,
     check_device,
     check_dtype,
@@ -75,15 +76,15 @@ def _unit_logits(q32, h, HT, ht_row, lmask, QT_tile, WX, UW2, UB2, UW3, UB3, UWO
     x = tl.reshape(q32[:, None, :] * h[None, :, :], (BLOCK_N * BLOCK_L, DP))
     ht = tl.load(ht_row[:, None] + ca[None, :], mask=lmask[:, None] & (ca[None, :] < A1), other=0.0).to(tl.float32)
     base = tl.reshape(QT_tile[:, None, :] + ht[None, :, :], (BLOCK_N * BLOCK_L, A1P))
-    a = act_fn(dot(x.to(wx.dtype), wx, base, PREC=PREC), ACT)
+    a = act_fn(dot(cast(x, wx.dtype), wx, base, PREC=PREC), ACT)
     if NU >= 2:
         c2 = tl.arange(0, A2P)
         w2 = tl.load(UW2 + ca[:, None] * A2P + c2[None, :])
-        a = act_fn(dot(a.to(w2.dtype), w2, PREC=PREC) + tl.load(UB2 + c2)[None, :], ACT)
+        a = act_fn(dot(cast(a, w2.dtype), w2, PREC=PREC) + tl.load(UB2 + c2)[None, :], ACT)
         if NU == 3:
             c3 = tl.arange(0, A3P)
             w3 = tl.load(UW3 + c2[:, None] * A3P + c3[None, :])
-            a = act_fn(dot(a.to(w3.dtype), w3, PREC=PREC) + tl.load(UB3 + c3)[None, :], ACT)
+            a = act_fn(dot(cast(a, w3.dtype), w3, PREC=PREC) + tl.load(UB3 + c3)[None, :], ACT)
             wo = tl.load(UWO + c3)
         else:
             wo = tl.load(UWO + c2)
@@ -131,11 +132,11 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
             alpha = tl.exp(m - m_new)
             p = tl.exp(logit - m_new[:, None])
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = dot(p.to(h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
+            acc = dot(cast(p, h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
             m = m_new
         else:
             w = tl.where(lmask[None, :], logit, 0.0)
-            acc = dot(w.to(h_raw.dtype), h_raw, acc, PREC=PREC)
+            acc = dot(cast(w, h_raw.dtype), h_raw, acc, PREC=PREC)
     if NORMALIZE:
         acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
     return acc
@@ -175,7 +176,7 @@ def _attn_fwd_kernel(
     score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
                        NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_N, ACT, PREC)
     score += tl.load(BO).to(tl.float32)
-    tl.store(OUT + b64 * stride_ob + n, score.to(OUT.dtype.element_ty), mask=nmask)
+    tl.store(OUT + b64 * stride_ob + n, cast(score, OUT.dtype.element_ty), mask=nmask)
 
 
 def _topk_configs():
@@ -225,7 +226,7 @@ def _attn_topk_kernel(
                        KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, R, BLOCK_L, ACT, PREC)
         score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
                            NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
-        score = (score + bo).to(HIST.dtype.element_ty).to(tl.float32)
+        score = cast(score + bo, HIST.dtype.element_ty).to(tl.float32)
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
     store_keys(running, OUT_KEYS, pid, K, R)
