@@ -22,6 +22,19 @@ ACTIVATION_IDS = {"relu": 0, "gelu": 1, "silu": 2}
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("tf32", "ieee")
 
+#: ``RANKFAST_AUTOTUNE=0``: one default launch configuration per kernel on a GPU
+#: instead of autotuning (quick correctness runs; every new shape otherwise
+#: compiles and times each candidate configuration).
+AUTOTUNE = os.environ.get("RANKFAST_AUTOTUNE", "1") != "0"
+
+
+def configs(all_configs, default):
+    """The autotune candidates: ``default`` alone under the interpreter or with autotuning off."""
+    if INTERPRET or not AUTOTUNE:
+        return [default]
+    return all_configs
+
+
 #: Largest layer width the kernels take (registers and shared memory on a GPU).
 MAX_WIDTH = 512
 

@@ -48,6 +48,7 @@ from rankfast.kernels._common import (
     check_ids,
     check_index,
     check_precision,
+    configs,
     dot,
     pad_width,
     padded_t,
@@ -66,7 +67,7 @@ def _configs(backward: bool):
             for warps in (4, 8):
                 for stages in ((2,) if backward else (2, 3)):
                     out.append(triton.Config({"BLOCK_P": block_p, "BJ": bj}, num_warps=warps, num_stages=stages))
-    return out
+    return configs(out, triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2))
 
 
 def _tile_heuristics():
@@ -229,40 +230,22 @@ def _scatter_rows(DST, stride, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, 
         tl.atomic_add(DST + item[:, None] * stride + cols[None, :], vals, mask=m)
 
 
-@triton.autotune(
-    configs=_configs(True),
-    key=_KEY + ["SHARED"],
-    reset_to_zero=["DA", "DC", "DGU", "DGI", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"],
-)
-@triton.heuristics(_tile_heuristics())
 @triton.jit
-def _mlp_bwd_kernel(
-    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, GOUT,
-    DA, DC, DGU, DGI, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
-    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_go, N_KEY,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    BJ1: tl.constexpr, BJ3: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    pid_u, pid_n, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-    a_row = A + u64 * stride_a
-    c_row = C + item * stride_c
-    go = tl.load(GOUT + u64 * stride_go + n, mask=rmask, other=0.0).to(tl.float32)  # [P]
-    tl.atomic_add(DBO, tl.sum(go, axis=0))
-
-    if HAS_GMF:
-        cg = tl.arange(0, GP)
-        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
-        _scatter_rows(DGU, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gi, cg, G,
-                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
-        _scatter_rows(DGI, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gu, cg, G,
-                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
-
+def _tail_bwd(a_row, c_row, rmask, item, go, H1, pooled, WP, DWP, HAS_POOL: tl.constexpr,
+              W2, B2, W3, B3, W4, B4, WO, DA, DC, DW2, DB2, DW3, DB3, DW4, DB4, DWO,
+              pid_u, pid_n, B, N, IDX, stride_ib, stride_in,
+              NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+              DP: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_U: tl.constexpr,
+              BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, ACT: tl.constexpr,
+              PREC: tl.constexpr):
+    """Backward of the MLP on the tile's pairs given ``go = d score [BLOCK_P]``: atomically adds the
+    gradients of every layer after the first, of ``A`` rows (users) and ``C`` rows (items), and with
+    ``HAS_POOL`` of the pooled block ``WP``; returns ``d pooled [BLOCK_P, DP]`` (zeros without it)."""
+    dd = tl.arange(0, DP)
+    dpooled = tl.zeros([BLOCK_P, DP], dtype=tl.float32)
     c2 = tl.arange(0, H2P)
     if NL >= 2:
-        z2, h2 = _h2(a_row, c_row, rmask, H1, 0.0, WO, False, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        z2, h2 = _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
         if NL == 2:
             wo = tl.load(WO + c2)
             tl.atomic_add(DWO + c2, tl.sum(h2 * go[:, None], axis=0))
@@ -310,7 +293,7 @@ def _mlp_bwd_kernel(
 
     for j in range(0, H1P, BJ1):
         cj = j + tl.arange(0, BJ1)
-        z1 = _z1(a_row, c_row, rmask, cj, H1, 0.0, WO, H1P, False, PREC)
+        z1 = _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC)
         a1 = act_fn(z1, ACT)
         if NL == 1:
             tl.atomic_add(DWO + cj, tl.sum(a1 * go[:, None], axis=0))
@@ -321,16 +304,59 @@ def _mlp_bwd_kernel(
                           dot(tl.trans(cast(a1, w2.dtype)), dz2c, PREC=PREC))
             da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
         dz1 = da1 * act_grad(z1, ACT)
+        if HAS_POOL:
+            wp = tl.load(WP + dd[:, None] * H1P + cj[None, :])
+            dz1c = cast(dz1, wp.dtype)
+            tl.atomic_add(DWP + dd[:, None] * H1P + cj[None, :], dot(tl.trans(cast(pooled, wp.dtype)), dz1c, PREC=PREC))
+            dpooled = dot(dz1c, tl.trans(wp), dpooled, PREC=PREC)
         _scatter_rows(DA, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
                       BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
         _scatter_rows(DC, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
                       BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+    return dpooled
+
+
+@triton.autotune(
+    configs=_configs(True),
+    key=_KEY + ["SHARED"],
+    reset_to_zero=["DA", "DC", "DGU", "DGI", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"],
+)
+@triton.heuristics(_tile_heuristics())
+@triton.jit
+def _mlp_bwd_kernel(
+    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, GOUT,
+    DA, DC, DGU, DGI, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
+    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_go, N_KEY,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
+    BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_u, pid_n, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
+    a_row = A + u64 * stride_a
+    c_row = C + item * stride_c
+    go = tl.load(GOUT + u64 * stride_go + n, mask=rmask, other=0.0).to(tl.float32)  # [P]
+    tl.atomic_add(DBO, tl.sum(go, axis=0))
+
+    if HAS_GMF:
+        cg = tl.arange(0, GP)
+        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+        _scatter_rows(DGU, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gi, cg, G,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
+        _scatter_rows(DGI, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gu, cg, G,
+                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+
+    _tail_bwd(a_row, c_row, rmask, item, go, H1, 0.0, WO, WO, False, W2, B2, W3, B3, W4, B4, WO,
+              DA, DC, DW2, DB2, DW3, DB3, DW4, DB4, DWO, pid_u, pid_n, B, N, IDX, stride_ib, stride_in,
+              NL, H1P, H2P, H3P, H4P, 16, BJ1, BJ3, BLOCK_P, BLOCK_U, BLOCK_N, HAS_IDX, SHARED, ACT, PREC)
 
 
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BJ": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BJ": bj}, num_warps=w, num_stages=2) for bj in (32, 64) for w in (4, 8)]
+    out = [triton.Config({"BJ": bj}, num_warps=w, num_stages=2) for bj in (32, 64) for w in (4, 8)]
+    return configs(out, out[0])
 
 
 @triton.autotune(configs=_topk_configs(), key=_KEY + ["R", "HAS_EXCL"])

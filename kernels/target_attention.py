@@ -16,9 +16,16 @@ Per user row and tile of ``BLOCK_N`` candidates, one program:
 3. runs the output MLP on ``[E_u; pooled; E_q]`` in the same pass, its first
    layer split as ``A_u + CQ_q + pooled @ Wp^T`` (see ``kernels/mlp_score.py``).
 
-Nothing per pair or per (pair, history item) reaches global memory. There is
-no backward kernel yet: the op raises if a gradient is requested (training
-takes the reference model).
+Nothing per pair or per (pair, history item) reaches global memory.
+
+Backward (``rankfast::target_attention_backward``, registered as the op's
+autograd): per user x candidate tile it recomputes the forward (keeping the
+softmax's running max and denominator), backpropagates the output MLP to the
+gradient of the pooled history, then walks the history again: softmax
+backward ``ds = p * (dpooled . h - dpooled . pooled)`` (or the raw-weight
+version), the DIN unit's backward (or the dot's), and atomically adds the
+gradients of the history rows ``[B, L, D]``, the history/candidate terms,
+candidates and every weight. Nothing per (pair, history item) is stored.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
     act_fn,
+    act_grad,
     cast,
     check_activation,
     check_device,
@@ -40,13 +48,14 @@ from rankfast.kernels._common import (
     check_ids,
     check_index,
     check_precision,
+    configs,
     dot,
     pad_width,
     padded_t,
     padded_vec,
 )
 from rankfast.kernels import topk as topk_mod
-from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, auto_splits
+from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, auto_splits
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 KINDS = {"din": 0, "dot": 1}
@@ -56,13 +65,13 @@ MAX_UNIT_LAYERS = 3
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=s)
+    out = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
         for bn, bl in ((16, 16), (32, 16), (16, 32), (32, 32))
         for bj in (32, 64)
         for w in (4, 8)
-        for s in (2,)
     ]
+    return configs(out, out[0])
 
 
 @triton.jit
@@ -139,7 +148,7 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
             acc = dot(cast(w, h_raw.dtype), h_raw, acc, PREC=PREC)
     if NORMALIZE:
         acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    return acc
+    return acc, m, denom
 
 
 @triton.autotune(configs=_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
@@ -169,7 +178,7 @@ def _attn_fwd_kernel(
         item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
     else:
         item = n.to(tl.int64)
-    pooled = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+    pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                    D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
                    KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
     a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
@@ -182,8 +191,9 @@ def _attn_fwd_kernel(
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
-            for bl in (16, 32) for bj in (32, 64) for w in (4, 8)]
+    out = [triton.Config({"BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
+           for bl in (16, 32) for bj in (32, 64) for w in (4, 8)]
+    return configs(out, out[0])
 
 
 @triton.autotune(configs=_topk_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
@@ -221,7 +231,7 @@ def _attn_topk_kernel(
             item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
         else:
             item = n.to(tl.int64)
-        pooled = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+        pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                        D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
                        KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, R, BLOCK_L, ACT, PREC)
         score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
@@ -230,6 +240,164 @@ def _attn_topk_kernel(
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
     store_keys(running, OUT_KEYS, pid, K, R)
+
+
+@triton.jit
+def _unit_bwd(q32, h, ht_row, lmask, qt, ds, WX, UW2, UB2, UW3, UB3, UWO,
+              DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
+              A1, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Backward of the DIN unit for one history block given ``ds = d logit [BLOCK_N, BLOCK_L]``:
+    adds the unit's weight gradients atomically; returns ``(dq [BLOCK_N, DP], dh [BLOCK_L, DP],
+    dqt [BLOCK_N, A1P], dht [BLOCK_L, A1P])`` (the h*q term's and the split terms' gradients)."""
+    dd = tl.arange(0, DP)
+    ca = tl.arange(0, A1P)
+    wx = tl.load(WX + dd[:, None] * A1P + ca[None, :])
+    x = cast(tl.reshape(q32[:, None, :] * h[None, :, :], (BLOCK_N * BLOCK_L, DP)), wx.dtype)
+    ht = tl.load(ht_row[:, None] + ca[None, :], mask=lmask[:, None] & (ca[None, :] < A1), other=0.0).to(tl.float32)
+    base = tl.reshape(qt[:, None, :] + ht[None, :, :], (BLOCK_N * BLOCK_L, A1P))
+    z1 = dot(x, wx, base, PREC=PREC)
+    a1 = act_fn(z1, ACT)
+    dsf = tl.reshape(ds, (BLOCK_N * BLOCK_L,))
+    tl.atomic_add(DUBO, tl.sum(dsf, axis=0))
+    if NU >= 2:
+        c2 = tl.arange(0, A2P)
+        w2 = tl.load(UW2 + ca[:, None] * A2P + c2[None, :])
+        a1c = cast(a1, w2.dtype)
+        z2 = dot(a1c, w2, PREC=PREC) + tl.load(UB2 + c2)[None, :]
+        a2 = act_fn(z2, ACT)
+        if NU == 3:
+            c3 = tl.arange(0, A3P)
+            w3 = tl.load(UW3 + c2[:, None] * A3P + c3[None, :])
+            a2c = cast(a2, w3.dtype)
+            z3 = dot(a2c, w3, PREC=PREC) + tl.load(UB3 + c3)[None, :]
+            a3 = act_fn(z3, ACT)
+            tl.atomic_add(DUWO + c3, tl.sum(a3 * dsf[:, None], axis=0))
+            dz3 = dsf[:, None] * tl.load(UWO + c3)[None, :] * act_grad(z3, ACT)
+            tl.atomic_add(DUB3 + c3, tl.sum(dz3, axis=0))
+            dz3c = cast(dz3, w3.dtype)
+            tl.atomic_add(DUW3 + c2[:, None] * A3P + c3[None, :], dot(tl.trans(a2c), dz3c, PREC=PREC))
+            da2 = dot(dz3c, tl.trans(w3), PREC=PREC)
+        else:
+            tl.atomic_add(DUWO + c2, tl.sum(a2 * dsf[:, None], axis=0))
+            da2 = dsf[:, None] * tl.load(UWO + c2)[None, :]
+        dz2 = da2 * act_grad(z2, ACT)
+        tl.atomic_add(DUB2 + c2, tl.sum(dz2, axis=0))
+        dz2c = cast(dz2, w2.dtype)
+        tl.atomic_add(DUW2 + ca[:, None] * A2P + c2[None, :], dot(tl.trans(a1c), dz2c, PREC=PREC))
+        da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
+    else:
+        tl.atomic_add(DUWO + ca, tl.sum(a1 * dsf[:, None], axis=0))
+        da1 = dsf[:, None] * tl.load(UWO + ca)[None, :]
+    dz1 = da1 * act_grad(z1, ACT)
+    dz1c = cast(dz1, wx.dtype)
+    tl.atomic_add(DWX + dd[:, None] * A1P + ca[None, :], dot(tl.trans(x), dz1c, PREC=PREC))
+    dx = tl.reshape(dot(dz1c, tl.trans(wx), PREC=PREC), (BLOCK_N, BLOCK_L, DP))
+    dq = tl.sum(dx * h[None, :, :], axis=1)
+    dh = tl.sum(dx * q32[:, None, :], axis=0)
+    dz13 = tl.reshape(dz1, (BLOCK_N, BLOCK_L, A1P))
+    return dq, dh, tl.sum(dz13, axis=1), tl.sum(dz13, axis=0)
+
+
+@triton.autotune(configs=_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
+                                           "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX", "SHARED"],
+                 reset_to_zero=["DHIST", "DHT", "DQ", "DQT", "DCQ", "DWX", "DUW2", "DUB2", "DUW3", "DUB3", "DUWO",
+                                "DUBO", "DA", "DWP", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"])
+@triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
+@triton.jit
+def _attn_bwd_kernel(
+    HIST, HT, LENS, Q, QT, CQ, IDX,
+    WX, UW2, UB2, UW3, UB3, UWO, UBO,
+    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, GOUT,
+    DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
+    DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
+    B, N, D, A1, H1, scale,
+    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
+    stride_ib, stride_in, stride_go, N_KEY,
+    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
+    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    """Recomputes the forward of user b x one candidate tile, backpropagates the output MLP (gradient
+    of the pooled history), then walks the history again: softmax (or raw-weight) backward, the DIN
+    unit's or the dot's backward, and the history/candidate gradients, all added atomically."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    b = pid // num_n
+    tile = pid % num_n
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    b64 = b.to(tl.int64)
+    if HAS_IDX:
+        item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
+    else:
+        item = n.to(tl.int64)
+    pooled, m, denom = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+                             D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
+                             KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+    go = tl.load(GOUT + b64 * stride_go + n, mask=nmask, other=0.0).to(tl.float32)
+    tl.atomic_add(DBO, tl.sum(go, axis=0))
+    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
+    dpooled = _tail_bwd(a_row, CQ + item * stride_cq, nmask, item, go, H1, pooled, WP, DWP, True,
+                        W2, B2, W3, B3, W4, B4, WO, DA, DCQ, DW2, DB2, DW3, DB3, DW4, DB4, DWO,
+                        b, tile, B, N, IDX, stride_ib, stride_in,
+                        NL, H1P, H2P, H3P, H4P, DP, BJ1, BJ3, BLOCK_N, 1, BLOCK_N, HAS_IDX, SHARED, ACT, PREC)
+
+    dd = tl.arange(0, DP)
+    dmask = dd < D
+    q = tl.load(Q + item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    q32 = q.to(tl.float32)
+    ca = tl.arange(0, A1P)
+    if KIND == 0:
+        qt = tl.load(QT + item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1),
+                     other=0.0).to(tl.float32)
+    dq = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    dqt = tl.zeros([BLOCK_N, A1P], dtype=tl.float32)
+    if NORMALIZE:
+        delta = tl.sum(dpooled * pooled, axis=1)
+        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)
+    length = tl.load(LENS + b).to(tl.int32)
+    for l0 in range(0, length, BLOCK_L):
+        ll = l0 + tl.arange(0, BLOCK_L)
+        lmask = ll < length
+        h_raw = tl.load(HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
+                        mask=lmask[:, None] & dmask[None, :], other=0.0)
+        h = h_raw.to(tl.float32)
+        ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
+        if KIND == 0:
+            logit = _unit_logits(q32, h, HT, ht_row, lmask, qt, WX, UW2, UB2, UW3, UB3, UWO, UBO, A1,
+                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+        else:
+            logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
+        dp = dot(dpooled, tl.trans(h), PREC=PREC)  # d pooled . h_l, [BLOCK_N, BLOCK_L]
+        valid = lmask[None, :] & nmask[:, None]
+        if NORMALIZE:
+            p = tl.where(valid, tl.exp(logit - m[:, None]) * inv[:, None], 0.0)
+            ds = p * (dp - delta[:, None])
+            dh = dot(tl.trans(p), dpooled, PREC=PREC)
+        else:
+            w = tl.where(valid, logit, 0.0)
+            ds = tl.where(valid, dp, 0.0)
+            dh = dot(tl.trans(w), dpooled, PREC=PREC)
+        if KIND == 0:
+            dq_b, dh_b, dqt_b, dht_b = _unit_bwd(q32, h, ht_row, lmask, qt, ds, WX, UW2, UB2, UW3, UB3, UWO,
+                                                 DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO, A1,
+                                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+            dq += dq_b
+            dh += dh_b
+            dqt += dqt_b
+            tl.atomic_add(DHT + b64 * stride_tb + ll[:, None].to(tl.int64) * stride_tl + ca[None, :], dht_b,
+                          mask=lmask[:, None] & (ca[None, :] < A1))
+        else:
+            dq += dot(ds, h, PREC=PREC) * scale
+            dh += dot(tl.trans(ds), q32, PREC=PREC) * scale
+        tl.atomic_add(DHIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :], dh,
+                      mask=lmask[:, None] & dmask[None, :])
+    tl.atomic_add(DQ + item[:, None] * stride_q + dd[None, :], dq, mask=nmask[:, None] & dmask[None, :])
+    if KIND == 0:
+        tl.atomic_add(DQT + item[:, None] * stride_qt + ca[None, :], dqt, mask=nmask[:, None] & (ca[None, :] < A1))
 
 
 # --- host side -----------------------------------------------------------------------
@@ -399,6 +567,145 @@ def _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weig
     return topk_mod.decode_keys(keys, topk, hist.dtype)
 
 
+def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases,
+                                    unit_w_out, unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize,
+                                    scale, activation, precision):
+    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
+                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
+    B, L, D = hist.shape
+    N = q.shape[0] if idx is None else idx.shape[-1]
+    f32 = dict(dtype=torch.float32, device=hist.device)
+    p, up, dp = k["pads"], k["upads"], k["dp"]
+    a1 = k["a1"]
+    d_hist = torch.zeros(B, max(L, 1), D, **f32)
+    d_ht = torch.zeros(B, max(L, 1), max(a1, 1), **f32)
+    d_q = torch.zeros(q.shape, **f32)
+    d_qt = torch.zeros(q.shape[0], max(a1, 1), **f32)
+    d_cq = torch.zeros(cq.shape, **f32)
+    d_wx = torch.zeros(dp, up[0], **f32)
+    d_uw = [torch.zeros(up[i], up[i + 1], **f32) for i in range(2)]
+    d_ub = [torch.zeros(up[i + 1], **f32) for i in range(2)]
+    d_uwo = torch.zeros(up[k["nu"] - 1], **f32)
+    d_ubo = torch.zeros(1, **f32)
+    d_a = torch.zeros(a.shape, **f32)
+    d_wp = torch.zeros(dp, p[0], **f32)
+    d_w = [torch.zeros(p[i], p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    d_b = [torch.zeros(p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    d_wo = torch.zeros(p[k["nl"] - 1], **f32)
+    d_bo = torch.zeros(1, **f32)
+    if B and N:
+        tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+        grad = grad.contiguous()
+        h_c, ht_c, q_c, qt_c = tensors[0], tensors[1], tensors[3], tensors[4]
+        # The gradient buffers share the strides of the tensors the kernel reads.
+        assert d_hist.stride() == h_c.stride() and d_q.stride() == q_c.stride() and d_cq.stride() == tensors[5].stride()
+        if a1:
+            assert d_ht.stride() == ht_c.stride() and d_qt.stride() == qt_c.stride()
+
+        def grid(m):
+            return (B * triton.cdiv(N, m["BLOCK_N"]),)
+
+        _attn_bwd_kernel[grid](
+            *tensors, grad, d_hist, d_ht, d_q, d_qt, d_cq, d_wx, d_uw[0], d_ub[0], d_uw[1], d_ub[1], d_uwo, d_ubo,
+            d_a, d_wp, d_w[0], d_b[0], d_w[1], d_b[1], d_w[2], d_b[2], d_wo, d_bo,
+            B, N, D, a1, a.shape[1], float(scale), *strides, grad.stride(0), _n_key(N),
+            SHARED=idx is None or idx.dim() == 1, **meta)
+
+    def back(t, like):
+        return t.to(like.dtype)
+
+    widths = [a.shape[1]] + [w.shape[0] for w in weights]
+    out = {
+        "hist": back(d_hist[:, :L], hist),
+        "q": back(d_q, q),
+        "cq": back(d_cq, cq),
+        "a": back(d_a, a),
+        "wp": back(d_wp[:D, : widths[0]].t().contiguous(), wp),
+        "weights": [back(d_w[i][: widths[i], : widths[i + 1]].t().contiguous(), w) for i, w in enumerate(weights)],
+        "biases": [back(d_b[i][: widths[i + 1]], bb) for i, bb in enumerate(biases)],
+        "w_out": back(d_wo[: widths[-1]], w_out),
+        "b_out": back(d_bo.reshape(b_out.shape), b_out),
+    }
+    if kind == "din":
+        uwidths = [a1] + [w.shape[0] for w in unit_weights]
+        out.update(
+            ht=back(d_ht[:, :L], ht), qt=back(d_qt, qt), wx=back(d_wx[:D, :a1].t().contiguous(), wx),
+            unit_weights=[back(d_uw[i][: uwidths[i], : uwidths[i + 1]].t().contiguous(), w)
+                          for i, w in enumerate(unit_weights)],
+            unit_biases=[back(d_ub[i][: uwidths[i + 1]], bb) for i, bb in enumerate(unit_biases)],
+            unit_w_out=back(d_uwo[: uwidths[-1]], unit_w_out), unit_b_out=back(d_ubo.reshape(unit_b_out.shape), unit_b_out))
+    return out
+
+
+_GRAD_ORDER = ("hist", "ht", "q", "qt", "cq", "wx", "unit_w_out", "unit_b_out", "a", "wp", "w_out", "b_out")
+
+
+@torch.library.custom_op("rankfast::target_attention_backward", mutates_args=())
+def _target_attention_backward_op(
+    grad: torch.Tensor, hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor,
+    qt: torch.Tensor | None, cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None,
+    unit_weights: list[torch.Tensor], unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None,
+    unit_b_out: torch.Tensor | None, a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor],
+    biases: list[torch.Tensor], w_out: torch.Tensor, b_out: torch.Tensor, kind: str, normalize: bool, scale: float,
+    activation: str, precision: str,
+) -> list[torch.Tensor]:
+    """Gradients in the order of ``_GRAD_ORDER``, then unit weights, unit biases, weights, biases
+    (absent optional inputs get an empty tensor)."""
+    out = _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases,
+                                          unit_w_out, unit_b_out, a, wp, weights, biases, w_out, b_out, kind,
+                                          normalize, scale, activation, precision)
+    flat = [out[name] if name in out else hist.new_empty(0) for name in _GRAD_ORDER]
+    return flat + out.get("unit_weights", []) + out.get("unit_biases", []) + out["weights"] + out["biases"]
+
+
+@_target_attention_backward_op.register_fake
+def _(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp,
+      weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
+    given = dict(hist=hist, ht=ht, q=q, qt=qt, cq=cq, wx=wx, unit_w_out=unit_w_out, unit_b_out=unit_b_out, a=a, wp=wp,
+                 w_out=w_out, b_out=b_out)
+    flat = [hist.new_empty(0) if given[n] is None else torch.empty_like(given[n]) for n in _GRAD_ORDER]
+    if kind != "din":
+        unit_weights, unit_biases = [], []
+    return flat + [torch.empty_like(t) for t in (*unit_weights, *unit_biases, *weights, *biases)]
+
+
+def _attn_setup_context(ctx, inputs, output):
+    (hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
+     biases, w_out, b_out, kind, normalize, scale, activation, precision) = inputs
+    ctx.save_for_backward(hist, ht, lengths, q, qt, cq, idx, wx, unit_w_out, unit_b_out, a, wp, w_out, b_out,
+                          *unit_weights, *unit_biases, *weights, *biases)
+    ctx.counts = (len(unit_weights), len(weights))
+    ctx.attrs = (kind, normalize, scale, activation, precision)
+
+
+def _attn_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    hist, ht, lengths, q, qt, cq, idx, wx, unit_w_out, unit_b_out, a, wp, w_out, b_out = saved[:14]
+    nu, nw = ctx.counts
+    rest = saved[14:]
+    unit_weights, unit_biases = list(rest[:nu]), list(rest[nu:2 * nu])
+    weights, biases = list(rest[2 * nu:2 * nu + nw]), list(rest[2 * nu + nw:])
+    kind = ctx.attrs[0]
+    grads = torch.ops.rankfast.target_attention_backward(
+        grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp,
+        weights, biases, w_out, b_out, *ctx.attrs)
+    g = dict(zip(_GRAD_ORDER, grads[: len(_GRAD_ORDER)]))
+    tail = grads[len(_GRAD_ORDER):]
+    nu_eff = nu if kind == "din" else 0
+    g_uw, g_ub = tail[:nu_eff], tail[nu_eff:2 * nu_eff]
+    g_w, g_b = tail[2 * nu_eff:2 * nu_eff + nw], tail[2 * nu_eff + nw:]
+    din = kind == "din"
+
+    def opt(name, given):
+        return g[name] if given is not None and din else None
+
+    return (g["hist"], opt("ht", ht), None, g["q"], opt("qt", qt), g["cq"], None, opt("wx", wx),
+            list(g_uw) if din else [None] * nu, list(g_ub) if din else [None] * nu,
+            opt("unit_w_out", unit_w_out), opt("unit_b_out", unit_b_out), g["a"], g["wp"], list(g_w), list(g_b),
+            g["w_out"], g["b_out"], None, None, None, None, None)
+
+
 # --- PyTorch operator ------------------------------------------------------------------
 
 
@@ -420,6 +727,9 @@ def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_o
       biases, w_out, b_out, kind, normalize, scale, activation, precision):
     n = q.shape[0] if idx is None else idx.shape[-1]
     return hist.new_empty(hist.shape[0], n)
+
+
+_target_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 
 @torch.library.custom_op("rankfast::target_attention_topk", mutates_args=())
@@ -465,7 +775,8 @@ def target_attention_topk(hist, lengths, q, cq, a, wp, *, k, exclude_mask=None, 
 def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din", ht=None, qt=None, wx=None,
                            unit_weights=(), unit_biases=(), unit_w_out=None, unit_b_out=None, normalize=True,
                            scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision="tf32"):
-    """Fused target-attention scores ``[B, N]`` (forward only).
+    """Fused target-attention scores ``[B, N]``; differentiable with respect to every tensor but
+    ``lengths`` and ``idx``.
 
     Args:
         hist: ``[B, L, D]`` history item vectors; ``lengths [B]`` valid counts.
@@ -558,7 +869,7 @@ def model_inputs(model, users, items, history, lengths):
 def model_scores(model, users, items=None, history=None, lengths=None, *, precision="tf32"):
     """Scores ``[B, N]`` of an :class:`AttentionModel` for ``users [B]`` with
     ``history [B, L]``/``lengths [B]`` against ``items`` (``None``, ``[N]``
-    or ``[B, N]``). Forward only."""
+    or ``[B, N]``); differentiable (training)."""
     args, kw = model_inputs(model, users, items, history, lengths)
     return target_attention_score(*args, precision=precision, **kw)
 
