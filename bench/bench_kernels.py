@@ -11,8 +11,8 @@ Cases (from issue 4), on CUDA:
   scores then ``torch.topk`` (``rankfast-unfused``) vs eager / compiled
   scoring then ``torch.topk``;
 * ``train``: forward + backward of a sampled-softmax loss over B=1024 users x
-  N=512 shared candidates, MLPModel and NeuMF in bf16 (the attention kernel
-  has no backward yet).
+  N=512 shared candidates, MLPModel and NeuMF in bf16; DIN (the din case's
+  model) over B=256 x N=128, L=100.
 
 Conventions (bench/report.py): ``benchmark.group`` is the case,
 ``extra_info["impl"]`` one of "rankfast", "eager", "torch.compile" (plus
@@ -277,6 +277,40 @@ def train_case(kind, dtype=torch.bfloat16):
                 flops=3 * hidden_flops)  # forward + two backward matmuls per layer
 
 
+def train_din_case(dtype=torch.bfloat16):
+    b, n, length = _sizes((256, 128, 100), (4, 20, 7))
+    torch.manual_seed(0)
+    model = AttentionModel(AttentionConfig(b, 4 * n, D, hidden=(256, 128), unit_hidden=(80, 40)))
+    model = model.to(DEVICE, dtype).train()
+    users, items = torch.arange(b, device=DEVICE), torch.arange(n, device=DEVICE)
+    history = torch.randint(0, 4 * n, (b, length), device=DEVICE)
+    lengths = torch.full((b,), length, device=DEVICE)
+    target = torch.arange(b, device=DEVICE) % n
+    compiled = torch.compile(lambda *a: eager_din(model, *a))
+
+    def step(score_fn):
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(score_fn(users, items, history, lengths).float(), target)
+            loss.backward()
+            return loss.detach()
+        return run
+
+    ours = step(lambda *a: ta.model_scores(model, *a))
+    eager = step(lambda *a: eager_din(model, *a))
+
+    def check():
+        grads = {}
+        for name, fn in (("rankfast", ours), ("eager", eager), ("torch.compile", step(compiled))):
+            fn()
+            grads[name] = torch.cat([p.grad.detach().float().reshape(-1) for p in model.parameters()])
+        for name in ("rankfast", "torch.compile"):
+            _close(grads[name], grads["eager"], f"{name} vs eager gradients", 1e-1)
+
+    return Case(f"train din bf16 B={b} N={n} L={length}",
+                {"rankfast": ours, "eager": eager, "torch.compile": step(compiled)}, check)
+
+
 CASES = {
     "mlp-bf16": lambda: mlp_case(torch.bfloat16),
     "mlp-fp32": lambda: mlp_case(torch.float32),
@@ -284,6 +318,7 @@ CASES = {
     "topk-bf16": topk_case,
     "train-mlp": lambda: train_case("mlp"),
     "train-neumf": lambda: train_case("neumf"),
+    "train-din": train_din_case,
 }
 IMPLS = ["rankfast", "rankfast-unfused", "eager", "torch.compile"]
 

@@ -825,6 +825,8 @@ def model_inputs(model, users, items, history, lengths):
     if not supports(model):
         raise ValueError(f"model: layer counts/widths beyond what the fused kernel takes ({model.config})")
     cfg = model.config
+    if model.training and cfg.dropout > 0 and torch.is_grad_enabled():
+        raise ValueError("model: the fused kernels have no dropout; call model.eval() or use the reference path")
     if history is None or lengths is None or history.dim() != 2 or lengths.shape != history.shape[:1] \
             or history.shape[0] != users.shape[0]:
         raise ValueError("history, lengths: expected [B, L] and [B] for the B users")
