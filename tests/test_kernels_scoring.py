@@ -1,0 +1,103 @@
+"""The fused kernels behind rankfast.score's scorer interface (kernels/scorers.py)."""
+
+import copy
+
+import pytest
+import torch
+
+import rankfast
+from rankfast.kernels import scorers
+from rankfast.models import (AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF,
+                             NeuMFConfig)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 7, 30, 16, 9
+
+
+def make(kind, integer=False, seed=0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12)))
+    elif kind == "neumf":
+        model = NeuMF(NeuMFConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12)))
+    elif kind == "din":
+        model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), unit_hidden=(18, 8)))
+    else:  # "dot" attention, raw weights: integer-exact with integer weights (sqrt(16) = 4)
+        model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), attention="dot",
+                                               normalize=False))
+    if integer:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randint(-2, 3, p.shape).float())
+    return model.to(DEVICE).eval()
+
+
+def history_for(b, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(0, NUM_ITEMS, (b, MAX_LEN), generator=g)
+    lengths = torch.randint(0, 4, (b,), generator=g)
+    lengths[0] = 0
+    return history.to(DEVICE), lengths.to(DEVICE)
+
+
+def reference(model, users, items, history, lengths):
+    m = copy.deepcopy(model).double()
+    b = users.shape[0]
+    items = items.expand(b, -1) if items.dim() == 1 else items
+    n = items.shape[1]
+
+    def rep(t):
+        return None if t is None else t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])
+
+    with torch.no_grad():
+        return m(rep(users), items.reshape(-1), rep(history), rep(lengths)).view(b, n)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "neumf", "din", "dot"])
+@pytest.mark.parametrize("per_user", [False, True])
+def test_scorer_interface(kind, per_user):
+    model = make(kind)
+    users = torch.tensor([0, 3, 6, 2, 1], device=DEVICE)
+    history, lengths = history_for(5) if kind in ("din", "dot") else (None, None)
+    cls = scorers.fused_scorer(model)
+    assert cls is (scorers.FusedAttentionScorer if kind in ("din", "dot") else scorers.FusedMLPScorer)
+    scorer = cls(model, users, history, lengths)
+    rows = slice(1, 4)
+    if per_user:
+        ids = torch.randint(0, NUM_ITEMS, (3, 11), device=DEVICE)
+        expected = reference(model, users[rows], ids, *(None if t is None else t[rows] for t in (history, lengths)))
+    else:
+        ids = torch.randperm(NUM_ITEMS)[:17].to(DEVICE)
+        expected = reference(model, users, ids, history, lengths)[rows]
+    with torch.no_grad():
+        got = scorer.pairs(rows, scorer.items(ids))
+    assert got.shape == expected.shape
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-3  # tf32 tolerance on a GPU
+    fp = cls.footprint(model, MAX_LEN)
+    assert fp.pair == 1 and fp.user > 0 and fp.item > 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "dot"])
+def test_scorer_topk_with_position_exclusion(kind):
+    """Integer weights: exact scores, so the fused top-K must equal rankfast.topk of the scores."""
+    model = make(kind, integer=True)
+    users = torch.tensor([0, 3, 6], device=DEVICE)
+    history, lengths = history_for(3) if kind == "dot" else (None, None)
+    scorer = scorers.fused_scorer(model)(model, users, history, lengths)
+    ids = torch.cat([torch.arange(NUM_ITEMS), torch.arange(5)]).to(DEVICE)  # repeats tie
+    state = scorer.items(ids)
+    indptr, positions = torch.tensor([0, 2, 2, 5]), torch.tensor([0, 31, 4, 7, 34])
+    mask = scorers.positions_bitmask(indptr, positions, 3, ids.shape[0], DEVICE)
+    with torch.no_grad():
+        scores = scorer.pairs(slice(0, 3), state)
+        pos, values = scorer.topk(slice(0, 3), state, 12, mask)
+    want_values, want_pos = rankfast.topk(scores.cpu(), 12, exclude=(indptr, positions))
+    assert torch.equal(pos.cpu(), want_pos)
+    assert torch.equal(values.cpu(), want_values)
+
+
+def test_unsupported_models_have_no_fused_scorer():
+    assert scorers.fused_scorer(DotModel(DotConfig(3, 3, 4))) is None
+    assert scorers.fused_scorer(MLPModel(MLPConfig(3, 3, 4, hidden=()))) is None
+    assert scorers.fused_scorer(AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=()))) is None
+    assert scorers.fused_scorer(MLPModel(MLPConfig(3, 3, 4, hidden=(600,)))) is None
