@@ -157,3 +157,26 @@ def test_k_is_checked():
         ms.model_topk(model, users, k=-1)
     with pytest.raises(TypeError, match="k"):
         ms.model_topk(model, users, k=2.0)
+
+
+def test_topk_ops_have_fake_implementations_and_trace():
+    model = integer_model("mlp")
+    users = torch.tensor([0, 3], device=DEVICE)
+    args, kw = ms._model_op_inputs(model, users, None)
+    a, c, idx = (t.detach() if t is not None else None for t in args)
+    op_args = (a, c, idx, None, None, [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]],
+               kw["w_out"].detach(), kw["b_out"].detach(), None, 5, 1, "relu", "ieee")
+    torch.library.opcheck(torch.ops.rankfast.mlp_score_topk.default, op_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    class TopK(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, users):
+            return ms.model_topk(self.model, users, k=5, precision="ieee")
+
+    want = TopK()(users)
+    got = torch.compile(TopK(), fullgraph=True, backend="aot_eager")(users)
+    assert torch.equal(got[0], want[0])
