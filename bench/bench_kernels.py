@@ -3,8 +3,8 @@
 Cases (from issue 4), on CUDA:
 
 * ``mlp bf16`` / ``mlp fp32``: MLPModel D=64, hidden 256-128, B=1024 users x
-  N=4096 shared candidates (fp32: the kernel uses tf32 dots; eager follows
-  ``torch.backends.cuda.matmul.allow_tf32``, which defaults to off);
+  N=4096 shared candidates (fp32 with TF32 matmuls for all three:
+  ``torch.set_float32_matmul_precision("high")``);
 * ``din bf16``: AttentionModel D=64, unit 80-40, output MLP 256-128, B=256 x
   N=512, histories of L=100;
 * ``score+topk``: the MLP case with k=100: fused (rankfast) vs rankfast's
@@ -51,6 +51,9 @@ from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel
 from rankfast.models.attention import history_mask  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# fp32 cases: TF32 tensor cores for every implementation (eager, torch.compile and the kernels,
+# which follow this setting), as the issue's "fp32 (tf32 dots)".
+torch.set_float32_matmul_precision("high")
 ROUNDS = 1 if SMALL else 10
 D = 64
 

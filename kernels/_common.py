@@ -164,3 +164,13 @@ def cast(x, DT: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DT)
+
+
+def default_precision(precision: str | None) -> str:
+    """``precision`` if given, else PyTorch's setting: TF32 dots when
+    ``torch.get_float32_matmul_precision()`` is "high" or "medium" (as
+    ``torch.backends.cuda.matmul.allow_tf32``), full fp32 ("ieee") when it is
+    "highest" (PyTorch's default). Only fp32 inputs are affected."""
+    if precision is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return check_precision(precision)

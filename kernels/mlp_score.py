@@ -49,6 +49,7 @@ from rankfast.kernels._common import (
     check_index,
     check_precision,
     configs,
+    default_precision,
     dot,
     pad_width,
     padded_t,
@@ -605,7 +606,7 @@ _mlp_score_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out, b_out, activation="relu",
-              precision="tf32"):
+              precision=None):
     """Fused scores ``[B, N]`` of ``act(a_u + c_i)`` through the rest of an MLP.
 
     Args:
@@ -620,12 +621,13 @@ def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out,
             layer is activated.
         w_out, b_out: the output layer, ``[H_last]`` and one element.
         activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
-        precision: fp32 dots as ``"tf32"`` (tensor cores) or ``"ieee"``.
+        precision: fp32 dots as ``"tf32"`` (tensor cores) or ``"ieee"``;
+            ``None`` follows ``torch.get_float32_matmul_precision()``.
 
     Differentiable with respect to every tensor but ``idx``.
     """
     return torch.ops.rankfast.mlp_score(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, activation,
-                                        precision)
+                                        default_precision(precision))
 
 
 def auto_splits(num_users: int, num_candidates: int, r: int, device: torch.device) -> int:
@@ -678,7 +680,7 @@ def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activat
 
 
 def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, gi=None, weights=(), biases=(),
-                   w_out, b_out, activation="relu", precision="tf32"):
+                   w_out, b_out, activation="relu", precision=None):
     """Each user's best ``k`` candidates ``(positions, values)``, ``[B, k]``,
     without the ``[B, N]`` scores: the rules of :func:`rankfast.topk`.
 
@@ -689,7 +691,8 @@ def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, g
     """
     topk_mod.check_k(k, 0)
     return torch.ops.rankfast.mlp_score_topk(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
-                                             exclude_mask, int(k), int(splits), activation, precision)
+                                             exclude_mask, int(k), int(splits), activation,
+                                             default_precision(precision))
 
 
 # --- models --------------------------------------------------------------------------
@@ -751,7 +754,7 @@ def _check_training(model, dropout):
         raise ValueError("model: the fused kernels have no dropout; call model.eval() or use the reference path")
 
 
-def model_scores(model, users, items=None, *, precision="tf32"):
+def model_scores(model, users, items=None, *, precision=None):
     """Scores ``[B, N]`` of ``users [B]`` against ``items``: ``None`` (every
     item), shared ``[N]`` or per-user ``[B, N]``; differentiable."""
     args, kw = _model_op_inputs(model, users, items)
@@ -783,7 +786,7 @@ def _model_op_inputs(model, users, items):
                              activation=activation)
 
 
-def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision="tf32"):
+def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision=None):
     """Fused score + top-K for an :class:`MLPModel` / :class:`NeuMF`: each
     user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``, the
     rules of :func:`rankfast.score` with ``k`` (exclusion by item id, NaN
@@ -798,7 +801,7 @@ def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision
         return topk_mod.positions_to_ids(positions, cand), values
 
 
-def pair_scores(model, users, items, *, precision="tf32"):
+def pair_scores(model, users, items, *, precision=None):
     """Scores ``[B]`` of aligned pairs ``(users[b], items[b])``: the model's
     ``forward`` through the fused kernels (training)."""
     return model_scores(model, users, items.reshape(-1, 1), precision=precision).squeeze(-1)

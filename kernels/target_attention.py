@@ -49,6 +49,7 @@ from rankfast.kernels._common import (
     check_index,
     check_precision,
     configs,
+    default_precision,
     dot,
     pad_width,
     padded_t,
@@ -762,19 +763,20 @@ def _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, u
 def target_attention_topk(hist, lengths, q, cq, a, wp, *, k, exclude_mask=None, splits=0, idx=None, kind="din",
                           ht=None, qt=None, wx=None, unit_weights=(), unit_biases=(), unit_w_out=None,
                           unit_b_out=None, normalize=True, scale=1.0, weights=(), biases=(), w_out, b_out,
-                          activation="relu", precision="tf32"):
+                          activation="relu", precision=None):
     """Fused score + top-K: each user's best ``k`` candidate ``(positions, values)`` ``[B, k]``
     (rules of :func:`rankfast.topk`); arguments as :func:`target_attention_score`, plus
     ``exclude_mask`` and ``splits`` as in :func:`rankfast.kernels.mlp_score.mlp_score_topk`."""
     args = _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
-                    unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation, precision)
+                    unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
+                    default_precision(precision))
     topk_mod.check_k(k, 0)
     return torch.ops.rankfast.target_attention_topk(*args, exclude_mask, int(k), int(splits))
 
 
 def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din", ht=None, qt=None, wx=None,
                            unit_weights=(), unit_biases=(), unit_w_out=None, unit_b_out=None, normalize=True,
-                           scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision="tf32"):
+                           scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision=None):
     """Fused target-attention scores ``[B, N]``; differentiable with respect to every tensor but
     ``lengths`` and ``idx``.
 
@@ -796,7 +798,8 @@ def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din",
     """
     return torch.ops.rankfast.target_attention_score(
         *_op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
-                  unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation, precision))
+                  unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
+                  default_precision(precision)))
 
 
 # --- models --------------------------------------------------------------------------
@@ -868,7 +871,7 @@ def model_inputs(model, users, items, history, lengths):
     return (hist, lengths, q, cq, a, w_pooled), kw
 
 
-def model_scores(model, users, items=None, history=None, lengths=None, *, precision="tf32"):
+def model_scores(model, users, items=None, history=None, lengths=None, *, precision=None):
     """Scores ``[B, N]`` of an :class:`AttentionModel` for ``users [B]`` with
     ``history [B, L]``/``lengths [B]`` against ``items`` (``None``, ``[N]``
     or ``[B, N]``); differentiable (training)."""
@@ -877,7 +880,7 @@ def model_scores(model, users, items=None, history=None, lengths=None, *, precis
 
 
 def model_topk(model, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0,
-               precision="tf32"):
+               precision=None):
     """Fused score + top-K for an :class:`AttentionModel`: ``(item ids, scores)``
     ``[B, k]`` with the rules of :func:`rankfast.score` with ``k``."""
     with torch.no_grad():

@@ -120,11 +120,11 @@ def test_half_precision_within_design_tolerance(dtype, attention):
     assert rel_err(got, reference(copy.deepcopy(model).double(), users, items, history, lengths)) < 2e-2
 
 
-def test_tf32_default_within_design_tolerance():
+def test_tf32_within_design_tolerance():
     model = make(hidden=(40, 24), unit_hidden=(20, 10))
     users, items, history, lengths = inputs()
     with torch.no_grad():
-        got = ta.model_scores(model, users, items, history, lengths)
+        got = ta.model_scores(model, users, items, history, lengths, precision="tf32")
     assert rel_err(got, reference(copy.deepcopy(model).double(), users, items, history, lengths)) < 1e-3
 
 

@@ -150,12 +150,29 @@ def test_half_precision_within_design_tolerance(dtype, kind):
         assert rel_err(p.grad, p64.grad) < max(2e-2, 1.5 * rel_err(p_eager.grad, p64.grad)), name
 
 
-def test_tf32_default_within_design_tolerance():
+def test_tf32_within_design_tolerance():
     model = make("mlp", (40, 24), "relu")
     model64 = copy.deepcopy(model).double()
     users = torch.tensor([0, 3, 8], device=DEVICE)
     items = candidates("shared", 3, 30)
-    assert rel_err(ms.model_scores(model, users, items), reference(model64, users, items)) < 1e-3
+    got = ms.model_scores(model, users, items, precision="tf32")
+    assert rel_err(got, reference(model64, users, items)) < 1e-3
+
+
+def test_default_precision_follows_torch(monkeypatch):
+    from rankfast.kernels._common import default_precision
+
+    assert default_precision("tf32") == "tf32"
+    with pytest.raises(ValueError, match="precision"):
+        default_precision("fp8")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert default_precision(None) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert default_precision(None) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_op_level_inputs_are_checked():
