@@ -56,7 +56,7 @@ from rankfast.kernels._common import (
     padded_vec,
 )
 from rankfast.kernels import topk as topk_mod
-from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, auto_splits
+from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, auto_splits, backward_programs
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 KINDS = {"din": 0, "dot": 1}
@@ -316,18 +316,65 @@ def _attn_bwd_kernel(
     stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
     stride_ib, stride_in, stride_go, N_KEY,
     KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
-    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr, AULP: tl.constexpr,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, HLP: tl.constexpr,
     ACT: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
 ):
-    """Recomputes the forward of user b x one candidate tile, backpropagates the output MLP (gradient
-    of the pooled history), then walks the history again: softmax (or raw-weight) backward, the DIN
-    unit's or the dot's backward, and the history/candidate gradients, all added atomically."""
+    """Persistent over (user b, candidate tile) work items: recomputes the forward, backpropagates
+    the output MLP (gradient of the pooled history), then walks the history again: softmax (or
+    raw-weight) backward, the DIN unit's or the dot's backward. History, candidate and user-term
+    gradients go atomically to their rows; weight and bias gradients to the program's own slot
+    (``[programs, ...]`` buffers, summed on the host)."""
     pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    slot = pid.to(tl.int64)
+    DWX += slot * (DP * A1P)
+    DUW2 += slot * (A1P * A2P)
+    DUB2 += slot * A2P
+    DUW3 += slot * (A2P * A3P)
+    DUB3 += slot * A3P
+    DUWO += slot * AULP
+    DUBO += slot
+    DWP += slot * (DP * H1P)
+    DW2 += slot * (H1P * H2P)
+    DB2 += slot * H2P
+    DW3 += slot * (H2P * H3P)
+    DB3 += slot * H3P
+    DW4 += slot * (H3P * H4P)
+    DB4 += slot * H4P
+    DWO += slot * HLP
+    DBO += slot
     num_n = tl.cdiv(N, BLOCK_N)
-    b = pid // num_n
-    tile = pid % num_n
+    for work in range(pid, B * num_n, num_programs):
+        _attn_bwd_item(work // num_n, work % num_n,
+                       HIST, HT, LENS, Q, QT, CQ, IDX, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+                       A, WP, W2, B2, W3, B3, W4, B4, WO, GOUT,
+                       DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
+                       DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
+                       B, N, D, A1, H1, scale,
+                       stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
+                       stride_ib, stride_in, stride_go,
+                       KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, NL, H1P, H2P, H3P, H4P, ACT, HAS_IDX, SHARED, PREC,
+                       BLOCK_N, BLOCK_L, BJ1, BJ3)
+
+
+@triton.jit
+def _attn_bwd_item(
+    b, tile, HIST, HT, LENS, Q, QT, CQ, IDX, WX, UW2, UB2, UW3, UB3, UWO, UBO,
+    A, WP, W2, B2, W3, B3, W4, B4, WO, GOUT,
+    DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
+    DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
+    B, N, D, A1, H1, scale,
+    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
+    stride_ib, stride_in, stride_go,
+    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
+    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
+    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
+    ACT: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+):
+    """The backward of user ``b`` x candidate tile ``tile`` (see ``_attn_bwd_kernel``)."""
     n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     b64 = b.to(tl.int64)
@@ -584,17 +631,20 @@ def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx,
     d_q = torch.zeros(q.shape, **f32)
     d_qt = torch.zeros(q.shape[0], max(a1, 1), **f32)
     d_cq = torch.zeros(cq.shape, **f32)
-    d_wx = torch.zeros(dp, up[0], **f32)
-    d_uw = [torch.zeros(up[i], up[i + 1], **f32) for i in range(2)]
-    d_ub = [torch.zeros(up[i + 1], **f32) for i in range(2)]
-    d_uwo = torch.zeros(up[k["nu"] - 1], **f32)
-    d_ubo = torch.zeros(1, **f32)
     d_a = torch.zeros(a.shape, **f32)
-    d_wp = torch.zeros(dp, p[0], **f32)
-    d_w = [torch.zeros(p[i], p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    d_b = [torch.zeros(p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    d_wo = torch.zeros(p[k["nl"] - 1], **f32)
-    d_bo = torch.zeros(1, **f32)
+    # Weight and bias gradients: one private slot per program of the persistent kernel.
+    slots = backward_programs(B * triton.cdiv(N, 16) if B and N else 1, hist.device)
+    aulp, hlp = up[k["nu"] - 1], p[k["nl"] - 1]
+    d_wx = torch.zeros(slots, dp, up[0], **f32)
+    d_uw = [torch.zeros(slots, up[i], up[i + 1], **f32) for i in range(2)]
+    d_ub = [torch.zeros(slots, up[i + 1], **f32) for i in range(2)]
+    d_uwo = torch.zeros(slots, aulp, **f32)
+    d_ubo = torch.zeros(slots, **f32)
+    d_wp = torch.zeros(slots, dp, p[0], **f32)
+    d_w = [torch.zeros(slots, p[i], p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    d_b = [torch.zeros(slots, p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    d_wo = torch.zeros(slots, hlp, **f32)
+    d_bo = torch.zeros(slots, **f32)
     if B and N:
         tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
         grad = grad.contiguous()
@@ -605,13 +655,17 @@ def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx,
             assert d_ht.stride() == ht_c.stride() and d_qt.stride() == qt_c.stride()
 
         def grid(m):
-            return (B * triton.cdiv(N, m["BLOCK_N"]),)
+            return (backward_programs(B * triton.cdiv(N, m["BLOCK_N"]), hist.device),)
 
         _attn_bwd_kernel[grid](
             *tensors, grad, d_hist, d_ht, d_q, d_qt, d_cq, d_wx, d_uw[0], d_ub[0], d_uw[1], d_ub[1], d_uwo, d_ubo,
             d_a, d_wp, d_w[0], d_b[0], d_w[1], d_b[1], d_w[2], d_b[2], d_wo, d_bo,
             B, N, D, a1, a.shape[1], float(scale), *strides, grad.stride(0), _n_key(N),
-            SHARED=idx is None or idx.dim() == 1, **meta)
+            SHARED=idx is None or idx.dim() == 1, AULP=aulp, HLP=hlp, **meta)
+    d_wx, d_uwo, d_wp, d_wo = d_wx.sum(0), d_uwo.sum(0), d_wp.sum(0), d_wo.sum(0)
+    d_uw, d_ub = [t.sum(0) for t in d_uw], [t.sum(0) for t in d_ub]
+    d_w, d_b = [t.sum(0) for t in d_w], [t.sum(0) for t in d_b]
+    d_ubo, d_bo = d_ubo.sum(0, keepdim=True), d_bo.sum(0, keepdim=True)
 
     def back(t, like):
         return t.to(like.dtype)
