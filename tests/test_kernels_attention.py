@@ -241,8 +241,17 @@ def test_op_fake_and_tracing():
                kw["unit_w_out"].detach(), kw["unit_b_out"].detach(), detached[4], detached[5],
                [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]], kw["w_out"].detach(),
                kw["b_out"].detach(), "din", True, 1.0, "relu", "ieee")
+    def grad_leaf(x):
+        if isinstance(x, list):
+            return [grad_leaf(t) for t in x]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.clone().requires_grad_()
+        return x
+
+    op_args = tuple(grad_leaf(x) for x in op_args)
     torch.library.opcheck(torch.ops.rankfast.target_attention_score.default, op_args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
 
     class Scorer(torch.nn.Module):
         def __init__(self):

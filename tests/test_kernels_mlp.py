@@ -218,7 +218,8 @@ def test_op_matches_its_fake_and_traces_without_graph_breaks():
             model.output.weight[0, DIM:].detach().requires_grad_(), model.output.bias.detach().requires_grad_(),
             "relu", "ieee")
     torch.library.opcheck(torch.ops.rankfast.mlp_score.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
 
     class Scorer(torch.nn.Module):
         def __init__(self):
