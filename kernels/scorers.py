@@ -20,7 +20,6 @@ import torch
 
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
-from rankfast.kernels import topk as topk_mod
 
 
 class _Footprint:
@@ -143,4 +142,4 @@ def positions_bitmask(indptr, positions, num_rows, num_candidates, device):
     return mask.to(torch.int32).view(num_rows, words).to(device)
 
 
-__all__ = ["FusedAttentionScorer", "FusedMLPScorer", "fused_scorer", "positions_bitmask", "topk_mod"]
+__all__ = ["FusedAttentionScorer", "FusedMLPScorer", "fused_scorer", "positions_bitmask"]

@@ -241,6 +241,7 @@ def test_op_fake_and_tracing():
                kw["unit_w_out"].detach(), kw["unit_b_out"].detach(), detached[4], detached[5],
                [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]], kw["w_out"].detach(),
                kw["b_out"].detach(), "din", True, 1.0, "relu", "ieee")
+
     def grad_leaf(x):
         if isinstance(x, list):
             return [grad_leaf(t) for t in x]
