@@ -256,3 +256,39 @@ def test_inductor_compile_forward_and_backward_on_gpu(dtype):
     step(users, items).backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_fused_scoring_beats_eager_in_time_and_memory_on_gpu():
+    """A sanity floor, not the benchmark (bench/bench_kernels.py): bf16 MLP 256-128, 1024 x 4096 pairs."""
+    torch.manual_seed(0)
+    model = MLPModel(MLPConfig(1024, 4096, 64, hidden=(256, 128))).to(DEVICE, torch.bfloat16).eval()
+    users, items = torch.arange(1024, device=DEVICE), torch.arange(4096, device=DEVICE)
+
+    def eager():
+        e_u, e_i = model.user_repr(users), model.item_repr(items)
+        x = torch.cat([e_u[:, None].expand(1024, 4096, -1), e_i[None].expand(1024, 4096, -1)], dim=-1)
+        return model.tower(x).squeeze(-1)
+
+    def fused():
+        return ms.model_scores(model, users, items)
+
+    def timed(fn):
+        with torch.inference_mode():
+            fn()  # warm-up (autotuning)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return out, start.elapsed_time(end) / 5, torch.cuda.max_memory_allocated() - base
+
+    want, eager_ms, eager_mem = timed(eager)
+    got, fused_ms, fused_mem = timed(fused)
+    assert rel_err(got, want.double()) < 2e-2
+    assert fused_ms < eager_ms, (fused_ms, eager_ms)
+    assert fused_mem * 10 < eager_mem, (fused_mem, eager_mem)
