@@ -43,19 +43,19 @@ MODELS = {
         MLPModel,
         MLPConfig,
         {"dim": 64, "hidden": (128, 64)},
-        {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
+        {"epochs": 15, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
     ),
     "NeuMF": (
         NeuMF,
         NeuMFConfig,
         {"dim": 32, "hidden": (64, 32)},
-        {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
+        {"epochs": 12, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
     ),
     "AttentionModel": (
         AttentionModel,
         AttentionConfig,
         {"dim": 32, "hidden": (64,), "unit_hidden": (32,)},
-        {"epochs": 4, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 16, "lr": 3e-3, "max_history": 20},
+        {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 16, "lr": 3e-3, "max_history": 20},
     ),
 }
 
