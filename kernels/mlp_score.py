@@ -37,6 +37,7 @@ import triton.language as tl
 from rankfast.kernels import topk as topk_mod
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 from rankfast.kernels._common import (
+    COMPUTE_DTYPES,
     INTERPRET,
     MAX_WIDTH,
     act_fn,
@@ -773,12 +774,14 @@ def _model_parts(model):
 
 
 def supports(model) -> bool:
-    """Whether :func:`model_scores` can run ``model`` (type, depth and widths)."""
+    """Whether :func:`model_scores` can run ``model`` (type, depth, widths, dtype)."""
     try:
         _, _, weights, _, _, _, _, _ = _model_parts(model)
     except (TypeError, ValueError):
         return False
     cfg = model.config
+    if next(model.parameters()).dtype not in COMPUTE_DTYPES:
+        return False  # float64 models take the eager paths
     return len(weights) + 1 <= MAX_LAYERS and max(cfg.hidden) <= MAX_WIDTH and cfg.dim <= MAX_WIDTH
 
 

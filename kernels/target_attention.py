@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from rankfast.kernels._common import (
+    COMPUTE_DTYPES,
     INTERPRET,
     MAX_WIDTH,
     act_fn,
@@ -866,6 +867,8 @@ def supports(model) -> bool:
     if not isinstance(model, AttentionModel):
         return False
     cfg = model.config
+    if next(model.parameters()).dtype not in COMPUTE_DTYPES:
+        return False  # float64 models take the eager paths
     if not cfg.hidden or len(cfg.hidden) > MAX_LAYERS or max(cfg.hidden) > MAX_WIDTH or cfg.dim > MAX_WIDTH:
         return False
     if cfg.attention == "din":

@@ -28,6 +28,11 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 CPU_TILE_BYTES = 8 * 2**20
 
 BACKEND_ENV = "RANKFAST_BACKEND"
+#: ``auto``: fused Triton kernels for CUDA tensors (models they support), the
+#: factorized path otherwise; ``reference``: the model's own forward;
+#: ``factorized``: the factorized eager path on every device; ``triton``: the
+#: fused kernels on every device (on a CPU only under ``TRITON_INTERPRET=1``).
+BACKENDS = ("auto", "reference", "factorized", "triton")
 
 
 def score(
@@ -71,8 +76,12 @@ def score(
         ``(ids, scores)``, both ``[B, k]``: int64 item ids, best first.
 
     The implementation is picked in one place by device (see
-    :func:`_select_scorer`); ``RANKFAST_BACKEND=reference`` forces the
-    model's own forward, chunked the same way.
+    :func:`_select_scorer`): CUDA tensors go through the fused Triton kernels
+    (``rankfast.kernels``; with ``k``, score and top-K in one pass) when they
+    cover the model, otherwise the factorized path. ``RANKFAST_BACKEND``
+    overrides: ``reference`` (the model's own forward, chunked the same way),
+    ``factorized``, or ``triton`` (the kernels on any device; an error for a
+    model they do not cover).
     """
     if not isinstance(model, RankingModel):
         raise TypeError(f"model: expected a rankfast.models.RankingModel, got {type(model).__name__}")
@@ -137,13 +146,17 @@ def score(
                 if k is None:
                     _fill(block_scorer, block_items, out[rows], plan)
                     continue
-                buf = torch.empty(rows.stop - rows.start, num_items, dtype=dtype, device=device)
-                _fill(block_scorer, block_items, buf, plan)
                 skip = None
                 if exclude is not None and per_user:
                     skip = _per_user_positions(block_items.cpu(), exclude, rows, cfg.num_items)
                 elif exclude is not None:
                     skip = _csr_rows(exclude, rows)
+                if _fuses_top_k(block_scorer, plan, k, num_items, per_user):
+                    num_rows = rows.stop - rows.start
+                    out_ids[rows], out[rows] = _fused_top_k(block_scorer, block_items, k, skip, num_rows)
+                    continue
+                buf = torch.empty(rows.stop - rows.start, num_items, dtype=dtype, device=device)
+                _fill(block_scorer, block_items, buf, plan)
                 out_ids[rows], out[rows] = _top_k(buf, block_items, k, skip)
     finally:
         for m, training in modes:
@@ -157,16 +170,60 @@ def score(
 def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int):
     """The one dispatch point: which implementation scores, and the tile size in bytes it works in."""
     backend = os.environ.get(BACKEND_ENV, "") or "auto"
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"{BACKEND_ENV}: expected 'auto' or 'reference', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         scorer = ReferenceScorer
-    else:
-        # CUDA: the fused Triton kernels belong here; until they exist CUDA
-        # tensors take the factorized path too.
+    elif backend == "factorized" or (backend == "auto" and device.type != "cuda"):
         scorer = factorized_scorer(model)
+    else:
+        scorer = _fused_scorer(model, required=backend == "triton")
+        if scorer is None:  # auto: a model (or build) the fused kernels do not cover
+            scorer = factorized_scorer(model)
     tile_bytes = min(memory_budget, CPU_TILE_BYTES) if device.type == "cpu" else memory_budget
     return scorer, tile_bytes
+
+
+def _fused_scorer(model: RankingModel, *, required: bool):
+    """The fused Triton scorer for ``model`` (``rankfast.kernels.scorers``), or None when Triton
+    is missing or the kernels do not cover the model (an error instead with ``required``)."""
+    try:
+        from rankfast.kernels.scorers import fused_scorer
+    except ImportError as err:
+        if required:
+            raise ValueError(f"{BACKEND_ENV}=triton: the fused kernels cannot be imported ({err})") from err
+        return None
+    scorer = fused_scorer(model)
+    if scorer is None and required:
+        raise ValueError(f"{BACKEND_ENV}=triton: no fused kernel covers this {type(model).__name__} ({model.config})")
+    return scorer
+
+
+def _fuses_top_k(scorer, plan, k, num_items, per_user) -> bool:
+    """Whether the block's top-K comes from the scorer's fused score + top-K: it has one, k is
+    within its limit, and the item-side terms of all the block's candidates fit in one tile of
+    the plan (the fused kernel takes them at once)."""
+    if getattr(scorer, "topk", None) is None:
+        return False
+    from rankfast.kernels.topk import MAX_K
+
+    fits = plan.chunk_items >= num_items and (not per_user or plan.tile_users >= plan.block_users)
+    return k <= MAX_K and fits
+
+
+def _fused_top_k(scorer, candidates, k, skip, num_rows):
+    """``(item ids, scores)`` ``[U, k]`` of the scorer's ``num_rows`` users from its fused score +
+    top-K; ``skip`` is the CSR of excluded candidate positions (or None)."""
+    from rankfast.kernels.scorers import positions_bitmask
+
+    n = candidates.shape[-1]
+    state = scorer.items(candidates)
+    mask = None
+    if skip is not None:
+        mask = positions_bitmask(skip[0], skip[1], num_rows, n, candidates.device)
+    positions, values = scorer.topk(slice(0, num_rows), state, k, mask)
+    lookup = torch.cat([candidates.expand(num_rows, -1), candidates.new_full((num_rows, 1), -1)], dim=1)
+    return lookup.gather(1, positions.masked_fill(positions < 0, n)), values
 
 
 class ReferenceScorer:

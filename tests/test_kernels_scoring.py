@@ -101,3 +101,68 @@ def test_unsupported_models_have_no_fused_scorer():
     assert scorers.fused_scorer(MLPModel(MLPConfig(3, 3, 4, hidden=()))) is None
     assert scorers.fused_scorer(AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=()))) is None
     assert scorers.fused_scorer(MLPModel(MLPConfig(3, 3, 4, hidden=(600,)))) is None
+    assert scorers.fused_scorer(MLPModel(MLPConfig(3, 3, 4)).double()) is None  # float64: eager paths
+
+
+# --- rankfast.score through the kernels (the dispatch in rankfast/scoring.py) --------------
+
+
+def test_dispatch(monkeypatch):
+    from rankfast import scoring
+    from rankfast.models.factorized import DotScorer, MLPScorer
+
+    monkeypatch.delenv("RANKFAST_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    mlp, din, dot = make("mlp"), make("din"), DotModel(DotConfig(3, 3, 4))
+    assert scoring._select_scorer(mlp, cuda, 2**20)[0] is scorers.FusedMLPScorer
+    assert scoring._select_scorer(din, cuda, 2**20)[0] is scorers.FusedAttentionScorer
+    assert scoring._select_scorer(dot, cuda, 2**20)[0] is DotScorer  # no kernel: the factorized path
+    assert scoring._select_scorer(mlp, cpu, 2**20)[0] is MLPScorer
+    monkeypatch.setenv("RANKFAST_BACKEND", "factorized")
+    assert scoring._select_scorer(mlp, cuda, 2**20)[0] is MLPScorer
+    monkeypatch.setenv("RANKFAST_BACKEND", "reference")
+    assert scoring._select_scorer(mlp, cuda, 2**20)[0] is scoring.ReferenceScorer
+    monkeypatch.setenv("RANKFAST_BACKEND", "triton")
+    assert scoring._select_scorer(mlp, cpu, 2**20)[0] is scorers.FusedMLPScorer
+    with pytest.raises(ValueError, match="RANKFAST_BACKEND=triton"):
+        scoring._select_scorer(dot, cpu, 2**20)
+    monkeypatch.setenv("RANKFAST_BACKEND", "fast")
+    with pytest.raises(ValueError, match="RANKFAST_BACKEND"):
+        scoring._select_scorer(mlp, cpu, 2**20)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "neumf", "dot", "din"])
+@pytest.mark.parametrize("per_user", [False, True])
+def test_rankfast_score_through_the_kernels(kind, per_user, monkeypatch):
+    """rankfast.score with RANKFAST_BACKEND=triton against the reference backend: scores, and
+    top-K with exclusion both fused (default budget) and from chunked scores (tiny budget).
+    Integer weights make mlp/neumf/dot exact, so their top-K must match exactly."""
+    exact = kind != "din"
+    model = make(kind, integer=exact)
+    users = torch.tensor([0, 3, 6, 2, 1])
+    history, lengths = history_for(5) if kind in ("din", "dot") else (None, None)
+    if history is not None:
+        history, lengths = history.cpu(), lengths.cpu()
+    items = torch.randint(0, NUM_ITEMS, (5, 12)) if per_user else torch.cat([torch.arange(NUM_ITEMS), torch.arange(6)])
+    exclude = [[1, 2], [], [0, 29, 3], list(range(0, NUM_ITEMS, 3)), [7]]
+    kw = dict(history=history, lengths=lengths)
+
+    def run(backend, **extra):
+        monkeypatch.setenv("RANKFAST_BACKEND", backend)
+        return rankfast.score(model, users, items, **kw, **extra)
+
+    want = run("reference")
+    got = run("triton")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if exact:
+        assert torch.equal(got.cpu(), want.cpu())
+    else:
+        assert float((got.cpu() - want.cpu()).norm() / want.norm()) < 1e-3
+    want_ids, want_values = run("reference", k=8, exclude=exclude)
+    for budget in (None, 100):  # fused score + top-K; tiny budget: chunked scores, then rankfast.topk
+        extra = {} if budget is None else {"memory_budget": budget}
+        ids, values = run("triton", k=8, exclude=exclude, **extra)
+        if exact:
+            assert torch.equal(ids.cpu(), want_ids) and torch.equal(values.cpu(), want_values)
+        else:
+            torch.testing.assert_close(values.cpu(), want_values, rtol=1e-3, atol=1e-4)
