@@ -7,6 +7,8 @@ nothing is downloaded.
 import importlib.util
 import os
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,15 @@ from rankfast.encoders import (
     apply_strategy,
     attach_text_encoder,
     load_adapter,
-    parameter_groups,
     pool_history,
     render_texts,
     save_adapter,
     transformer_blocks,
 )
+from rankfast.data import IdMap, Interactions
+from rankfast.encoders import FineTuning
 from rankfast.models import MLPConfig, MLPModel
+from rankfast.train import TrainConfig, build_optimizer, fit
 
 WORDS = "the a movie comedy drama action of and good great bad film story love war space toy alien ship city".split()
 TEXTS = [
@@ -189,13 +193,16 @@ def test_top_layers_rejects_more_layers_than_exist(encoder_dir):
         TransferConfig("partial")
 
 
-def test_parameter_groups_give_the_encoder_its_own_rate(encoder_dir):
-    encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("full", encoder_lr=1e-5))
+def test_the_encoder_gets_its_own_learning_rate(encoder_dir):
+    encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("full"))
     model = MLPModel(MLPConfig(num_users=3, num_items=4, dim=8, item_feature_dim=16), item_features=torch.randn(4, 16))
-    head, enc = parameter_groups(model, encoder, 1e-3, TransferConfig("full", encoder_lr=1e-5))
-    assert head["lr"] == 1e-3 and enc["lr"] == 1e-5
-    assert len(enc["params"]) == sum(1 for p in encoder.parameters())
-    assert len(head["params"]) == sum(1 for p in model.parameters())
+    with attach_text_encoder(model, encoder, TEXTS[:4]):
+        opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, module_lrs={encoder: 1e-5})
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {lr_of[id(p)] for p in encoder.parameters()} == {1e-5}
+    head = [p for name, p in model.named_parameters() if "encoder" not in name]
+    assert head and {lr_of[id(p)] for p in head} == {1e-3}
+    assert len(lr_of) == sum(1 for p in model.parameters()) + sum(1 for p in encoder.parameters())
 
 
 def item_model(encoder, num_users=5):
@@ -234,8 +241,8 @@ def test_attached_encoder_trains_end_to_end_and_refreshes_features(encoder_dir):
     encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("full"))
     model = item_model(encoder)
     before = snapshot(encoder)
-    opt = torch.optim.SGD(parameter_groups(model, encoder, 0.1, None), lr=0.1)
     with attach_text_encoder(model, encoder, TEXTS):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         users, items = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 5, 2, 2])
         loss = F.binary_cross_entropy_with_logits(model(users, items), torch.tensor([1.0, 0.0, 1.0, 0.0]))
         loss.backward()
@@ -294,3 +301,59 @@ def test_real_minilm_puts_paraphrases_closer_than_unrelated_sentences():
         progress=False,
     )
     assert a @ b > a @ c + 0.2 and a @ b > b @ c + 0.2
+
+
+def clicks(seed=0):
+    """A small click log over the six texts' items: users 0-3 like items by parity."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(4), 3)
+    items = np.array([rng.choice([0, 2, 4] if u % 2 == 0 else [1, 3, 5]) for u in users])
+    return Interactions.from_raw(users, items, item_ids=IdMap.fit(np.arange(len(TEXTS))))
+
+
+def text_model(encoder):
+    torch.manual_seed(3)
+    config = MLPConfig(num_users=4, num_items=len(TEXTS), dim=8, hidden=(8,), item_feature_dim=encoder.dim)
+    return MLPModel(config, item_features=torch.zeros(len(TEXTS), encoder.dim))
+
+
+def test_fit_frozen_fills_features_and_leaves_the_encoder_alone(encoder_dir):
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    before = snapshot(encoder)
+    model = text_model(encoder)
+    config = TrainConfig(epochs=1, batch_size=4, num_negatives=2, progress=False)
+    fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, TransferConfig("frozen")))
+    torch.testing.assert_close(model.item_repr.features, encoder.encode(TEXTS, progress=False))
+    assert all(torch.equal(before[n], p) for n, p in encoder.named_parameters())
+
+
+def test_fit_with_lora_trains_adapters_refreshes_features_and_saves_the_encoder(encoder_dir, tmp_path):
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    base = TextEncoder.from_pretrained(encoder_dir).encode(TEXTS, progress=False)
+    model = text_model(encoder)
+    transfer = TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), encoder_lr=0.05)
+    config = TrainConfig(epochs=2, batch_size=4, num_negatives=2, lr=0.01, progress=False, checkpoint_dir=str(tmp_path))
+    fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, transfer))
+    tuned = encoder.encode(TEXTS, progress=False)
+    assert not torch.allclose(tuned, base, atol=1e-4), "the adapters did not train"
+    torch.testing.assert_close(model.item_repr.features, tuned)
+    saved = TextEncoder.from_pretrained(tmp_path / "model" / "encoder").encode(TEXTS, progress=False)
+    torch.testing.assert_close(saved, tuned, rtol=1e-5, atol=1e-5)
+    reloaded = rankfast.models.load_model(tmp_path / "model")
+    torch.testing.assert_close(rankfast.score(reloaded, torch.arange(4)), rankfast.score(model, torch.arange(4)))
+
+
+def test_fit_through_the_encoder_resumes_exactly(encoder_dir, tmp_path):
+    def run(epochs, directory):
+        encoder = TextEncoder.from_pretrained(encoder_dir)
+        model = text_model(encoder)
+        # A constant schedule: stopping after epoch 1 then resuming equals one 2-epoch run.
+        config = TrainConfig(epochs=epochs, batch_size=4, num_negatives=2, lr=0.05, schedule="constant", progress=False, checkpoint_dir=str(directory))
+        fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, TransferConfig("top_layers", top_layers=1)))
+        return model
+
+    straight = run(2, tmp_path / "straight")
+    run(1, tmp_path / "resumed")
+    resumed = run(2, tmp_path / "resumed")  # a fresh encoder and model continue from the checkpoint
+    torch.testing.assert_close(resumed.item_repr.features, straight.item_repr.features, rtol=0, atol=0)
+    torch.testing.assert_close(rankfast.score(resumed, torch.arange(4)), rankfast.score(straight, torch.arange(4)), rtol=0, atol=0)

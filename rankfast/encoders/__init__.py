@@ -5,13 +5,14 @@ from rankfast.encoders.features import add_rows, pool_history, render_texts
 from rankfast.encoders.text import POOLINGS, TextEncoder, pool
 from rankfast.encoders.transfer import (
     STRATEGIES,
+    FineTuning,
     TransferConfig,
     apply_strategy,
     attach_text_encoder,
     load_adapter,
-    parameter_groups,
     refresh_features,
     save_adapter,
+    save_encoder,
     transformer_blocks,
 )
 
@@ -19,17 +20,18 @@ __all__ = [
     "POOLINGS",
     "STRATEGIES",
     "EmbeddingCache",
+    "FineTuning",
     "TextEncoder",
     "TransferConfig",
     "add_rows",
     "apply_strategy",
     "attach_text_encoder",
     "load_adapter",
-    "parameter_groups",
     "pool",
     "pool_history",
     "refresh_features",
     "render_texts",
     "save_adapter",
+    "save_encoder",
     "transformer_blocks",
 ]

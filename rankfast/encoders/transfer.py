@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -60,6 +60,33 @@ class TransferConfig:
             raise ValueError(f"TransferConfig.encoder_lr: must be > 0, got {self.encoder_lr}")
 
 
+@dataclass
+class FineTuning:
+    """A text encoder for :func:`rankfast.train.fit` to train a model through.
+
+    ``texts`` holds one text per item (or user, with ``side="user"``); the
+    model must represent that side by feature vectors of the encoder's width
+    (``item_feature_dim=encoder.dim``). ``fit`` applies ``transfer``: with
+    ``frozen`` it fills the feature matrix from the encoder once; otherwise
+    the encoder runs inside the model during training (its weights at
+    ``transfer.encoder_lr``), and afterwards the feature matrix holds the
+    fine-tuned vectors.
+    """
+
+    encoder: TextEncoder
+    texts: list[str]
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    side: str = "item"
+
+    def __post_init__(self):
+        _side_attr(self.side)
+        self.texts = list(self.texts)
+
+    @property
+    def trains_encoder(self) -> bool:
+        return self.transfer.strategy != "frozen"
+
+
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks: the longest ModuleList of same-type modules."""
     best = None
@@ -96,19 +123,6 @@ def apply_strategy(encoder: TextEncoder, config: TransferConfig) -> TextEncoder:
     return encoder
 
 
-def parameter_groups(model: nn.Module, encoder: TextEncoder | None, lr: float, config: TransferConfig | None) -> list[dict]:
-    """Optimizer groups: the ranking model's parameters at ``lr``, the
-    encoder's trainable ones at ``config.encoder_lr`` (default ``lr``)."""
-    encoder_params = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
-    seen = {id(p) for p in encoder_params}
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    groups = [{"params": head, "lr": lr}]
-    if encoder_params:
-        encoder_lr = config.encoder_lr if config is not None and config.encoder_lr is not None else lr
-        groups.append({"params": encoder_params, "lr": encoder_lr})
-    return groups
-
-
 class TextRepresentation(nn.Module):
     """A representation computed by the encoder from each id's text, then projected.
 
@@ -140,8 +154,8 @@ def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str]
     """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``.
 
     The model must represent that side by feature vectors (its projection is
-    reused). On exit the feature-based representation is restored and its
-    feature matrix refreshed from the (now fine-tuned) encoder.
+    reused). On exit the feature-based representation is restored and, unless
+    the block raised, its feature matrix refreshed from the (now fine-tuned) encoder.
     """
     attr = _side_attr(side)
     original = getattr(model, attr)
@@ -152,14 +166,24 @@ def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str]
     setattr(model, attr, TextRepresentation(encoder, texts, original.projection, batch_size))
     try:
         yield model
-    finally:
+    except BaseException:
         setattr(model, attr, original)
-        refresh_features(model, encoder, texts, side, batch_size=batch_size)
+        raise
+    setattr(model, attr, original)
+    refresh_features(model, encoder, texts, side, batch_size=batch_size)
 
 
 def refresh_features(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", *, batch_size: int = 64, progress: bool = False) -> None:
     """Re-encodes ``texts`` into ``model``'s ``side`` feature matrix (e.g. after fine-tuning)."""
-    representation = getattr(model, _side_attr(side))
+    attr = _side_attr(side)
+    representation = getattr(model, attr)
+    if not getattr(representation, "uses_features", False):
+        raise ValueError(f"model.{attr}: must use feature vectors (config.{side}_feature_dim) to take encoder vectors")
+    if tuple(representation.features.shape) != (len(texts), encoder.dim):
+        raise ValueError(
+            f"model.{attr}: feature matrix is {tuple(representation.features.shape)}, "
+            f"the encoder gives ({len(texts)}, {encoder.dim}) for these texts"
+        )
     vectors = encoder.encode(texts, batch_size=batch_size, progress=progress)
     with torch.no_grad():
         representation.features.copy_(vectors.to(representation.features))
@@ -178,6 +202,18 @@ def save_adapter(encoder: TextEncoder, directory: str | os.PathLike, *, merged: 
     if merged:
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory)
+    encoder.tokenizer.save_pretrained(directory)
+
+
+def save_encoder(encoder: TextEncoder, directory: str | os.PathLike) -> None:
+    """Saves ``encoder`` as a plain HuggingFace directory (LoRA adapters merged
+    in), loadable with :meth:`TextEncoder.from_pretrained`."""
+    from peft import PeftModel
+
+    if isinstance(encoder.model, PeftModel):
+        save_adapter(encoder, directory, merged=True)
+        return
+    encoder.model.save_pretrained(directory)
     encoder.tokenizer.save_pretrained(directory)
 
 
@@ -200,12 +236,13 @@ def _side_attr(side: str) -> str:
 
 __all__ = [
     "STRATEGIES",
+    "FineTuning",
     "TransferConfig",
     "apply_strategy",
     "attach_text_encoder",
     "load_adapter",
-    "parameter_groups",
     "refresh_features",
     "save_adapter",
+    "save_encoder",
     "transformer_blocks",
 ]

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from rankfast.data import Interactions, NegativeSampler, event_histories
+from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features, save_encoder
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -119,7 +120,7 @@ class _Examples:
 
 
 class _Trainer:
-    def __init__(self, model, train: Interactions, config: TrainConfig, valid: Interactions | None, context: DistContext):
+    def __init__(self, model, train: Interactions, config: TrainConfig, valid: Interactions | None, context: DistContext, fine_tuning: FineTuning | None):
         self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
         self.multitask = isinstance(model, MultiTask)
         self.ranker = model.base if self.multitask else model
@@ -128,25 +129,47 @@ class _Trainer:
             raise ValueError(f"train: loss {config.loss!r} (or a MultiTask model) needs ratings, and the data has none")
         if self.multitask and config.loss == "mse":
             raise ValueError("loss: a MultiTask model trains ratings itself; pick a ranking loss (bce, bpr, softmax)")
-        self.examples = _Examples(train, config, getattr(model, "uses_history", False))
-        self.sampler = None
-        if config.loss != "mse":
-            self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
-            self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
-        self.net = DistributedDataParallel(model) if context.enabled else model
-        self.device = next(model.parameters()).device
-        micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
-        self.steps_per_epoch = -(-micro // config.grad_accum)
-        self.optimizer = build_optimizer(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            total_steps=self.steps_per_epoch * config.epochs,
-            warmup_steps=config.warmup_steps,
-            schedule=config.schedule,
-            min_lr_ratio=config.min_lr_ratio,
-        )
-        self.epoch, self.history = 0, []
-        self.best_metric, self.best_state, self.bad_evals, self.stopped = None, None, 0, False
+        self.fine_tuning = fine_tuning
+        # While training, the encoder lives inside the model; if setting up fails, it leaves again.
+        with contextlib.ExitStack() as scope:
+            module_lrs = self._attach_encoder(scope) if fine_tuning is not None else None
+            self.examples = _Examples(train, config, getattr(model, "uses_history", False))
+            self.sampler = None
+            if config.loss != "mse":
+                self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
+                self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
+            # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
+            unused = fine_tuning is not None and fine_tuning.trains_encoder
+            self.net = DistributedDataParallel(model, find_unused_parameters=unused) if context.enabled else model
+            self.device = next(model.parameters()).device
+            micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
+            self.steps_per_epoch = -(-micro // config.grad_accum)
+            self.optimizer = build_optimizer(
+                model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, module_lrs=module_lrs
+            )
+            self.scheduler = build_scheduler(
+                self.optimizer,
+                total_steps=self.steps_per_epoch * config.epochs,
+                warmup_steps=config.warmup_steps,
+                schedule=config.schedule,
+                min_lr_ratio=config.min_lr_ratio,
+            )
+            self.epoch, self.history = 0, []
+            self.best_metric, self.best_state, self.bad_evals, self.stopped = None, None, 0, False
+            self.encoder_scope = scope.pop_all()
+
+    def _attach_encoder(self, scope: contextlib.ExitStack):
+        """Frozen: fills the feature matrix from the encoder once. Otherwise
+        applies the strategy and runs the encoder inside the model until the
+        run ends; returns the encoder's learning rate for the optimizer."""
+        tuning, config = self.fine_tuning, self.config
+        encoder, transfer = tuning.encoder.to(next(self.ranker.parameters()).device), tuning.transfer
+        if not tuning.trains_encoder:
+            refresh_features(self.ranker, encoder, tuning.texts, tuning.side, batch_size=transfer.batch_size, progress=config.progress)
+            return None
+        apply_strategy(encoder, transfer)
+        scope.enter_context(attach_text_encoder(self.ranker, encoder, tuning.texts, tuning.side, transfer.batch_size))
+        return None if transfer.encoder_lr is None else {encoder: transfer.encoder_lr}
 
     # --- one epoch ------------------------------------------------------------------
 
@@ -281,6 +304,19 @@ class _Trainer:
     def run(self) -> list[dict]:
         config, context = self.config, self.context
         path = None if config.checkpoint_dir is None else os.path.join(config.checkpoint_dir, CHECKPOINT_FILE)
+        with self.encoder_scope:  # on leaving, a fine-tuned encoder's vectors fill the feature matrix
+            self._run_epochs(path)
+        if config.checkpoint_dir is not None and context.is_main:
+            model_dir = os.path.join(config.checkpoint_dir, "model")
+            self.ranker.save(model_dir)
+            self.data.save_mappings(model_dir)
+            if self.fine_tuning is not None and self.fine_tuning.trains_encoder:
+                save_encoder(self.fine_tuning.encoder, os.path.join(model_dir, "encoder"))
+        context.barrier()
+        return self.history
+
+    def _run_epochs(self, path):
+        config, context = self.config, self.context
         if path is not None and config.resume and os.path.exists(path):
             self._restore(load_checkpoint(path), path)
         else:
@@ -310,15 +346,16 @@ class _Trainer:
             context.barrier()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        if config.checkpoint_dir is not None and context.is_main:
-            model_dir = os.path.join(config.checkpoint_dir, "model")
-            self.ranker.save(model_dir)
-            self.data.save_mappings(model_dir)
-        context.barrier()
-        return self.history
 
 
-def fit(model, train: Interactions, config: TrainConfig | None = None, *, valid: Interactions | None = None) -> list[dict]:
+def fit(
+    model,
+    train: Interactions,
+    config: TrainConfig | None = None,
+    *,
+    valid: Interactions | None = None,
+    fine_tuning: FineTuning | None = None,
+) -> list[dict]:
     """Trains ``model`` on ``train`` and returns the history, one dict per epoch
     (``epoch``, ``loss``, ``lr``, ``seconds`` and any validation metrics).
 
@@ -330,6 +367,13 @@ def fit(model, train: Interactions, config: TrainConfig | None = None, *, valid:
     Randomness comes from ``config.seed``: the global torch RNG is seeded
     (per rank) at the start, and data order and negatives derive from
     (seed, epoch, rank), so reruns and resumed runs repeat exactly.
+
+    ``fine_tuning`` (:class:`rankfast.encoders.FineTuning`) trains the model
+    through a text encoder: with the ``frozen`` strategy its vectors fill the
+    model's feature matrix first; otherwise the encoder runs inside the model
+    (its trainable weights at ``transfer.encoder_lr``, checkpointed with the
+    model), the feature matrix holds the fine-tuned vectors afterwards, and
+    the encoder is saved to ``checkpoint_dir/model/encoder``.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -348,4 +392,6 @@ def fit(model, train: Interactions, config: TrainConfig | None = None, *, valid:
         raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):
         raise ValueError("valid: must share train's id maps (split one Interactions)")
-    return _Trainer(model, train, config, valid, distributed_context()).run()
+    if fine_tuning is not None and not isinstance(fine_tuning, FineTuning):
+        raise TypeError(f"fine_tuning: expected a rankfast.encoders.FineTuning, got {type(fine_tuning).__name__}")
+    return _Trainer(model, train, config, valid, distributed_context(), fine_tuning).run()

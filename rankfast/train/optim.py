@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -12,24 +13,39 @@ OPTIMIZERS = ("adamw", "sgd", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def build_optimizer(model: torch.nn.Module, name: str = "adamw", *, lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9):
+def build_optimizer(
+    model: torch.nn.Module,
+    name: str = "adamw",
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    module_lrs: Mapping[torch.nn.Module, float] | None = None,
+):
     """AdamW (decoupled weight decay), SGD with momentum, or Adagrad.
 
     Weight decay applies to matrices and embedding tables only, not to
     biases and other 1-D parameters (decaying a bias only adds noise).
+    ``module_lrs`` gives the parameters of some submodules their own
+    learning rate (e.g. a fine-tuned text encoder beside the ranking head).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: must be positive, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay: must be non-negative, got {weight_decay}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    rates = {}
+    for module, module_lr in (module_lrs or {}).items():
+        for p in module.parameters():
+            rates[id(p)] = module_lr
+    for rate in (lr, *rates.values()):
+        if not rate > 0:
+            raise ValueError(f"lr: must be positive, got {rate}")
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (rates.get(id(p), lr), weight_decay if p.ndim >= 2 else 0.0)
+            groups.setdefault(key, []).append(p)
+    groups = [{"params": params, "lr": rate, "weight_decay": decay} for (rate, decay), params in groups.items()]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
