@@ -161,3 +161,20 @@ def test_pointwise_metrics():
     assert metrics.accuracy(torch.tensor([1.5, -0.3]), [1, 0], threshold=0.0) == 1.0
     with pytest.raises(ValueError, match="predictions: empty"):
         metrics.mae([], [])
+
+
+def test_auc_and_ndcg_match_scikit_learn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 20, 500).astype(np.float64)  # many ties: both count them 1/2
+    labels = (rng.random(500) < 0.3).astype(np.float64)
+    assert metrics.auc(scores, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+    users, items, k = 40, 60, 10
+    score_matrix = rng.standard_normal((users, items))  # continuous: no ties in the ranking
+    relevance = rng.random((users, items)) < 0.1
+    relevance[np.arange(users), rng.integers(0, items, users)] = True  # every user has a relevant item
+    ranked = np.argsort(-score_matrix, axis=1)[:, :k]
+    relevant = [np.flatnonzero(row) for row in relevance]
+    ours = metrics.ndcg(ranked, relevant, k).mean()
+    assert ours == pytest.approx(sklearn_metrics.ndcg_score(relevance.astype(float), score_matrix, k=k), abs=1e-12)
