@@ -12,7 +12,7 @@ Cases (from issue 4), on CUDA:
   scoring then ``torch.topk``;
 * ``train``: forward + backward of a sampled-softmax loss over B=1024 users x
   N=512 shared candidates, MLPModel and NeuMF in bf16; DIN (the din case's
-  model) over B=256 x N=128, L=100.
+  model) over B=256 x N=128, L=100; rankfast vs eager only.
 
 Conventions (bench/report.py): ``benchmark.group`` is the case,
 ``extra_info["impl"]`` one of "rankfast", "eager", "torch.compile" (plus
@@ -262,21 +262,20 @@ def train_case(kind, dtype=torch.bfloat16):
             return loss.detach()
         return run
 
-    compiled = torch.compile(lambda m, u, i: eager_fn(m, u, i))
     ours = step(lambda m, u, i: ms.model_scores(m, u, i))
 
     def check():
         grads = {}
-        for name, fn in (("rankfast", ours), ("eager", step(eager_fn)), ("torch.compile", step(compiled))):
+        for name, fn in (("rankfast", ours), ("eager", step(eager_fn))):
             fn()
             grads[name] = [p.grad.detach().clone() for p in model.parameters()]
-        for name in ("rankfast", "torch.compile"):
-            for g, w in zip(grads[name], grads["eager"]):
-                _close(g, w, f"{name} vs eager gradient", 1e-1)  # bf16 gradients: each is a few % off float64
+        for g, w in zip(grads["rankfast"], grads["eager"]):
+            _close(g, w, "rankfast vs eager gradient", 1e-1)  # bf16 gradients: each is a few % off float64
 
     hidden_flops = mlp_flops((256, 128), b * n)
-    return Case(f"train {kind} bf16 B={b} N={n}",
-                {"rankfast": ours, "eager": step(eager_fn), "torch.compile": step(compiled)}, check,
+    # No torch.compile row for training (the issue's bar is eager; compiling forward + backward
+    # of three models would take most of gpu_check.sh's time budget).
+    return Case(f"train {kind} bf16 B={b} N={n}", {"rankfast": ours, "eager": step(eager_fn)}, check,
                 flops=3 * hidden_flops)  # forward + two backward matmuls per layer
 
 
@@ -289,8 +288,6 @@ def train_din_case(dtype=torch.bfloat16):
     history = torch.randint(0, 4 * n, (b, length), device=DEVICE)
     lengths = torch.full((b,), length, device=DEVICE)
     target = torch.arange(b, device=DEVICE) % n
-    compiled = torch.compile(lambda *a: eager_din(model, *a))
-
     def step(score_fn):
         def run():
             model.zero_grad(set_to_none=True)
@@ -304,14 +301,12 @@ def train_din_case(dtype=torch.bfloat16):
 
     def check():
         grads = {}
-        for name, fn in (("rankfast", ours), ("eager", eager), ("torch.compile", step(compiled))):
+        for name, fn in (("rankfast", ours), ("eager", eager)):
             fn()
             grads[name] = torch.cat([p.grad.detach().float().reshape(-1) for p in model.parameters()])
-        for name in ("rankfast", "torch.compile"):
-            _close(grads[name], grads["eager"], f"{name} vs eager gradients", 1e-1)
+        _close(grads["rankfast"], grads["eager"], "rankfast vs eager gradients", 1e-1)
 
-    return Case(f"train din bf16 B={b} N={n} L={length}",
-                {"rankfast": ours, "eager": eager, "torch.compile": step(compiled)}, check)
+    return Case(f"train din bf16 B={b} N={n} L={length}", {"rankfast": ours, "eager": eager}, check)
 
 
 CASES = {

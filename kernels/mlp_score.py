@@ -63,13 +63,15 @@ MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
 def _configs(backward: bool):
     if INTERPRET:
         return [triton.Config({"BLOCK_P": 32, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = []
-    for block_p in (64, 128):
-        for bj in (32, 64):
-            for warps in (4, 8):
-                for stages in ((2,) if backward else (2, 3)):
-                    out.append(triton.Config({"BLOCK_P": block_p, "BJ": bj}, num_warps=warps, num_stages=stages))
-    return configs(out, triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2))
+    if backward:
+        out = [triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK_P": 128, "BJ": 32}, num_warps=8, num_stages=2)]
+    else:  # a few candidates: every one is compiled and timed per new shape
+        out = [triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK_P": 64, "BJ": 64}, num_warps=4, num_stages=3),
+               triton.Config({"BLOCK_P": 128, "BJ": 32}, num_warps=8, num_stages=2),
+               triton.Config({"BLOCK_P": 128, "BJ": 64}, num_warps=8, num_stages=3)]
+    return configs(out, out[0])
 
 
 def _tile_heuristics():
@@ -384,7 +386,7 @@ def backward_programs(num_tiles: int, device: torch.device) -> int:
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BJ": 16}, num_warps=4, num_stages=1)]
-    out = [triton.Config({"BJ": bj}, num_warps=w, num_stages=2) for bj in (32, 64) for w in (4, 8)]
+    out = [triton.Config({"BJ": 32}, num_warps=4, num_stages=2), triton.Config({"BJ": 64}, num_warps=8, num_stages=2)]
     return configs(out, out[0])
 
 

@@ -67,12 +67,8 @@ MAX_UNIT_LAYERS = 3
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
-        for bn, bl in ((16, 16), (32, 16), (16, 32), (32, 32))
-        for bj in (32, 64)
-        for w in (4, 8)
-    ]
+    out = [triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
+           for bn, bl, bj, w in ((16, 16, 32, 4), (32, 16, 64, 8), (16, 32, 64, 8), (32, 32, 64, 8))]
     return configs(out, out[0])
 
 
@@ -193,8 +189,8 @@ def _attn_fwd_kernel(
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = [triton.Config({"BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
-           for bl in (16, 32) for bj in (32, 64) for w in (4, 8)]
+    out = [triton.Config({"BLOCK_L": 16, "BJ": 32}, num_warps=4, num_stages=2),
+           triton.Config({"BLOCK_L": 32, "BJ": 64}, num_warps=8, num_stages=2)]
     return configs(out, out[0])
 
 
