@@ -88,7 +88,8 @@ def check_device(name: str, t: torch.Tensor, device: torch.device):
 def check_index(name: str, idx: torch.Tensor, high: int):
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64 ids, got {idx.dtype}")
-    if idx.numel() and not idx.is_cuda and not torch.compiler.is_compiling():  # on CUDA: a sync
+    # One device sync on a GPU; an out-of-range id would otherwise read out of bounds.
+    if idx.numel() and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= high:
             raise ValueError(f"{name}: id out of range [0, {high}): found {lo if lo < 0 else hi}")

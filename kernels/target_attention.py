@@ -463,8 +463,7 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths: expected int [B={B}], got {tuple(lengths.shape)} {lengths.dtype}")
     check_device("lengths", lengths, device)
-    if not lengths.is_cuda and not torch.compiler.is_compiling() and lengths.numel() \
-            and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+    if not torch.compiler.is_compiling() and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
         raise ValueError(f"lengths: each must lie in [0, L={L}], got [{int(lengths.min())}, {int(lengths.max())}]")
     if q.dim() != 2 or q.shape[1] != D:
         raise ValueError(f"q: expected [M, D={D}], got {tuple(q.shape)}")

@@ -135,17 +135,21 @@ def test_random_float_model_against_float64_reference(kind):
 
 
 def test_bfloat16_values_are_ranked_as_rounded_scores():
-    """In bf16 the fused path ranks the bf16-rounded scores, as topk of the unfused bf16 scores does."""
+    """In bf16 the fused path ranks bf16-rounded scores, as topk of the unfused bf16 scores does.
+    The two kernels may round differently in the last bit on a GPU (different tiles), so values
+    agree within one bf16 step and each returned id's unfused score matches its value."""
     torch.manual_seed(2)
     model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(24, 16))).to(DEVICE).eval().to(torch.bfloat16)
     users = torch.tensor([0, 3, 6], device=DEVICE)
     with torch.no_grad():
-        scores = ms.model_scores(model, users)
+        scores = ms.model_scores(model, users).float().cpu()
     ids, values = ms.model_topk(model, users, k=9)
     assert values.dtype == torch.bfloat16
-    want_values, want_pos = rankfast.topk(scores.cpu(), 9)
-    torch.testing.assert_close(values.cpu(), want_values, rtol=0, atol=0)
-    assert torch.equal(ids.cpu(), want_pos)
+    want_values, _ = rankfast.topk(scores, 9)
+    step = 2.0**-7
+    torch.testing.assert_close(values.float().cpu(), want_values, rtol=step, atol=0)
+    torch.testing.assert_close(scores.gather(1, ids.cpu()), values.float().cpu(), rtol=step, atol=0)
+    assert (values[:, :-1] >= values[:, 1:]).all()  # best first
 
 
 def test_k_is_checked():
