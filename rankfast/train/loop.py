@@ -17,9 +17,10 @@ from rankfast.data import Interactions, NegativeSampler, event_histories
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features, save_encoder
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
+from rankfast.train.catalogue import CatalogueScores
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context, shard
-from rankfast.train.losses import LOSSES, bce_loss, bpr_loss, mse_loss, sampled_softmax_loss
+from rankfast.train.losses import LOSSES, bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
 from rankfast.train.multitask import MultiTask
 from rankfast.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
@@ -40,6 +41,13 @@ class TrainConfig:
     ``"softmax"`` (sampled softmax with logQ correction) rank each
     interaction against ``num_negatives`` items the user never interacted
     with, drawn ``"uniform"`` or by ``"popularity"`` (count ** ``negative_alpha``).
+    ``negatives="all"`` (with ``loss="softmax"`` only) is the full softmax:
+    each interaction against every item, ``num_negatives`` unused. Each
+    distinct user of a micro-batch is scored against the catalogue once and
+    that row is shared by the user's interactions, so a step costs
+    ``[users in batch, num_items]`` scores (one matrix product for a
+    :class:`DotModel`); models that read histories, and :class:`MultiTask`,
+    need sampled negatives.
 
     ``batch_size`` interactions per micro-batch (per rank); ``grad_accum``
     micro-batches per optimizer step. The learning rate warms up linearly
@@ -88,11 +96,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity")}
+        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity", "all")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        if self.loss != "mse" and int(self.num_negatives) < 1:
+        if self.negatives == "all" and self.loss != "softmax":
+            raise ValueError(f"negatives: 'all' (full softmax) needs loss='softmax', got {self.loss!r}")
+        if self.loss != "mse" and self.negatives != "all" and int(self.num_negatives) < 1:
             raise ValueError(f"num_negatives: must be at least 1 for loss {self.loss!r}, got {self.num_negatives}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: must be positive or None, got {self.grad_clip}")
@@ -135,12 +145,13 @@ class _Trainer:
             module_lrs = self._attach_encoder(scope) if fine_tuning is not None else None
             self.examples = _Examples(train, config, getattr(model, "uses_history", False))
             self.sampler = None
-            if config.loss != "mse":
+            if config.loss != "mse" and config.negatives != "all":
                 self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
                 self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
-            self.net = DistributedDataParallel(model, find_unused_parameters=unused) if context.enabled else model
+            module = CatalogueScores(model) if config.negatives == "all" else model  # full softmax: users x catalogue
+            self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             self.device = next(model.parameters()).device
             micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
             self.steps_per_epoch = -(-micro // config.grad_accum)
@@ -186,6 +197,8 @@ class _Trainer:
 
     def _loss(self, idx, negatives):
         ex, config = self.examples, self.config
+        if config.negatives == "all":
+            return self._full_softmax_loss(idx)
         users, items = ex.users[idx], ex.items[idx]
         history = None if ex.history is None else ex.history[idx]
         lengths = None if ex.lengths is None else ex.lengths[idx]
@@ -214,6 +227,12 @@ class _Trainer:
             rating_loss = mse_loss(ratings.float().view(len(idx), -1)[:, 0], to(ex.ratings[idx]))
             loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
         return loss
+
+    def _full_softmax_loss(self, idx):
+        rows, inverse = torch.unique(self.examples.users[idx], return_inverse=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            logits = self.net(rows.to(self.device))
+        return full_softmax_loss(logits.float(), inverse.to(self.device), self.examples.items[idx].to(self.device))
 
     def _train_epoch(self, bar) -> float:
         config = self.config
@@ -388,6 +407,8 @@ def fit(
             f"train: has {train.num_users} users and {train.num_items} items, the model was built for "
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
+    if config.negatives == "all" and (isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)):
+        raise ValueError(f"negatives: 'all' (full softmax) needs a history-free RankingModel, got {type(model).__name__}")
     if valid is None and config.patience is not None:
         raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):

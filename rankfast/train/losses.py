@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mse_loss", "bce_loss", "bpr_loss", "sampled_softmax_loss", "LOSSES"]
+__all__ = ["mse_loss", "bce_loss", "bpr_loss", "sampled_softmax_loss", "full_softmax_loss", "LOSSES"]
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,19 @@ def sampled_softmax_loss(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.
     over-penalised and the loss estimates the full softmax."""
     logits = torch.cat([(pos - log_q_pos)[:, None], neg - log_q_neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64, device=logits.device))
+
+
+def full_softmax_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over the whole catalogue, with score rows shared.
+
+    ``logits [R, N]`` are the scores of ``R`` distinct rows (e.g. the users of
+    a batch) against all ``N`` items; interaction ``b`` is row ``rows[b]``
+    with positive item ``targets[b]``. Equal to
+    ``F.cross_entropy(logits[rows], targets)`` without materialising the
+    ``[B, N]`` repeat: each row's log-normaliser is computed once.
+    """
+    log_norm = torch.logsumexp(logits, dim=1)
+    return (log_norm[rows] - logits[rows, targets]).mean()
 
 
 LOSSES = ("mse", "bce", "bpr", "softmax")
