@@ -151,7 +151,15 @@ def test_restores_training_mode_and_runs_without_autograd():
     torch.testing.assert_close(got, rankfast.score(model, [0, 1]), rtol=0, atol=0)
 
 
-def test_concurrent_calls_match_serial_results():
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_concurrent_calls_on_worker_threads(three_threads):
     model = make_model("din")
     users = torch.arange(NUM_USERS)
     history, lengths = random_history(NUM_USERS, MAX_LEN)
@@ -166,8 +174,19 @@ def test_concurrent_calls_match_serial_results():
         t.start()
     for t in threads:
         t.join()
+    assert torch.get_num_threads() == 3
     for got in results:
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_worker_error_propagates_and_threads_are_restored(three_threads, monkeypatch):
+    def broken(self, rows, state):
+        raise RuntimeError("tile failed")
+
+    monkeypatch.setattr(factorized.MLPScorer, "pairs", broken)
+    with pytest.raises(RuntimeError, match="tile failed"):
+        rankfast.score(make_model("mlp"), [0, 1])
+    assert torch.get_num_threads() == 3
 
 
 def test_history_is_ignored_by_models_without_it():
