@@ -347,19 +347,6 @@ def ceiling():
     return measure_bf16_ceiling()
 
 
-@pytest.fixture(scope="module")
-def cases():
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = CASES[name]()
-            built[name].check()
-        return built[name]
-
-    return get
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels(benchmark, cases, ceiling, case, impl):

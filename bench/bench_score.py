@@ -166,19 +166,6 @@ def din_case():
 CASES = {"mlp": mlp_case, "din": din_case}
 
 
-@pytest.fixture(scope="module")
-def cases():
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = CASES[name]()
-            built[name].check()
-        return built[name]
-
-    return get
-
-
 @pytest.mark.parametrize("impl", list(ROUNDS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_score(benchmark, cases, case, impl):

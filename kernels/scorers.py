@@ -20,13 +20,7 @@ import torch
 
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
-
-
-class _Footprint:
-    """Same fields as ``rankfast.models.factorized.Footprint`` (kept local to avoid an import cycle)."""
-
-    def __init__(self, user, item, pair):
-        self.user, self.item, self.pair = user, item, pair
+from rankfast.models.factorized import Footprint
 
 
 def _item_state(item_side, ids):
@@ -68,7 +62,7 @@ class FusedMLPScorer:
         cfg = model.config
         width = cfg.hidden[0]
         side = (2 * cfg.dim if hasattr(model, "branch") else cfg.dim) + width + cfg.dim
-        return _Footprint(user=side, item=side, pair=1)
+        return Footprint(user=side, item=side, pair=1)
 
 
 class FusedAttentionScorer:
@@ -116,7 +110,7 @@ class FusedAttentionScorer:
     def footprint(model, history_len: int):
         cfg = model.config
         a1 = cfg.unit_hidden[0] if cfg.attention == "din" else 0
-        return _Footprint(user=history_len * (cfg.dim + a1) + cfg.hidden[0] + 1,
+        return Footprint(user=history_len * (cfg.dim + a1) + cfg.hidden[0] + 1,
                           item=cfg.dim + a1 + cfg.hidden[0], pair=1)
 
 
