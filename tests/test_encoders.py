@@ -29,8 +29,8 @@ from rankfast.encoders import (
 )
 from rankfast.data import IdMap, Interactions
 from rankfast.encoders import FineTuning
-from rankfast.models import MLPConfig, MLPModel
-from rankfast.train import TrainConfig, build_optimizer, fit
+from rankfast.models import DotConfig, DotModel, MLPConfig, MLPModel
+from rankfast.train import TrainConfig, build_optimizer, catalogue_scores, fit
 
 WORDS = "the a movie comedy drama action of and good great bad film story love war space toy alien ship city".split()
 TEXTS = [
@@ -268,6 +268,82 @@ def test_cold_items_get_finite_scores_that_depend_on_their_text(encoder_dir):
     torch.testing.assert_close(scores.reshape(-1), model(users, cold.repeat(5)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="ID embeddings"):
         add_rows(MLPModel(MLPConfig(num_users=2, num_items=3, dim=4)), "item", torch.zeros(1, 4))
+
+
+def hybrid_model(encoder, num_users=5, randomize=True):
+    """A DotModel whose items are an ID embedding plus projected text vectors
+    (every parameter random with ``randomize``, so the ID parts and biases are not zero)."""
+    torch.manual_seed(2)
+    config = DotConfig(num_users=num_users, num_items=len(TEXTS), dim=8, item_feature_dim=encoder.dim, item_hybrid=True)
+    model = DotModel(config, item_features=encoder.encode(TEXTS, progress=False))
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+    return model
+
+
+def test_hybrid_cold_rows_have_a_zero_id_part_and_depend_on_their_text(encoder_dir, tmp_path):
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    model = hybrid_model(encoder)
+    users = torch.arange(5)
+    warm = rankfast.score(model, users)
+    texts = ["space war movie", "a toy love comedy"]
+    vectors = encoder.encode(texts, progress=False)
+    cold = add_rows(model, "item", vectors)
+    assert cold.tolist() == [6, 7] and model.config.num_items == 8 and model.item_repr.num == 8
+    assert torch.equal(model.item_repr.embedding.weight[cold], torch.zeros(2, 8))
+    assert torch.equal(model.item_bias[cold], torch.zeros(2))
+    # Cold rows are the projected text alone, warm rows keep their ID part.
+    rep = model.item_repr
+    torch.testing.assert_close(rep(cold), rep.projection(vectors))
+    scores = rankfast.score(model, users)
+    torch.testing.assert_close(scores[:, :6], warm)
+    e_u = model.user_repr.embedding.weight.double()
+    expected = e_u @ rep.projection(vectors).double().T + (model.user_bias.double() + model.bias.double())[:, None]
+    torch.testing.assert_close(scores[:, 6:].double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(scores[:, 6], scores[:, 7])
+    # The grown model saves and loads as a hybrid of 8 items.
+    model.save(tmp_path)
+    loaded = rankfast.models.load_model(tmp_path)
+    assert loaded.config.item_hybrid and loaded.config.num_items == 8
+    assert torch.equal(rankfast.score(loaded, users), scores)
+    with pytest.raises(ValueError, match="features"):
+        add_rows(model, "item", torch.zeros(1, encoder.dim + 1))
+
+
+def test_attached_encoder_keeps_a_hybrid_id_part(encoder_dir):
+    encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("full"))
+    model = hybrid_model(encoder)
+    users, items = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 5, 2, 2, 3])
+    before = model(users, items).detach()
+    embedding = model.item_repr.embedding.weight.detach().clone()
+    with attach_text_encoder(model, encoder, TEXTS):
+        out = model(users, items)
+        torch.testing.assert_close(out, before, rtol=1e-5, atol=1e-5)  # same rows through the encoder
+        torch.testing.assert_close(model.item_repr.all(), model.item_repr.representation.all(), rtol=1e-5, atol=1e-5)
+        out.sum().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.item_repr.embedding.weight, embedding), "the ID part did not train"
+    torch.testing.assert_close(model.item_repr.features, encoder.encode(TEXTS, progress=False))
+
+
+@pytest.mark.parametrize("strategy, negatives", [("frozen", "all"), ("frozen", "uniform"), ("top_layers", "uniform")])
+def test_fit_trains_a_hybrid_model(encoder_dir, strategy, negatives):
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    model = hybrid_model(encoder, num_users=4, randomize=False)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    transfer = TransferConfig(strategy, top_layers=1)
+    config = TrainConfig(epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=2, lr=0.05, progress=False)
+    fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, transfer))
+    for name in ("item_repr.embedding.weight", "item_repr.projection.weight", "user_repr.embedding.weight"):
+        assert not torch.equal(start[name], model.get_parameter(name)), f"{name} did not train"
+    # The full softmax's catalogue path (item_repr.all()) equals the forward on every pair.
+    model.eval()
+    users = torch.arange(4)
+    expected = torch.stack([model(torch.full((6,), int(u)), torch.arange(6)) for u in users])
+    torch.testing.assert_close(catalogue_scores(model, users), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rankfast.score(model, users), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cold_users_pool_their_history_text_vectors():

@@ -36,6 +36,11 @@ CASES = {
     "dot-attention-raw": (AttentionModel, AttentionConfig, dict(attention="dot", normalize=False)),
     "mlp-features": (MLPModel, MLPConfig, dict(hidden=(9,), user_feature_dim=5, item_feature_dim=3)),
     "din-features": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4)),
+    # Hybrid sides: ID embedding + projected features (random ID parts here, unlike the zero init).
+    "dot-hybrid": (DotModel, DotConfig, dict(user_feature_dim=5, user_hybrid=True, item_feature_dim=3, item_hybrid=True)),
+    "mlp-hybrid": (MLPModel, MLPConfig, dict(hidden=(9,), item_feature_dim=3, item_hybrid=True)),
+    "neumf-hybrid": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), user_feature_dim=2, item_feature_dim=3, item_hybrid=True)),
+    "din-hybrid": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True)),
 }
 
 
@@ -82,6 +87,8 @@ def random_history(num_users, max_len, seed=1):
         (lambda: AttentionConfig(3, 5, 4, attention="mha"), "attention"),
         (lambda: AttentionConfig(3, 5, 4, unit_hidden=(-1,)), "unit_hidden"),
         (lambda: AttentionConfig(3, 5, 4, normalize="yes"), "normalize"),
+        (lambda: DotConfig(3, 5, 4, item_hybrid=True), "item_hybrid"),
+        (lambda: MLPConfig(3, 5, 4, user_feature_dim=2, user_hybrid=1), "user_hybrid"),
     ],
 )
 def test_bad_config_names_the_field(build, field):
@@ -120,6 +127,23 @@ def test_representation_rows_match_all(features):
     assert rep(ids).shape == (2, 2, 4)
     torch.testing.assert_close(rep(ids), rep.all()[ids])
     assert rep.uses_features == (features is not None)
+
+
+def test_hybrid_representation_against_float64_reference():
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(9, 5, generator=gen)
+    rep = Representation(9, 4, features, hybrid=True)
+    assert rep.hybrid and rep.uses_features
+    assert torch.equal(rep.embedding.weight, torch.zeros(9, 4)), "the ID part starts at zero"
+    with torch.no_grad():
+        rep.embedding.weight.normal_(generator=gen)
+    ids = torch.tensor([[0, 8], [3, 3], [5, 1]])
+    w, b, e = (t.detach().double() for t in (rep.projection.weight, rep.projection.bias, rep.embedding.weight))
+    expected = features.double() @ w.T + b + e  # every row, in float64
+    torch.testing.assert_close(rep.all().double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rep(ids).double(), expected[ids], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="hybrid"):
+        Representation(9, 4, hybrid=True)
 
 
 def test_dot_model_formula():
@@ -255,6 +279,14 @@ def test_load_tensor_mismatch_names_the_tensor(tmp_path, edit):
         tensors["output.bias"] = torch.zeros(2, dtype=torch.float64)
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="output.bias"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name, hybrid, match", [("dot-hybrid", False, "unexpected"), ("mlp-features", True, "missing")])
+def test_load_checks_the_hybrid_flag_against_the_tensors(tmp_path, name, hybrid, match):
+    make_model(name).save(tmp_path)
+    _edit_config(tmp_path, lambda m: m["config"].update(item_hybrid=hybrid))
+    with pytest.raises(ValueError, match=f"{match}.*item_repr.embedding.weight"):
         load_model(tmp_path)
 
 

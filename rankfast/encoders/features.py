@@ -61,16 +61,18 @@ def add_rows(model: nn.Module, side: str, features: torch.Tensor) -> torch.Tenso
 
     Items unseen in training get vectors from their text; users without an
     ID embedding get their history's pooled text vectors (:func:`pool_history`).
+    Whatever the model learned per id is zero for the new rows: a hybrid
+    representation's ID part and a per-id bias (``DotModel.item_bias``), so
+    they are scored from their features alone.
     """
     if side not in ("item", "user"):
         raise ValueError(f"side: expected 'item' or 'user', got {side!r}")
     representation = getattr(model, f"{side}_repr")
     if not getattr(representation, "uses_features", False):
         raise ValueError(f"model.{side}_repr: ID embeddings cannot represent unseen {side}s; use {side} features")
-    old = representation.features
-    if features.dim() != 2 or features.shape[1] != old.shape[1]:
-        raise ValueError(f"features: expected shape [n, {old.shape[1]}], got {tuple(features.shape)}")
-    representation.features = torch.cat([old, features.to(old)])
-    representation.num = representation.features.shape[0]
+    ids = representation.extend(features)
+    bias = getattr(model, f"{side}_bias", None)
+    if isinstance(bias, nn.Parameter):
+        setattr(model, f"{side}_bias", nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(len(ids))]), requires_grad=bias.requires_grad))
     setattr(model.config, f"num_{side}s", representation.num)
-    return torch.arange(old.shape[0], representation.num)
+    return ids

@@ -10,7 +10,8 @@ Strategies (``TransferConfig.strategy``):
 
 For the trainable strategies, :func:`attach_text_encoder` makes a model's
 item (or user) representation run the encoder on each batch's texts, through
-the same projection the frozen vectors use; :func:`refresh_features` writes
+the same projection the frozen vectors use (plus the ID part of a hybrid
+representation); :func:`refresh_features` writes
 the fine-tuned vectors back into the model's feature matrix, so scoring and
 serving need no encoder.
 """
@@ -127,22 +128,24 @@ class TextRepresentation(nn.Module):
     """A representation computed by the encoder from each id's text, then projected.
 
     Same interface as :class:`rankfast.models.layers.Representation`
-    (``forward(ids)``, ``all()``), sharing the projection of the one it
-    stands in for, so a model trains end to end through the encoder.
+    (``forward(ids)``, ``all()``); the feature-based ``representation`` it
+    stands in for turns the encoder's vectors into rows (its projection, and
+    its ID part if hybrid), so a model trains end to end through the encoder.
     """
 
-    def __init__(self, encoder: TextEncoder, texts: list[str], projection: nn.Module, batch_size: int = 64):
+    def __init__(self, encoder: TextEncoder, texts: list[str], representation: nn.Module, batch_size: int = 64):
         super().__init__()
-        self.encoder, self.projection, self.batch_size = encoder, projection, batch_size
+        self.encoder, self.representation, self.batch_size = encoder, representation, batch_size
         self.texts = list(texts)
-        self.num, self.dim = len(self.texts), projection.out_features
+        self.num, self.dim = len(self.texts), representation.dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         unique, inverse = torch.unique(flat, return_inverse=True)
         batch = self.encoder.tokenize([self.texts[i] for i in unique.tolist()])
         vectors = self.encoder(**{k: v.to(self.encoder.device) for k, v in batch.items()})
-        return self.projection(vectors.to(self.projection.weight.dtype))[inverse].reshape(*ids.shape, self.dim)
+        rows = self.representation.project(vectors.to(self.representation.projection.weight.dtype), unique)
+        return rows[inverse].reshape(*ids.shape, self.dim)
 
     def all(self) -> torch.Tensor:
         ids = torch.arange(self.num)
@@ -153,8 +156,8 @@ class TextRepresentation(nn.Module):
 def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", batch_size: int = 64):
     """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``.
 
-    The model must represent that side by feature vectors (its projection is
-    reused). On exit the feature-based representation is restored and, unless
+    The model must represent that side by feature vectors (its projection,
+    and a hybrid's ID part, are reused). On exit the feature-based representation is restored and, unless
     the block raised, its feature matrix refreshed from the (now fine-tuned) encoder.
     """
     attr = _side_attr(side)
@@ -163,7 +166,7 @@ def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str]
         raise ValueError(f"model.{attr}: must use feature vectors (config.{side}_feature_dim) to attach an encoder")
     if len(texts) != original.num:
         raise ValueError(f"texts: expected {original.num} (one per {side}), got {len(texts)}")
-    setattr(model, attr, TextRepresentation(encoder, texts, original.projection, batch_size))
+    setattr(model, attr, TextRepresentation(encoder, texts, original, batch_size))
     try:
         yield model
     except BaseException:

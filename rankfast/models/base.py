@@ -61,6 +61,9 @@ class ModelConfig:
     table; an int ``F`` when that side is represented by precomputed feature
     vectors ``[num, F]`` through a learned projection (the vectors are passed
     to the model's constructor and saved with the weights).
+    ``user_hybrid`` / ``item_hybrid``: that side's rows are an ID embedding
+    plus the projected feature vectors (needs the feature dim); rows added
+    after training (cold start) have a zero ID part.
     """
 
     num_users: int
@@ -68,6 +71,8 @@ class ModelConfig:
     dim: int
     user_feature_dim: int | None = None
     item_feature_dim: int | None = None
+    user_hybrid: bool = False
+    item_hybrid: bool = False
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -75,6 +80,12 @@ class ModelConfig:
             check_positive_int(owner, name, getattr(self, name))
         for name in ("user_feature_dim", "item_feature_dim"):
             check_positive_int(owner, name, getattr(self, name), optional=True)
+        for side in ("user", "item"):
+            hybrid = getattr(self, f"{side}_hybrid")
+            if not isinstance(hybrid, bool):
+                raise ValueError(f"{owner}.{side}_hybrid: expected a bool, got {hybrid!r}")
+            if hybrid and getattr(self, f"{side}_feature_dim") is None:
+                raise ValueError(f"{owner}.{side}_hybrid: needs {side}_feature_dim (an ID part plus projected features)")
 
 
 # --- model base class ------------------------------------------------------------------
@@ -107,11 +118,13 @@ class RankingModel(nn.Module):
             config.num_users,
             repr_dim,
             _check_features("user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"),
+            config.user_hybrid,
         )
         self.item_repr = Representation(
             config.num_items,
             repr_dim,
             _check_features("item_features", item_features, config.num_items, config.item_feature_dim, "item_feature_dim"),
+            config.item_hybrid,
         )
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -19,21 +19,30 @@ ACTIVATIONS = {"relu": F.relu, "gelu": _gelu, "silu": F.silu}
 
 
 class Representation(nn.Module):
-    """Maps ids to ``dim``-wide vectors, one interface for two kinds of input.
+    """Maps ids to ``dim``-wide vectors, one interface for three kinds of input.
 
     Without ``features`` it is an ID embedding table ``[num, dim]``. With
     ``features`` (a fixed ``[num, F]`` matrix, e.g. text-encoder outputs) row
     ``i`` is ``features[i]`` through a learned linear projection ``F -> dim``;
     the matrix is a buffer, so it is saved with the model but not trained.
+    With ``features`` and ``hybrid=True`` row ``i`` is
+    ``embedding[i] + projection(features[i])``: an ID part, zero at first,
+    learns what the features miss. Rows added by :meth:`extend` (cold start)
+    get a zero ID part, so they are represented by their features alone.
     """
 
-    def __init__(self, num: int, dim: int, features: torch.Tensor | None = None):
+    def __init__(self, num: int, dim: int, features: torch.Tensor | None = None, hybrid: bool = False):
         super().__init__()
-        self.num, self.dim = num, dim
-        if features is None:
+        if hybrid and features is None:
+            raise ValueError("hybrid: an ID part plus projected features needs features")
+        self.num, self.dim, self.hybrid = num, dim, bool(hybrid)
+        if features is None or self.hybrid:
             self.embedding = nn.Embedding(num, dim)
-            nn.init.normal_(self.embedding.weight, std=dim**-0.5)
-        else:
+            if self.hybrid:
+                nn.init.zeros_(self.embedding.weight)
+            else:
+                nn.init.normal_(self.embedding.weight, std=dim**-0.5)
+        if features is not None:
             self.register_buffer("features", features.to(torch.get_default_dtype()).contiguous())
             self.projection = nn.Linear(features.shape[1], dim)
 
@@ -44,14 +53,37 @@ class Representation(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids [...]`` -> ``[..., dim]``."""
         if self.uses_features:
-            return self.projection(self.features[ids])
+            return self.project(self.features[ids], ids)
         return self.embedding(ids)
 
     def all(self) -> torch.Tensor:
         """Every row, ``[num, dim]``."""
         if self.uses_features:
-            return self.projection(self.features)
+            return self.project(self.features, None)
         return self.embedding.weight
+
+    def project(self, vectors: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows of ``ids [...]`` given their feature vectors ``vectors [..., F]``
+        (``ids=None``: every row, in order); with ``hybrid`` the ID part is added."""
+        rows = self.projection(vectors)
+        if self.hybrid:
+            rows = rows + (self.embedding.weight if ids is None else self.embedding(ids))
+        return rows
+
+    def extend(self, features: torch.Tensor) -> torch.Tensor:
+        """Appends rows represented by ``features [n, F]`` (a hybrid's ID part
+        of them is zero); returns their ids."""
+        old = self.features
+        if features.dim() != 2 or features.shape[1] != old.shape[1]:
+            raise ValueError(f"features: expected shape [n, {old.shape[1]}], got {tuple(features.shape)}")
+        self.features = torch.cat([old, features.to(old)])
+        if self.hybrid:
+            weight = self.embedding.weight
+            self.embedding = nn.Embedding.from_pretrained(
+                torch.cat([weight.detach(), weight.new_zeros(len(features), self.dim)]), freeze=not weight.requires_grad
+            )
+        self.num = self.features.shape[0]
+        return torch.arange(old.shape[0], self.num)
 
 
 class MLP(nn.Module):
