@@ -4,6 +4,7 @@ from rankfast.data.interactions import MAPPINGS_FILE, IdMap, Interactions
 from rankfast.data.loaders import DataFormatError, NCFData, load_movielens, load_ncf, load_table
 from rankfast.data.sampling import NegativeSampler, event_histories, user_histories
 from rankfast.data.splits import leave_last_out, random_split, temporal_split
+from rankfast.data.synthetic import synthetic_interactions
 
 __all__ = [
     "MAPPINGS_FILE",
@@ -20,4 +21,5 @@ __all__ = [
     "random_split",
     "temporal_split",
     "leave_last_out",
+    "synthetic_interactions",
 ]
