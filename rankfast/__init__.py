@@ -15,3 +15,7 @@ from rankfast import baselines, data, evaluate, metrics, train  # noqa: E402
 from rankfast.train import TrainConfig, fit  # noqa: E402
 
 __all__ += ["baselines", "data", "evaluate", "metrics", "train", "TrainConfig", "fit"]
+
+from rankfast.ranker import Ranker  # noqa: E402
+
+__all__ += ["Ranker"]
