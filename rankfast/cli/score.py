@@ -1,0 +1,64 @@
+"""``rankfast score``: user ids in (one a line), JSON lines of top-K items and scores out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rankfast.cli import CLIError
+from rankfast.ranker import Ranker
+
+
+def read_users(lines, integer_ids: bool) -> list:
+    """Raw user ids, one per non-blank line; integers when the model's ids are."""
+    users = []
+    for lineno, line in enumerate(lines, start=1):
+        token = line.strip()
+        if not token:
+            continue
+        if integer_ids:
+            try:
+                token = int(token)
+            except ValueError:
+                raise CLIError(f"line {lineno}: user id {token!r} is not an integer (the model's user ids are)") from None
+        users.append(token)
+    return users
+
+
+def run_score(args):
+    if args.k < 1:
+        raise CLIError(f"-k: expected a positive int, got {args.k}", 2)
+    ranker = Ranker.load(args.model_dir, cold_start=args.cold_start)
+    integer_ids = np.issubdtype(ranker.user_ids.raw.dtype, np.integer)
+    with _open(args.input, "r", sys.stdin) as f:
+        users = read_users(f, integer_ids)
+    batches = range(0, len(users), args.batch_size)
+    with _open(args.output, "w", sys.stdout) as out:
+        for start in tqdm(batches, desc="score", unit="batch", disable=None, file=sys.stderr):
+            for row in ranker.score(users[start : start + args.batch_size], k=args.k, exclude_seen=not args.include_seen):
+                out.write(json.dumps(row) + "\n")
+
+
+@contextlib.contextmanager
+def _open(path, mode, default):
+    if path in (None, "-"):
+        yield default
+        return
+    with open(path, mode, encoding="utf-8") as f:
+        yield f
+
+
+def add_parsers(sub):
+    p = sub.add_parser("score", help="top-K items for user ids, as JSON lines")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--input", "-i", metavar="FILE", help="user ids, one a line (default: stdin)")
+    p.add_argument("--output", "-o", metavar="FILE", help="JSON lines {user, items, scores} (default: stdout)")
+    p.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    p.add_argument("--include-seen", action="store_true", help="keep each user's training items")
+    p.add_argument("--cold-start", action="store_true", help="score unknown users from an empty history where the model can (else they are an error)")
+    p.add_argument("--batch-size", type=int, default=1024, help="users per scoring call (default 1024)")
+    p.set_defaults(run=run_score)
