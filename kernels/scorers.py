@@ -17,6 +17,7 @@ kernels cannot run it (model type, depth, widths, dropout in training mode).
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_map
 
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
@@ -121,6 +122,31 @@ def fused_scorer(model):
     if ta.supports(model):
         return FusedAttentionScorer
     return None
+
+
+def training_scores(model, users, items=None, history=None, lengths=None):
+    """Differentiable scores ``[B, W]`` of ``users [B]`` against per-user
+    candidates ``items [B, W]`` (or every item, ``None``) through the fused
+    forward and backward kernels: what :func:`rankfast.fit` trains on when
+    :func:`rankfast.scoring.trains_fused` says so.
+
+    Under autocast (``TrainConfig.bf16``) the kernels' inputs are cast to the
+    autocast dtype, as autocast would cast a matmul's; gradients flow back to
+    the parameters in their own dtype.
+    """
+    if ms.supports(model):
+        args, kw = ms._model_op_inputs(model, users, items)
+        op = ms.mlp_score
+    else:
+        args, kw = ta.model_inputs(model, users, items, history, lengths)
+        op = ta.target_attention_score
+    device = users.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        args, kw = tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                            (args, kw))
+    with torch.autocast(device, enabled=False):
+        return op(*args, **kw)
 
 
 def positions_bitmask(indptr, positions, num_rows, num_candidates, device):

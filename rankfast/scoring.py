@@ -177,12 +177,17 @@ def score(
 # --- dispatch ----------------------------------------------------------------------------
 
 
-def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int):
-    """The one dispatch point: which implementation scores, the tile size in
-    bytes it works in, and how many tiles run at once (one per CPU thread)."""
+def _backend() -> str:
     backend = os.environ.get(BACKEND_ENV, "") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int):
+    """The one dispatch point: which implementation scores, the tile size in
+    bytes it works in, and how many tiles run at once (one per CPU thread)."""
+    backend = _backend()
     if backend == "reference":
         scorer = ReferenceScorer
     elif backend == "factorized" or (backend == "auto" and device.type != "cuda"):
@@ -196,6 +201,27 @@ def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int
     # Triton kernels reach a CPU only under the interpreter, which is not thread-safe.
     workers = 1 if backend == "triton" else torch.get_num_threads()
     return scorer, min(memory_budget, CPU_TILE_BYTES), workers
+
+
+def trains_fused(model: RankingModel, device: torch.device) -> bool:
+    """The same dispatch for training: whether :func:`rankfast.fit` computes
+    ``model``'s scores through the fused kernels (forward and backward kernels,
+    no per-pair activations stored). As for scoring: CUDA and a model the
+    kernels cover under ``auto``, always with ``triton`` (an error if they
+    cannot), never with ``reference`` or ``factorized`` (training has no
+    factorized path: the model's own forward). The kernels have no dropout,
+    so under ``auto`` a model with dropout trains on its own forward."""
+    backend = _backend()
+    if backend in ("reference", "factorized") or (backend == "auto" and device.type != "cuda"):
+        return False
+    if _fused_scorer(model, required=backend == "triton") is None:
+        return False
+    if model.config.dropout > 0:
+        if backend == "triton":
+            raise ValueError(f"{BACKEND_ENV}=triton: the fused kernels have no dropout, and this model's "
+                             f"dropout is {model.config.dropout}")
+        return False
+    return True
 
 
 def _fused_scorer(model: RankingModel, *, required: bool):

@@ -17,7 +17,9 @@ from rankfast.data import Interactions, NegativeSampler, event_histories
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features, save_encoder
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
+from rankfast.scoring import trains_fused
 from rankfast.train.catalogue import CatalogueScores
+from rankfast.train.fused import FusedScores
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context, shard
 from rankfast.train.losses import LOSSES, bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
@@ -150,9 +152,15 @@ class _Trainer:
                 self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
-            module = CatalogueScores(model) if config.negatives == "all" else model  # full softmax: users x catalogue
-            self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             self.device = next(model.parameters()).device
+            self.fused = not self.multitask and trains_fused(model, self.device)
+            if self.fused:
+                module = FusedScores(model)
+            elif config.negatives == "all":
+                module = CatalogueScores(model)  # full softmax: users x catalogue
+            else:
+                module = model
+            self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
             self.steps_per_epoch = -(-micro // config.grad_accum)
             self.optimizer = build_optimizer(
@@ -199,22 +207,23 @@ class _Trainer:
         ex, config = self.examples, self.config
         if config.negatives == "all":
             return self._full_softmax_loss(idx)
-        users, items = ex.users[idx], ex.items[idx]
+        users, items = ex.users[idx], ex.items[idx][:, None]
         history = None if ex.history is None else ex.history[idx]
         lengths = None if ex.lengths is None else ex.lengths[idx]
         if negatives is not None:
-            width = 1 + negatives.shape[1]
-            items = torch.cat([items[:, None], negatives], dim=1).reshape(-1)
-            users = users.repeat_interleave(width)
+            items = torch.cat([items, negatives], dim=1)  # [B, 1 + negatives]: the positive first
+        if not self.fused:  # the model's forward takes aligned (user, item) pairs
+            width = items.shape[1]
+            items, users = items.reshape(-1), users.repeat_interleave(width)
             if history is not None:
                 history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
         to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             out = self.net(to(users), to(items), to(history), to(lengths))
         clicks, ratings = out if self.multitask else (out, None)
-        if config.loss == "mse":
-            return mse_loss(clicks.float(), to(ex.ratings[idx]))
         scores = clicks.float().view(len(idx), -1)
+        if config.loss == "mse":
+            return mse_loss(scores[:, 0], to(ex.ratings[idx]))
         pos, neg = scores[:, 0], scores[:, 1:]
         if config.loss == "bce":
             loss = bce_loss(pos, neg)
