@@ -10,9 +10,10 @@ Cases (from issue 4), on CUDA:
 * ``score+topk``: the MLP case with k=100: fused (rankfast) vs rankfast's
   scores then ``torch.topk`` (``rankfast-unfused``) vs eager / compiled
   scoring then ``torch.topk``;
-* ``train``: forward + backward of a sampled-softmax loss over B=1024 users x
-  N=512 shared candidates, MLPModel and NeuMF in bf16; DIN (the din case's
-  model) over B=256 x N=128, L=100; rankfast vs eager only.
+* ``train``: forward + backward of a softmax loss over B=1024 users x N=512
+  shared candidates, MLPModel and NeuMF in bf16; DIN (the din case's model)
+  over B=256 x N=128, L=100. rankfast runs ``training_scores``, the path
+  ``rankfast.fit`` takes on a GPU.
 
 Conventions (bench/report.py): ``benchmark.group`` is the case,
 ``extra_info["impl"]`` one of "rankfast", "eager", "torch.compile" (plus
@@ -47,6 +48,7 @@ from memory import peak_memory  # noqa: E402
 
 from rankfast.kernels import mlp_score as ms  # noqa: E402
 from rankfast.kernels import target_attention as ta  # noqa: E402
+from rankfast.kernels.scorers import training_scores  # noqa: E402
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig  # noqa: E402
 from rankfast.models.attention import history_mask  # noqa: E402
 
@@ -262,20 +264,19 @@ def train_case(kind, dtype=torch.bfloat16):
             return loss.detach()
         return run
 
-    ours = step(lambda m, u, i: ms.model_scores(m, u, i))
+    impls = {"rankfast": step(training_scores), "eager": step(eager_fn), "torch.compile": step(torch.compile(eager_fn))}
 
     def check():
         grads = {}
-        for name, fn in (("rankfast", ours), ("eager", step(eager_fn))):
+        for name, fn in impls.items():
             fn()
             grads[name] = [p.grad.detach().clone() for p in model.parameters()]
-        for g, w in zip(grads["rankfast"], grads["eager"]):
-            _close(g, w, "rankfast vs eager gradient", 1e-1)  # bf16 gradients: each is a few % off float64
+        for name in ("rankfast", "torch.compile"):
+            for g, w in zip(grads[name], grads["eager"]):
+                _close(g, w, f"{name} vs eager gradient", 1e-1)  # bf16 gradients: each is a few % off float64
 
     hidden_flops = mlp_flops((256, 128), b * n)
-    # No torch.compile row for training (the issue's bar is eager; compiling forward + backward
-    # of three models would take most of gpu_check.sh's time budget).
-    return Case(f"train {kind} bf16 B={b} N={n}", {"rankfast": ours, "eager": step(eager_fn)}, check,
+    return Case(f"train {kind} bf16 B={b} N={n}", impls, check,
                 flops=3 * hidden_flops)  # forward + two backward matmuls per layer
 
 
@@ -296,17 +297,19 @@ def train_din_case(dtype=torch.bfloat16):
             return loss.detach()
         return run
 
-    ours = step(lambda *a: ta.model_scores(model, *a))
-    eager = step(lambda *a: eager_din(model, *a))
+    compiled = torch.compile(eager_din)
+    impls = {"rankfast": step(lambda *a: training_scores(model, *a)), "eager": step(lambda *a: eager_din(model, *a)),
+             "torch.compile": step(lambda *a: compiled(model, *a))}
 
     def check():
         grads = {}
-        for name, fn in (("rankfast", ours), ("eager", eager)):
+        for name, fn in impls.items():
             fn()
             grads[name] = torch.cat([p.grad.detach().float().reshape(-1) for p in model.parameters()])
-        _close(grads["rankfast"], grads["eager"], "rankfast vs eager gradients", 1e-1)
+        for name in ("rankfast", "torch.compile"):
+            _close(grads[name], grads["eager"], f"{name} vs eager gradients", 1e-1)
 
-    return Case(f"train din bf16 B={b} N={n} L={length}", {"rankfast": ours, "eager": eager}, check)
+    return Case(f"train din bf16 B={b} N={n} L={length}", impls, check)
 
 
 CASES = {

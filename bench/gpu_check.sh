@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # One check on a machine with a CUDA GPU, in under 8 minutes:
 #   1. installs rankfast (editable, no dependency resolution: torch/triton are the machine's own);
-#   2. runs the kernel tests on the GPU (incl. the @gpu ones: inductor compile, bf16);
-#   3. runs bench/bench_kernels.py in one process (eager, torch.compile, rankfast);
-#   4. writes bench/results/<date>-<gpu>.md: device, driver, versions, medians,
-#      ratios, peak memory, measured bf16 matmul ceiling and roofline fractions.
+#   2. runs the kernel and fused-training tests on the GPU, one process per file in parallel
+#      (incl. the @gpu ones: inductor compile, bf16);
+#   3. runs bench/bench_kernels.py case by case (eager, torch.compile, rankfast), most important
+#      first, each in its own process, while the benchmark budget lasts;
+#   4. writes RESULTS_DIR/<date>-<gpu>.md (device, driver, versions, medians, ratios, peak memory,
+#      measured bf16 matmul ceiling and roofline fractions), the tests' log and the raw JSON.
 # Usage: bash bench/gpu_check.sh            (from anywhere; commit the results file it writes)
-# Env: TEST_TIMEOUT / BENCH_TIMEOUT (seconds; defaults 200 / 270). Budget: install ~1 min,
-# tests <= TEST_TIMEOUT (files in parallel), benchmarks <= BENCH_TIMEOUT: under 8 minutes.
+# Env: RESULTS_DIR (default bench/results); TEST_TIMEOUT (s, default 120); BENCH_BUDGET (s for all
+# benchmark cases, default 220; a case starts only with 45 s of it left); CASES (space-separated
+# names from bench_kernels.CASES); SKIP_TESTS=1 runs only the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-TEST_TIMEOUT=${TEST_TIMEOUT:-200}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-270}
+RESULTS_DIR=${RESULTS_DIR:-bench/results}
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+BENCH_BUDGET=${BENCH_BUDGET:-220}
+CASES=${CASES:-"mlp-bf16 din-bf16 train-mlp train-din topk-bf16 train-neumf mlp-fp32"}
 WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS_DIR"
 
 python - <<'EOF' || { echo "gpu_check: no CUDA device visible to torch"; exit 2; }
 import torch
@@ -27,48 +34,67 @@ python -m pip show pytest-benchmark >/dev/null 2>&1 || echo "gpu_check: pytest-b
 
 DATE=$(date -u +%Y-%m-%d)
 GPU=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
-OUT="bench/results/${DATE}-${GPU}.md"
-JSON="$WORK/kernels.json"
+REPORT="$RESULTS_DIR/${DATE}-${GPU}.md"
+TESTS_LOG="$RESULTS_DIR/${DATE}-${GPU}-tests.log"
 
-echo "== tests (GPU, RANKFAST_AUTOTUNE=0: one launch config per kernel, no tuning)"
-# One pytest process per file, in parallel: most of the time is Triton compiling (CPU-bound).
 TEST_RC=0
-PIDS=()
-for f in tests/test_kernels_mlp.py tests/test_kernels_attention.py tests/test_kernels_topk.py tests/test_kernels_scoring.py; do
-    RANKFAST_AUTOTUNE=0 timeout "$TEST_TIMEOUT" python -m pytest -q -p no:cacheprovider "$f" \
-        >"$WORK/$(basename "$f" .py).log" 2>&1 &
-    PIDS+=($!)
-done
-for pid in "${PIDS[@]}"; do wait "$pid" || TEST_RC=1; done
-TEST_SUMMARY=""
-for log in "$WORK"/test_kernels_*.log; do
-    cat "$log" >>"$WORK/tests.log"
-    TEST_SUMMARY="$TEST_SUMMARY $(basename "$log" .log): $(grep -E "passed|failed|error" "$log" | tail -1);"
-done
-grep -E "^(FAILED|ERROR)" "$WORK/tests.log" || true
-echo "$TEST_SUMMARY"
+TEST_SUMMARY="not run"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    echo "== tests (GPU, RANKFAST_AUTOTUNE=0: one launch config per kernel, no tuning)"
+    # One pytest process per file, in parallel: most of the time is Triton compiling (CPU-bound).
+    PIDS=()
+    for f in tests/test_kernels_mlp.py tests/test_kernels_attention.py tests/test_kernels_topk.py \
+             tests/test_kernels_scoring.py tests/test_train_fused.py; do
+        RANKFAST_AUTOTUNE=0 timeout "$TEST_TIMEOUT" python -m pytest -v --tb=short -p no:cacheprovider "$f" \
+            >"$WORK/$(basename "$f" .py).log" 2>&1 &
+        PIDS+=($!)
+    done
+    for pid in "${PIDS[@]}"; do wait "$pid" || TEST_RC=1; done
+    TEST_SUMMARY=""
+    : >"$TESTS_LOG"
+    for log in "$WORK"/test_*.log; do
+        cat "$log" >>"$TESTS_LOG"
+        last=$(grep -E "[0-9]+ (passed|failed|error)" "$log" | tail -1)
+        TEST_SUMMARY="$TEST_SUMMARY $(basename "$log" .log): ${last:-no summary (timed out?)};"
+    done
+    grep -E "^(FAILED|ERROR)" "$TESTS_LOG" || true
+    echo "$TEST_SUMMARY"
+fi
 
-echo "== benchmarks (autotuned)"
+echo "== benchmarks (autotuned), budget ${BENCH_BUDGET} s"
 BENCH_RC=0
-(cd bench && timeout "$BENCH_TIMEOUT" python -m pytest -q -p no:cacheprovider bench_kernels.py \
-    --benchmark-json="$JSON" 2>&1 | tee "$WORK/bench.log")
-BENCH_RC=${PIPESTATUS[0]}
+BENCH_START=$(date +%s)
+JSONS=()
+SKIPPED=""
+for case in $CASES; do
+    left=$((BENCH_BUDGET - ($(date +%s) - BENCH_START)))
+    if [ "$left" -lt 45 ]; then SKIPPED="$SKIPPED $case"; continue; fi
+    ids=()
+    for impl in rankfast rankfast-unfused eager torch.compile; do ids+=("bench_kernels.py::test_kernels[$case-$impl]"); done
+    echo "-- $case (up to $left s)"
+    (cd bench && timeout "$left" python -m pytest -q -rfE --tb=short -p no:cacheprovider "${ids[@]}" \
+        --benchmark-json="$WORK/$case.json" >"$WORK/$case.log" 2>&1)
+    rc=$?
+    cat "$WORK/$case.log" >>"$WORK/bench.log"
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|error)" "$WORK/$case.log" | tail -4
+    [ "$rc" = 0 ] || { BENCH_RC=1; echo "   $case: exit $rc"; }
+    [ -s "$WORK/$case.json" ] && JSONS+=("$WORK/$case.json")
+done
+[ -z "$SKIPPED" ] || echo "   not run (budget spent):$SKIPPED"
+cp "$WORK/bench.log" "$RESULTS_DIR/${DATE}-${GPU}-bench.log" 2>/dev/null || true
 
 echo "== report"
-NOTE=$(python - "$JSON" "$TEST_RC" "$TEST_SUMMARY" "$BENCH_RC" <<'EOF'
-import json, subprocess, sys
+NOTE=$(python - "$TEST_RC" "$TEST_SUMMARY" "$BENCH_RC" "$SKIPPED" "${JSONS[@]}" <<'EOF'
+import json, sys
 import torch, triton
-path, test_rc, test_summary, bench_rc = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-lines = [f"Kernel tests on the GPU: exit {test_rc} ({test_summary.strip() or 'no summary'}). "
-         f"Benchmarks: exit {bench_rc}.", ""]
+test_rc, test_summary, bench_rc, skipped, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+lines = [f"GPU tests: exit {test_rc} ({test_summary.strip()}). Benchmarks: exit {bench_rc}"
+         + (f"; not run (budget spent): {skipped.strip()}." if skipped.strip() else "."), ""]
 props = torch.cuda.get_device_properties(0)
 lines.append(f"Device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__} "
              f"(CUDA {torch.version.cuda}); triton {triton.__version__}.")
-try:
-    data = json.load(open(path))
-except (OSError, ValueError):
-    data = {"benchmarks": []}
-rows = [b for b in data["benchmarks"] if b["extra_info"].get("impl") == "rankfast" and "tflops" in b["extra_info"]]
+rows = [b for p in paths for b in json.load(open(p))["benchmarks"]
+        if b["extra_info"].get("impl") == "rankfast" and "tflops" in b["extra_info"]]
 if rows:
     ceiling = rows[0]["extra_info"].get("ceiling_tflops")
     lines += ["", f"Measured bf16 dense matmul ceiling (8192^3, torch.matmul): {ceiling:.0f} TFLOP/s.", "",
@@ -76,17 +102,20 @@ if rows:
     for b in rows:
         e = b["extra_info"]
         frac = e.get("ceiling_fraction")
-        lines.append(f"| {b['group']} | {e['tflops']:.1f} | {frac:.1%} |" if frac is not None else
-                     f"| {b['group']} | {e['tflops']:.1f} | - |")
+        lines.append(f"| {b['group']} | {e['tflops']:.1f} | " + (f"{frac:.1%} |" if frac is not None else "- |"))
 print("\n".join(lines))
 EOF
 )
-if [ -s "$JSON" ]; then
-    python bench/report.py "$JSON" --title "Fused Triton kernels (${GPU})" --out "$OUT" --note "$NOTE"
+if [ "${#JSONS[@]}" -gt 0 ]; then
+    python bench/report.py "${JSONS[@]}" --title "Fused Triton kernels (${GPU})" --out "$REPORT" --note "$NOTE"
+    python - "$RESULTS_DIR/${DATE}-${GPU}.json" "${JSONS[@]}" <<'EOF'
+import json, sys
+runs = [json.load(open(p)) for p in sys.argv[2:]]
+json.dump(dict(runs[0], benchmarks=[b for r in runs for b in r["benchmarks"]]), open(sys.argv[1], "w"), indent=1)
+EOF
 else
-    mkdir -p bench/results
-    { echo "# Fused Triton kernels (${GPU})"; echo; echo "- Date: ${DATE}"; echo; echo "No benchmark results (exit ${BENCH_RC})."; echo; echo "$NOTE"; } >"$OUT"
+    { echo "# Fused Triton kernels (${GPU})"; echo; echo "- Date: ${DATE}"; echo; echo "No benchmark results."; echo; echo "$NOTE"; } >"$REPORT"
+    cat "$REPORT"
 fi
-cp "$WORK/tests.log" "bench/results/${DATE}-${GPU}-tests.log" 2>/dev/null || true
-echo "== wrote $OUT in $(( $(date +%s) - START )) s (tests exit $TEST_RC, benchmarks exit $BENCH_RC)"
+echo "== wrote $REPORT in $(( $(date +%s) - START )) s (tests exit $TEST_RC, benchmarks exit $BENCH_RC)"
 [ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]

@@ -7,7 +7,7 @@ row: the median time of every implementation, rankfast's speedup over each
 baseline (baseline median / rankfast median, measured in the same run), and
 peak memory where recorded.
 
-    python bench/report.py RESULTS.json --title "CPU top-K" --out bench/results/DATE-cpu-topk.md
+    python bench/report.py RESULTS.json [MORE.json ...] --title "CPU top-K" --out bench/results/DATE-cpu-topk.md
 """
 
 from __future__ import annotations
@@ -87,13 +87,15 @@ def table(benchmarks: list[dict]) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="file written by pytest --benchmark-json")
+    parser.add_argument("json", type=Path, nargs="+",
+                        help="file(s) written by pytest --benchmark-json (several: one table, in order)")
     parser.add_argument("--title", required=True)
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
     parser.add_argument("--note", default="", help="a paragraph to put under the table")
     args = parser.parse_args()
 
-    data = json.loads(args.json.read_text())
+    runs = [json.loads(path.read_text()) for path in args.json]
+    data = dict(runs[0], benchmarks=[b for run in runs for b in run["benchmarks"]])
     date = data["datetime"][:10]
     lines = [f"# {args.title}", "", f"- Date: {date}", *environment(data["machine_info"]), ""]
     rounds = sorted({b["stats"]["rounds"] for b in data["benchmarks"]})
