@@ -227,7 +227,9 @@ class Ranker:
         of its arguments), in order. Requests with the same candidates and
         ``exclude_seen`` are scored together in one :func:`rankfast.score`
         call (with the largest ``k``; each request keeps its own top ``k``),
-        so many small requests cost about as much as one large one."""
+        so many small requests cost about as much as one large one. A score
+        may differ from a separate call's in the last bit (another batch shape
+        rounds differently); the thread safety promise is about equal calls."""
         requests = [r if isinstance(r, Request) else Request(**r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for n, request in enumerate(requests):

@@ -1,0 +1,171 @@
+"""The rankfast command line, each subcommand end to end in a temporary directory."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+import torch
+
+import rankfast
+from rankfast import Ranker
+from rankfast.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_USAGE, main
+from rankfast.data import synthetic_interactions, temporal_split
+from rankfast.evaluate import evaluate
+
+TINY = ["--users", "60", "--items", "40"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Commands set torch's thread count for their (normally short-lived) process."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny trained model directory (``rankfast train`` from a TOML file plus flags)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    config = tmp / "train.toml"
+    config.write_text(
+        f'out = "{tmp / "model"}"\n'
+        "[data]\nsynthetic = {num_users = 60, num_items = 40, seed = 2}\n"
+        '[model]\ntype = "mlp"\nhidden = [8]\n'
+        "[train]\nepochs = 3\nbatch_size = 256\n"
+    )
+    before = torch.get_num_threads()
+    assert main(["train", "--config", str(config), "--dim", "6", "--epochs", "1"]) == 0
+    torch.set_num_threads(before)
+    return tmp / "model"
+
+
+def test_console_script_is_declared():
+    (script,) = entry_points(group="console_scripts", name="rankfast")
+    assert script.value == "rankfast.cli:main"
+
+
+def test_train_writes_a_model_directory_with_file_and_flag_settings(model_dir):
+    ranker = Ranker.load(model_dir)
+    config = ranker.model.config
+    assert type(ranker.model).__name__ == "MLPModel" and config.dim == 6 and config.hidden == (8,)  # flag beat nothing, file
+    assert ranker.meta["data"] == {"synthetic": {"num_users": 60, "num_items": 40, "seed": 2}, "test_ratio": 0.2}
+
+
+def test_demo_tiny(tmp_path, capsys):
+    code, out, _ = run(["demo", *TINY, "--epochs", "1", "--out", tmp_path / "demo"], capsys)
+    assert code == 0
+    for row in ("popularity", "EASE^R (lambda=100)", "DotModel", "top 10 for user"):
+        assert row in out
+    ranked = [line for line in out.splitlines() if line.strip()[:3].strip().rstrip(".").isdigit()]
+    assert len(ranked) == 10
+    assert Ranker.load(tmp_path / "demo").model.config.num_users == 60
+
+
+def test_evaluate_matches_the_library(model_dir, capsys):
+    code, out, _ = run(["evaluate", model_dir, "--baselines"], capsys)
+    assert code == 0
+    train, test = temporal_split(synthetic_interactions(60, 40, seed=2), 0.2)
+    expected = evaluate(Ranker.load(model_dir).model, train, test, ks=(10, 20), progress=False)
+    row = next(line.split() for line in out.splitlines() if line.startswith("MLPModel"))
+    assert [float(v) for v in row[1:5]] == pytest.approx([expected[m] for m in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")], abs=1e-4)
+    assert "popularity" in out and "EASE^R" in out
+
+
+def test_score_writes_json_lines(model_dir, tmp_path, capsys):
+    (tmp_path / "users.txt").write_text("3\n\n17\n59\n")
+    code, _, _ = run(["score", model_dir, "-i", tmp_path / "users.txt", "-o", tmp_path / "out.jsonl", "-k", "4"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows == Ranker.load(model_dir).score([3, 17, 59], k=4)
+    assert all(len(r["items"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        ([], EXIT_USAGE, "required: COMMAND"),
+        (["train", "--bogus"], EXIT_USAGE, "unrecognized arguments: --bogus"),
+        (["train", "--model", "xyz"], EXIT_USAGE, "invalid choice: 'xyz'"),
+        (["train", "--epochs", "two"], EXIT_USAGE, "invalid int value: 'two'"),
+        (["train", "--config", "/nonexistent.toml", "--out", "x"], EXIT_USAGE, "--config: cannot read"),
+        (["score", "/nonexistent/model"], EXIT_FAILED, "/nonexistent/model: no such model directory"),
+        (["evaluate", "/nonexistent/model"], EXIT_FAILED, "no such model directory"),
+        (["demo", "--data", "/nonexistent/ml"], EXIT_FAILED, "/nonexistent/ml"),
+        (["bench", "--bench-dir", "/nonexistent"], EXIT_USAGE, "no benchmark suites"),
+    ],
+)
+def test_bad_arguments_one_line_error(argv, code, message, capsys):
+    got, out, err = run(argv, capsys)
+    assert got == code
+    assert err.count("\n") == 1 and err.startswith("rankfast: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.toml").write_text('[model]\ncolour = "red"\n')
+    code, _, err = run(["train", "--config", tmp_path / "bad.toml", "--out", tmp_path / "m", *TINY], capsys)
+    assert code == EXIT_USAGE and "unexpected keyword argument 'colour'" in err
+    (tmp_path / "bad2.toml").write_text("epochs = [")
+    code, _, err = run(["train", "--config", tmp_path / "bad2.toml"], capsys)
+    assert code == EXIT_USAGE and "not valid TOML" in err and err.count("\n") == 1
+    for text, message in (("abc\n", "line 1: user id 'abc' is not an integer"), ("5\n999\n", "unknown user id 999")):
+        (tmp_path / "u.txt").write_text(text)
+        code, out, err = run(["score", model_dir, "-i", tmp_path / "u.txt"], capsys)
+        assert code == EXIT_FAILED and message in err and err.count("\n") == 1
+
+
+def test_corrupted_model_directory(model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    (broken / "config.json").write_text("{")
+    code, _, err = run(["score", broken], capsys)
+    assert code == EXIT_FAILED and "config.json: not a rankfast model config" in err and err.count("\n") == 1
+
+
+def test_info(capsys):
+    code, out, _ = run(["info", "--json"], capsys)
+    facts = json.loads(out)
+    assert code == 0
+    assert facts["rankfast"] == rankfast.__version__ and facts["torch"] == torch.__version__
+    assert facts["cpp_extension"] == rankfast.extension_available()
+    assert facts["cuda"]["available"] == torch.cuda.is_available()
+    code, out, _ = run(["info"], capsys)
+    assert "C++ top-K extension: " in out and "Triton kernels: " in out
+
+
+def test_bench_tiny(tmp_path, capfd):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "bench"
+    code = main(["bench", "--suite", "topk", "-k", "uniform-N10000-k10-", "--out", str(out_dir)])
+    out = capfd.readouterr().out  # the table comes from bench/report.py in a subprocess
+    assert code == 0
+    assert "| topk B=1024 N=10000 k=10 uniform |" in out and "speedup vs torch.topk" in out
+    data = json.loads((out_dir / "bench.json").read_text())
+    assert {b["extra_info"]["impl"] for b in data["benchmarks"]} == {"rankfast", "torch.topk", "numpy"}
+    assert (out_dir / "bench.md").read_text().count("| topk ") == 1
+    assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run(["bench", "--out", tmp_path], capsys)
+    assert code == EXIT_MISSING_DEPENDENCY and "needs matplotlib" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_in_a_subprocess(tmp_path):
+    """The real entry: exit code and a one-line error, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "rankfast", "score", str(tmp_path / "none")], capture_output=True, text=True)
+    assert done.returncode == EXIT_FAILED
+    assert done.stderr.strip().count("\n") == 0 and "no such model directory" in done.stderr
