@@ -1,0 +1,34 @@
+"""A Ray Serve deployment of a rankfast model directory, with request micro-batching.
+
+    RANKFAST_MODEL_DIR=/abs/path/rankfast-demo/model serve run examples.ray_serve_app:app
+    curl -s localhost:8000/ -d '{"users": [0, 1], "k": 5}'
+
+Each replica loads one :class:`rankfast.Ranker`. ``serve.batch`` gathers
+concurrent HTTP requests (up to 64, waiting at most 5 ms) and hands them to
+:meth:`Ranker.score_many`, which scores requests with the same candidates in
+one call. A request body holds the arguments of :meth:`Ranker.score`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+
+from rankfast import Ranker
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1})
+class RankerDeployment:
+    def __init__(self, model_dir: str):
+        self.ranker = Ranker.load(model_dir)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def recommend(self, requests: list[dict]) -> list[list[dict]]:
+        return self.ranker.score_many(requests)
+
+    async def __call__(self, http_request) -> dict:
+        return {"results": await self.recommend(await http_request.json())}
+
+
+app = RankerDeployment.bind(os.environ.get("RANKFAST_MODEL_DIR", "rankfast-demo/model"))

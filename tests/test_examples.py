@@ -1,0 +1,200 @@
+"""The serving examples in examples/: the ASGI app on a real loopback server, the
+Triton and Ray Serve ones against fakes of the interfaces they call."""
+
+import asyncio
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rankfast import Ranker
+from rankfast.data import synthetic_interactions
+from rankfast.models import DotConfig, DotModel
+from rankfast.ranker import save_model_dir
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    train = synthetic_interactions(30, 25, per_user=5, seed=4)
+    torch.manual_seed(0)
+    model = DotModel(DotConfig(num_users=30, num_items=25, dim=6))
+    return str(save_model_dir(tmp_path_factory.mktemp("examples") / "model", model, train))
+
+
+def load_example(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- ASGI, end to end on loopback ---------------------------------------------------------
+
+
+def test_asgi_app_over_http(model_dir):
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("starlette")
+    app = load_example(EXAMPLES / "asgi_app.py", "asgi_example").create_app(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok", "users": 30, "items": 25}
+        ranker = Ranker.load(model_dir)
+        for body in ({"users": [0, 7], "k": 5}, {"users": [3], "k": 3, "candidates": [1, 2, 4, 8], "exclude_seen": False}):
+            status, answer = post(f"{base}/recommend", body)
+            assert status == 200 and answer == {"results": ranker.score(**body)}
+        status, answer = post(f"{base}/recommend", {"users": [12345]})
+        assert status == 400 and "unknown user id 12345" in answer["error"]
+        status, answer = post(f"{base}/recommend", {"user": [1]})
+        assert status == 400 and "expected an object with users" in answer["error"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def post(url, body):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# --- Triton Python backend, against a fake triton_python_backend_utils --------------------------
+
+
+def fake_triton_utils():
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self._array = name, np.asarray(array)
+
+        def as_numpy(self):
+            return self._array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    class TritonError(Exception):
+        pass
+
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+    pb.Tensor, pb.InferenceResponse, pb.TritonError = Tensor, InferenceResponse, TritonError
+    pb.get_input_tensor_by_name = get_input_tensor_by_name
+    return pb
+
+
+def test_triton_model(model_dir, monkeypatch):
+    pb = fake_triton_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    example = load_example(EXAMPLES / "triton" / "rankfast" / "1" / "model.py", "triton_example")
+    model = example.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": {"model_dir": {"string_value": model_dir}}})})
+
+    requests = [
+        {"USER_IDS": pb.Tensor("USER_IDS", np.array([0, 5], dtype=np.int64)), "K": pb.Tensor("K", np.array([4]))},
+        {"USER_IDS": pb.Tensor("USER_IDS", np.array([9], dtype=np.int64)), "K": pb.Tensor("K", np.array([30]))},  # k > items
+        {"USER_IDS": pb.Tensor("USER_IDS", np.array([2], dtype=np.int64))},  # default k
+    ]
+    responses = model.execute(requests)
+    ranker = Ranker.load(model_dir)
+    for response, users, k in zip(responses, ([0, 5], [9], [2]), (4, 30, 10)):
+        assert response.error is None
+        outputs = {t.name: t.as_numpy() for t in response.output_tensors}
+        assert outputs["ITEM_IDS"].shape == outputs["SCORES"].shape == (len(users), k)
+        for row_ids, row_scores, want in zip(outputs["ITEM_IDS"], outputs["SCORES"], ranker.score(users, k=k)):
+            n = len(want["items"])
+            assert row_ids[:n].tolist() == want["items"] and (row_ids[n:] == -1).all()
+            np.testing.assert_allclose(row_scores[:n], want["scores"], rtol=1e-6)
+            assert np.isneginf(row_scores[n:]).all()
+    assert (responses[1].output_tensors[0].as_numpy()[0] == -1).sum() > 30 - 25  # 25 items less the seen ones
+
+    bad = model.execute([{"USER_IDS": pb.Tensor("USER_IDS", np.array([999]))}])
+    assert "unknown user id 999" in str(bad[0].error)
+
+
+# --- Ray Serve, against a fake ray.serve ---------------------------------------------------------
+
+
+def fake_ray():
+    ray, serve = types.ModuleType("ray"), types.ModuleType("ray.serve")
+    ray.serve = serve
+
+    def deployment(**options):
+        def wrap(cls):
+            cls.deployment_options = options
+            cls.bind = classmethod(lambda c, *args: ("bound", c, args))
+            return cls
+
+        return wrap
+
+    def batch(**options):
+        """Like serve.batch: callers pass one item, the method gets a list."""
+
+        def wrap(method):
+            async def one(self, item):
+                return (await method(self, [item]))[0]
+
+            one.batched, one.options = method, options
+            return one
+
+        return wrap
+
+    serve.deployment, serve.batch = deployment, batch
+    return ray, serve
+
+
+class FakeHTTPRequest:
+    def __init__(self, body):
+        self.body = body
+
+    async def json(self):
+        return self.body
+
+
+def test_ray_serve_deployment(model_dir, monkeypatch):
+    ray, serve = fake_ray()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", serve)
+    monkeypatch.setenv("RANKFAST_MODEL_DIR", model_dir)
+    example = load_example(EXAMPLES / "ray_serve_app.py", "ray_example")
+    kind, cls, args = example.app
+    assert kind == "bound" and cls is example.RankerDeployment and args == (model_dir,)
+    assert example.RankerDeployment.recommend.options["max_batch_size"] > 1
+
+    deployment = example.RankerDeployment(model_dir)
+    ranker = Ranker.load(model_dir)
+    body = {"users": [1, 4], "k": 3}
+    assert asyncio.run(deployment(FakeHTTPRequest(body))) == {"results": ranker.score(**body)}
+    batch = [{"users": [0], "k": 2}, {"users": [6, 7], "k": 5, "exclude_seen": False}]
+    got = asyncio.run(example.RankerDeployment.recommend.batched(deployment, batch))
+    assert got == ranker.score_many(batch)
+    assert [[r["items"] for r in rows] for rows in got] == [[r["items"] for r in ranker.score(**b)] for b in batch]
