@@ -1,6 +1,6 @@
 """An ASGI (Starlette) app serving a rankfast model directory over HTTP.
 
-    RANKFAST_MODEL_DIR=rankfast-demo/model uvicorn examples.asgi_app:app --port 8000
+    RANKFAST_MODEL_DIR=rankfast-demo uvicorn examples.asgi_app:app --port 8000
     curl -s localhost:8000/recommend -d '{"users": [0, 1], "k": 5}'
 
 ``POST /recommend`` takes ``{"users": [...], "k": 10, "candidates": null,

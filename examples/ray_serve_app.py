@@ -1,6 +1,6 @@
 """A Ray Serve deployment of a rankfast model directory, with request micro-batching.
 
-    RANKFAST_MODEL_DIR=/abs/path/rankfast-demo/model serve run examples.ray_serve_app:app
+    RANKFAST_MODEL_DIR=$PWD/rankfast-demo serve run examples.ray_serve_app:app
     curl -s localhost:8000/ -d '{"users": [0, 1], "k": 5}'
 
 Each replica loads one :class:`rankfast.Ranker`. ``serve.batch`` gathers
@@ -31,4 +31,4 @@ class RankerDeployment:
         return {"results": await self.recommend(await http_request.json())}
 
 
-app = RankerDeployment.bind(os.environ.get("RANKFAST_MODEL_DIR", "rankfast-demo/model"))
+app = RankerDeployment.bind(os.environ.get("RANKFAST_MODEL_DIR", "rankfast-demo"))

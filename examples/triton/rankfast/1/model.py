@@ -8,9 +8,9 @@ Lay out a model repository as in ``examples/triton/`` (this file as
 For models whose raw ids are integers. Inputs: ``USER_IDS`` (int64 ``[B]``) and optionally ``K`` (int64 ``[1]``,
 default 10). Outputs: ``ITEM_IDS`` (int64 ``[B, K]``) and ``SCORES`` (fp32
 ``[B, K]``), best first; a user with fewer than K eligible items gets id -1
-and score -inf in the remaining places. Triton hands ``execute`` every
-request of a dynamic batch at once; they go to :meth:`Ranker.score_many`
-together, which scores them in one call.
+and score -inf in the remaining places. The requests that reach one
+``execute`` call go to :meth:`Ranker.score_many` together, which scores them
+in one call.
 """
 
 from __future__ import annotations
