@@ -1,12 +1,10 @@
 """The rankfast command line, each subcommand end to end in a temporary directory."""
 
 import json
-import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
 
-import numpy as np
 import pytest
 import torch
 

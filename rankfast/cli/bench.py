@@ -3,7 +3,6 @@ comparison table (``bench/report.py``) and draw a PNG chart of the medians."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess

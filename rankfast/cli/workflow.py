@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 import tomllib
@@ -234,8 +235,10 @@ def add_parsers(sub):
     demo.add_argument("--threads", type=int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
-    train = sub.add_parser("train", help="train a model and write its model directory")
-    train.add_argument("--config", metavar="FILE", help="TOML settings (see `rankfast train --help`); flags override it")
+    train = sub.add_parser(
+        "train", help="train a model and write its model directory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    train.add_argument("--config", metavar="FILE", help="TOML settings (layout above); flags override them")
     _add_data_flags(train, synthetic_help="default: built-in synthetic data")
     train.add_argument("--model", choices=sorted(MODELS), help="model type (default dot)")
     train.add_argument("--dim", type=int, help="embedding width")
