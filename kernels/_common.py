@@ -173,5 +173,12 @@ def default_precision(precision: str | None) -> str:
     ``torch.backends.cuda.matmul.allow_tf32``), full fp32 ("ieee") when it is
     "highest" (PyTorch's default). Only fp32 inputs are affected."""
     if precision is None:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        return _torch_precision()
     return check_precision(precision)
+
+
+@torch.compiler.assume_constant_result
+def _torch_precision() -> str:
+    # A constant while tracing: torch.compile(fullgraph=True) cannot put a string-valued
+    # torch call in its graph (Dynamo guards on the setting, so changing it recompiles).
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
