@@ -154,6 +154,17 @@ def check_ids(name: str, ids: torch.Tensor, high: int, *, low: int = 0):
 
 
 @triton.jit
+def item_rows(IDX, row, n, mask, stride_ib, stride_in, HAS_IDX: tl.constexpr):
+    """int64 item-table rows of user ``row``'s candidate positions ``n``: ``IDX[row, n]``
+    with a candidate index (``stride_ib`` 0 when all users share it), else ``n`` itself."""
+    if HAS_IDX:
+        item = tl.load(IDX + row * stride_ib + n.to(tl.int64) * stride_in, mask=mask, other=0).to(tl.int64)
+    else:
+        item = n.to(tl.int64)
+    return item
+
+
+@triton.jit
 def cast(x, DT: tl.constexpr):
     """``x.to(DT)`` rounding to nearest even. On a GPU that is what ``.to`` does;
     Triton's interpreter truncates to bfloat16 instead (a biased error that

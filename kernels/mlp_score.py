@@ -52,6 +52,7 @@ from rankfast.kernels._common import (
     configs,
     default_precision,
     dot,
+    item_rows,
     pad_width,
     padded_t,
     padded_vec,
@@ -103,10 +104,7 @@ def _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U: tl.constexpr, BLOCK_N: 
     n = pid_n * BLOCK_N + p % BLOCK_N
     rmask = (u < B) & (n < N)
     u64 = u.to(tl.int64)
-    if HAS_IDX:
-        item = tl.load(IDX + u64 * stride_ib + n.to(tl.int64) * stride_in, mask=rmask, other=0).to(tl.int64)
-    else:
-        item = n.to(tl.int64)
+    item = item_rows(IDX, u64, n, rmask, stride_ib, stride_in, HAS_IDX)
     return pid_u, pid_n, u64, n, item, rmask
 
 
@@ -223,10 +221,7 @@ def _scatter_rows(DST, stride, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, 
         v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=0)
         nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = nn < N
-        if HAS_IDX:
-            it = tl.load(IDX + nn.to(tl.int64) * stride_in, mask=nm, other=0).to(tl.int64)
-        else:
-            it = nn.to(tl.int64)
+        it = item_rows(IDX, 0, nn, nm, stride_ib, stride_in, HAS_IDX)  # shared: stride_ib is 0
         m = nm[:, None] & (cols[None, :] < ncols)
         tl.atomic_add(DST + it[:, None] * stride + cols[None, :], v, mask=m)
     else:
@@ -414,10 +409,7 @@ def _mlp_topk_kernel(
     for n0 in range(start, end, R):
         n = n0 + tl.arange(0, R)
         nmask = n < end
-        if HAS_IDX:
-            item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
-        else:
-            item = n.to(tl.int64)
+        item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
         score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, nmask, H1, 0.0, WO, False, W2, B2, W3, B3, W4,
                            B4, WO, NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
         if HAS_GMF:

@@ -52,6 +52,7 @@ from rankfast.kernels._common import (
     configs,
     default_precision,
     dot,
+    item_rows,
     pad_width,
     padded_t,
     padded_vec,
@@ -172,10 +173,7 @@ def _attn_fwd_kernel(
     n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     b64 = b.to(tl.int64)
-    if HAS_IDX:
-        item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
-    else:
-        item = n.to(tl.int64)
+    item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
     pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                    D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
                    KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
@@ -225,10 +223,7 @@ def _attn_topk_kernel(
     for n0 in range(start, end, R):
         n = n0 + tl.arange(0, R)
         nmask = n < end
-        if HAS_IDX:
-            item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
-        else:
-            item = n.to(tl.int64)
+        item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
         pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                        D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
                        KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, R, BLOCK_L, ACT, PREC)
@@ -375,10 +370,7 @@ def _attn_bwd_item(
     n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     b64 = b.to(tl.int64)
-    if HAS_IDX:
-        item = tl.load(IDX + b64 * stride_ib + n.to(tl.int64) * stride_in, mask=nmask, other=0).to(tl.int64)
-    else:
-        item = n.to(tl.int64)
+    item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
     pooled, m, denom = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                              D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
                              KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
