@@ -298,7 +298,7 @@ class Ranker:
                 "cold start needs user features as wide as the item features (users as pooled item vectors)"
             )
         max_len = int(self.meta.get("max_history", 50))
-        rows = [self.item_ids.index(np.asarray(h if h is not None else [], dtype=self.item_ids.raw.dtype), name="histories")[-max_len:] for h in histories]
+        rows = [self._history_rows(h)[-max_len:] for h in histories]
         history = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.int64)
         for j, r in enumerate(rows):
             history[j, : len(r)] = torch.from_numpy(r)
@@ -309,6 +309,14 @@ class Ranker:
         extra = (history, lengths) if model.uses_history else (None, None)
         ids, scores = rankfast.score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
         return ids.cpu().numpy(), scores.float().cpu().numpy()
+
+    def _history_rows(self, history) -> np.ndarray:
+        """Contiguous ids of a cold-start history of raw item ids (None: empty)."""
+        values = np.asarray([] if history is None else _as_list(history, "histories"))
+        if not values.size:
+            return np.zeros(0, dtype=np.int64)
+        # No cast to the raw ids' dtype: it would truncate longer strings (and floats) into other, known ids.
+        return self.item_ids.index(values, name="histories")
 
     # --- export -------------------------------------------------------------------------
 

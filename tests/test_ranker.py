@@ -142,7 +142,8 @@ def test_attention_model_uses_stored_histories(train, tmp_path):
     check(ranker.score(users, k=4), reference_top_k(model, train, users, 4, history=history, lengths=lengths), users)
 
 
-def test_unknown_users_error_or_cold_start(train, tmp_path):
+def pooled_dot_model(train):
+    """``(model, item features)``: a DotModel whose users are their training items' mean feature vector."""
     features = torch.randn(train.num_items, 6, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(2)
     config = DotConfig(num_users=train.num_users, num_items=train.num_items, dim=5, user_feature_dim=6, item_feature_dim=6)
@@ -152,6 +153,11 @@ def test_unknown_users_error_or_cold_start(train, tmp_path):
     with torch.no_grad():
         model.user_bias.normal_()
         model.item_bias.normal_()
+    return model, features
+
+
+def test_unknown_users_error_or_cold_start(train, tmp_path):
+    model, features = pooled_dot_model(train)
     directory = save_model_dir(tmp_path / "cold", model, train)
     with pytest.raises(KeyError, match="unknown user id 5"):
         Ranker.load(directory).score([100, 5])
@@ -177,6 +183,26 @@ def test_unknown_users_error_or_cold_start(train, tmp_path):
     id_model = Ranker.load(save_model_dir(tmp_path / "ids", mlp(train), train), cold_start=True)
     with pytest.raises(ValueError, match="cannot score new users"):
         id_model.score([5])
+
+
+def test_cold_start_history_ids_are_matched_exactly(train, tmp_path):
+    """An unknown history id is an error, never cast into a known one ('i0049' is not 'i004')."""
+    model, _ = pooled_dot_model(train)
+    ranker = Ranker.load(save_model_dir(tmp_path / "cold", model, train), cold_start=True)
+    for history in (["i0049"], ["i002", "i011x"], "i004"):
+        with pytest.raises((KeyError, TypeError), match="histories"):
+            ranker.score([5], histories={5: history})
+    plain = Ranker.load(_plain_dir(model, tmp_path), cold_start=True)  # integer raw ids
+    with pytest.raises(KeyError, match="unknown raw id 2.5"):
+        plain.score([1000], histories={1000: [2.5]})
+    # Equal ids in another container or width score the same as the list of str.
+    want = ranker.score([5], histories={5: ["i004", "i011"]})
+    assert ranker.score([5], histories={5: np.array(["i004", "i011"], dtype="<U8")}) == want
+
+
+def _plain_dir(model, tmp_path):
+    model.save(tmp_path / "plain")
+    return tmp_path / "plain"
 
 
 def test_plain_model_save_directory_loads(train, tmp_path):
