@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,7 +79,7 @@ def save_model_dir(
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
+    tmp = _make_temp_dir(parent, os.path.basename(directory))
     try:
         model.save(tmp)
         train.save_mappings(tmp)
@@ -104,6 +105,20 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _make_temp_dir(parent: str, name: str) -> str:
+    """A new empty directory ``parent/.name.<random>.tmp`` made with the umask's permissions
+    (``tempfile.mkdtemp`` makes it 0700, so the renamed model directory would be unreadable
+    to a server running as another user)."""
+    for _ in range(100):
+        path = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: cannot create a temporary directory for {name}")
 
 
 def _replace_dir(src: str, dst: str):

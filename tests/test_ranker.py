@@ -272,6 +272,20 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     assert json.loads((target / "ranker.json").read_text())["max_history"] == 50
 
 
+def test_model_directory_gets_ordinary_permissions(train, tmp_path):
+    """Like any directory made under the umask, so a server running as another user can read it."""
+    old_umask = os.umask(0o022)
+    try:
+        (tmp_path / "reference").mkdir()
+        want = (tmp_path / "reference").stat().st_mode & 0o777
+        for _ in range(2):  # a new directory, then one replacing it
+            directory = save_model_dir(tmp_path / "model", mlp(train), train)
+            assert os.stat(directory).st_mode & 0o777 == want == 0o755
+    finally:
+        os.umask(old_umask)
+    assert sorted(os.listdir(tmp_path)) == ["model", "reference"]
+
+
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 def test_export_round_trips(train, tmp_path, kind):
     torch.manual_seed(3)
