@@ -101,6 +101,14 @@ def test_score_writes_json_lines(model_dir, tmp_path, capsys):
         (["evaluate", "/nonexistent/model"], EXIT_FAILED, "no such model directory"),
         (["demo", "--data", "/nonexistent/ml"], EXIT_FAILED, "/nonexistent/ml"),
         (["bench", "--bench-dir", "/nonexistent"], EXIT_USAGE, "no benchmark suites"),
+        # Counts are checked before any work: -1 users per batch used to write nothing and exit 0,
+        # 0 threads gave torch's traceback.
+        (["score", "/nonexistent/model", "--batch-size", "-1"], EXIT_USAGE, "--batch-size: expected a positive int, got -1"),
+        (["score", "/nonexistent/model", "--batch-size", "0"], EXIT_USAGE, "--batch-size: expected a positive int, got 0"),
+        (["score", "/nonexistent/model", "-k", "0"], EXIT_USAGE, "-k: expected a positive int, got 0"),
+        (["train", "--threads", "0", "--out", "x"], EXIT_USAGE, "--threads: expected a positive int, got 0"),
+        (["evaluate", "/nonexistent/model", "--threads", "0"], EXIT_USAGE, "--threads: expected a positive int, got 0"),
+        (["demo", "--users", "0"], EXIT_USAGE, "--users: expected a positive int, got 0"),
     ],
 )
 def test_bad_arguments_one_line_error(argv, code, message, capsys):
@@ -114,6 +122,9 @@ def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.toml").write_text('[model]\ncolour = "red"\n')
     code, _, err = run(["train", "--config", tmp_path / "bad.toml", "--out", tmp_path / "m", *TINY], capsys)
     assert code == EXIT_USAGE and "unexpected keyword argument 'colour'" in err
+    (tmp_path / "threads.toml").write_text(f'out = "{tmp_path / "m"}"\nthreads = 0\n')
+    code, _, err = run(["train", "--config", tmp_path / "threads.toml", *TINY], capsys)
+    assert code == EXIT_USAGE and "threads: expected a positive int, got 0" in err and err.count("\n") == 1
     (tmp_path / "bad2.toml").write_text("epochs = [")
     code, _, err = run(["train", "--config", tmp_path / "bad2.toml"], capsys)
     assert code == EXIT_USAGE and "not valid TOML" in err and err.count("\n") == 1

@@ -33,6 +33,17 @@ class CLIError(Exception):
         self.code = code
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts (threads, batch sizes, k): a bad one is a usage error, exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise CLIError(f"{message} (see `{self.prog} --help`)", EXIT_USAGE)

@@ -26,7 +26,7 @@ import torch
 
 import rankfast
 from rankfast.baselines import EASE, Popularity
-from rankfast.cli import EXIT_USAGE, CLIError
+from rankfast.cli import EXIT_USAGE, CLIError, positive_int
 from rankfast.data import load_movielens, synthetic_interactions, temporal_split
 from rankfast.evaluate import evaluate
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
@@ -103,6 +103,9 @@ def train_settings(args) -> dict:
     settings["model"].update({k: v for k, v in {"type": model_type, "dim": args.dim}.items() if v is not None})
     train_flags = {"epochs": args.epochs, "lr": args.lr, "loss": args.loss, "batch_size": args.batch_size, "seed": args.seed}
     settings["train"].update({k: v for k, v in train_flags.items() if v is not None})
+    threads = settings["threads"]
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CLIError(f"threads: expected a positive int, got {threads!r}", EXIT_USAGE)
     if not settings.get("out"):
         raise CLIError("--out: where to write the model directory (or out = ... in the config file)", EXIT_USAGE)
     return settings
@@ -222,17 +225,17 @@ def run_evaluate(args):
 
 def _add_data_flags(parser, *, synthetic_help: str):
     parser.add_argument("--data", metavar="PATH", help="a MovieLens directory (ml-100k, ml-1m, ml-latest, ml-latest-small)")
-    parser.add_argument("--users", dest="num_users", type=int, metavar="N", help=f"synthetic data: number of users ({synthetic_help})")
-    parser.add_argument("--items", dest="num_items", type=int, metavar="N", help="synthetic data: number of items")
+    parser.add_argument("--users", dest="num_users", type=positive_int, metavar="N", help=f"synthetic data: number of users ({synthetic_help})")
+    parser.add_argument("--items", dest="num_items", type=positive_int, metavar="N", help="synthetic data: number of items")
 
 
 def add_parsers(sub):
     threads_help = "torch intra-op threads (default 1: small models gain little from more and lose much when other processes share the cores)"
     demo = sub.add_parser("demo", help="generate data, train, compare with popularity and EASE^R, save, recommend")
     _add_data_flags(demo, synthetic_help="default 3000")
-    demo.add_argument("--epochs", type=int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)")
+    demo.add_argument("--epochs", type=positive_int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)")
     demo.add_argument("--out", default="rankfast-demo", help="model directory to write (default ./rankfast-demo)")
-    demo.add_argument("--threads", type=int, default=1, help=threads_help)
+    demo.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
     train = sub.add_parser(
@@ -241,14 +244,14 @@ def add_parsers(sub):
     train.add_argument("--config", metavar="FILE", help="TOML settings (layout above); flags override them")
     _add_data_flags(train, synthetic_help="default: built-in synthetic data")
     train.add_argument("--model", choices=sorted(MODELS), help="model type (default dot)")
-    train.add_argument("--dim", type=int, help="embedding width")
-    train.add_argument("--epochs", type=int)
+    train.add_argument("--dim", type=positive_int, help="embedding width")
+    train.add_argument("--epochs", type=positive_int)
     train.add_argument("--lr", type=float)
     train.add_argument("--loss", choices=["bce", "bpr", "mse", "softmax"])
-    train.add_argument("--batch-size", type=int)
+    train.add_argument("--batch-size", type=positive_int)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)")
-    train.add_argument("--threads", type=int, help=threads_help)
+    train.add_argument("--threads", type=positive_int, help=threads_help)
     train.add_argument("--out", metavar="DIR", help="model directory to write")
     train.set_defaults(run=run_train)
 
@@ -257,5 +260,5 @@ def add_parsers(sub):
     _add_data_flags(ev, synthetic_help="default: the data the model was trained on")
     ev.add_argument("--test-ratio", type=float, help="default: the ratio used in training")
     ev.add_argument("--baselines", action="store_true", help="also evaluate popularity and EASE^R")
-    ev.add_argument("--threads", type=int, default=1, help=threads_help)
+    ev.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     ev.set_defaults(run=run_evaluate)
