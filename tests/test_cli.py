@@ -60,6 +60,22 @@ def test_train_writes_a_model_directory_with_file_and_flag_settings(model_dir):
     assert ranker.meta["data"] == {"synthetic": {"num_users": 60, "num_items": 40, "seed": 2}, "test_ratio": 0.2}
 
 
+def test_train_settings_unset_flags_keep_the_file(tmp_path):
+    """Flags win over the file, but only flags that were given (--seed's default hid [train] seed)."""
+    from rankfast.cli import build_parser
+    from rankfast.cli.workflow import train_settings
+
+    config = tmp_path / "train.toml"
+    config.write_text('out = "m"\nthreads = 2\n[train]\nseed = 7\nepochs = 4\n')
+    settings = train_settings(build_parser().parse_args(["train", "--config", str(config)]))
+    assert settings["train"]["seed"] == 7 and settings["train"]["epochs"] == 4 and settings["threads"] == 2
+    assert settings["data"] == {"synthetic": {"seed": 7}}
+    settings = train_settings(build_parser().parse_args(["train", "--config", str(config), "--seed", "3", "--epochs", "1"]))
+    assert settings["train"]["seed"] == 3 and settings["train"]["epochs"] == 1 and settings["data"] == {"synthetic": {"seed": 3}}
+    settings = train_settings(build_parser().parse_args(["train", "--out", "m"]))
+    assert rankfast.TrainConfig(**settings["train"]).seed == 0 and settings["data"] == {"synthetic": {"seed": 0}}
+
+
 def test_demo_tiny(tmp_path, capsys):
     code, out, _ = run(["demo", *TINY, "--epochs", "1", "--out", tmp_path / "demo"], capsys)
     assert code == 0

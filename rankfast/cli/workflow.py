@@ -87,7 +87,9 @@ def train_settings(args) -> dict:
     unknown = sorted(set(file) - {"out", "test_ratio", "threads", "data", "model", "train"})
     if unknown:
         raise CLIError(f"--config: unknown keys {unknown} (allowed: out, test_ratio, threads, [data], [model], [train])", EXIT_USAGE)
-    data = _data_source(args, args.seed) or file.get("data") or {"synthetic": {"seed": args.seed}}
+    # The seed: --seed, else the file's [train] seed, else 0 (an unset flag must not hide the file's).
+    seed = args.seed if args.seed is not None else (file.get("train") or {}).get("seed", 0)
+    data = _data_source(args, seed) or file.get("data") or {"synthetic": {"seed": seed}}
     if not isinstance(data, dict) or len(data) != 1 or not set(data) <= {"movielens", "synthetic"}:
         raise CLIError(f"[data]: expected movielens = PATH or synthetic = {{...}}, got {data!r}", EXIT_USAGE)
     model_type = args.model or file.get("model", {}).get("type", "dot")
@@ -249,7 +251,7 @@ def add_parsers(sub):
     train.add_argument("--lr", type=float)
     train.add_argument("--loss", choices=["bce", "bpr", "mse", "softmax"])
     train.add_argument("--batch-size", type=positive_int)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, help="training seed, and the synthetic data's when [data] does not give one (default 0)")
     train.add_argument("--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)")
     train.add_argument("--threads", type=positive_int, help=threads_help)
     train.add_argument("--out", metavar="DIR", help="model directory to write")
