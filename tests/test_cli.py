@@ -105,6 +105,23 @@ def test_score_writes_json_lines(model_dir, tmp_path, capsys):
     assert all(len(r["items"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
 
 
+def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
+    """An unknown id in a later batch: the output file keeps its old content, or is not created."""
+    (tmp_path / "users.txt").write_text("3\n17\n999\n")
+    argv = ["score", model_dir, "-i", tmp_path / "users.txt", "--batch-size", "1"]
+    (tmp_path / "old.jsonl").write_text("old\n")
+    code, _, err = run([*argv, "-o", tmp_path / "old.jsonl"], capsys)
+    assert code == EXIT_FAILED and "unknown user id 999" in err
+    assert (tmp_path / "old.jsonl").read_text() == "old\n"
+    code, _, _ = run([*argv, "-o", tmp_path / "new.jsonl"], capsys)
+    assert code == EXIT_FAILED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "users.txt"]
+    (tmp_path / "users.txt").write_text("3\n17\n")
+    code, _, _ = run([*argv, "-o", tmp_path / "old.jsonl"], capsys)
+    assert code == 0 and [json.loads(line)["user"] for line in (tmp_path / "old.jsonl").read_text().splitlines()] == [3, 17]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "users.txt"]
+
+
 @pytest.mark.parametrize(
     "argv, code, message",
     [

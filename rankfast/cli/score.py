@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import sys
 
 import numpy as np
@@ -35,10 +37,30 @@ def run_score(args):
     with _open(args.input, "r", sys.stdin) as f:
         users = read_users(f, integer_ids)
     batches = range(0, len(users), args.batch_size)
-    with _open(args.output, "w", sys.stdout) as out:
+    with _output(args.output) as out:
         for start in tqdm(batches, desc="score", unit="batch", disable=None, file=sys.stderr):
             for row in ranker.score(users[start : start + args.batch_size], k=args.k, exclude_seen=not args.include_seen):
                 out.write(json.dumps(row) + "\n")
+
+
+@contextlib.contextmanager
+def _output(path):
+    """stdout, or ``path`` written atomically: a temporary file beside it, renamed into place
+    once every user is scored, so a failure (e.g. an unknown id in a later batch) leaves the
+    old file or none, never part of the output."""
+    if path in (None, "-"):
+        yield sys.stdout
+        return
+    head, tail = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(head, f".{tail}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # the umask's permissions, unlike mkstemp's 0600
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
