@@ -140,6 +140,15 @@ def test_triton_model(model_dir, monkeypatch):
     bad = model.execute([{"USER_IDS": pb.Tensor("USER_IDS", np.array([999]))}])
     assert "unknown user id 999" in str(bad[0].error)
 
+    # A bad request batched with good ones fails alone.
+    mixed = model.execute([requests[0], {"USER_IDS": pb.Tensor("USER_IDS", np.array([3, 999]))}, requests[2],
+                           {"USER_IDS": pb.Tensor("USER_IDS", np.array([1])), "K": pb.Tensor("K", np.array([0]))}])  # fmt: skip
+    assert [r.error is None for r in mixed] == [True, False, True, False]
+    assert "unknown user id 999" in str(mixed[1].error) and "k: expected a positive int" in str(mixed[3].error)
+    for response, users, k in ((mixed[0], [0, 5], 4), (mixed[2], [2], 10)):
+        ids = {t.name: t.as_numpy() for t in response.output_tensors}["ITEM_IDS"]
+        assert [row[row >= 0].tolist() for row in ids] == [r["items"] for r in ranker.score(users, k=k)]
+
 
 # --- Ray Serve, against a fake ray.serve ---------------------------------------------------------
 

@@ -10,7 +10,8 @@ default 10). Outputs: ``ITEM_IDS`` (int64 ``[B, K]``) and ``SCORES`` (fp32
 ``[B, K]``), best first; a user with fewer than K eligible items gets id -1
 and score -inf in the remaining places. The requests that reach one
 ``execute`` call go to :meth:`Ranker.score_many` together, which scores them
-in one call.
+in one call; if that fails, they are scored one by one, so only a bad request
+(an unknown user id, K < 1) gets an error response.
 """
 
 from __future__ import annotations
@@ -37,12 +38,23 @@ class TritonPythonModel:
             parsed.append((n, {"users": users.tolist(), "k": k}))
         try:
             results = self.ranker.score_many([request for _, request in parsed])
-        except (KeyError, ValueError) as err:
-            error = pb_utils.TritonError(err.args[0] if err.args else str(err))
-            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        except (KeyError, ValueError, TypeError):
+            # One bad request (an unknown user, k < 1) must not fail the others batched with it:
+            # score them one by one, and only the bad ones get an error.
+            results = [self._score_one(request) for _, request in parsed]
         for (n, request), rows in zip(parsed, results):
-            responses[n] = pb_utils.InferenceResponse(output_tensors=_outputs(rows, request["k"]))
+            if isinstance(rows, Exception):
+                error = pb_utils.TritonError(rows.args[0] if rows.args else str(rows))
+                responses[n] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+            else:
+                responses[n] = pb_utils.InferenceResponse(output_tensors=_outputs(rows, request["k"]))
         return responses
+
+    def _score_one(self, request):
+        try:
+            return self.ranker.score(**request)
+        except (KeyError, ValueError, TypeError) as err:
+            return err
 
 
 def _outputs(rows, k):
