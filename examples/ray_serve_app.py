@@ -6,7 +6,8 @@
 Each replica loads one :class:`rankfast.Ranker`. ``serve.batch`` gathers
 concurrent HTTP requests (up to 64, waiting at most 5 ms) and hands them to
 :meth:`Ranker.score_many`, which scores requests with the same candidates in
-one call. A request body holds the arguments of :meth:`Ranker.score`.
+one call (if that fails, one by one, so only a bad request fails: a 400 with
+``{"error": "..."}``). A request body holds the arguments of :meth:`Ranker.score`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 
 from ray import serve
+from starlette.responses import JSONResponse  # a dependency of Ray Serve
 
 from rankfast import Ranker
 
@@ -24,11 +26,25 @@ class RankerDeployment:
         self.ranker = Ranker.load(model_dir)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def recommend(self, requests: list[dict]) -> list[list[dict]]:
-        return self.ranker.score_many(requests)
+    async def recommend(self, requests: list[dict]) -> list:
+        """Each request's rows, or the exception of a bad request: one bad request (an
+        unknown user, k < 1) must not fail the others batched with it."""
+        try:
+            return self.ranker.score_many(requests)
+        except (KeyError, ValueError, TypeError):
+            return [self._score_one(request) for request in requests]
 
-    async def __call__(self, http_request) -> dict:
-        return {"results": await self.recommend(await http_request.json())}
+    def _score_one(self, request):
+        try:
+            return self.ranker.score_many([request])[0]
+        except (KeyError, ValueError, TypeError) as err:
+            return err
+
+    async def __call__(self, http_request):
+        rows = await self.recommend(await http_request.json())
+        if isinstance(rows, Exception):
+            return JSONResponse({"error": rows.args[0] if rows.args else str(rows)}, status_code=400)
+        return {"results": rows}
 
 
 app = RankerDeployment.bind(os.environ.get("RANKFAST_MODEL_DIR", "rankfast-demo"))

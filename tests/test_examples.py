@@ -190,6 +190,7 @@ class FakeHTTPRequest:
 
 
 def test_ray_serve_deployment(model_dir, monkeypatch):
+    pytest.importorskip("starlette")  # Ray Serve's own dependency, for the 400 response
     ray, serve = fake_ray()
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setitem(sys.modules, "ray.serve", serve)
@@ -207,3 +208,11 @@ def test_ray_serve_deployment(model_dir, monkeypatch):
     got = asyncio.run(example.RankerDeployment.recommend.batched(deployment, batch))
     assert got == ranker.score_many(batch)
     assert [[r["items"] for r in rows] for rows in got] == [[r["items"] for r in ranker.score(**b)] for b in batch]
+
+    # A bad request batched with good ones fails alone, as a 400 at the HTTP entry.
+    mixed = [batch[0], {"users": [999]}, batch[1], {"users": [1], "k": 0}]
+    got = asyncio.run(example.RankerDeployment.recommend.batched(deployment, mixed))
+    assert got[0] == ranker.score(**batch[0]) and got[2] == ranker.score(**batch[1])
+    assert isinstance(got[1], KeyError) and isinstance(got[3], ValueError)
+    response = asyncio.run(deployment(FakeHTTPRequest({"users": [999]})))
+    assert response.status_code == 400 and "unknown user id 999" in json.loads(response.body)["error"]
