@@ -64,7 +64,7 @@ def save_model_dir(
     """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically.
 
     The files are written into a temporary directory beside ``directory``,
-    which is then renamed into place (an existing directory is replaced the
+    flushed to disk, and the directory is then renamed into place (an existing directory is replaced the
     same way), so a failure at any point leaves the old directory or none,
     never a half-written one. ``train`` supplies the id mappings, each user's
     seen items and histories. ``encoder``: a saved text encoder directory,
@@ -100,11 +100,28 @@ def save_model_dir(
         }
         with open(os.path.join(tmp, RANKER_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
+        _fsync(tmp)
         _replace_dir(tmp, directory)
+        _fsync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _fsync(path: str):
+    """Flushes a file, or a directory with every file below it, to disk: without it a crash
+    soon after the rename can leave the renamed directory holding empty or partial files."""
+    paths = [path]
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            paths += [os.path.join(root, name) for name in (*files, *dirs)]
+    for name in reversed(paths):  # files before the directories that list them
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _make_temp_dir(parent: str, name: str) -> str:
@@ -361,7 +378,9 @@ class Ranker:
         tmp = os.path.join(head, f".{tail}.tmp.pt2")  # torch.export.save wants the .pt2 suffix
         try:
             torch.export.save(program, tmp)
+            _fsync(tmp)
             os.replace(tmp, path)
+            _fsync(head or ".")
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

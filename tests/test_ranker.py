@@ -272,6 +272,28 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     assert json.loads((target / "ranker.json").read_text())["max_history"] == 50
 
 
+def test_files_reach_the_disk_before_the_rename(train, tmp_path, monkeypatch):
+    """Every file of the new directory (and the export) is fsynced before it is renamed into place."""
+    events = record_fsyncs_and_renames(monkeypatch)
+    for _ in range(2):  # a new directory, then one replacing it
+        events.clear()
+        directory = save_model_dir(tmp_path / "model", mlp(train), train)
+        (tmp,) = [src for kind, src in events if kind == "rename" and os.path.dirname(src) == str(tmp_path) and src.endswith(".tmp")]
+        before = {path for kind, path in events[: events.index(("rename", tmp))] if kind == "fsync"}
+        assert {os.path.join(tmp, name) for name in os.listdir(directory)} | {tmp} <= before
+        assert ("fsync", str(tmp_path)) in events[events.index(("rename", tmp)) :]  # the rename itself
+
+
+def record_fsyncs_and_renames(monkeypatch) -> list:
+    """``[("fsync", path) or ("rename", source), ...]`` as they happen, from now on."""
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
+    return events
+
+
 def test_model_directory_gets_ordinary_permissions(train, tmp_path):
     """Like any directory made under the umask, so a server running as another user can read it."""
     old_umask = os.umask(0o022)
@@ -287,14 +309,17 @@ def test_model_directory_gets_ordinary_permissions(train, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_export_round_trips(train, tmp_path, kind):
+def test_export_round_trips(train, tmp_path, kind, monkeypatch):
     torch.manual_seed(3)
     if kind == "mlp":
         model = mlp(train)
     else:
         model = AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,)))
     ranker = Ranker.load(save_model_dir(tmp_path / kind, model, train))
+    events = record_fsyncs_and_renames(monkeypatch)
     path = ranker.export(tmp_path / f"{kind}.pt2")
+    (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".{kind}.pt2.tmp.pt2")]
+    assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[rename:]  # on disk first
     program = torch.export.load(path).module()
     gen = torch.Generator().manual_seed(0)
     for n in (1, 7):  # any number of pairs
