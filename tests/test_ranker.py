@@ -205,6 +205,18 @@ def _plain_dir(model, tmp_path):
     return tmp_path / "plain"
 
 
+def test_encoder_directory_is_copied_and_found(train, tmp_path):
+    encoder = tmp_path / "encoder-src"
+    (encoder / "sub").mkdir(parents=True)
+    (encoder / "config.json").write_text('{"hidden": 8}')
+    (encoder / "sub" / "weights.bin").write_bytes(bytes(range(256)))
+    ranker = Ranker.load(save_model_dir(tmp_path / "model", mlp(train), train, encoder=encoder))
+    assert ranker.encoder_dir == os.path.join(ranker.directory, "encoder")
+    for name in ("config.json", os.path.join("sub", "weights.bin")):
+        assert (encoder / name).read_bytes() == open(os.path.join(ranker.encoder_dir, name), "rb").read()
+    assert Ranker.load(save_model_dir(tmp_path / "plain", mlp(train), train)).encoder_dir is None
+
+
 def test_plain_model_save_directory_loads(train, tmp_path):
     model = mlp(train)
     model.save(tmp_path / "plain")
