@@ -80,6 +80,21 @@ def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None = None):
         raise TypeError(f"{name}: expected {dtype} (the dtype of the other inputs), got {t.dtype}")
 
 
+def check_split_term(name: str, t: torch.Tensor, dtype: torch.dtype):
+    """A split first layer's per-user or per-item term: the model's dtype or float32."""
+    if t.dtype not in (dtype, torch.float32):
+        raise TypeError(f"{name}: expected {dtype} (the model's dtype) or float32, got {t.dtype}")
+
+
+def split_term(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float32 whatever the model's dtype (autocast off): one term of a
+    first layer split into per-user and per-item parts (DESIGN.md). The kernels add a pair's terms
+    in fp32, so like the unsplit layer, whose output is rounded once, a bf16 model rounds only
+    their sum; bf16 terms would each be rounded, a larger error where they cancel."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
 def check_device(name: str, t: torch.Tensor, device: torch.device):
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")

@@ -49,6 +49,7 @@ from rankfast.kernels._common import (
     check_ids,
     check_index,
     check_precision,
+    check_split_term,
     configs,
     default_precision,
     dot,
@@ -56,6 +57,7 @@ from rankfast.kernels._common import (
     pad_width,
     padded_t,
     padded_vec,
+    split_term,
 )
 
 MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
@@ -415,7 +417,7 @@ def _mlp_topk_kernel(
         if HAS_GMF:
             gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
             score += tl.sum(gu * gi, axis=1)
-        score = cast(score + bo, A.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
+        score = cast(score + bo, W2.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
     store_keys(running, OUT_KEYS, pid, K, R)
@@ -448,11 +450,12 @@ class _Prepared:
 
 
 def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
-    check_dtype("a", a)
-    dtype, device = a.dtype, a.device
+    check_dtype("w_out", w_out)
+    dtype, device = w_out.dtype, a.device
     if a.dim() != 2 or c.dim() != 2 or a.shape[1] != c.shape[1]:
         raise ValueError(f"a, c: expected [B, H1] and [M, H1], got {tuple(a.shape)} and {tuple(c.shape)}")
-    check_dtype("c", c, dtype)
+    check_split_term("a", a, dtype)
+    check_split_term("c", c, dtype)
     check_device("c", c, device)
     if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
         raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} layers after the first with one bias each, "
@@ -514,9 +517,9 @@ def _n_key(n):
 
 def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
     a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
-    out = torch.empty(B, N, dtype=a.dtype, device=a.device)
+    out = torch.empty(B, N, dtype=w_out.dtype, device=a.device)
     if B == 0 or N == 0:
         return out
     bo = b_out.detach().reshape(1).float()
@@ -536,7 +539,7 @@ def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activati
 
 def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
     a_c, c_c, idx_t, gu_t, gi_t, B, N, sib, sin, shared = _launch_args(a, c, idx, gu, gi)
     f32 = dict(dtype=torch.float32, device=a.device)
     da = torch.zeros(a.shape, **f32)
@@ -590,7 +593,7 @@ def _mlp_score_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu
 @_mlp_score_op.register_fake
 def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
     n = c.shape[0] if idx is None else idx.shape[-1]
-    return a.new_empty(a.shape[0], n)
+    return a.new_empty(a.shape[0], n, dtype=w_out.dtype)
 
 
 @torch.library.custom_op("rankfast::mlp_score_backward", mutates_args=())
@@ -670,7 +673,7 @@ def auto_splits(num_users: int, num_candidates: int, r: int, device: torch.devic
 
 def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, a.dtype)
+    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
     a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
     k = topk_mod.check_k(k, N)
     r = topk_mod.running_size(k, 16 if INTERPRET else 64)
@@ -691,7 +694,7 @@ def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, sp
             HAS_IDX=idx is not None, HAS_GMF=gu is not None, HAS_EXCL=excl is not None, PREC=precision,
             R=r, SPLITS=splits,
         )
-    return topk_mod.decode_keys(keys, k, a.dtype)
+    return topk_mod.decode_keys(keys, k, w_out.dtype)
 
 
 @torch.library.custom_op("rankfast::mlp_score_topk", mutates_args=())
@@ -704,7 +707,7 @@ def _mlp_topk_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu:
 
 @_mlp_topk_op.register_fake
 def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
-    return a.new_empty(a.shape[0], k, dtype=torch.int64), a.new_empty(a.shape[0], k)
+    return a.new_empty(a.shape[0], k, dtype=torch.int64), a.new_empty(a.shape[0], k, dtype=w_out.dtype)
 
 
 def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, gi=None, weights=(), biases=(),
@@ -739,11 +742,11 @@ def _model_parts(model):
 
         def user_side(users):
             gmf, mlp = model.user_repr(users).chunk(2, dim=-1)
-            return torch.nn.functional.linear(mlp, w_u, first.bias), gmf * w_gmf
+            return split_term(mlp, w_u, first.bias), gmf * w_gmf
 
         def item_side(ids):
             gmf, mlp = model.item_repr(ids).chunk(2, dim=-1)
-            return torch.nn.functional.linear(mlp, w_i), gmf
+            return split_term(mlp, w_i), gmf
 
         rest = model.branch.linears[1:]
         return (user_side, item_side, [m.weight for m in rest], [m.bias for m in rest], w_mlp, model.output.bias,
@@ -755,10 +758,10 @@ def _model_parts(model):
         w_u, w_i = first.weight.chunk(2, dim=1)
 
         def user_side(users):
-            return torch.nn.functional.linear(model.user_repr(users), w_u, first.bias), None
+            return split_term(model.user_repr(users), w_u, first.bias), None
 
         def item_side(ids):
-            return torch.nn.functional.linear(model.item_repr(ids), w_i), None
+            return split_term(model.item_repr(ids), w_i), None
 
         mid = model.tower.linears[1:-1]
         last = model.tower.linears[-1]

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
+from rankfast.kernels._common import split_term
 from rankfast.models.factorized import Footprint
 
 
@@ -89,8 +90,8 @@ class FusedAttentionScorer:
     def items(self, ids):
         flat = ids if ids.dim() == 1 else ids.reshape(-1)
         q = self.model.item_repr(flat)
-        qt = torch.nn.functional.linear(q, self.w_q_unit) if self.model.config.attention == "din" else None
-        cq = torch.nn.functional.linear(q, self.w_item)
+        qt = split_term(q, self.w_q_unit) if self.model.config.attention == "din" else None
+        cq = split_term(q, self.w_item)
         idx = None if ids.dim() == 1 else torch.arange(flat.numel(), device=ids.device).view(ids.shape)
         return q, qt, cq, idx
 
@@ -131,20 +132,26 @@ def training_scores(model, users, items=None, history=None, lengths=None):
     :func:`rankfast.scoring.trains_fused` says so.
 
     Under autocast (``TrainConfig.bf16``) the kernels' inputs are cast to the
-    autocast dtype, as autocast would cast a matmul's; gradients flow back to
-    the parameters in their own dtype.
+    autocast dtype, as autocast would cast a matmul's, except the split first
+    layers' terms, which stay float32 (see ``split_term``); gradients flow back
+    to the parameters in their own dtype.
     """
     if ms.supports(model):
         args, kw = ms._model_op_inputs(model, users, items)
-        op = ms.mlp_score
+        op, split = ms.mlp_score, args[:2]
     else:
         args, kw = ta.model_inputs(model, users, items, history, lengths)
-        op = ta.target_attention_score
+        op, split = ta.target_attention_score, (*args[3:5], kw.get("ht"), kw.get("qt"))
     device = users.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        args, kw = tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-                            (args, kw))
+        keep = {id(t) for t in split}
+
+        def cast(t):
+            low = isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in keep
+            return t.to(dtype) if low else t
+
+        args, kw = tree_map(cast, (args, kw))
     with torch.autocast(device, enabled=False):
         return op(*args, **kw)
 

@@ -49,6 +49,7 @@ from rankfast.kernels._common import (
     check_ids,
     check_index,
     check_precision,
+    check_split_term,
     configs,
     default_precision,
     dot,
@@ -56,6 +57,7 @@ from rankfast.kernels._common import (
     pad_width,
     padded_t,
     padded_vec,
+    split_term,
 )
 from rankfast.kernels import topk as topk_mod
 from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, auto_splits, backward_programs
@@ -107,8 +109,15 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
           D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
           KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr,
           A2P: tl.constexpr, A3P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-          ACT: tl.constexpr, PREC: tl.constexpr):
-    """The pooled history of user ``b`` for each candidate of the tile: ``[BLOCK_N, DP]`` fp32."""
+          ACT: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False):
+    """The pooled history of user ``b`` for each candidate of the tile: ``[BLOCK_N, DP]`` fp32.
+
+    The forward weights the history with probabilities rounded to the input dtype (a tensor-core
+    dot). ``EXACT`` (the backward) weights it in fp32 instead, so that ``d pooled . pooled``
+    equals ``sum_l p_l (d pooled . h_l)`` for the same ``p`` the softmax gradient uses: the
+    gradients of the logits then sum to zero, as they must. With bf16 weights they would not,
+    and that offset, common to every history item, swamps the attention unit's small gradients.
+    The cost is one fp32 ``[BLOCK_N, BLOCK_L] x [BLOCK_L, D]`` product per block."""
     dd = tl.arange(0, DP)
     dmask = dd < D
     q = tl.load(Q + n_item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
@@ -140,7 +149,10 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
             alpha = tl.exp(m - m_new)
             p = tl.exp(logit - m_new[:, None])
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = dot(cast(p, h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
+            if EXACT:
+                acc = dot(p, h, acc * alpha[:, None], PREC="ieee")
+            else:
+                acc = dot(cast(p, h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
             m = m_new
         else:
             w = tl.where(lmask[None, :], logit, 0.0)
@@ -373,7 +385,7 @@ def _attn_bwd_item(
     item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
     pooled, m, denom = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
                              D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
-                             KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+                             KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC, EXACT=True)
     go = tl.load(GOUT + b64 * stride_go + n, mask=nmask, other=0.0).to(tl.float32)
     tl.atomic_add(DBO, tl.sum(go, axis=0))
     a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
@@ -463,8 +475,10 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
         raise ValueError(f"a, cq: expected [B={B}, H1] and [M={q.shape[0]}, H1], got {tuple(a.shape)}, {tuple(cq.shape)}")
     if wp.shape != (a.shape[1], D):
         raise ValueError(f"wp: expected [H1={a.shape[1]}, D={D}], got {tuple(wp.shape)}")
+    check_dtype("q", q, dtype)
+    for name, t in (("cq", cq), ("a", a)):
+        check_split_term(name, t, dtype)
     for name, t in (("q", q), ("cq", cq), ("a", a)):
-        check_dtype(name, t, dtype)
         check_device(name, t, device)
     if idx is not None:
         if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != B):
@@ -503,8 +517,8 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
         if wx.shape != (a1, D) or ht.shape != (B, L, a1) or qt.shape != (q.shape[0], a1):
             raise ValueError(f"wx, ht, qt: expected [A1, D={D}], [B, L, A1], [M, A1], got "
                              f"{tuple(wx.shape)}, {tuple(ht.shape)}, {tuple(qt.shape)}")
-        check_dtype("ht", ht, dtype)
-        check_dtype("qt", qt, dtype)
+        check_split_term("ht", ht, dtype)
+        check_split_term("qt", qt, dtype)
         uwidths = [a1]
         for i, (w, bb) in enumerate(zip(unit_weights, unit_biases)):
             if w.dim() != 2 or w.shape[1] != uwidths[-1] or bb.shape != (w.shape[0],):
@@ -897,16 +911,15 @@ def model_inputs(model, users, items, history, lengths):
     q = model.item_repr(q_ids)
     first = model.tower.linears[0]
     w_user, w_pooled, w_item = first.weight.chunk(3, dim=1)
-    a = torch.nn.functional.linear(model.user_repr(users), w_user, first.bias)
-    cq = torch.nn.functional.linear(q, w_item)
+    a = split_term(model.user_repr(users), w_user, first.bias)
+    cq = split_term(q, w_item)
     kw = dict(idx=idx, kind=cfg.attention, normalize=cfg.normalize, activation=cfg.activation,
               weights=[m.weight for m in model.tower.linears[1:-1]], biases=[m.bias for m in model.tower.linears[1:-1]],
               w_out=model.tower.linears[-1].weight[0], b_out=model.tower.linears[-1].bias)
     if cfg.attention == "din":
         unit_first = model.unit.linears[0]
         w_h, w_q, w_d, w_x = unit_first.weight.chunk(4, dim=1)
-        kw.update(ht=torch.nn.functional.linear(hist, w_h + w_d, unit_first.bias),
-                  qt=torch.nn.functional.linear(q, w_q - w_d), wx=w_x,
+        kw.update(ht=split_term(hist, w_h + w_d, unit_first.bias), qt=split_term(q, w_q - w_d), wx=w_x,
                   unit_weights=[m.weight for m in model.unit.linears[1:-1]],
                   unit_biases=[m.bias for m in model.unit.linears[1:-1]],
                   unit_w_out=model.unit.linears[-1].weight[0], unit_b_out=model.unit.linears[-1].bias)
