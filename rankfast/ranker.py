@@ -148,10 +148,11 @@ def _replace_dir(src: str, dst: str):
     try:
         os.rename(src, dst)
     except BaseException:
+        # Put the old directory back; if even that fails it stays in ``old``, never deleted.
         os.rename(os.path.join(old, "previous"), dst)
+        os.rmdir(old)
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- requests -------------------------------------------------------------------------------

@@ -284,6 +284,27 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     assert json.loads((target / "ranker.json").read_text())["max_history"] == 50
 
 
+def test_failed_replacement_never_deletes_the_old_directory(train, tmp_path, monkeypatch):
+    """If the new directory cannot be renamed in and the old one cannot be put back either,
+    the old one is left aside (``.model.*.old/previous``), not removed."""
+    model = mlp(train)
+    save_model_dir(tmp_path / "model", model, train)
+    weights = (tmp_path / "model" / "model.safetensors").read_bytes()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(dst) == str(tmp_path / "model"):
+            raise OSError("rename refused")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        save_model_dir(tmp_path / "model", model, train)
+    (aside,) = [name for name in os.listdir(tmp_path) if name.endswith(".old")]
+    assert (tmp_path / aside / "previous" / "model.safetensors").read_bytes() == weights
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
 def test_files_reach_the_disk_before_the_rename(train, tmp_path, monkeypatch):
     """Every file of the new directory (and the export) is fsynced before it is renamed into place."""
     events = record_fsyncs_and_renames(monkeypatch)
