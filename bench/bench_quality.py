@@ -4,7 +4,9 @@ Protocol (shared/data/README.md): each user's last 20% of ratings by
 timestamp are the test set, every rating counts as a positive, full ranking
 over all items with the user's training items excluded, Recall@20 (hits over
 min(|test|, 20)) and NDCG@20. Reports popularity, EASE^R (lambda 100) and
-each rankfast model, trained on the CPU, with its training time.
+each rankfast model, trained on the CPU, with its training time. "DotModel
+(history)" is an item-based user tower: the user's row is their training
+history (binary, L2-normalised) through a learned projection, plus an ID part.
 
     python bench/bench_quality.py [--data ../shared/data/ml-latest-small] [--out bench/results/quality-ml-latest-small.md]
 
@@ -57,6 +59,12 @@ MODELS = {
         {"dim": 256},
         {"epochs": 30, "loss": "softmax", "negatives": "all", "lr": 0.1, "weight_decay": 0.3, "batch_size": 8192, "patience": None},
     ),
+    "DotModel (history)": (
+        DotModel,
+        DotConfig,
+        {"dim": 256, "user_hybrid": True},
+        {"epochs": 25, "loss": "softmax", "negatives": "all", "lr": 0.1, "weight_decay": 0.3, "batch_size": 8192, "patience": None},
+    ),
     "MLPModel": (
         MLPModel,
         MLPConfig,
@@ -76,6 +84,20 @@ MODELS = {
         {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 16, "lr": 3e-3, "max_history": 20},
     ),
 }
+
+#: Models whose user features are the history of the data they train on (:func:`history_features`).
+HISTORY_USERS = ("DotModel (history)",)
+
+
+def history_features(data) -> torch.Tensor:
+    """``[users, items]``: each user's items in ``data`` as a binary row, L2-normalised.
+
+    The selection run builds it from the training split less the validation split;
+    the retrained model, and so the test evaluation, from the whole training split.
+    """
+    x = torch.zeros(data.num_users, data.num_items)
+    x[torch.from_numpy(data.users), torch.from_numpy(data.items)] = 1.0
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 def verdict(rows) -> str:
@@ -105,7 +127,7 @@ def main():
 
     def report(name, metrics, seconds, note=""):
         rows.append((name, metrics["recall@20"], metrics["ndcg@20"], seconds, note))
-        print(f"{name:16s} Recall@20 {metrics['recall@20']:.4f}  NDCG@20 {metrics['ndcg@20']:.4f}  {seconds:7.1f} s  {note}", flush=True)
+        print(f"{name:18s} Recall@20 {metrics['recall@20']:.4f}  NDCG@20 {metrics['ndcg@20']:.4f}  {seconds:7.1f} s  {note}", flush=True)
 
     for name, build in (("popularity", lambda: Popularity(train)), ("EASE^R l=100", lambda: EASE(train, lam=100.0))):
         started = time.perf_counter()
@@ -117,20 +139,23 @@ def main():
     for name in args.models:
         model_cls, config_cls, fields, training = MODELS[name]
 
-        def build():
+        def build(data):
             torch.manual_seed(0)
-            return model_cls(config_cls(num_users=train.num_users, num_items=train.num_items, **fields))
+            if name not in HISTORY_USERS:
+                return model_cls(config_cls(num_users=train.num_users, num_items=train.num_items, **fields))
+            config = config_cls(num_users=train.num_users, num_items=train.num_items, user_feature_dim=train.num_items, **fields)
+            return model_cls(config, user_features=history_features(data))
 
         # 1. Choose the epoch count on the validation split (carved from train).
         options = {"batch_size": 1024, "patience": PATIENCE, **training}
         config = TrainConfig(eval_ks=(20,), progress=False, **options)
         started = time.perf_counter()
-        history = fit(build(), fit_part, config, valid=valid)
+        history = fit(build(fit_part), fit_part, config, valid=valid)
         select_seconds = time.perf_counter() - started
         best = max(history, key=lambda r: r["ndcg@20"])
         # 2. Retrain on all of train for that many epochs (the schedule spans them); evaluate once on test.
         final = dataclasses.replace(config, epochs=best["epoch"], patience=None)
-        model = build()
+        model = build(train)
         started = time.perf_counter()
         fit(model, train, final)
         seconds = time.perf_counter() - started
