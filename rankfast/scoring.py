@@ -205,22 +205,19 @@ def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int
 
 def trains_fused(model: RankingModel, device: torch.device) -> bool:
     """The same dispatch for training: whether :func:`rankfast.fit` computes
-    ``model``'s scores through the fused kernels (forward and backward kernels,
-    no per-pair activations stored). As for scoring: CUDA and a model the
-    kernels cover under ``auto``, always with ``triton`` (an error if they
-    cannot), never with ``reference`` or ``factorized`` (training has no
-    factorized path: the model's own forward). The kernels have no dropout,
-    so under ``auto`` a model with dropout trains on its own forward."""
-    backend = _backend()
-    if backend in ("reference", "factorized") or (backend == "auto" and device.type != "cuda"):
+    ``model``'s scores through the fused forward and backward kernels (no
+    per-pair activations stored). Only with ``RANKFAST_BACKEND=triton`` for now
+    (an error if the kernels cannot run the model, or it has dropout, which the
+    kernels lack): on an H200 a training step through them measured 0.44-0.59x
+    eager PyTorch (``bench/results/2026-11-29-nvidia-h200.md``), so by default
+    training runs the model's own forward on every device, ``device`` included,
+    until the backward kernels are faster."""
+    if _backend() != "triton":
         return False
-    if _fused_scorer(model, required=backend == "triton") is None:
-        return False
+    _fused_scorer(model, required=True)
     if model.config.dropout > 0:
-        if backend == "triton":
-            raise ValueError(f"{BACKEND_ENV}=triton: the fused kernels have no dropout, and this model's "
-                             f"dropout is {model.config.dropout}")
-        return False
+        raise ValueError(f"{BACKEND_ENV}=triton: the fused kernels have no dropout, and this model's "
+                         f"dropout is {model.config.dropout}")
     return True
 
 
