@@ -12,6 +12,7 @@ one call (if that fails, one by one, so only a bad request fails: a 400 with
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from ray import serve
@@ -27,6 +28,10 @@ class RankerDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def recommend(self, requests: list[dict]) -> list:
+        # Scoring blocks: in a worker thread, so the replica keeps accepting requests meanwhile.
+        return await asyncio.to_thread(self._score_batch, requests)
+
+    def _score_batch(self, requests: list[dict]) -> list:
         """Each request's rows, or the exception of a bad request: one bad request (an
         unknown user, k < 1) must not fail the others batched with it."""
         try:

@@ -336,6 +336,8 @@ class Ranker:
         for j, r in enumerate(rows):
             history[j, : len(r)] = torch.from_numpy(r)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        device = item_repr.features.device
+        history, lengths = history.to(device), lengths.to(device)
         vectors = pool_history(item_repr.features, history, lengths)
         model = _with_users(self.model, vectors)
         exclude = rows if exclude_seen else None
@@ -402,7 +404,8 @@ def _with_users(model: RankingModel, vectors: torch.Tensor) -> RankingModel:
         new = type(model)(config, user_features=vectors.to("meta"), item_features=item_features.to("meta"))
     for name, child in model.named_children():
         setattr(new, name, child)
-    user_repr = Representation(n, model.user_repr.dim, vectors.to(item_features), hybrid=model.config.user_hybrid)
+    with torch.device(item_features.device):  # a hybrid's ID part is created on the model's device
+        user_repr = Representation(n, model.user_repr.dim, vectors.to(item_features), hybrid=model.config.user_hybrid)
     user_repr.projection = model.user_repr.projection
     new.user_repr = user_repr
     for name, param in model.named_parameters(recurse=False):

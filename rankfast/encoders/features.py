@@ -48,7 +48,7 @@ def pool_history(item_vectors: torch.Tensor, history: torch.Tensor, lengths: tor
         raise ValueError(f"history [U, L] and lengths [U] expected, got {tuple(history.shape)} and {tuple(lengths.shape)}")
     if bool(((lengths < 0) | (lengths > history.shape[1])).any()):
         raise ValueError("lengths: must lie in [0, L]")
-    valid = torch.arange(history.shape[1]) < lengths[:, None]
+    valid = torch.arange(history.shape[1], device=lengths.device) < lengths[:, None]
     if valid.any() and (int(history[valid].min()) < 0 or int(history[valid].max()) >= item_vectors.shape[0]):
         raise ValueError(f"history: item ids must lie in [0, {item_vectors.shape[0]})")
     vectors = item_vectors[history.clamp(0, item_vectors.shape[0] - 1)] * valid.unsqueeze(-1)
