@@ -203,15 +203,15 @@ def _select_scorer(model: RankingModel, device: torch.device, memory_budget: int
     return scorer, min(memory_budget, CPU_TILE_BYTES), workers
 
 
-def trains_fused(model: RankingModel, device: torch.device) -> bool:
+def trains_fused(model: RankingModel) -> bool:
     """The same dispatch for training: whether :func:`rankfast.fit` computes
     ``model``'s scores through the fused forward and backward kernels (no
     per-pair activations stored). Only with ``RANKFAST_BACKEND=triton`` for now
     (an error if the kernels cannot run the model, or it has dropout, which the
     kernels lack): on an H200 a training step through them measured 0.44-0.59x
     eager PyTorch (``bench/results/2026-11-29-nvidia-h200.md``), so by default
-    training runs the model's own forward on every device, ``device`` included,
-    until the backward kernels are faster."""
+    training runs the model's own forward, on every device, until the backward
+    kernels are faster."""
     if _backend() != "triton":
         return False
     _fused_scorer(model, required=True)

@@ -109,19 +109,19 @@ def test_bf16_autocast_through_the_kernels(kind, monkeypatch):
 
 
 def test_dispatch_follows_the_backend_setting(monkeypatch):
-    mlp, cpu, cuda = make("mlp"), torch.device("cpu"), torch.device("cuda")
+    mlp = make("mlp")
     for backend in ("auto", "reference", "factorized"):  # opt-in until the kernels beat eager (see trains_fused)
         monkeypatch.setenv("RANKFAST_BACKEND", backend)
-        assert not trains_fused(mlp, cuda) and not trains_fused(mlp, cpu)
+        assert not trains_fused(mlp)
     monkeypatch.setenv("RANKFAST_BACKEND", "triton")
-    assert trains_fused(mlp, cpu) and trains_fused(mlp, cuda)
+    assert trains_fused(mlp)
     with pytest.raises(ValueError, match="no fused kernel covers this DotModel"):
-        trains_fused(make("mf"), cpu)
+        trains_fused(make("mf"))
     with pytest.raises(ValueError, match="no dropout"):
-        trains_fused(make("din", dropout=0.2), cpu)
+        trains_fused(make("din", dropout=0.2))
     monkeypatch.setenv("RANKFAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="RANKFAST_BACKEND"):
-        trains_fused(mlp, cpu)
+        trains_fused(mlp)
 
 
 def test_training_runs_the_models_forward_by_default(monkeypatch):

@@ -153,7 +153,7 @@ class _Trainer:
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
-            self.fused = not self.multitask and trains_fused(model, self.device)
+            self.fused = not self.multitask and trains_fused(model)
             if self.fused:
                 module = FusedScores(model)
             elif config.negatives == "all":
