@@ -158,6 +158,12 @@ def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "threads.toml").write_text(f'out = "{tmp_path / "m"}"\nthreads = 0\n')
     code, _, err = run(["train", "--config", tmp_path / "threads.toml", *TINY], capsys)
     assert code == EXIT_USAGE and "threads: expected a positive int, got 0" in err and err.count("\n") == 1
+    # Invalid values in the file are usage errors too, not failures (exit 2, as documented).
+    for body, message in (('test_ratio = 2\n', "test_ratio: expected a number in (0, 1), got 2"),
+                          ('[model]\ndim = -3\n', "[model]: "), ('[train]\nloss = "hinge"\n', "[train]: loss")):
+        (tmp_path / "values.toml").write_text(f'out = "{tmp_path / "m"}"\n' + body)
+        code, _, err = run(["train", "--config", tmp_path / "values.toml", *TINY], capsys)
+        assert code == EXIT_USAGE and message in err and err.count("\n") == 1, err
     (tmp_path / "bad2.toml").write_text("epochs = [")
     code, _, err = run(["train", "--config", tmp_path / "bad2.toml"], capsys)
     assert code == EXIT_USAGE and "not valid TOML" in err and err.count("\n") == 1

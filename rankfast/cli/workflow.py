@@ -108,6 +108,9 @@ def train_settings(args) -> dict:
     threads = settings["threads"]
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise CLIError(f"threads: expected a positive int, got {threads!r}", EXIT_USAGE)
+    ratio = settings["test_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise CLIError(f"test_ratio: expected a number in (0, 1), got {ratio!r}", EXIT_USAGE)
     if not settings.get("out"):
         raise CLIError("--out: where to write the model directory (or out = ... in the config file)", EXIT_USAGE)
     return settings
@@ -130,7 +133,7 @@ def build_model(model_settings: dict, train) -> torch.nn.Module:
     cls, config_cls = MODELS[fields.pop("type")]
     try:
         config = config_cls(num_users=train.num_users, num_items=train.num_items, **fields)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # unknown or invalid fields of the config file
         raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
     return cls(config)
 
@@ -141,7 +144,7 @@ def train_model(settings: dict):
     train, test = split(settings["data"], settings["test_ratio"])
     try:
         config = rankfast.TrainConfig(**settings["train"])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CLIError(f"[train]: {err}", EXIT_USAGE) from None
     torch.manual_seed(config.seed)
     model = build_model(settings["model"], train)
