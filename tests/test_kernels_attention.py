@@ -13,6 +13,8 @@ import torch
 from rankfast.kernels import target_attention as ta
 from rankfast.models import AttentionConfig, AttentionModel
 
+from op_tracing import assert_op_traces
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 9, 41, 12, 21
 
@@ -251,43 +253,12 @@ def test_inputs_are_checked():
 def test_op_fake_and_tracing():
     model = make(hidden=(24, 16), unit_hidden=(20, 10))
     users, items, history, lengths = inputs(b=3, n=7, lengths=(4, 0, 21))
-    args, kw = ta.model_inputs(model, users, items, history, lengths)
-    detached = [t.detach() for t in args]
-    op_args = (detached[0], kw["ht"].detach(), detached[1], detached[2], kw["qt"].detach(), detached[3], None,
-               kw["wx"].detach(), [w.detach() for w in kw["unit_weights"]], [b.detach() for b in kw["unit_biases"]],
-               kw["unit_w_out"].detach(), kw["unit_b_out"].detach(), detached[4], detached[5],
-               [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]], kw["w_out"].detach(),
-               kw["b_out"].detach(), "din", True, 1.0, "relu", "ieee")
-
-    def grad_leaf(x):
-        if isinstance(x, list):
-            return [grad_leaf(t) for t in x]
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            return x.clone().requires_grad_()
-        return x
-
-    op_args = tuple(grad_leaf(x) for x in op_args)
-    torch.library.opcheck(torch.ops.rankfast.target_attention_score.default, op_args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
-                                      "test_aot_dispatch_dynamic"))
-
-    class Scorer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, users, items, history, lengths):
-            return ta.model_scores(self.model, users, items, history, lengths, precision="ieee")
-
-    scorer = Scorer()
-    with torch.no_grad():
-        expected = scorer(users, items, history, lengths)
-        compiled = torch.compile(scorer, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(users, items, history, lengths), expected)
-    exported = torch.export.export(scorer, (users, items, history, lengths))
-    assert any("rankfast.target_attention_score" in str(node.target) for node in exported.graph.nodes)
-    with torch.no_grad():
-        torch.testing.assert_close(exported.module()(users, items, history, lengths), expected)
+    (hist, lens, q, cq, a, wp), kw = ta.model_inputs(model, users, items, history, lengths)
+    op_args = (hist, kw["ht"], lens, q, kw["qt"], cq, None, kw["wx"], kw["unit_weights"], kw["unit_biases"],
+               kw["unit_w_out"], kw["unit_b_out"], a, wp, kw["weights"], kw["biases"], kw["w_out"], kw["b_out"],
+               "din", True, 1.0, "relu", "ieee")
+    assert_op_traces(torch.ops.rankfast.target_attention_score.default, op_args, model,
+                     lambda m, *x: ta.model_scores(m, *x, precision="ieee"), (users, items, history, lengths))
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@ import torch
 from rankfast.kernels import mlp_score as ms
 from rankfast.models import MLPConfig, MLPModel, NeuMF, NeuMFConfig
 
+from op_tracing import assert_op_traces
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM = 9, 41, 12
 
@@ -210,32 +212,11 @@ def test_op_matches_its_fake_and_traces_without_graph_breaks():
     first = model.branch.linears[0]
     w_u, w_i = first.weight.chunk(2, dim=1)
     gmf_i, mlp_i = model.item_repr(items).chunk(2, dim=-1)
-    args = (torch.nn.functional.linear(a, w_u, first.bias).detach().requires_grad_(),
-            torch.nn.functional.linear(mlp_i, w_i).detach().requires_grad_(), None,
-            (gu * model.output.weight[0, :DIM]).detach().requires_grad_(), gmf_i.detach().requires_grad_(),
-            [model.branch.linears[1].weight.detach().requires_grad_()],
-            [model.branch.linears[1].bias.detach().requires_grad_()],
-            model.output.weight[0, DIM:].detach().requires_grad_(), model.output.bias.detach().requires_grad_(),
-            "relu", "ieee")
-    torch.library.opcheck(torch.ops.rankfast.mlp_score.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
-                                      "test_aot_dispatch_dynamic"))
-
-    class Scorer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, users, items):
-            return ms.model_scores(self.model, users, items, precision="ieee")
-
-    scorer = Scorer()
-    expected = scorer(users, items).detach()
-    compiled = torch.compile(scorer, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(users, items), expected)
-    exported = torch.export.export(scorer, (users, items))
-    assert any("rankfast.mlp_score" in str(node.target) for node in exported.graph.nodes)
-    torch.testing.assert_close(exported.module()(users, items), expected)
+    args = (torch.nn.functional.linear(a, w_u, first.bias), torch.nn.functional.linear(mlp_i, w_i), None,
+            gu * model.output.weight[0, :DIM], gmf_i, [model.branch.linears[1].weight],
+            [model.branch.linears[1].bias], model.output.weight[0, DIM:], model.output.bias, "relu", "ieee")
+    assert_op_traces(torch.ops.rankfast.mlp_score.default, args, model,
+                     lambda m, *x: ms.model_scores(m, *x, precision="ieee"), (users, items))
 
 
 @pytest.mark.gpu
