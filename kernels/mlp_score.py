@@ -661,28 +661,11 @@ def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out,
                                         default_precision(precision))
 
 
-def auto_splits(num_users: int, num_candidates: int, r: int, device: torch.device) -> int:
-    """How many programs share one user's candidates in the fused top-K: enough
-    programs to fill the GPU (4 per SM) when there are few users."""
-    tiles = triton.cdiv(max(1, num_candidates), r)
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * sms, max(1, num_users))))
-
-
 def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
     prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
     a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
-    k = topk_mod.check_k(k, N)
-    r = topk_mod.running_size(k, 16 if INTERPRET else 64)
-    splits = auto_splits(B, N, r, a.device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
-    chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
-    if excl is not None and (excl.shape != (B, triton.cdiv(N, 32)) or excl.dtype != torch.int32):
-        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
-                         f"got {tuple(excl.shape)} {excl.dtype}")
-    keys = torch.full((B, splits, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=a.device)
+    k, r, splits, chunk, keys = topk_mod.launch_plan(B, N, k, 16 if INTERPRET else 64, splits, excl, a.device)
     if B and N and k:
         excl_t = excl.contiguous() if excl is not None else idx_t
         _mlp_topk_kernel[(B * splits,)](

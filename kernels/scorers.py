@@ -127,9 +127,9 @@ def fused_scorer(model):
 
 def training_scores(model, users, items=None, history=None, lengths=None):
     """Differentiable scores ``[B, W]`` of ``users [B]`` against per-user
-    candidates ``items [B, W]`` (or every item, ``None``) through the fused
-    forward and backward kernels: what :func:`rankfast.fit` trains on when
-    :func:`rankfast.scoring.trains_fused` says so.
+    candidates ``items [B, W]``, shared ones ``[W]``, or every item (``None``)
+    through the fused forward and backward kernels: what :func:`rankfast.fit`
+    trains on when :func:`rankfast.scoring.trains_fused` says so.
 
     Under autocast (``TrainConfig.bf16``) the kernels' inputs are cast to the
     autocast dtype, as autocast would cast a matmul's, except the split first

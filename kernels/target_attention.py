@@ -60,7 +60,7 @@ from rankfast.kernels._common import (
     split_term,
 )
 from rankfast.kernels import topk as topk_mod
-from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, auto_splits, backward_programs
+from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, backward_programs
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 KINDS = {"din": 0, "dot": 1}
@@ -599,14 +599,8 @@ def _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weig
     k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
     B, L, D = hist.shape
     N = q.shape[0] if idx is None else idx.shape[-1]
-    topk = topk_mod.check_k(topk, N)
-    r = topk_mod.running_size(topk, 16 if INTERPRET else 32)
-    splits = auto_splits(B, N, r, hist.device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
-    chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
-    if excl is not None and (excl.shape != (B, triton.cdiv(N, 32)) or excl.dtype != torch.int32):
-        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
-                         f"got {tuple(excl.shape)} {excl.dtype}")
-    keys = torch.full((B, splits, topk), torch.iinfo(torch.int64).min, dtype=torch.int64, device=hist.device)
+    topk, r, splits, chunk, keys = topk_mod.launch_plan(B, N, topk, 16 if INTERPRET else 32, splits, excl,
+                                                        hist.device)
     if B and N and topk:
         tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
         excl_t = excl.contiguous() if excl is not None else lengths

@@ -73,6 +73,33 @@ def running_size(k: int, block: int) -> int:
     return max(16, triton.next_power_of_2(max(1, k)), block)
 
 
+def auto_splits(num_users: int, num_candidates: int, r: int, device: torch.device) -> int:
+    """How many programs share one user's candidates in the fused top-K: enough
+    programs to fill the GPU (4 per SM) when there are few users."""
+    tiles = triton.cdiv(max(1, num_candidates), r)
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(4 * sms, max(1, num_users))))
+
+
+def launch_plan(num_users: int, num_candidates: int, k, tile: int, splits: int, exclude_mask, device):
+    """The fused top-K's launch: ``(k, r, splits, chunk, keys)``: ``k`` checked, the running
+    list's length ``r`` for candidate tiles of ``tile``, programs per user (``splits <= 0``:
+    :func:`auto_splits`), the candidates each program takes (``chunk``, a multiple of ``r``), and
+    the output keys ``[B, splits, k]``, all ``INT64_MIN`` (nothing yet). Checks ``exclude_mask``."""
+    B, N = num_users, num_candidates
+    k = check_k(k, N)
+    r = running_size(k, tile)
+    splits = auto_splits(B, N, r, device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
+    chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
+    if exclude_mask is not None and (exclude_mask.shape != (B, triton.cdiv(N, 32)) or exclude_mask.dtype != torch.int32):
+        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
+                         f"got {tuple(exclude_mask.shape)} {exclude_mask.dtype}")
+    keys = torch.full((B, splits, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+    return k, r, splits, chunk, keys
+
+
 def check_k(k, num_candidates):
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
