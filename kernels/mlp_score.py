@@ -24,7 +24,7 @@ Public entry points (differentiable; registered as ``torch.ops.rankfast.*``):
 * :func:`mlp_score` - the op on precomputed ``A``, ``C`` and raw layer weights;
 * :func:`model_scores` - scores of an :class:`MLPModel` / :class:`NeuMF` for
   users ``[B]`` x shared candidates ``[N]`` or per-user candidates ``[B, N]``;
-* :func:`pair_scores` - aligned pairs ``users [B]``, ``items [B]`` (training);
+* :func:`pair_scores` - aligned pairs ``users [B]``, ``items [B]`` (the model's forward);
 * :func:`model_topk` - fused score + top-K (see ``kernels/topk.py``).
 """
 
@@ -819,5 +819,7 @@ def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision
 
 def pair_scores(model, users, items, *, precision=None):
     """Scores ``[B]`` of aligned pairs ``(users[b], items[b])``: the model's
-    ``forward`` through the fused kernels (training)."""
+    ``forward`` through the fused kernels, differentiable. (Training uses
+    :func:`rankfast.kernels.scorers.training_scores`, which scores each user
+    against all its candidates at once.)"""
     return model_scores(model, users, items.reshape(-1, 1), precision=precision).squeeze(-1)
