@@ -72,27 +72,48 @@ class EASE(_Baseline):
     (Woodbury: ``X P = (XX^T + lam I)^-1 X``), an ``[users, users]`` solve,
     and keeps the training users' scores ``X B`` instead: the same numbers
     at a fraction of the cost when items outnumber users.
+
+    ``history [users, items]``, optional: the rows ``B`` scores, in place of
+    the binary training rows ``X`` (``B`` is still fitted on ``X``); e.g.
+    :func:`rankfast.data.history_features` with a ``half_life``, so that
+    recent items weigh more.
     """
 
-    def __init__(self, train: Interactions, lam: float = 100.0):
+    def __init__(self, train: Interactions, lam: float = 100.0, *, history: torch.Tensor | None = None):
         if not float(lam) > 0:
             raise ValueError(f"lam: must be positive, got {lam}")
         self.num_users, self.num_items = train.num_users, train.num_items
         self.lam = float(lam)
         x = torch.zeros(self.num_users, self.num_items, dtype=torch.float64)
         x[torch.from_numpy(train.users), torch.from_numpy(train.items)] = 1.0
+        if history is not None:
+            history = self._check_history(history)
         if self.num_items <= self.num_users:
             p = torch.cholesky_inverse(torch.linalg.cholesky(x.T @ x + self.lam * torch.eye(self.num_items, dtype=x.dtype)))
             weights = -p / torch.diagonal(p)
             weights.fill_diagonal_(0.0)
             self.weights, self.user_scores = weights.float(), None
             self.indptr, self.indices = (torch.from_numpy(a) for a in train.user_items())
+            if history is not None:
+                self.weights, self.user_scores = None, (history @ weights).float()
         else:
             m = torch.cholesky_inverse(torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype)))
-            mx = m @ x
+            mx = m @ x  # = X P, with P = (X^T X + lam I)^-1
             p_diag = (1.0 - (mx * x).sum(dim=0)) / self.lam
-            self.user_scores = (x - mx / p_diag).float()
+            rows, rows_p = x, mx
+            if history is not None:  # H P = (H - H X^T M X) / lam
+                rows, rows_p = history, (history - (history @ x.T) @ mx) / self.lam
+            self.user_scores = (rows - rows_p / p_diag).float()
             self.weights = None
+
+    def _check_history(self, history) -> torch.Tensor:
+        shape = (self.num_users, self.num_items)
+        if not isinstance(history, torch.Tensor) or not history.is_floating_point() or tuple(history.shape) != shape:
+            raise ValueError(f"history: expected a floating-point tensor of shape {shape}")
+        history = history.detach().cpu().double()
+        if not bool(torch.isfinite(history).all()):
+            raise ValueError("history: must be finite")
+        return history
 
     def score(self, users) -> torch.Tensor:
         users = self._users(users)

@@ -21,13 +21,13 @@ def _random_data(n_users, n_items, density=0.3, seed=0):
     return Interactions.from_raw(users, items)
 
 
-def _ease_reference(data, lam):
+def _ease_reference(data, lam, history=None):
     x = np.zeros((data.num_users, data.num_items))
     x[data.users, data.items] = 1.0
     p = np.linalg.inv(x.T @ x + lam * np.eye(data.num_items))
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
-    return x @ b
+    return (x if history is None else history) @ b
 
 
 @pytest.mark.parametrize("n_users, n_items", [(40, 15), (15, 40)])  # primal and dual (Woodbury) forms
@@ -41,6 +41,23 @@ def test_ease_matches_closed_form(n_users, n_items):
     np.testing.assert_allclose(model(users, items).numpy(), expected[users, items], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="lam: must be positive"):
         EASE(data, lam=0)
+
+
+@pytest.mark.parametrize("n_users, n_items", [(40, 15), (15, 40)])
+def test_ease_scores_a_given_history_with_weights_fitted_on_the_binary_rows(n_users, n_items):
+    data = _random_data(n_users, n_items, seed=2)
+    history = np.random.default_rng(3).random((n_users, n_items))  # any real rows, not only X's
+    model = EASE(data, lam=3.0, history=torch.from_numpy(history).float())
+    expected = _ease_reference(data, 3.0, history)
+    users = np.array([1, 0, 9, 1])
+    np.testing.assert_allclose(model.score(users).numpy(), expected[users], rtol=1e-4, atol=1e-5)
+    items = np.array([2, 0, 14, 5])
+    np.testing.assert_allclose(model(users, items).numpy(), expected[users, items], rtol=1e-4, atol=1e-5)
+    for bad in (torch.zeros(n_users, n_items + 1), torch.zeros(n_users, n_items, dtype=torch.int64), history):
+        with pytest.raises(ValueError, match="history: expected a floating-point tensor"):
+            EASE(data, history=bad)
+    with pytest.raises(ValueError, match="history: must be finite"):
+        EASE(data, history=torch.full((n_users, n_items), float("nan")))
 
 
 def test_popularity_and_recommend_exclusion():

@@ -11,6 +11,7 @@ from rankfast.data import (
     Interactions,
     NegativeSampler,
     event_histories,
+    history_features,
     leave_last_out,
     load_movielens,
     load_ncf,
@@ -269,6 +270,56 @@ def test_negative_sampler_errors():
         NegativeSampler(data).sample([0, 1], 2, np.random.default_rng(0))
     with pytest.raises(ValueError, match="distribution: expected"):
         NegativeSampler(data, distribution="zipf")
+
+
+def _history_rows_reference(data, half_life, floor):
+    """history_features by hand: a Python loop over each user's events in (time, item) order."""
+    rows = np.zeros((data.num_users, data.num_items))
+    for u in range(data.num_users):
+        events = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users) if uu == u)
+        for back, (_, item) in enumerate(reversed(events)):
+            weight = 1.0 if half_life is None else floor + (1 - floor) * 0.5 ** (back / half_life)
+            rows[u, item] = max(rows[u, item], weight)
+        norm = np.sqrt((rows[u] ** 2).sum())
+        rows[u] /= norm if norm else 1.0
+    return rows
+
+
+@pytest.mark.parametrize("half_life, floor", [(None, 0.0), (1.0, 0.0), (2.5, 0.3), (0.5, 1.0)])
+def test_history_features_against_a_hand_loop(half_life, floor):
+    data = _log(seed=5)
+    # A repeated item (an older and a newer event) and a user with no events in this slice.
+    data = Interactions(
+        np.append(data.users, [0, 0]), np.append(data.items, [data.items[0], data.items[0]]), None,
+        np.append(data.timestamps, [-5, 99]), data.user_ids, data.item_ids,
+    )
+    data = data.subset(data.users != 3)
+    rows = history_features(data, half_life=half_life, floor=floor)
+    assert rows.dtype == torch.float32 and rows.shape == (data.num_users, data.num_items)
+    np.testing.assert_allclose(rows.numpy(), _history_rows_reference(data, half_life, floor), rtol=1e-6, atol=1e-7)
+    assert not rows[3].any(), "a user without items gets a zero row"
+
+
+def test_history_features_weights_by_hand():
+    """User 0: items 2, 0, 1 at times 1, 2, 3; half-life 1, floor 0.2: weights 0.4, 0.6, 1."""
+    data = Interactions.from_raw([5, 5, 5], [12, 10, 11], None, [1, 2, 3])
+    expected = np.array([0.6, 1.0, 0.4]) / np.sqrt(0.36 + 1.0 + 0.16)
+    np.testing.assert_allclose(history_features(data, half_life=1.0, floor=0.2).numpy()[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(history_features(data).numpy()[0], np.full(3, 3**-0.5), rtol=1e-6)
+
+
+def test_history_features_rejects_bad_input():
+    data = _log(seed=6)
+    for half_life in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="half_life: must be a positive number"):
+            history_features(data, half_life=half_life)
+    for floor in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="floor: must lie in"):
+            history_features(data, half_life=2.0, floor=floor)
+    untimed = Interactions(data.users, data.items, None, None, data.user_ids, data.item_ids)
+    with pytest.raises(ValueError, match="needs timestamps"):
+        history_features(untimed, half_life=2.0)
+    assert history_features(untimed).shape == (data.num_users, data.num_items), "binary rows need no timestamps"
 
 
 def test_event_histories_see_only_earlier_items():

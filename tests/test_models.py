@@ -129,6 +129,29 @@ def test_representation_rows_match_all(features):
     assert rep.uses_features == (features is not None)
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_set_features_equals_a_model_built_with_them(hybrid):
+    config = DotConfig(NUM_USERS, NUM_ITEMS, DIM, user_feature_dim=5, user_hybrid=hybrid)
+    old, new = torch.randn(NUM_USERS, 5), torch.randn(NUM_USERS, 5)
+    model = DotModel(config, user_features=old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    reference = DotModel(config, user_features=new)
+    reference.load_state_dict({**model.state_dict(), "user_repr.features": new})
+    model.user_repr.set_features(new)
+    users, items = torch.tensor([0, 6, 3]), torch.tensor([30, 0, 7])
+    assert torch.equal(model.user_repr.features, new)
+    torch.testing.assert_close(model(users, items), reference(users, items), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected shape"):
+        model.user_repr.set_features(torch.randn(NUM_USERS, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        model.user_repr.set_features(torch.ones(NUM_USERS, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ID embedding table"):
+        model.item_repr.set_features(torch.randn(NUM_ITEMS, 5))
+    assert torch.equal(model.user_repr.features, new), "a rejected call changes nothing"
+
+
 def test_hybrid_representation_against_float64_reference():
     gen = torch.Generator().manual_seed(3)
     features = torch.randn(9, 5, generator=gen)

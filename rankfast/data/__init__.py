@@ -2,7 +2,7 @@
 
 from rankfast.data.interactions import MAPPINGS_FILE, IdMap, Interactions
 from rankfast.data.loaders import DataFormatError, NCFData, load_movielens, load_ncf, load_table
-from rankfast.data.sampling import NegativeSampler, event_histories, user_histories
+from rankfast.data.sampling import NegativeSampler, event_histories, history_features, user_histories
 from rankfast.data.splits import leave_last_out, random_split, temporal_split
 from rankfast.data.synthetic import synthetic_interactions
 
@@ -18,6 +18,7 @@ __all__ = [
     "NegativeSampler",
     "event_histories",
     "user_histories",
+    "history_features",
     "random_split",
     "temporal_split",
     "leave_last_out",

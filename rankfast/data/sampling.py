@@ -1,12 +1,15 @@
-"""Negative sampling and leakage-free user histories."""
+"""Negative sampling, leakage-free user histories and history features."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 from rankfast.data.interactions import Interactions
 
-__all__ = ["NegativeSampler", "event_histories", "user_histories"]
+__all__ = ["NegativeSampler", "event_histories", "user_histories", "history_features"]
 
 
 class NegativeSampler:
@@ -111,3 +114,36 @@ def user_histories(data: Interactions, max_len: int) -> tuple[np.ndarray, np.nda
     counts = np.bincount(data.users, minlength=data.num_users)
     ends = np.cumsum(counts)
     return _padded_windows(data.items[order], ends - counts, ends, max_len)
+
+
+def history_features(data: Interactions, *, half_life: float | None = None, floor: float = 0.0) -> torch.Tensor:
+    """Each user's items in ``data`` as a dense row: ``[num_users, num_items]``
+    float32, each row L2-normalised (a user without items gets a zero row).
+
+    These are the user features of an item-based user tower, e.g.
+    ``DotModel(DotConfig(..., user_feature_dim=num_items), user_features=...)``:
+    the user vector is the history through a learned item-to-vector matrix.
+
+    Without ``half_life`` every item weighs 1. With it, the user's items are
+    taken in time order (ties by item id, as in the splits) and the ``j``-th
+    most recent one (``j = 0`` for the last) weighs
+    ``floor + (1 - floor) * 0.5 ** (j / half_life)``, so the row leans to what
+    the user did last; an item the user has several times keeps its most
+    recent weight. Dense: meant for catalogues that fit a ``[users, items]``
+    float32 matrix.
+    """
+    if half_life is not None and not (math.isfinite(half_life) and half_life > 0):
+        raise ValueError(f"half_life: must be a positive number of interactions or None, got {half_life}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor: must lie in [0, 1], got {floor}")
+    rows = np.zeros((data.num_users, data.num_items), dtype=np.float32)
+    if half_life is None:
+        rows[data.users, data.items] = 1.0
+    else:
+        order = data.chronological_order()
+        users, items = data.users[order], data.items[order]
+        ends = np.cumsum(np.bincount(users, minlength=data.num_users))
+        steps_back = ends[users] - 1 - np.arange(len(users))
+        weights = floor + (1.0 - floor) * 0.5 ** (steps_back / half_life)
+        np.maximum.at(rows, (users, items), weights.astype(np.float32))
+    return torch.nn.functional.normalize(torch.from_numpy(rows), dim=1)

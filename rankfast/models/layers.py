@@ -70,6 +70,19 @@ class Representation(nn.Module):
             rows = rows + (self.embedding.weight if ids is None else self.embedding(ids))
         return rows
 
+    def set_features(self, features: torch.Tensor) -> None:
+        """Replaces the fixed feature matrix by ``features [num, F]`` (same
+        shape), keeping every learned weight: e.g. users' histories refreshed
+        after training, or weighted differently for serving."""
+        if not self.uses_features:
+            raise ValueError("set_features: this representation is an ID embedding table; it has no features")
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            raise TypeError(f"features: expected a floating-point tensor {list(self.features.shape)}")
+        if features.shape != self.features.shape:
+            raise ValueError(f"features: expected shape {tuple(self.features.shape)}, got {tuple(features.shape)}")
+        with torch.no_grad():
+            self.features.copy_(features)
+
     def extend(self, features: torch.Tensor) -> torch.Tensor:
         """Appends rows represented by ``features [n, F]`` (a hybrid's ID part
         of them is zero); returns their ids."""
