@@ -4,7 +4,11 @@ Cases (fp32, on CUDA when available, else the CPU):
 
 * MLP model, D=64, hidden 256-128, B=512 users x N=20,000 candidates;
 * DIN attention model, D=64, unit 80-40, output MLP 200-80, B=64 x N=2,000,
-  histories of L=100 items.
+  histories of L=100 items drawn from the 2,000 candidates (the 6,400 history
+  slots hold about 1,900 distinct items, so rankfast runs the attention unit
+  once per candidate and distinct history item); and the same with every
+  history slot a different item outside the candidates, where no unit result
+  can be shared.
 
 The eager baseline expands users and candidates, concatenates them and runs
 the model's own layers over every pair, in chunks of users only as large as
@@ -118,13 +122,20 @@ def eager_din_step(model, e_u, h, mask, q):
     return model.tower(x).squeeze(-1)
 
 
-def din_case():
+def din_case(distinct_history: bool = False):
+    """``distinct_history``: every history slot holds its own item, from
+    ``B * L`` items after the ``N`` candidates; else slots draw from the candidates."""
     b, n, length = (8, 200, 30) if SMALL else (64, 2000, 100)
     torch.manual_seed(0)
-    config = AttentionConfig(b, n, 64, hidden=(200, 80), attention="din", unit_hidden=(80, 40))
+    num_items = n + b * length if distinct_history else n
+    config = AttentionConfig(b, num_items, 64, hidden=(200, 80), attention="din", unit_hidden=(80, 40))
     model = AttentionModel(config).to(DEVICE).eval()
     users = torch.arange(b, device=DEVICE)
-    history = torch.randint(0, n, (b, length), device=DEVICE)
+    candidates = torch.arange(n, device=DEVICE)
+    if distinct_history:
+        history = n + torch.randperm(b * length, device=DEVICE).view(b, length)
+    else:
+        history = torch.randint(0, n, (b, length), device=DEVICE)
     lengths = torch.full((b,), length, device=DEVICE)
     per_triple = 4 * 64 + 2 * 64 + 2 * 80 + 2 * 40 + 4
     chunk = _chunk_users(b, n * length * FLOAT * per_triple)
@@ -133,7 +144,7 @@ def din_case():
     def inputs():
         mask = history_mask(lengths, length)
         h = model.item_repr(history.masked_fill(~mask, 0))
-        return model.user_repr(users), h, mask, model.item_repr.all()
+        return model.user_repr(users), h, mask, model.item_repr(candidates)
 
     def baseline(step):
         with torch.inference_mode():
@@ -142,7 +153,7 @@ def din_case():
             return torch.cat(parts)
 
     def ours():
-        return rankfast.score(model, users, history=history, lengths=lengths)
+        return rankfast.score(model, users, candidates, history=history, lengths=lengths)
 
     def check():
         first = ours()[:chunk]
@@ -153,7 +164,7 @@ def din_case():
             _close(compiled_step(*args), first, "torch.compile")
 
     return Case(
-        group=f"score din B={b} N={n} L={length}",
+        group=f"score din B={b} N={n} L={length}" + (", no repeated history items" if distinct_history else ""),
         impls={
             "rankfast": ours,
             "eager": lambda: baseline(lambda *args: eager_din_step(model, *args)),
@@ -163,7 +174,7 @@ def din_case():
     )
 
 
-CASES = {"mlp": mlp_case, "din": din_case}
+CASES = {"mlp": mlp_case, "din": din_case, "din-distinct-history": lambda: din_case(distinct_history=True)}
 
 
 @pytest.mark.parametrize("impl", list(ROUNDS))

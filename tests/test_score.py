@@ -62,6 +62,33 @@ def test_scores_match_reference(name, candidates, users, budget, history_block):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reuse", [0.0, float("inf")], ids=["unit-table", "per-slot-units"])
+@pytest.mark.parametrize("candidates", ["all", "subset-with-repeats", "per-user"])
+@pytest.mark.parametrize("name", ["din", "din-raw", "din-features", "din-hybrid"])
+def test_din_unit_table_matches_reference(name, candidates, reuse, history_block, monkeypatch):
+    """Users sharing history items: the unit tabled over distinct items (shared
+    candidates) and computed per slot give the reference's scores."""
+    monkeypatch.setattr(factorized, "UNIT_TABLE_MIN_REUSE", reuse)
+    tabled = []
+    plan = factorized.AttentionScorer._plan_unit_table
+
+    def spy(self, *args):
+        plan(self, *args)
+        tabled.append(self.distinct is not None)
+
+    monkeypatch.setattr(factorized.AttentionScorer, "_plan_unit_table", spy)
+    model = make_model(name)
+    users = torch.tensor([0, 6, 2, 3, 5, 4])
+    lengths = torch.tensor([0, 12, 5, 12, 1, 9])
+    history = torch.randint(0, 6, (6, 12), generator=torch.Generator().manual_seed(5))  # 6 items: many repeats
+    history[torch.arange(12) >= lengths[:, None]] = -1
+    items = candidate_sets(len(users))[candidates]
+    for budget in (DEFAULT_MEMORY_BUDGET, 6000):
+        got = rankfast.score(model, users, items, history=history, lengths=lengths, memory_budget=budget)
+        torch.testing.assert_close(got, reference_scores(model, users, as_candidates(items), history, lengths), rtol=1e-10, atol=1e-12)
+    assert tabled and all(tabled) == (reuse == 0.0)
+
+
 def _expected_topk(scores, candidates, exclude, k):
     """topk of the reference scores, excluded positions found by brute force."""
     skip = None

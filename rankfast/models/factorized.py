@@ -6,7 +6,10 @@ precomputed and a pair only adds them; the ``[B*N, 2D]`` concatenation never
 exists. Target attention splits the activation unit the same way: over
 ``[h, q, h-q, h*q]`` the first layer is ``(Wh + Wd) h + (Wq - Wd) q + Wx (h*q)``,
 so only the ``h*q`` term is computed per (pair, history item), and the softmax
-over the history runs online in blocks (as in flash attention).
+over the history runs online in blocks (as in flash attention). The unit sees
+only the history item and the candidate, not the user, so when a block's
+users share history items and candidates, it runs once per (candidate,
+distinct history item) and each user gathers its logits from that table.
 
 Each scorer handles one block of users. ``items(ids)`` computes the item-side
 terms for candidate ids ``[Nc]`` (shared by the block) or ``[T, Nc]``
@@ -34,6 +37,9 @@ from rankfast.models.neumf import NeuMF
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
+#: The DIN unit is tabled over distinct history items (shared candidates only) when a
+#: block's valid history slots are at least this many times its distinct items.
+UNIT_TABLE_MIN_REUSE = 1.5
 
 
 @dataclass(frozen=True)
@@ -123,32 +129,59 @@ class NeuMFScorer:
 class AttentionScorer:
     """History blocks are visited in order with a running maximum, softmax
     denominator and weighted sum (online softmax), so a tile holds
-    ``[T, Nc, block, width]`` at most, whatever the history length."""
+    ``[T, Nc, block, width]`` at most, whatever the history length.
+
+    DIN with shared candidates: when the block's users repeat history items
+    (:data:`UNIT_TABLE_MIN_REUSE`), ``items`` computes the unit's logits for
+    each (candidate, distinct history item) once, ``[Nc, H]``, and tiles
+    gather their users' columns; the table is used only while it is no larger
+    than one tile's per-pair intermediates, which the memory plan counts."""
 
     def __init__(self, model: AttentionModel, users, history, lengths):
         self.model = model
         cfg = model.config
         self.lengths = lengths.cpu()  # per-tile maxima without a device sync
         self.mask = history_mask(lengths, history.shape[1])
-        self.h = model.item_repr(history.masked_fill(~self.mask, 0))  # [U, L, D]
+        history = history.masked_fill(~self.mask, 0)
+        self.h = model.item_repr(history)  # [U, L, D]
         first = model.tower.linears[0]
         w_user, self.w_pooled, self.w_item = first.weight.chunk(3, dim=1)
         self.a = F.linear(model.user_repr(users), w_user, first.bias)
+        n_blocks = max(1, math.ceil(history.shape[1] / HISTORY_BLOCK))
+        self.block = max(1, math.ceil(history.shape[1] / n_blocks))
+        self.distinct = None  # the unit table's columns: distinct history items' h and h-terms
         if cfg.attention == "din":
             unit_first = model.unit.linears[0]
             w_h, w_q, w_d, self.w_x = unit_first.weight.chunk(4, dim=1)
-            self.h_term = F.linear(self.h, w_h + w_d, unit_first.bias)  # [U, L, A1]
+            self.w_h_unit, self.b_unit = w_h + w_d, unit_first.bias
             self.w_q_unit = w_q - w_d
-        n_blocks = max(1, math.ceil(history.shape[1] / HISTORY_BLOCK))
-        self.block = max(1, math.ceil(history.shape[1] / n_blocks))
+            self.h_term = F.linear(self.h, self.w_h_unit, self.b_unit)  # [U, L, A1]
+            self._plan_unit_table(history, self.footprint(model, history.shape[1]).pair)
+
+    def _plan_unit_table(self, history, max_columns):
+        """Sets ``distinct`` (``h``, ``h_term`` of the distinct history items) and
+        ``column [U, L]`` (each slot's column) when tabling the unit saves work."""
+        ids, column = torch.unique(history, return_inverse=True)
+        slots = int(self.lengths.sum())
+        if 0 < len(ids) <= max_columns and slots >= UNIT_TABLE_MIN_REUSE * len(ids):
+            h = self.model.item_repr(ids)
+            self.distinct, self.column = (h, F.linear(h, self.w_h_unit, self.b_unit)), column
 
     def items(self, ids):
         q = self.model.item_repr(ids)
-        q_term = F.linear(q, self.w_q_unit) if self.model.config.attention == "din" else None
-        return q, q_term, F.linear(q, self.w_item)
+        if self.model.config.attention != "din":
+            return q, None, F.linear(q, self.w_item), None
+        q_term = F.linear(q, self.w_q_unit)
+        table = None
+        if self.distinct is not None and ids.dim() == 1:
+            h, h_term = self.distinct
+            table = torch.cat(
+                [self._unit_logits(h[None, b], h_term[None, b], q, q_term)[0] for b in _blocks(len(h), self.block)], dim=-1
+            )  # [Nc, H]
+        return q, q_term, F.linear(q, self.w_item), table
 
     def pairs(self, rows: slice, state):
-        q, q_term, c = state
+        q, q_term, c, table = state
         h, mask = self.h[rows], self.mask[rows]
         t, n = h.shape[0], q.shape[-2]
         acc = h.new_zeros(t, n, h.shape[-1])
@@ -157,10 +190,12 @@ class AttentionScorer:
             running_max = h.new_full((t, n), float("-inf"))
             denom = h.new_zeros(t, n)
         valid_len = int(self.lengths[rows].max()) if t else 0
-        for start in range(0, valid_len, self.block):
-            block = slice(start, min(start + self.block, valid_len))
+        for block in _blocks(valid_len, self.block):
             h_b = h[:, block]  # [T, Lb, D]
-            logits = self._logits(rows, block, h_b, q, q_term)  # [T, Nc, Lb]
+            if table is not None:
+                logits = table[:, self.column[rows, block]].permute(1, 0, 2)  # [T, Nc, Lb]
+            else:
+                logits = self._logits(rows, block, h_b, q, q_term)  # [T, Nc, Lb]
             valid = mask[:, None, block]
             if normalize:
                 logits = logits.masked_fill(~valid, float("-inf"))
@@ -183,8 +218,13 @@ class AttentionScorer:
         """Attention scores of history items ``h_b [T, Lb, D]`` for each candidate: ``[T, Nc, Lb]``."""
         if self.model.config.attention == "dot":
             return torch.matmul(q, h_b.transpose(1, 2)) / math.sqrt(self.model.config.dim)
+        return self._unit_logits(h_b, self.h_term[rows, block], q, q_term)
+
+    def _unit_logits(self, h_b, h_term, q, q_term):
+        """The DIN unit on history items ``h_b [T, Lb, D]`` (first-layer terms
+        ``h_term [T, Lb, A1]``) and candidates ``q`` (``q_term``): ``[T, Nc, Lb]``."""
         z = F.linear(h_b.unsqueeze(1) * q.unsqueeze(-2), self.w_x)  # the h*q term: [T, Nc, Lb, A1]
-        z += self.h_term[rows, None, block]
+        z += h_term.unsqueeze(1)
         z += q_term.unsqueeze(-2)
         return self.model.unit.from_first(z, inplace=True).squeeze(-1)
 
@@ -200,6 +240,10 @@ class AttentionScorer:
             item=d + a1 + h1,
             pair=block * per_item + d + 3 + 2 * sum(cfg.hidden) + 1,
         )
+
+
+def _blocks(length: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 _SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
