@@ -64,22 +64,27 @@ MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
 
 
 def _configs(backward: bool):
+    """``TILE_U``: the fewest users a tile spans (see ``_tile_heuristics``)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_P": 32, "BJ": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_P": 32, "BJ": 16, "TILE_U": 1}, num_warps=4, num_stages=1)]
     if backward:
-        out = [triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK_P": 128, "BJ": 32}, num_warps=8, num_stages=2)]
+        # Several users per tile sum their item-row gradients in registers before the
+        # atomics (shared candidates), at the cost of more user-row atomics: timed, not assumed.
+        out = [triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
+               triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 4}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 8}, num_warps=8, num_stages=2)]
     else:  # a few candidates: every one is compiled and timed per new shape
-        out = [triton.Config({"BLOCK_P": 64, "BJ": 32}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK_P": 64, "BJ": 64}, num_warps=4, num_stages=3),
-               triton.Config({"BLOCK_P": 128, "BJ": 32}, num_warps=8, num_stages=2),
-               triton.Config({"BLOCK_P": 128, "BJ": 64}, num_warps=8, num_stages=3)]
+        out = [triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
+               triton.Config({"BLOCK_P": 64, "BJ": 64, "TILE_U": 1}, num_warps=4, num_stages=3),
+               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
+               triton.Config({"BLOCK_P": 128, "BJ": 64, "TILE_U": 1}, num_warps=8, num_stages=3)]
     return configs(out, out[0])
 
 
 def _tile_heuristics():
     def block_n(a):
-        return min(a["BLOCK_P"], triton.next_power_of_2(max(1, a["N"])))
+        return min(a["BLOCK_P"] // a["TILE_U"], triton.next_power_of_2(max(1, a["N"])))
 
     return {
         "BLOCK_N": block_n,
@@ -194,7 +199,7 @@ def _mlp_fwd_kernel(
     NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
     ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    BJ1: tl.constexpr, BJ3: tl.constexpr,
+    BJ1: tl.constexpr, BJ3: tl.constexpr, TILE_U: tl.constexpr,
 ):
     pid = tl.program_id(0)
     _, _, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
@@ -331,7 +336,7 @@ def _mlp_bwd_kernel(
     NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
     HLP: tl.constexpr, ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, SHARED: tl.constexpr,
     PREC: tl.constexpr, BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    BJ1: tl.constexpr, BJ3: tl.constexpr,
+    BJ1: tl.constexpr, BJ3: tl.constexpr, TILE_U: tl.constexpr,
 ):
     """Persistent: program ``pid`` takes tiles pid, pid + G, ... and adds its weight and bias
     gradients into its own slot of ``DW*``/``DB*``/``DWO``/``DBO`` (``[programs, ...]``, summed on
