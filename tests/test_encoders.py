@@ -170,8 +170,9 @@ def snapshot(encoder):
         (TransferConfig("top_layers", top_layers=2), lambda name: ".layer.1." in name or ".layer.2." in name),
         (TransferConfig("full"), lambda name: not name.endswith("pooler.dense.weight") and not name.endswith("pooler.dense.bias")),
         (TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value")), lambda name: "lora_" in name),
+        (TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), lora_layers=(2,)), lambda name: "lora_" in name and ".layer.2." in name),
     ],
-    ids=["frozen", "top1", "top2", "full", "lora"],
+    ids=["frozen", "top1", "top2", "full", "lora", "lora-top1"],
 )
 def test_each_strategy_updates_exactly_its_parameters(encoder_dir, config, trains):
     encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), config)
@@ -189,6 +190,10 @@ def test_top_layers_rejects_more_layers_than_exist(encoder_dir):
     assert len(transformer_blocks(encoder.model)) == 3
     with pytest.raises(ValueError, match="exceeds"):
         apply_strategy(encoder, TransferConfig("top_layers", top_layers=4))
+    with pytest.raises(ValueError, match="exceeds"):
+        apply_strategy(encoder, TransferConfig("lora", lora_layers=(3,)))
+    with pytest.raises(ValueError, match="lora_layers"):
+        TransferConfig("lora", lora_layers=())
     with pytest.raises(ValueError, match="strategy"):
         TransferConfig("partial")
 
@@ -433,3 +438,60 @@ def test_fit_through_the_encoder_resumes_exactly(encoder_dir, tmp_path):
     resumed = run(2, tmp_path / "resumed")  # a fresh encoder and model continue from the checkpoint
     torch.testing.assert_close(resumed.item_repr.features, straight.item_repr.features, rtol=0, atol=0)
     torch.testing.assert_close(rankfast.score(resumed, torch.arange(4)), rankfast.score(straight, torch.arange(4)), rtol=0, atol=0)
+
+
+def test_text_representation_encodes_each_text_as_the_unpadded_encoder_does(encoder_dir):
+    """Texts tokenized once, chunked by length and padded per chunk give the
+    rows of each text encoded alone (no padding), projected, with gradients."""
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    model = hybrid_model(encoder)
+    rep = model.item_repr
+    with attach_text_encoder(model, encoder, TEXTS, batch_size=2):
+        text_rep = model.item_repr
+        ids = torch.tensor([[4, 0, 4], [5, 1, 3]])
+        rows = text_rep(ids)
+        alone = torch.stack([unpadded_hidden(encoder, TEXTS[i]).mean(0) for i in ids.reshape(-1).tolist()])
+        expected = rep.projection(alone) + rep.embedding(ids.reshape(-1))
+        torch.testing.assert_close(rows.reshape(-1, rep.dim), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text_rep.all(), rep.projection(torch.stack([unpadded_hidden(encoder, t).mean(0) for t in TEXTS])) + rep.embedding.weight, rtol=1e-5, atol=1e-5)
+        assert text_rep(torch.tensor([], dtype=torch.long)).shape == (0, rep.dim)
+
+
+def count_encoded_texts(encoder):
+    """Counts the texts the encoder runs on while training (not the final refresh)."""
+    seen = []
+    encoder.model.embeddings.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]) if module.training else None)
+    return seen
+
+
+@pytest.mark.parametrize("negatives, per_epoch", [("all", 3 * len(TEXTS)), ("partition", len(TEXTS))])
+def test_partition_softmax_encodes_each_text_once_per_epoch(encoder_dir, negatives, per_epoch):
+    """With the full softmax every step encodes the catalogue (3 steps of 4
+    interactions here); with the partitioned one each text is encoded once an epoch."""
+    encoder = TextEncoder.from_pretrained(encoder_dir)
+    model = hybrid_model(encoder, num_users=4, randomize=False)
+    transfer = TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), encoder_lr=0.05)
+    seen = count_encoded_texts(encoder)
+    config = TrainConfig(epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=4, lr=0.05, progress=False)
+    base = encoder.encode(TEXTS, progress=False)
+    fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, transfer))
+    assert sum(seen) == 2 * per_epoch
+    tuned = encoder.encode(TEXTS, progress=False)
+    assert not torch.allclose(tuned, base, atol=1e-4), "the adapters did not train"
+    torch.testing.assert_close(model.item_repr.features, tuned)
+
+
+def test_encoder_dropout_off_keeps_the_encoder_deterministic_while_the_model_trains(encoder_dir):
+    """The tiny BERT has dropout 0.1: with it the rows of a training model vary; without it
+    they equal the inference-mode rows (the frozen vectors' projection)."""
+    encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("lora", lora_rank=2))
+    model = hybrid_model(encoder).train()
+    reference = model.item_repr.all().detach()  # features = encoder.encode(TEXTS): inference mode
+    with attach_text_encoder(model, encoder, TEXTS, dropout=False):
+        model.train()
+        assert not encoder.training
+        torch.testing.assert_close(model.item_repr.all(), reference, rtol=1e-5, atol=1e-5)
+    with attach_text_encoder(model, encoder, TEXTS):
+        model.train()
+        assert encoder.training
+        assert not torch.allclose(model.item_repr.all(), reference, atol=1e-4)

@@ -38,7 +38,14 @@ class TransferConfig:
     ``encoder_lr``: learning rate of the encoder's trainable weights (the
     ranking head keeps the training config's rate); ``None`` uses the head's.
     LoRA fields follow ``peft.LoraConfig``; ``lora_target_modules=None`` lets
-    peft pick the usual attention projections for the architecture.
+    peft pick the usual attention projections for the architecture, and
+    ``lora_layers`` (block indices, peft's ``layers_to_transform``) puts
+    adapters in those blocks only: with the top blocks, the backward pass
+    stops there and the blocks below run without autograd, cheaper on a CPU.
+    ``encoder_dropout=False`` keeps the encoder in inference mode while the
+    model trains (no dropout: the vectors the ``frozen`` strategy computes,
+    e.g. to fine-tune a model trained on them, and a cheaper step).
+    ``batch_size``: texts per encoder call.
     """
 
     strategy: str = "frozen"
@@ -48,6 +55,8 @@ class TransferConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] | None = None
+    lora_layers: tuple[int, ...] | None = None
+    encoder_dropout: bool = True
     batch_size: int = 64
 
     def __post_init__(self):
@@ -57,6 +66,10 @@ class TransferConfig:
             raise ValueError("TransferConfig.top_layers: must be >= 1 for strategy 'top_layers'")
         if self.strategy == "lora" and self.lora_rank < 1:
             raise ValueError(f"TransferConfig.lora_rank: must be >= 1, got {self.lora_rank}")
+        if self.lora_layers is not None:
+            self.lora_layers = tuple(int(i) for i in self.lora_layers)
+            if not self.lora_layers or min(self.lora_layers) < 0:
+                raise ValueError(f"TransferConfig.lora_layers: expected block indices >= 0, got {self.lora_layers}")
         if self.encoder_lr is not None and self.encoder_lr <= 0:
             raise ValueError(f"TransferConfig.encoder_lr: must be > 0, got {self.encoder_lr}")
 
@@ -110,8 +123,11 @@ def apply_strategy(encoder: TextEncoder, config: TransferConfig) -> TextEncoder:
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
+            layers_to_transform=list(config.lora_layers) if config.lora_layers else None,
             bias="none",
         )
+        if config.lora_layers and max(config.lora_layers) >= len(transformer_blocks(encoder.model)):
+            raise ValueError(f"TransferConfig.lora_layers: {config.lora_layers} exceeds the encoder's {len(transformer_blocks(encoder.model))} blocks")
         encoder.model = get_peft_model(encoder.model, lora)  # freezes the base itself
         return encoder
     encoder.requires_grad_(config.strategy == "full")
@@ -131,30 +147,59 @@ class TextRepresentation(nn.Module):
     (``forward(ids)``, ``all()``); the feature-based ``representation`` it
     stands in for turns the encoder's vectors into rows (its projection, and
     its ID part if hybrid), so a model trains end to end through the encoder.
+
+    Every text is tokenized once, here; a call encodes only the distinct ids
+    it is given, in chunks of ``batch_size`` texts of similar token length,
+    each padded only to its own longest text.
     """
 
-    def __init__(self, encoder: TextEncoder, texts: list[str], representation: nn.Module, batch_size: int = 64):
+    def __init__(self, encoder: TextEncoder, texts: list[str], representation: nn.Module, batch_size: int = 64, dropout: bool = True):
         super().__init__()
-        self.encoder, self.representation, self.batch_size = encoder, representation, batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.encoder, self.representation, self.batch_size, self.dropout = encoder, representation, batch_size, dropout
+        if not dropout:
+            encoder.train(False)
         self.texts = list(texts)
         self.num, self.dim = len(self.texts), representation.dim
+        tokens = encoder.tokenize(self.texts, padding=False) if self.texts else {}
+        self.tokens = [{name: values[i] for name, values in tokens.items()} for i in range(self.num)]
+        self.lengths = torch.tensor([len(t["input_ids"]) for t in self.tokens], dtype=torch.long)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.dropout:
+            self.encoder.train(False)  # inference mode even while the model trains
+        return self
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors ``[len(ids), encoder.dim]`` of the texts of distinct ``ids`` (with gradients where enabled)."""
+        ids = ids.reshape(-1).cpu()
+        order = torch.argsort(self.lengths[ids], stable=True)
+        chunks = []
+        for start in range(0, len(ids), self.batch_size):
+            rows = ids[order[start : start + self.batch_size]].tolist()
+            batch = self.encoder.tokenizer.pad([self.tokens[r] for r in rows], padding=True, return_tensors="pt")
+            chunks.append(self.encoder(**{k: v.to(self.encoder.device) for k, v in batch.items()}))
+        if not chunks:
+            return torch.empty(0, self.encoder.dim, device=self.encoder.device)
+        vectors = torch.cat(chunks)
+        return vectors[torch.argsort(order).to(vectors.device)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        batch = self.encoder.tokenize([self.texts[i] for i in unique.tolist()])
-        vectors = self.encoder(**{k: v.to(self.encoder.device) for k, v in batch.items()})
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        vectors = self.encode_ids(unique)
         rows = self.representation.project(vectors.to(self.representation.projection.weight.dtype), unique)
         return rows[inverse].reshape(*ids.shape, self.dim)
 
     def all(self) -> torch.Tensor:
-        ids = torch.arange(self.num)
-        return torch.cat([self(ids[s : s + self.batch_size]) for s in range(0, self.num, self.batch_size)])
+        return self(torch.arange(self.num))
 
 
 @contextlib.contextmanager
-def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", batch_size: int = 64):
-    """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``.
+def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", batch_size: int = 64, dropout: bool = True):
+    """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``
+    (``dropout=False``: the encoder stays in inference mode while the model trains).
 
     The model must represent that side by feature vectors (its projection,
     and a hybrid's ID part, are reused). On exit the feature-based representation is restored and, unless
@@ -166,7 +211,7 @@ def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str]
         raise ValueError(f"model.{attr}: must use feature vectors (config.{side}_feature_dim) to attach an encoder")
     if len(texts) != original.num:
         raise ValueError(f"texts: expected {original.num} (one per {side}), got {len(texts)}")
-    setattr(model, attr, TextRepresentation(encoder, texts, original, batch_size))
+    setattr(model, attr, TextRepresentation(encoder, texts, original, batch_size, dropout))
     try:
         yield model
     except BaseException:

@@ -9,32 +9,37 @@ from rankfast.models import DotModel, RankingModel
 __all__ = ["catalogue_scores", "CatalogueScores"]
 
 
-def catalogue_scores(model: RankingModel, users: torch.Tensor) -> torch.Tensor:
-    """``[len(users), num_items]`` scores of each user against every item, with gradients.
+def catalogue_scores(model: RankingModel, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    """``[len(users), num_items]`` scores of each user against every item, with
+    gradients; with ``items [N]``, against those items only (``[len(users), N]``).
 
-    A :class:`DotModel` is one matrix product (its forward, restructured);
-    any other model without history runs its forward on every (user, item)
-    pair, which is exact but costs ``len(users) * num_items`` forward rows.
+    A :class:`DotModel` is one matrix product (its forward, restructured),
+    reading each item's row once; any other model without history runs its
+    forward on every (user, item) pair, which is exact but costs
+    ``len(users) * N`` forward rows.
     """
     if getattr(model, "uses_history", False):
         raise ValueError(f"model: {type(model).__name__} reads histories; catalogue scores need a history-free model")
-    num_items = model.config.num_items
     if isinstance(model, DotModel):
-        items = model.item_repr.all()
+        if items is None:
+            rows, item_bias = model.item_repr.all(), model.item_bias
+        else:
+            rows, item_bias = model.item_repr(items), model.item_bias[items]
         user_term = model.user_bias[users] + model.bias
-        return model.user_repr(users) @ items.T + model.item_bias[None, :] + user_term[:, None]
-    all_items = torch.arange(num_items, device=users.device)
-    pair_users = users.repeat_interleave(num_items)
-    return model(pair_users, all_items.repeat(len(users))).view(len(users), num_items)
+        return model.user_repr(users) @ rows.T + item_bias[None, :] + user_term[:, None]
+    if items is None:
+        items = torch.arange(model.config.num_items, device=users.device)
+    pair_users = users.repeat_interleave(len(items))
+    return model(pair_users, items.repeat(len(users))).view(len(users), len(items))
 
 
 class CatalogueScores(torch.nn.Module):
-    """``forward(users) -> catalogue_scores(model, users)``: a module to wrap in
+    """``forward(users, items=None) -> catalogue_scores(model, users, items)``: a module to wrap in
     DistributedDataParallel, so full-softmax steps synchronise gradients."""
 
     def __init__(self, model: RankingModel):
         super().__init__()
         self.model = model
 
-    def forward(self, users: torch.Tensor) -> torch.Tensor:
-        return catalogue_scores(self.model, users)
+    def forward(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        return catalogue_scores(self.model, users, items)

@@ -51,6 +51,17 @@ class TrainConfig:
     :class:`DotModel`); models that read histories, and :class:`MultiTask`,
     need sampled negatives.
 
+    ``negatives="partition"`` (with ``loss="softmax"`` only) is the full
+    softmax over a random part of the catalogue: each epoch the items are
+    shuffled and cut into parts of ``num_negatives`` items, and a micro-batch
+    is one part with every training interaction of its items (``batch_size``
+    unused), each user's softmax running over that part alone. The parts are
+    uniform draws without replacement, so no logQ correction is needed, and
+    every item is represented once per epoch: with an encoder trained
+    through :class:`rankfast.encoders.FineTuning` each item's text is encoded
+    once per epoch, where ``"all"`` encodes the whole catalogue every step.
+    A part none of whose items has a training interaction contributes no loss.
+
     ``batch_size`` interactions per micro-batch (per rank); ``grad_accum``
     micro-batches per optimizer step. The learning rate warms up linearly
     over ``warmup_steps`` optimizer steps, then follows ``schedule``.
@@ -98,12 +109,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity", "all")}
+        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity", "all", "partition")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        if self.negatives == "all" and self.loss != "softmax":
-            raise ValueError(f"negatives: 'all' (full softmax) needs loss='softmax', got {self.loss!r}")
+        if self.negatives in ("all", "partition") and self.loss != "softmax":
+            raise ValueError(f"negatives: {self.negatives!r} (full softmax) needs loss='softmax', got {self.loss!r}")
         if self.loss != "mse" and self.negatives != "all" and int(self.num_negatives) < 1:
             raise ValueError(f"num_negatives: must be at least 1 for loss {self.loss!r}, got {self.num_negatives}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -147,21 +158,24 @@ class _Trainer:
             module_lrs = self._attach_encoder(scope) if fine_tuning is not None else None
             self.examples = _Examples(train, config, getattr(model, "uses_history", False))
             self.sampler = None
-            if config.loss != "mse" and config.negatives != "all":
+            if config.loss != "mse" and config.negatives not in ("all", "partition"):
                 self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
                 self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
-            self.fused = not self.multitask and trains_fused(model)
+            self.fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
             if self.fused:
                 module = FusedScores(model)
-            elif config.negatives == "all":
-                module = CatalogueScores(model)  # full softmax: users x catalogue
+            elif config.negatives in ("all", "partition"):
+                module = CatalogueScores(model)  # full softmax: users x catalogue (or a part of it)
             else:
                 module = model
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
-            micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
+            if config.negatives == "partition":
+                micro = len(shard(np.arange(-(-train.num_items // int(config.num_negatives))), context))
+            else:
+                micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
             self.steps_per_epoch = -(-micro // config.grad_accum)
             self.optimizer = build_optimizer(
                 model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, module_lrs=module_lrs
@@ -187,14 +201,43 @@ class _Trainer:
             refresh_features(self.ranker, encoder, tuning.texts, tuning.side, batch_size=transfer.batch_size, progress=config.progress)
             return None
         apply_strategy(encoder, transfer)
-        scope.enter_context(attach_text_encoder(self.ranker, encoder, tuning.texts, tuning.side, transfer.batch_size))
+        scope.enter_context(attach_text_encoder(self.ranker, encoder, tuning.texts, tuning.side, transfer.batch_size, transfer.encoder_dropout))
         return None if transfer.encoder_lr is None else {encoder: transfer.encoder_lr}
 
     # --- one epoch ------------------------------------------------------------------
 
+    def _micro_batches(self) -> list:
+        """This rank's micro-batches ``(example indices, negatives or a
+        partition's items or None)`` for the current epoch; a function of
+        (seed, epoch, rank) only, so a resumed run repeats them."""
+        config = self.config
+        if config.negatives == "partition":
+            return self._partition_batches()
+        order, negatives = self._epoch_order()
+        return [
+            (order[start : start + config.batch_size], None if negatives is None else negatives[start : start + config.batch_size])
+            for start in range(0, len(order), config.batch_size)
+        ]
+
+    def _partition_batches(self) -> list:
+        """The catalogue in random parts of ``num_negatives`` items (sorted
+        within a part), each with the indices of its items' interactions."""
+        config, num_items = self.config, self.data.num_items
+        size = int(config.num_negatives)
+        items = np.random.default_rng([config.seed, self.epoch]).permutation(num_items)
+        part_of = np.empty(num_items, dtype=np.int64)
+        part_of[items] = np.arange(num_items) // size
+        example_part = part_of[self.data.items]
+        order = np.argsort(example_part, kind="stable")
+        bounds = np.searchsorted(example_part[order], np.arange(-(-num_items // size) + 1))
+        batches = []
+        for part in shard(np.arange(len(bounds) - 1), self.context):
+            members = np.sort(items[part * size : (part + 1) * size])
+            batches.append((torch.from_numpy(order[bounds[part] : bounds[part + 1]]), torch.from_numpy(members)))
+        return batches
+
     def _epoch_order(self):
-        """This rank's example order and negatives for the current epoch; a
-        function of (seed, epoch, rank) only, so a resumed run repeats it."""
+        """This rank's example order and negatives for the current epoch."""
         config, context = self.config, self.context
         order = shard(np.random.default_rng([config.seed, self.epoch]).permutation(len(self.examples)), context)
         negatives = None
@@ -207,6 +250,8 @@ class _Trainer:
         ex, config = self.examples, self.config
         if config.negatives == "all":
             return self._full_softmax_loss(idx)
+        if config.negatives == "partition":
+            return self._partition_loss(idx, negatives)
         users, items = ex.users[idx], ex.items[idx][:, None]
         history = None if ex.history is None else ex.history[idx]
         lengths = None if ex.lengths is None else ex.lengths[idx]
@@ -243,17 +288,24 @@ class _Trainer:
             logits = self.net(rows.to(self.device))
         return full_softmax_loss(logits.float(), inverse.to(self.device), self.examples.items[idx].to(self.device))
 
+    def _partition_loss(self, idx, members):
+        """Full softmax of each interaction's user over the part ``members`` (sorted) holding its item."""
+        rows, inverse = torch.unique(self.examples.users[idx], return_inverse=True)
+        targets = torch.searchsorted(members, self.examples.items[idx])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            logits = self.net(rows.to(self.device), members.to(self.device))
+        if not len(idx):  # no interaction in this part: a zero loss that still runs the model (DDP)
+            return logits.float().sum() * 0.0
+        return full_softmax_loss(logits.float(), inverse.to(self.device), targets.to(self.device))
+
     def _train_epoch(self, bar) -> float:
         config = self.config
-        order, negatives = self._epoch_order()
+        batches = self._micro_batches()
         self.model.train()
-        starts = list(range(0, len(order), config.batch_size))
         total, count = 0.0, 0
-        for step in range(0, len(starts), config.grad_accum):
-            group = starts[step : step + config.grad_accum]
-            for j, start in enumerate(group):
-                idx = order[start : start + config.batch_size]
-                neg = None if negatives is None else negatives[start : start + config.batch_size]
+        for step in range(0, len(batches), config.grad_accum):
+            group = batches[step : step + config.grad_accum]
+            for j, (idx, neg) in enumerate(group):
                 last = j == len(group) - 1
                 # DDP all-reduces gradients only on the last micro-batch of a step.
                 sync = self.net.no_sync() if self.context.enabled and not last else contextlib.nullcontext()
@@ -416,8 +468,8 @@ def fit(
             f"train: has {train.num_users} users and {train.num_items} items, the model was built for "
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
-    if config.negatives == "all" and (isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)):
-        raise ValueError(f"negatives: 'all' (full softmax) needs a history-free RankingModel, got {type(model).__name__}")
+    if config.negatives in ("all", "partition") and (isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)):
+        raise ValueError(f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got {type(model).__name__}")
     if valid is None and config.patience is not None:
         raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):
