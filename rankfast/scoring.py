@@ -312,7 +312,7 @@ def _plan(fp: Footprint, num_users, num_items, *, per_user, top_k, itemsize, bud
     # With k each user's row of scores is held until its top-K is taken (plus,
     # for per-user candidates with exclusions, int64 keys and a mask per entry).
     row_bytes = fp.user * itemsize + (num_items * (itemsize + 9) if top_k else 0)
-    in_flight = tile_users * chunk_items * pair_bytes + (0 if per_user else chunk_items * fp.item * itemsize)
+    in_flight = tile_users * chunk_items * pair_bytes + (0 if per_user else chunk_items * (fp.item + fp.table) * itemsize)
     spare = budget - workers * in_flight
     block_users = max(tile_users, min(num_users, spare // max(1, row_bytes)))
     return _Plan(block_users=block_users, chunk_items=chunk_items, tile_users=tile_users, workers=workers)
@@ -336,6 +336,7 @@ def _fill(scorer, items, out, plan: _Plan, run):
         group = chunks[first : first + plan.workers]
         states = run(lambda cols: scorer.items(items[cols]), group) if shared else [None] * len(group)
         run(tile, [(cols, rows, state) for cols, state in zip(group, states) for rows in user_tiles])
+        del states  # before the next group's are computed: the plan holds one group at a time
 
 
 def _top_k(scores, candidates, k, skip):

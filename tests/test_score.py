@@ -69,14 +69,7 @@ def test_din_unit_table_matches_reference(name, candidates, reuse, history_block
     """Users sharing history items: the unit tabled over distinct items (shared
     candidates) and computed per slot give the reference's scores."""
     monkeypatch.setattr(factorized, "UNIT_TABLE_MIN_REUSE", reuse)
-    tabled = []
-    plan = factorized.AttentionScorer._plan_unit_table
-
-    def spy(self, *args):
-        plan(self, *args)
-        tabled.append(self.distinct is not None)
-
-    monkeypatch.setattr(factorized.AttentionScorer, "_plan_unit_table", spy)
+    tabled = _spy_unit_tables(monkeypatch)
     model = make_model(name)
     users = torch.tensor([0, 6, 2, 3, 5, 4])
     lengths = torch.tensor([0, 12, 5, 12, 1, 9])
@@ -87,6 +80,57 @@ def test_din_unit_table_matches_reference(name, candidates, reuse, history_block
         got = rankfast.score(model, users, items, history=history, lengths=lengths, memory_budget=budget)
         torch.testing.assert_close(got, reference_scores(model, users, as_candidates(items), history, lengths), rtol=1e-10, atol=1e-12)
     assert tabled and all(tabled) == (reuse == 0.0)
+
+
+def _spy_unit_tables(monkeypatch):
+    """A list that records, per scorer built, whether it tabled the DIN unit."""
+    tabled = []
+    plan = factorized.AttentionScorer._plan_unit_table
+
+    def spy(self, *args):
+        plan(self, *args)
+        tabled.append(self.distinct is not None)
+
+    monkeypatch.setattr(factorized.AttentionScorer, "_plan_unit_table", spy)
+    return tabled
+
+
+@pytest.mark.parametrize("histories", ["repeated", "distinct"])
+def test_din_unit_table_by_default_only_when_history_items_repeat(histories, monkeypatch):
+    tabled = _spy_unit_tables(monkeypatch)
+    model = make_model("din")
+    users = torch.tensor([0, 6, 2, 3, 5, 4])
+    lengths = torch.tensor([0, 8, 5, 8, 1, 8])
+    gen = torch.Generator().manual_seed(6)
+    if histories == "repeated":  # 30 slots over at most 6 items
+        history = torch.randint(0, 6, (6, 8), generator=gen)
+    else:  # 30 slots, 30 different items
+        history = torch.full((6, 8), -1)
+        history[torch.arange(8) < lengths[:, None]] = torch.randperm(NUM_ITEMS, generator=gen)[:30]
+    history[torch.arange(8) >= lengths[:, None]] = -1
+    got = rankfast.score(model, users, history=history, lengths=lengths)
+    torch.testing.assert_close(got, reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths), rtol=1e-10, atol=1e-12)
+    assert tabled == [histories == "repeated"]
+
+
+def test_din_unit_table_is_capped_by_its_footprint():
+    """More distinct history items than the footprint's table allowance: no table."""
+    model = make_model("din")
+    history = torch.randint(0, 6, (4, 10), generator=torch.Generator().manual_seed(7))
+    lengths = torch.full((4,), 10)
+    scorer = factorized.AttentionScorer(model, torch.arange(4), history, lengths)
+    assert scorer.distinct is not None and factorized.AttentionScorer.footprint(model, 10).table >= len(scorer.distinct[0])
+    scorer.distinct = None
+    scorer._plan_unit_table(history, max_columns=len(torch.unique(history)) - 1)
+    assert scorer.distinct is None
+
+
+def test_plan_counts_the_table_only_for_shared_candidates():
+    fp, bare = factorized.Footprint(user=50, item=10, pair=100, table=400), factorized.Footprint(user=50, item=10, pair=100)
+    args = dict(top_k=False, itemsize=4, budget=2**20, tile_bytes=40_000, workers=2)
+    shared, shared_bare = (scoring._plan(f, 10_000, 5_000, per_user=False, **args) for f in (fp, bare))
+    assert shared.block_users < shared_bare.block_users
+    assert scoring._plan(fp, 10_000, 5_000, per_user=True, **args) == scoring._plan(bare, 10_000, 5_000, per_user=True, **args)
 
 
 def _expected_topk(scores, candidates, exclude, k):

@@ -44,11 +44,13 @@ UNIT_TABLE_MIN_REUSE = 1.5
 
 @dataclass(frozen=True)
 class Footprint:
-    """Elements held per user of a block, per candidate of a chunk, and per pair of a tile."""
+    """Elements held per user of a block, per candidate of a chunk, and per pair of a
+    tile; ``table``: more per candidate of a chunk, held only with shared candidates."""
 
     user: int
     item: int
     pair: int
+    table: int = 0
 
 
 def _pair_dot(u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -134,8 +136,8 @@ class AttentionScorer:
     DIN with shared candidates: when the block's users repeat history items
     (:data:`UNIT_TABLE_MIN_REUSE`), ``items`` computes the unit's logits for
     each (candidate, distinct history item) once, ``[Nc, H]``, and tiles
-    gather their users' columns; the table is used only while it is no larger
-    than one tile's per-pair intermediates, which the memory plan counts."""
+    gather their users' columns; the table has at most ``footprint(...).table``
+    columns, which the memory plan counts per shared candidate."""
 
     def __init__(self, model: AttentionModel, users, history, lengths):
         self.model = model
@@ -156,7 +158,7 @@ class AttentionScorer:
             self.w_h_unit, self.b_unit = w_h + w_d, unit_first.bias
             self.w_q_unit = w_q - w_d
             self.h_term = F.linear(self.h, self.w_h_unit, self.b_unit)  # [U, L, A1]
-            self._plan_unit_table(history, self.footprint(model, history.shape[1]).pair)
+            self._plan_unit_table(history, self.footprint(model, history.shape[1]).table)
 
     def _plan_unit_table(self, history, max_columns):
         """Sets ``distinct`` (``h``, ``h_term`` of the distinct history items) and
@@ -175,9 +177,9 @@ class AttentionScorer:
         table = None
         if self.distinct is not None and ids.dim() == 1:
             h, h_term = self.distinct
-            table = torch.cat(
-                [self._unit_logits(h[None, b], h_term[None, b], q, q_term)[0] for b in _blocks(len(h), self.block)], dim=-1
-            )  # [Nc, H]
+            table = q.new_empty(len(ids), len(h))  # [Nc, H]
+            for b in _blocks(len(h), self.block):
+                table[:, b] = self._unit_logits(h[None, b], h_term[None, b], q, q_term)[0]
         return q, q_term, F.linear(q, self.w_item), table
 
     def pairs(self, rows: slice, state):
@@ -235,10 +237,12 @@ class AttentionScorer:
         a1 = cfg.unit_hidden[0] if cfg.attention == "din" else 0
         per_item = d + 2 * sum(cfg.unit_hidden) + 4 if cfg.attention == "din" else 4
         block = min(history_len, HISTORY_BLOCK)
+        pair = block * per_item + d + 3 + 2 * sum(cfg.hidden) + 1
         return Footprint(
             user=history_len * (d + a1 + 1) + d + h1,
             item=d + a1 + h1,
-            pair=block * per_item + d + 3 + 2 * sum(cfg.hidden) + 1,
+            pair=pair,
+            table=pair if cfg.attention == "din" else 0,  # the unit table: as large as one pair's intermediates
         )
 
 
