@@ -82,6 +82,26 @@ def test_forward_and_gradients_match_float64_reference(kind, hidden, activation,
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("kind,hidden,activation", [CASES[1], CASES[4]])
+@pytest.mark.parametrize("cand", ["shared", "per_user"])
+def test_gradients_with_tiles_spanning_several_users(kind, hidden, activation, cand, monkeypatch):
+    """The backward's multi-user tiles (TILE_U, an autotune choice on a GPU), forced:
+    B=5 users in tiles of 4, N not a multiple of the tile's candidates."""
+    import triton
+
+    block_p, tile_u = (32, 4) if DEVICE == "cpu" else (128, 8)
+    monkeypatch.setattr(ms._mlp_bwd_kernel, "configs", [triton.Config({"BLOCK_P": block_p, "BJ": 16, "TILE_U": tile_u}, num_warps=4)])
+    model = make(kind, hidden, activation)
+    model64 = copy.deepcopy(model).double()
+    users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
+    items = candidates(cand, 5, 37 if cand == "shared" else 13)
+    weight = torch.randn(5, items.shape[-1], dtype=torch.float64, device=DEVICE)
+    (ms.model_scores(model, users, items, precision="ieee") * weight.float()).sum().backward()
+    (reference(model64, users, items) * weight).sum().backward()
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+        assert rel_err(p.grad, p64.grad) < 1e-4, name
+
+
 @pytest.mark.parametrize("b,n", [(1, 1), (3, 1), (1, 5)])
 def test_tiny_shapes(b, n):
     model = make("mlp", (20, 18), "gelu")
