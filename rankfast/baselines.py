@@ -92,9 +92,10 @@ class EASE(_Baseline):
             p = torch.cholesky_inverse(torch.linalg.cholesky(x.T @ x + self.lam * torch.eye(self.num_items, dtype=x.dtype)))
             weights = -p / torch.diagonal(p)
             weights.fill_diagonal_(0.0)
-            self.weights, self.user_scores = weights.float(), None
-            self.indptr, self.indices = (torch.from_numpy(a) for a in train.user_items())
-            if history is not None:
+            if history is None:
+                self.weights, self.user_scores = weights.float(), None
+                self.indptr, self.indices = (torch.from_numpy(a) for a in train.user_items())
+            else:  # as many users as items at least: the scores are no larger than the weights
                 self.weights, self.user_scores = None, (history @ weights).float()
         else:
             m = torch.cholesky_inverse(torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype)))
@@ -108,8 +109,10 @@ class EASE(_Baseline):
 
     def _check_history(self, history) -> torch.Tensor:
         shape = (self.num_users, self.num_items)
-        if not isinstance(history, torch.Tensor) or not history.is_floating_point() or tuple(history.shape) != shape:
-            raise ValueError(f"history: expected a floating-point tensor of shape {shape}")
+        if not isinstance(history, torch.Tensor) or not history.is_floating_point():
+            raise TypeError(f"history: expected a floating-point tensor of shape {shape}")
+        if tuple(history.shape) != shape:
+            raise ValueError(f"history: expected shape {shape}, got {tuple(history.shape)}")
         history = history.detach().cpu().double()
         if not bool(torch.isfinite(history).all()):
             raise ValueError("history: must be finite")

@@ -53,8 +53,10 @@ def test_ease_scores_a_given_history_with_weights_fitted_on_the_binary_rows(n_us
     np.testing.assert_allclose(model.score(users).numpy(), expected[users], rtol=1e-4, atol=1e-5)
     items = np.array([2, 0, 14, 5])
     np.testing.assert_allclose(model(users, items).numpy(), expected[users, items], rtol=1e-4, atol=1e-5)
-    for bad in (torch.zeros(n_users, n_items + 1), torch.zeros(n_users, n_items, dtype=torch.int64), history):
-        with pytest.raises(ValueError, match="history: expected a floating-point tensor"):
+    with pytest.raises(ValueError, match=r"history: expected shape"):
+        EASE(data, history=torch.zeros(n_users, n_items + 1))
+    for bad in (torch.zeros(n_users, n_items, dtype=torch.int64), history):
+        with pytest.raises(TypeError, match="history: expected a floating-point tensor"):
             EASE(data, history=bad)
     with pytest.raises(ValueError, match="history: must be finite"):
         EASE(data, history=torch.full((n_users, n_items), float("nan")))

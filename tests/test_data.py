@@ -316,6 +316,8 @@ def test_history_features_rejects_bad_input():
     for floor in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="floor: must lie in"):
             history_features(data, half_life=2.0, floor=floor)
+    with pytest.raises(ValueError, match="floor: weighs items by recency"):
+        history_features(data, floor=0.5)
     untimed = Interactions(data.users, data.items, None, None, data.user_ids, data.item_ids)
     with pytest.raises(ValueError, match="needs timestamps"):
         history_features(untimed, half_life=2.0)

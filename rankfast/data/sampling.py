@@ -136,6 +136,8 @@ def history_features(data: Interactions, *, half_life: float | None = None, floo
         raise ValueError(f"half_life: must be a positive number of interactions or None, got {half_life}")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor: must lie in [0, 1], got {floor}")
+    if half_life is None and floor:
+        raise ValueError("floor: weighs items by recency, so it needs a half_life")
     rows = np.zeros((data.num_users, data.num_items), dtype=np.float32)
     if half_life is None:
         rows[data.users, data.items] = 1.0
