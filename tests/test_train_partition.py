@@ -16,33 +16,9 @@ import rankfast.train.loop as loop_module
 from rankfast.baselines import Popularity
 from rankfast.data import temporal_split
 from rankfast.evaluate import evaluate
-from rankfast.models import DotConfig, DotModel, MLPConfig, MLPModel
-from rankfast.train import TrainConfig, catalogue_scores, fit
+from rankfast.train import TrainConfig, fit
 
 from test_train import QUIET, assert_same, dot_model, params, planted
-
-
-@pytest.mark.parametrize("kind", ["dot", "mlp"])
-def test_catalogue_scores_of_some_items_match_the_forward_on_those_pairs(kind):
-    torch.manual_seed(0)
-    if kind == "dot":
-        model = DotModel(DotConfig(num_users=5, num_items=13, dim=6))
-        torch.nn.init.normal_(model.user_bias), torch.nn.init.normal_(model.item_bias), torch.nn.init.normal_(model.bias)
-    else:
-        model = MLPModel(MLPConfig(num_users=5, num_items=13, dim=6, hidden=(8,)))
-    model = model.double()
-    users, items = torch.tensor([3, 0, 4]), torch.tensor([11, 2, 7, 3])
-    got = catalogue_scores(model, users, items)
-    expected = torch.stack([model(torch.full((4,), int(u)), items) for u in users])
-    torch.testing.assert_close(got, expected)
-    weights = torch.randn(3, 4, dtype=torch.float64)
-    grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
-    ref = torch.autograd.grad((expected * weights).sum(), list(model.parameters()), allow_unused=True)
-    for g, r in zip(grads, ref):
-        if r is None:
-            assert g is None or not g.any()
-        else:
-            torch.testing.assert_close(g, r)
 
 
 def test_one_part_holding_the_catalogue_is_the_full_softmax_step():
