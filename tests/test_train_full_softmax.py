@@ -59,11 +59,14 @@ def test_catalogue_scores_match_the_forward_on_every_pair(kind, items):
             torch.testing.assert_close(g, r)
 
 
-def test_a_full_softmax_step_matches_a_hand_written_one():
+@pytest.mark.parametrize("negatives", ["all", "partition"])
+def test_a_full_softmax_step_matches_a_hand_written_one(negatives):
+    """One step: the whole data in one batch ("all"), or one part holding the whole catalogue."""
     data = planted(n_users=12, n_items=20, per_user=5)
     model = dot_model(data, dim=4)
     manual = copy.deepcopy(model)
-    config = TrainConfig(epochs=1, batch_size=len(data), loss="softmax", negatives="all", optimizer="sgd", lr=0.3, schedule="constant", **QUIET)
+    one_step = {"batch_size": len(data)} if negatives == "all" else {"num_negatives": data.num_items}
+    config = TrainConfig(epochs=1, loss="softmax", negatives=negatives, optimizer="sgd", lr=0.3, schedule="constant", **one_step, **QUIET)
     fit(model, data, config)
     # Reference: one SGD step on the mean cross-entropy of every interaction
     # against all items, scored pair by pair through the forward.

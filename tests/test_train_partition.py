@@ -5,7 +5,6 @@ References are written independently: per-pair forwards and ``F.cross_entropy``,
 the hand-written full-softmax step, and counts of the texts an attached encoder sees.
 """
 
-import copy
 
 import numpy as np
 import pytest
@@ -19,23 +18,6 @@ from rankfast.evaluate import evaluate
 from rankfast.train import TrainConfig, fit
 
 from test_train import QUIET, assert_same, dot_model, params, planted
-
-
-def test_one_part_holding_the_catalogue_is_the_full_softmax_step():
-    data = planted(n_users=12, n_items=20, per_user=5)
-    model = dot_model(data, dim=4)
-    manual = copy.deepcopy(model)
-    config = TrainConfig(epochs=1, loss="softmax", negatives="partition", num_negatives=data.num_items,
-                         optimizer="sgd", lr=0.3, schedule="constant", **QUIET)
-    fit(model, data, config)
-    users, items = torch.from_numpy(data.users), torch.from_numpy(data.items)
-    n = data.num_items
-    logits = manual(users.repeat_interleave(n), torch.arange(n).repeat(len(users))).view(len(users), n)
-    F.cross_entropy(logits, items).backward()
-    with torch.no_grad():
-        for p in manual.parameters():
-            p -= 0.3 * p.grad
-    assert_same(params(model), params(manual), rtol=1e-5, atol=1e-6)
 
 
 def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_its_part(monkeypatch):
