@@ -25,6 +25,11 @@ from rankfast.kernels._common import split_term
 from rankfast.models.factorized import Footprint
 
 
+def _float32_elements(model, count: int) -> int:
+    """``count`` float32 values (the split first-layer terms) in elements of the model's dtype."""
+    return count * max(1, 4 // next(model.parameters()).element_size())
+
+
 def _item_state(item_side, ids):
     """Item-side terms for shared ``[Nc]`` or per-user ``[T, Nc]`` candidate ids."""
     if ids.dim() == 1:
@@ -62,8 +67,7 @@ class FusedMLPScorer:
     @staticmethod
     def footprint(model, history_len: int):
         cfg = model.config
-        width = cfg.hidden[0]
-        side = (2 * cfg.dim if hasattr(model, "branch") else cfg.dim) + width + cfg.dim
+        side = (2 * cfg.dim if hasattr(model, "branch") else cfg.dim) + _float32_elements(model, cfg.hidden[0]) + cfg.dim
         return Footprint(user=side, item=side, pair=1)
 
 
@@ -112,8 +116,8 @@ class FusedAttentionScorer:
     def footprint(model, history_len: int):
         cfg = model.config
         a1 = cfg.unit_hidden[0] if cfg.attention == "din" else 0
-        return Footprint(user=history_len * (cfg.dim + a1) + cfg.hidden[0] + 1,
-                          item=cfg.dim + a1 + cfg.hidden[0], pair=1)
+        return Footprint(user=history_len * cfg.dim + _float32_elements(model, history_len * a1 + cfg.hidden[0]) + 1,
+                         item=cfg.dim + _float32_elements(model, a1 + cfg.hidden[0]), pair=1)
 
 
 def fused_scorer(model):

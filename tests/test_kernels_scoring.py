@@ -7,6 +7,7 @@ import torch
 
 import rankfast
 from rankfast.kernels import scorers
+from rankfast.models.factorized import Footprint
 from rankfast.models import (AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF,
                              NeuMFConfig)
 
@@ -75,6 +76,18 @@ def test_scorer_interface(kind, per_user):
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-3  # tf32 tolerance on a GPU
     fp = cls.footprint(model, MAX_LEN)
     assert fp.pair == 1 and fp.user > 0 and fp.item > 0
+
+
+def test_footprints_count_the_float32_split_terms_of_half_precision_models():
+    """By hand: the split first-layer terms are float32 whatever the model's dtype, so
+    a bf16 model's footprint (in bf16 elements) counts each of them twice."""
+    mlp = MLPModel(MLPConfig(3, 5, 8, hidden=(16,)))
+    din = AttentionModel(AttentionConfig(3, 5, 8, hidden=(16,), unit_hidden=(6,)))
+    assert scorers.FusedMLPScorer.footprint(mlp, 0) == Footprint(user=8 + 16 + 8, item=8 + 16 + 8, pair=1)
+    assert scorers.FusedMLPScorer.footprint(mlp.bfloat16(), 0) == Footprint(user=8 + 32 + 8, item=8 + 32 + 8, pair=1)
+    assert scorers.FusedAttentionScorer.footprint(din, 10) == Footprint(user=10 * 8 + 10 * 6 + 16 + 1, item=8 + 6 + 16, pair=1)
+    assert scorers.FusedAttentionScorer.footprint(din.bfloat16(), 10) == Footprint(
+        user=10 * 8 + 2 * (10 * 6 + 16) + 1, item=8 + 2 * (6 + 16), pair=1)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "dot"])
