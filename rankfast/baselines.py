@@ -95,7 +95,7 @@ class EASE(_Baseline):
             if history is None:
                 self.weights, self.user_scores = weights.float(), None
                 self.indptr, self.indices = (torch.from_numpy(a) for a in train.user_items())
-            else:  # as many users as items at least: the scores are no larger than the weights
+            else:  # the given rows are fixed, so keep their scores rather than the weights
                 self.weights, self.user_scores = None, (history @ weights).float()
         else:
             m = torch.cholesky_inverse(torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype)))
