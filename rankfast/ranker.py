@@ -19,11 +19,14 @@ contiguous ids, without ``users.safetensors`` nothing counts as seen.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,9 +67,12 @@ def save_model_dir(
     """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically.
 
     The files are written into a temporary directory beside ``directory``,
-    flushed to disk, and the directory is then renamed into place (an existing directory is replaced the
-    same way), so a failure at any point leaves the old directory or none,
-    never a half-written one. ``train`` supplies the id mappings, each user's
+    flushed to disk, and the directory is then renamed into place, so a failure
+    at any point leaves the old directory or none, never a half-written one. An
+    existing directory is swapped with the new one in one atomic step where the
+    system allows it (Linux), so a server reading it meanwhile always finds a
+    complete model; elsewhere it is moved aside for the rename, a moment
+    without a directory at the path. ``train`` supplies the id mappings, each user's
     seen items and histories. ``encoder``: a saved text encoder directory,
     copied in as ``encoder/``. ``data``: a JSON-able description of the
     training data (e.g. ``{"movielens": path}``). Returns the directory.
@@ -138,10 +144,33 @@ def _make_temp_dir(parent: str, name: str) -> str:
     raise FileExistsError(f"{parent}: cannot create a temporary directory for {name}")
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False where the system or the filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
 def _replace_dir(src: str, dst: str):
-    """Renames ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
+    """Renames ``src`` to ``dst``. An existing ``dst`` is swapped with ``src`` atomically
+    where :func:`_exchange` can, else moved aside first; either way it is removed after."""
     if not os.path.exists(dst):
         os.rename(src, dst)
+        return
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # now the old directory
         return
     old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=os.path.dirname(dst))
     os.rename(dst, os.path.join(old, "previous"))

@@ -13,7 +13,7 @@ import rankfast
 import rankfast.ranker as ranker_module
 from rankfast import Ranker
 from rankfast.data import Interactions, synthetic_interactions, user_histories
-from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel
+from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
 from rankfast.ranker import ModelDirError, save_model_dir
 
 NUM_USERS, NUM_ITEMS = 40, 30
@@ -285,10 +285,11 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
 
 
 def test_failed_replacement_never_deletes_the_old_directory(train, tmp_path, monkeypatch):
-    """If the new directory cannot be renamed in and the old one cannot be put back either,
-    the old one is left aside (``.model.*.old/previous``), not removed."""
+    """Without an atomic exchange: if the new directory cannot be renamed in and the old one
+    cannot be put back either, the old one is left aside (``.model.*.old/previous``), not removed."""
     model = mlp(train)
     save_model_dir(tmp_path / "model", model, train)
+    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: False)
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()
     real_rename = os.rename
 
@@ -318,13 +319,47 @@ def test_files_reach_the_disk_before_the_rename(train, tmp_path, monkeypatch):
 
 
 def record_fsyncs_and_renames(monkeypatch) -> list:
-    """``[("fsync", path) or ("rename", source), ...]`` as they happen, from now on."""
+    """``[("fsync", path) or ("rename", source), ...]`` as they happen, from now on (an
+    atomic exchange of a new directory with the old one counts as its rename)."""
     events = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, ranker_module._exchange
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
+    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
     return events
+
+
+def _can_exchange(tmp_path) -> bool:
+    a, b = tmp_path / "probe-a", tmp_path / "probe-b"
+    a.mkdir(), b.mkdir()
+    try:
+        return ranker_module._exchange(str(a), str(b))
+    finally:
+        a.rmdir(), b.rmdir()
+
+
+def test_replacing_a_directory_never_leaves_the_path_empty(train, tmp_path, monkeypatch):
+    """Where the system can swap directories atomically, the old model directory is never
+    moved away from its path: a reader always finds a complete model there."""
+    if not _can_exchange(tmp_path):
+        pytest.skip("no atomic directory exchange on this system or filesystem")
+    target = tmp_path / "model"
+    save_model_dir(target, mlp(train), train)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        assert os.fspath(src) != str(target), "the old directory was moved away from its path"
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    new = mlp(train)
+    with torch.no_grad():
+        next(new.parameters()).add_(1.0)
+    save_model_dir(target, new, train)
+    assert os.listdir(tmp_path) == ["model"]  # the old directory is gone, no temporary one is left
+    saved = load_model(target)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), new.state_dict().values()))
 
 
 def test_model_directory_gets_ordinary_permissions(train, tmp_path):
