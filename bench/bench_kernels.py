@@ -6,7 +6,11 @@ Cases (from issue 4), on CUDA:
   N=4096 shared candidates (fp32 with TF32 matmuls for all three:
   ``torch.set_float32_matmul_precision("high")``);
 * ``din bf16``: AttentionModel D=64, unit 80-40, output MLP 256-128, B=256 x
-  N=512, histories of L=100;
+  N=512, histories of L=100 drawn from the candidates; also rankfast's
+  factorized path on the GPU (``rankfast-factorized``, i.e.
+  ``RANKFAST_BACKEND=factorized``), which runs the unit once per (candidate,
+  distinct history item), about 50 slots per item here, to decide whether the
+  GPU dispatch should take it for such histories;
 * ``score+topk``: the MLP case with k=100: fused (rankfast) vs rankfast's
   scores then ``torch.topk`` (``rankfast-unfused``) vs eager / compiled
   scoring then ``torch.topk``;
@@ -17,7 +21,7 @@ Cases (from issue 4), on CUDA:
 
 Conventions (bench/report.py): ``benchmark.group`` is the case,
 ``extra_info["impl"]`` one of "rankfast", "eager", "torch.compile" (plus
-"rankfast-unfused" in the top-K case), ``extra_info["peak_mem_bytes"]`` from
+"rankfast-unfused" in the top-K case, "rankfast-factorized" in the DIN case), ``extra_info["peak_mem_bytes"]`` from
 bench/memory.py. The rankfast rows also record achieved TFLOP/s on the pair
 layers and the fraction of the measured bf16 matmul ceiling
 (``extra_info["tflops"]``, ``["ceiling_tflops"]``, ``["ceiling_fraction"]``).
@@ -34,6 +38,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -47,11 +52,13 @@ if not HAS_CUDA:
 
 from memory import peak_memory  # noqa: E402
 
+import rankfast  # noqa: E402
 from rankfast.kernels import mlp_score as ms  # noqa: E402
 from rankfast.kernels import target_attention as ta  # noqa: E402
 from rankfast.kernels.scorers import training_scores  # noqa: E402
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig  # noqa: E402
 from rankfast.models.attention import history_mask  # noqa: E402
+from rankfast.scoring import BACKEND_ENV  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # fp32 cases: TF32 tensor cores for every implementation (eager, torch.compile and the kernels,
@@ -178,16 +185,22 @@ def din_case(dtype=torch.bfloat16):
         with torch.inference_mode():
             return compiled(*args)
 
+    def factorized():
+        with mock.patch.dict(os.environ, {BACKEND_ENV: "factorized"}):
+            return rankfast.score(model, users, items, history=history, lengths=lengths)
+
     def check():
         want = eager()
         _close(ours(), want, "rankfast vs eager", 2e-2)
         _close(comp(), want, "torch.compile vs eager", 2e-2)
+        _close(factorized(), want, "rankfast-factorized vs eager", 2e-2)
 
     # Per (pair, history item): the h*q term D -> A1 and the unit's other layers; per pair: pooled @ Wp and the tower.
     unit_w = [D, *unit, 1]
     per_item = sum(2 * x * y for x, y in zip(unit_w[:-1], unit_w[1:])) + 2 * 2 * D  # + softmax-weighted sum
     per_pair = 2 * D * hidden[0] + mlp_flops(hidden, 1)
-    return Case(f"din bf16 B={b} N={n} L={length}", {"rankfast": ours, "eager": eager, "torch.compile": comp}, check,
+    impls = {"rankfast": ours, "rankfast-factorized": factorized, "eager": eager, "torch.compile": comp}
+    return Case(f"din bf16 B={b} N={n} L={length}", impls, check,
                 flops=b * n * (length * per_item + per_pair))
 
 
@@ -312,7 +325,7 @@ CASES = {
     "train-neumf": lambda: train_case("neumf"),
     "train-din": train_din_case,
 }
-IMPLS = ["rankfast", "rankfast-unfused", "eager", "torch.compile"]
+IMPLS = ["rankfast", "rankfast-unfused", "rankfast-factorized", "eager", "torch.compile"]
 
 
 def measure_bf16_ceiling():

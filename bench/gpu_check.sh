@@ -74,7 +74,7 @@ for case in $CASES; do
     left=$((BENCH_BUDGET - ($(date +%s) - BENCH_START)))
     if [ "$left" -lt 45 ]; then SKIPPED="$SKIPPED $case"; continue; fi
     ids=()
-    for impl in rankfast rankfast-unfused eager torch.compile; do ids+=("bench_kernels.py::test_kernels[$case-$impl]"); done
+    for impl in rankfast rankfast-unfused rankfast-factorized eager torch.compile; do ids+=("bench_kernels.py::test_kernels[$case-$impl]"); done
     echo "-- $case (up to $left s)"
     (cd bench && timeout "$left" python -m pytest -q -rfE --tb=short -p no:cacheprovider "${ids[@]}" \
         --benchmark-json="$WORK/$case.json" >"$WORK/$case.log" 2>&1)
