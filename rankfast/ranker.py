@@ -70,9 +70,9 @@ def save_model_dir(
     flushed to disk, and the directory is then renamed into place, so a failure
     at any point leaves the old directory or none, never a half-written one. An
     existing directory is swapped with the new one in one atomic step where the
-    system allows it (Linux), so a server reading it meanwhile always finds a
-    complete model; elsewhere it is moved aside for the rename, a moment
-    without a directory at the path. ``train`` supplies the id mappings, each user's
+    system allows it (Linux), so the path always holds a complete model
+    directory; elsewhere it is moved aside for the rename, a moment without a
+    directory at the path. ``train`` supplies the id mappings, each user's
     seen items and histories. ``encoder``: a saved text encoder directory,
     copied in as ``encoder/``. ``data``: a JSON-able description of the
     training data (e.g. ``{"movielens": path}``). Returns the directory.

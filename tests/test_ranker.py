@@ -341,7 +341,7 @@ def _can_exchange(tmp_path) -> bool:
 
 def test_replacing_a_directory_never_leaves_the_path_empty(train, tmp_path, monkeypatch):
     """Where the system can swap directories atomically, the old model directory is never
-    moved away from its path: a reader always finds a complete model there."""
+    moved away from its path: the path always holds a complete model directory."""
     if not _can_exchange(tmp_path):
         pytest.skip("no atomic directory exchange on this system or filesystem")
     target = tmp_path / "model"
