@@ -16,6 +16,8 @@ from rankfast.data import Interactions, synthetic_interactions, user_histories
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
 from rankfast.ranker import ModelDirError, save_model_dir
 
+from helpers import assert_rankings_match
+
 NUM_USERS, NUM_ITEMS = 40, 30
 
 
@@ -68,9 +70,8 @@ def reference_top_k(model, train, users, k, exclude_seen=True, candidates=None, 
 
 def check(results, expected, users):
     assert [r["user"] for r in results] == list(users)
-    for row, (items, scores) in zip(results, expected):
-        assert row["items"] == items
-        np.testing.assert_allclose(row["scores"], scores, rtol=1e-5, atol=1e-6)
+    for row, (items, scores) in zip(results, expected, strict=True):
+        assert_rankings_match(row["items"], row["scores"], items, scores)
 
 
 def test_directory_layout_and_score_against_reference(saved, train):
@@ -102,9 +103,10 @@ def test_score_many_batches_requests_into_one_call(saved, monkeypatch):
     monkeypatch.setattr(rankfast, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = ranker.score_many(requests)
     assert len(calls) == 2  # the two exclude_seen=True requests share one call
-    for rows, want in zip(got, expected):  # a bigger batch may round the last bit differently
-        assert [(r["user"], r["items"]) for r in rows] == [(r["user"], r["items"]) for r in want]
-        np.testing.assert_allclose([s for r in rows for s in r["scores"]], [s for r in want for s in r["scores"]], rtol=1e-6)
+    for rows, want in zip(got, expected, strict=True):  # a bigger batch may round the last bits differently
+        assert [r["user"] for r in rows] == [r["user"] for r in want]
+        for row, one in zip(rows, want, strict=True):
+            assert_rankings_match(row["items"], row["scores"], one["items"], one["scores"])
 
 
 def test_threads_match_serial_and_restore_thread_count(saved):
@@ -171,9 +173,9 @@ def test_unknown_users_error_or_cold_start(train, tmp_path):
     user = m.user_repr.projection(features.double()[rows].mean(0))
     scores = m.item_repr.all() @ user + m.item_bias + m.bias
     scores[rows] = -np.inf
-    expected_items = train.item_ids.to_raw(torch.argsort(scores, descending=True)[:6].numpy()).tolist()
-    assert got[0]["items"] == expected_items
-    np.testing.assert_allclose(got[0]["scores"], torch.sort(scores, descending=True).values[:6].detach().numpy(), rtol=1e-5)
+    best = torch.sort(scores, descending=True)
+    expected_items = train.item_ids.to_raw(best.indices[:6].numpy()).tolist()
+    assert_rankings_match(got[0]["items"], got[0]["scores"], expected_items, best.values[:6].detach().numpy())
     empty = m.user_repr.projection(torch.zeros(6, dtype=torch.float64))  # no history: a zero vector
     assert got[2]["items"][0] == train.item_ids.to_raw([int(torch.argmax(m.item_repr.all() @ empty + m.item_bias))])[0]
     m.float()
