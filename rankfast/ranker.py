@@ -19,15 +19,10 @@ contiguous ids, without ``users.safetensors`` nothing counts as seen.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import json
 import os
-import secrets
 import shutil
-import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import rankfast
+from rankfast._io import atomic_dir, atomic_file
 from rankfast.data import MAPPINGS_FILE, IdMap, Interactions, user_histories
 from rankfast.encoders import pool_history
 from rankfast.models import RankingModel, Representation, load_model
@@ -64,16 +60,11 @@ def save_model_dir(
     encoder: str | os.PathLike | None = None,
     data: Mapping | None = None,
 ) -> str:
-    """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically.
-
-    The files are written into a temporary directory beside ``directory``,
-    flushed to disk, and the directory is then renamed into place, so a failure
-    at any point leaves the old directory or none, never a half-written one. An
-    existing directory is swapped with the new one in one atomic step where the
-    system allows it (Linux), so the path always holds a complete model
-    directory; elsewhere it is moved aside for the rename, a moment without a
-    directory at the path. ``train`` supplies the id mappings, each user's
-    seen items and histories. ``encoder``: a saved text encoder directory,
+    """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically
+    (:func:`rankfast._io.atomic_dir`): a failure at any point leaves the old
+    directory or none, never a half-written one, and on Linux the path always
+    holds a complete model directory. ``train`` supplies the id mappings, each
+    user's seen items and histories. ``encoder``: a saved text encoder directory,
     copied in as ``encoder/``. ``data``: a JSON-able description of the
     training data (e.g. ``{"movielens": path}``). Returns the directory.
     """
@@ -83,10 +74,7 @@ def save_model_dir(
             f"{model.config.num_users} and {model.config.num_items}"
         )
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _make_temp_dir(parent, os.path.basename(directory))
-    try:
+    with atomic_dir(directory) as tmp:
         model.save(tmp)
         train.save_mappings(tmp)
         indptr, items = train.user_items()
@@ -106,82 +94,7 @@ def save_model_dir(
         }
         with open(os.path.join(tmp, RANKER_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        _fsync(tmp)
-        _replace_dir(tmp, directory)
-        _fsync(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _fsync(path: str):
-    """Flushes a file, or a directory with every file below it, to disk: without it a crash
-    soon after the rename can leave the renamed directory holding empty or partial files."""
-    paths = [path]
-    if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            paths += [os.path.join(root, name) for name in (*files, *dirs)]
-    for name in reversed(paths):  # files before the directories that list them
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _make_temp_dir(parent: str, name: str) -> str:
-    """A new empty directory ``parent/.name.<random>.tmp`` made with the umask's permissions
-    (``tempfile.mkdtemp`` makes it 0700, so the renamed model directory would be unreadable
-    to a server running as another user)."""
-    for _ in range(100):
-        path = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{parent}: cannot create a temporary directory for {name}")
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two existing paths in one atomic step (Linux ``renameat2`` with
-    ``RENAME_EXCHANGE``); False where the system or the filesystem cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without it
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_cwd, rename_exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a filesystem without it
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _replace_dir(src: str, dst: str):
-    """Renames ``src`` to ``dst``. An existing ``dst`` is swapped with ``src`` atomically
-    where :func:`_exchange` can, else moved aside first; either way it is removed after."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-        return
-    if _exchange(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # now the old directory
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=os.path.dirname(dst))
-    os.rename(dst, os.path.join(old, "previous"))
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        # Put the old directory back; if even that fails it stays in ``old``, never deleted.
-        os.rename(os.path.join(old, "previous"), dst)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -405,18 +318,9 @@ class Ranker:
         except Exception as err:  # torch.export raises many types; all mean "cannot trace"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"export: torch.export cannot trace this {type(model).__name__} ({first})") from err
-        path = os.fspath(path)
-        head, tail = os.path.split(path)
-        tmp = os.path.join(head, f".{tail}.tmp.pt2")  # torch.export.save wants the .pt2 suffix
-        try:
+        with atomic_file(path) as tmp:
             torch.export.save(program, tmp)
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(head or ".")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return os.fspath(path)
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rankfast
+import rankfast._io as io_module
 import rankfast.ranker as ranker_module
 from rankfast import Ranker
 from rankfast.data import Interactions, synthetic_interactions, user_histories
@@ -261,6 +262,28 @@ def _write(path, text):
         f.write(text)
 
 
+def test_leftovers_of_killed_saves_are_removed_by_the_next(train, tmp_path):
+    """Scratch directories of earlier saves of the same path (a SIGKILL leaves them) go on
+    the next save; a live save's, and anything not named like a scratch of that path, stay."""
+    for name in (".model.0123456789ab.tmp", ".model.ffffffffffff.tmp"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    kept = [".model.0123456789ab.tmp.bak", ".model.backup", ".other.0123456789ab.tmp", "model.0123456789ab.tmp", ".model.0123456789AB.tmp"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    live = tmp_path / ".model.aaaaaaaaaaaa.tmp"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)  # how a save in progress holds its scratch directory
+        save_model_dir(tmp_path / "model", mlp(train), train)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(["model", live.name, *kept])
+
+
 def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     model = mlp(train)
     target = tmp_path / "model"
@@ -289,7 +312,7 @@ def test_failed_replacement_never_deletes_the_old_directory(train, tmp_path, mon
     cannot be put back either, the old one is left aside (``.model.*.old/previous``), not removed."""
     model = mlp(train)
     save_model_dir(tmp_path / "model", model, train)
-    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_module, "_exchange", lambda a, b: False)
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()
     real_rename = os.rename
 
@@ -322,11 +345,11 @@ def record_fsyncs_and_renames(monkeypatch) -> list:
     """``[("fsync", path) or ("rename", source), ...]`` as they happen, from now on (an
     atomic exchange of a new directory with the old one counts as its rename)."""
     events = []
-    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, ranker_module._exchange
+    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, io_module._exchange
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
-    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
+    monkeypatch.setattr(io_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
     return events
 
 
@@ -334,7 +357,7 @@ def _can_exchange(tmp_path) -> bool:
     a, b = tmp_path / "probe-a", tmp_path / "probe-b"
     a.mkdir(), b.mkdir()
     try:
-        return ranker_module._exchange(str(a), str(b))
+        return io_module._exchange(str(a), str(b))
     finally:
         a.rmdir(), b.rmdir()
 
@@ -363,17 +386,24 @@ def test_replacing_a_directory_never_leaves_the_path_empty(train, tmp_path, monk
 
 
 def test_model_directory_gets_ordinary_permissions(train, tmp_path):
-    """Like any directory made under the umask, so a server running as another user can read it."""
+    """Like any file and directory made under the umask (safetensors makes its files 0600),
+    so a server running as another user can read it."""
+    encoder = tmp_path / "encoder-src"
+    (encoder / "sub").mkdir(parents=True)
+    (encoder / "sub" / "weights.bin").write_bytes(b"w")
+    os.chmod(encoder / "sub" / "weights.bin", 0o600)
     old_umask = os.umask(0o022)
     try:
-        (tmp_path / "reference").mkdir()
-        want = (tmp_path / "reference").stat().st_mode & 0o777
         for _ in range(2):  # a new directory, then one replacing it
-            directory = save_model_dir(tmp_path / "model", mlp(train), train)
-            assert os.stat(directory).st_mode & 0o777 == want == 0o755
+            directory = save_model_dir(tmp_path / "model", mlp(train), train, encoder=encoder)
+            modes = {}
+            for root, dirs, files in os.walk(directory):
+                modes.update({os.path.join(root, n): 0o755 for n in dirs} | {os.path.join(root, n): 0o644 for n in files})
+            assert len(modes) == 8 and os.stat(directory).st_mode & 0o777 == 0o755
+            assert {path: os.stat(path).st_mode & 0o777 for path in modes} == modes
     finally:
         os.umask(old_umask)
-    assert sorted(os.listdir(tmp_path)) == ["model", "reference"]
+    assert sorted(os.listdir(tmp_path)) == ["encoder-src", "model"]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
@@ -386,7 +416,7 @@ def test_export_round_trips(train, tmp_path, kind, monkeypatch):
     ranker = Ranker.load(save_model_dir(tmp_path / kind, model, train))
     events = record_fsyncs_and_renames(monkeypatch)
     path = ranker.export(tmp_path / f"{kind}.pt2")
-    (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".{kind}.pt2.tmp.pt2")]
+    (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".tmp/{kind}.pt2")]
     assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[rename:]  # on disk first
     program = torch.export.load(path).module()
     gen = torch.Generator().manual_seed(0)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from rankfast._io import atomic_file
+
 __all__ = ["IdMap", "Interactions", "MAPPINGS_FILE"]
 
 MAPPINGS_FILE = "mappings.json"
@@ -203,13 +205,10 @@ class Interactions:
     def save_mappings(self, directory) -> str:
         """Writes ``mappings.json`` (raw ids in contiguous order) into ``directory``,
         e.g. beside a saved model; returns its path."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, MAPPINGS_FILE)
         payload = {"users": self.user_ids.to_list(), "items": self.item_ids.to_list()}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(payload, f)
-        os.replace(tmp, path)
         return path
 
     @staticmethod

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankfast._io import atomic_file
 from rankfast.models.layers import ACTIVATIONS, Representation
 
 CONFIG_FILE = "config.json"
@@ -129,12 +130,13 @@ class RankingModel(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` into ``directory``
-        (created if needed); other files there are left alone."""
-        os.makedirs(directory, exist_ok=True)
+        (created if needed), each atomically; other files there are left alone."""
         meta = {"model_type": type(self).__name__, "config": dataclasses.asdict(self.config)}
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        _write_atomically(os.path.join(directory, CONFIG_FILE), lambda p: _write_json(p, meta))
-        _write_atomically(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
+        with atomic_file(os.path.join(directory, CONFIG_FILE)) as path:
+            _write_json(path, meta)
+        with atomic_file(os.path.join(directory, WEIGHTS_FILE)) as path:
+            save_file(tensors, path)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> RankingModel:
@@ -227,10 +229,3 @@ def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _write_atomically(path, write):
-    """Writes through a temporary file so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
