@@ -1,100 +1,27 @@
 """`Ranker`: a saved model directory as a thread-safe object that serving stacks embed.
 
-A model directory holds what scoring needs besides the model:
-
-- ``config.json`` + ``model.safetensors``: the model (:meth:`RankingModel.save`);
-- ``mappings.json``: raw user and item ids in contiguous order
-  (:meth:`Interactions.save_mappings`);
-- ``users.safetensors``: each user's training items (CSR ``seen_indptr`` /
-  ``seen_items``, for ``exclude_seen``) and, for models that read histories,
-  their last items (``history`` / ``lengths``);
-- ``ranker.json``: the format version, ``max_history``, the text encoder's
-  directory (relative, if the model was trained through one) and where the
-  training data came from (``rankfast evaluate`` reads it back).
-
-Only the first two are required, so a directory written by ``model.save`` or
-by ``fit(checkpoint_dir=...)`` loads too: without mappings raw ids are the
-contiguous ids, without ``users.safetensors`` nothing counts as seen.
+The model directory's format, writer and reader live in :mod:`rankfast.model_dir`;
+:func:`save_model_dir` and :class:`ModelDirError` are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import rankfast
-from rankfast._io import atomic_dir, atomic_file
-from rankfast.data import MAPPINGS_FILE, IdMap, Interactions, user_histories
+from rankfast._io import atomic_file
+from rankfast.data import IdMap
 from rankfast.encoders import pool_history
-from rankfast.models import RankingModel, Representation, load_model
+from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
+from rankfast.models import RankingModel, Representation
 
 __all__ = ["Ranker", "Request", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
-
-RANKER_FILE = "ranker.json"
-USERS_FILE = "users.safetensors"
-FORMAT_VERSION = 1
-
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or corrupted; the message says which file and why."""
-
-
-# --- writing --------------------------------------------------------------------------------
-
-
-def save_model_dir(
-    directory,
-    model: RankingModel,
-    train: Interactions,
-    *,
-    max_history: int = 50,
-    encoder: str | os.PathLike | None = None,
-    data: Mapping | None = None,
-) -> str:
-    """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically
-    (:func:`rankfast._io.atomic_dir`): a failure at any point leaves the old
-    directory or none, never a half-written one, and on Linux the path always
-    holds a complete model directory. ``train`` supplies the id mappings, each
-    user's seen items and histories. ``encoder``: a saved text encoder directory,
-    copied in as ``encoder/``. ``data``: a JSON-able description of the
-    training data (e.g. ``{"movielens": path}``). Returns the directory.
-    """
-    if (model.config.num_users, model.config.num_items) != (train.num_users, train.num_items):
-        raise ValueError(
-            f"train: has {train.num_users} users and {train.num_items} items, the model "
-            f"{model.config.num_users} and {model.config.num_items}"
-        )
-    directory = os.path.abspath(directory)
-    with atomic_dir(directory) as tmp:
-        model.save(tmp)
-        train.save_mappings(tmp)
-        indptr, items = train.user_items()
-        tensors = {"seen_indptr": torch.from_numpy(indptr), "seen_items": torch.from_numpy(items)}
-        if model.uses_history:
-            history, lengths = user_histories(train, max_history)
-            tensors.update(history=torch.from_numpy(history), lengths=torch.from_numpy(lengths))
-        save_file(tensors, os.path.join(tmp, USERS_FILE))
-        if encoder is not None:
-            shutil.copytree(encoder, os.path.join(tmp, "encoder"))
-        meta = {
-            "format": FORMAT_VERSION,
-            "rankfast_version": rankfast.__version__,
-            "max_history": int(max_history),
-            "encoder": None if encoder is None else "encoder",
-            "data": None if data is None else dict(data),
-        }
-        with open(os.path.join(tmp, RANKER_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-    return directory
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -132,7 +59,9 @@ class Ranker:
 
     @classmethod
     def load(cls, directory, *, device: str | torch.device = "cpu", cold_start: bool = False) -> Ranker:
-        """Reads a model directory (see the module docstring).
+        """Reads a model directory (:mod:`rankfast.model_dir`; written by
+        :func:`save_model_dir` or ``fit(checkpoint_dir=...)``), one save's files
+        even while another save replaces it.
 
         ``cold_start``: what :meth:`score` does with user ids the model has
         never seen. ``False``: raise ``KeyError`` naming the id. ``True``:
@@ -143,33 +72,11 @@ class Ranker:
         Other models raise ``ValueError`` on an unknown id.
 
         Raises :class:`ModelDirError` for a missing directory or a missing,
-        unreadable or inconsistent file.
+        unreadable or inconsistent file (a plain ``model.save`` directory
+        lacks ``mappings.json`` and the rest: it is not a model directory).
         """
-        directory = os.fspath(directory)
-        if not os.path.isdir(directory):
-            raise ModelDirError(f"{directory}: no such model directory")
-        try:
-            model = load_model(directory, device)
-        except (OSError, ValueError) as err:
-            raise ModelDirError(f"{directory}: cannot load the model: {err}") from err
-        meta = _read_json(os.path.join(directory, RANKER_FILE), default={})
-        cfg = model.config
-        if os.path.exists(os.path.join(directory, MAPPINGS_FILE)):
-            try:
-                user_ids, item_ids = Interactions.load_mappings(directory)
-            except (ValueError, TypeError, KeyError) as err:
-                raise ModelDirError(f"{os.path.join(directory, MAPPINGS_FILE)}: not readable mappings ({err})") from err
-        else:
-            user_ids, item_ids = IdMap(np.arange(cfg.num_users)), IdMap(np.arange(cfg.num_items))
-        if (len(user_ids), len(item_ids)) != (cfg.num_users, cfg.num_items):
-            raise ModelDirError(
-                f"{directory}: {MAPPINGS_FILE} maps {len(user_ids)} users and {len(item_ids)} items, "
-                f"the model has {cfg.num_users} and {cfg.num_items}"
-            )
-        users = _read_users(os.path.join(directory, USERS_FILE), cfg.num_users, cfg.num_items)
-        if model.uses_history and "history" not in users:
-            raise ModelDirError(f"{directory}: {type(model).__name__} reads user histories, and there is no {USERS_FILE} with them")
-        return cls(model, user_ids, item_ids, users, meta, directory=directory, cold_start=cold_start)
+        parts = read_model_dir(directory, device)
+        return cls(parts.model, parts.user_ids, parts.item_ids, parts.users, parts.meta, directory=os.fspath(directory), cold_start=cold_start)
 
     @property
     def encoder_dir(self) -> str | None:
@@ -251,8 +158,6 @@ class Ranker:
         return {"user": user, "items": self.item_ids.to_raw(ids[valid]).tolist(), "scores": scores[valid].tolist()}
 
     def _seen(self, rows: torch.Tensor) -> list:
-        if "seen_indptr" not in self._users:
-            return None
         indptr, items = self._users["seen_indptr"], self._users["seen_items"]
         return [items[indptr[u] : indptr[u + 1]] for u in rows.tolist()]
 
@@ -272,7 +177,7 @@ class Ranker:
                 f"users: unknown ids, and this {type(self.model).__name__} cannot score new users: "
                 "cold start needs user features as wide as the item features (users as pooled item vectors)"
             )
-        max_len = int(self.meta.get("max_history", 50))
+        max_len = self.meta["max_history"]
         rows = [self._history_rows(h)[-max_len:] for h in histories]
         history = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.int64)
         for j, r in enumerate(rows):
@@ -353,35 +258,3 @@ def _as_list(values, name) -> list:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name}: expected a sequence of ids, got {type(values).__name__}")
     return list(values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values)
-
-
-def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelDirError(f"{path}: not readable JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    return meta
-
-
-def _read_users(path: str, num_users: int, num_items: int) -> dict:
-    """The per-user tensors of ``users.safetensors``, checked against the model's sizes ({} if absent)."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        users = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ModelDirError(f"{path}: not a readable safetensors file ({err})") from err
-    indptr, items = users.get("seen_indptr"), users.get("seen_items")
-    ok = indptr is not None and items is not None and indptr.shape == (num_users + 1,)
-    ok = ok and int(indptr[0]) == 0 and int(indptr[-1]) == len(items) and bool((indptr[1:] >= indptr[:-1]).all())
-    ok = ok and (not len(items) or (0 <= int(items.min()) and int(items.max()) < num_items))
-    if "history" in users:
-        ok = ok and users["history"].shape[0] == num_users and users.get("lengths", torch.empty(0)).shape == (num_users,)
-    if not ok:
-        raise ModelDirError(f"{path}: seen items or histories do not fit a model of {num_users} users and {num_items} items")
-    return users

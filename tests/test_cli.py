@@ -179,7 +179,7 @@ def test_corrupted_model_directory(model_dir, tmp_path, capsys):
     broken = shutil.copytree(model_dir, tmp_path / "broken")
     (broken / "config.json").write_text("{")
     code, _, err = run(["score", broken], capsys)
-    assert code == EXIT_FAILED and "config.json: not a rankfast model config" in err and err.count("\n") == 1
+    assert code == EXIT_FAILED and "config.json: does not match the size and sha256" in err and err.count("\n") == 1
 
 
 def test_info(capsys):

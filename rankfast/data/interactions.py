@@ -217,6 +217,11 @@ class Interactions:
         path = os.path.join(directory, MAPPINGS_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"directory: no {MAPPINGS_FILE} in {directory}")
-        with open(path) as f:
-            payload = json.load(f)
+        with open(path, "rb") as f:
+            return Interactions.mappings_from_json(f.read())
+
+    @staticmethod
+    def mappings_from_json(text: str | bytes) -> tuple[IdMap, IdMap]:
+        """``(user_ids, item_ids)`` of the contents of a ``mappings.json``."""
+        payload = json.loads(text)
         return IdMap(payload["users"]), IdMap(payload["items"])
