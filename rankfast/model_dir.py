@@ -45,7 +45,7 @@ from rankfast.encoders.transfer import save_encoder
 from rankfast.models import RankingModel
 from rankfast.models.base import CONFIG_FILE, WEIGHTS_FILE, model_from_bytes
 
-__all__ = ["ModelDirError", "ModelDir", "save_model_dir", "read_model_dir", "RANKER_FILE", "USERS_FILE", "FORMAT_VERSION"]
+__all__ = ["ModelDirError", "ModelDir", "save_model_dir", "read_model_dir", "check_target", "RANKER_FILE", "USERS_FILE", "FORMAT_VERSION"]
 
 RANKER_FILE = "ranker.json"
 USERS_FILE = "users.safetensors"
@@ -80,6 +80,32 @@ class ModelDir:
 # --- writing --------------------------------------------------------------------------------
 
 
+def check_target(directory) -> None:
+    """Raises ``FileExistsError`` unless ``directory`` is absent, an empty
+    directory or a model directory (its ``ranker.json`` has a format version):
+    :func:`save_model_dir` replaces it whole, and must not delete anything else."""
+    directory = os.fspath(directory)
+    if os.path.islink(directory):
+        raise FileExistsError(f"{directory}: is a symbolic link; give the directory itself")
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise FileExistsError(f"{directory}: exists and is not a directory; refusing to replace it")
+    if os.listdir(directory) and _format_of(directory) is None:
+        raise FileExistsError(f"{directory}: not empty and not a rankfast model directory (no {RANKER_FILE}); refusing to replace it")
+
+
+def _format_of(directory: str) -> int | None:
+    """The format version in ``directory``'s ``ranker.json``, any rankfast's; None without one."""
+    path = os.path.join(directory, RANKER_FILE)
+    try:
+        meta = _json(_read(path, _MAX_RANKER_BYTES), path)
+    except ModelDirError:
+        return None
+    version = meta.get("format") if isinstance(meta, dict) else None
+    return version if type(version) is int else None
+
+
 def save_model_dir(
     directory,
     model: RankingModel,
@@ -92,7 +118,8 @@ def save_model_dir(
     """Writes the model directory :meth:`Ranker.load` reads (see the module
     docstring), atomically (:func:`rankfast._io.atomic_dir`): a failure leaves
     the old directory or none, and on Linux the path always holds a complete
-    one. ``train`` supplies the id mappings, each user's seen
+    one. ``directory`` must be absent, empty or a model directory
+    (:func:`check_target`). ``train`` supplies the id mappings, each user's seen
     items and histories. ``encoder``: a :class:`TextEncoder`, saved as
     ``encoder/``, or a saved encoder directory, copied in. ``data``: a
     JSON-able description of the training data (e.g. ``{"movielens": path}``).
@@ -106,6 +133,7 @@ def save_model_dir(
     if isinstance(max_history, bool) or not isinstance(max_history, (int, np.integer)) or max_history < 1:
         raise ValueError(f"max_history: expected a positive int, got {max_history!r}")
     directory = os.path.abspath(directory)
+    check_target(directory)
     with atomic_dir(directory) as tmp:
         model.save(tmp)
         train.save_mappings(tmp)

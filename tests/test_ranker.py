@@ -396,6 +396,32 @@ def test_load_during_a_save_reads_one_save(train, tmp_path, monkeypatch):
     check(ranker.score(users, k=8), reference_top_k(new_model, new_train, users, 8), users)
 
 
+def test_save_refuses_to_replace_other_directories(train, tmp_path):
+    """save_model_dir replaces a directory whole, so only an empty one or a model directory."""
+    model = mlp(train)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine: not empty and not a rankfast model directory"):
+        save_model_dir(mine, model, train)
+    model.save(tmp_path / "plain")  # the model alone: not a model directory either
+    with pytest.raises(FileExistsError, match="plain: not empty and not a rankfast model directory"):
+        save_model_dir(tmp_path / "plain", model, train)
+    (tmp_path / "file").write_text("keep me too")
+    with pytest.raises(FileExistsError, match="file: exists and is not a directory"):
+        save_model_dir(tmp_path / "file", model, train)
+    os.symlink(mine, tmp_path / "link")
+    with pytest.raises(FileExistsError, match="link: is a symbolic link"):
+        save_model_dir(tmp_path / "link", model, train)
+    assert (mine / "notes.txt").read_text() == "keep me" and os.listdir(mine) == ["notes.txt"]
+    assert (tmp_path / "file").read_text() == "keep me too"
+    assert sorted(os.listdir(tmp_path)) == ["file", "link", "mine", "plain"]  # no scratch directory left
+
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty directory, then a model directory
+        Ranker.load(save_model_dir(tmp_path / "empty", model, train))
+
+
 def test_leftovers_of_killed_saves_are_removed_by_the_next(train, tmp_path):
     """Scratch directories of earlier saves of the same path (a SIGKILL leaves them) go on
     the next save; a live save's, and anything not named like a scratch of that path, stay."""
