@@ -203,29 +203,68 @@ class Ranker:
     # --- export -------------------------------------------------------------------------
 
     def export(self, path) -> str:
-        """Writes the model's pair scorer ``(users, items[, history, lengths]) -> scores``
-        (contiguous ids, aligned pairs, any number of pairs) as a
-        ``torch.export`` program to ``path`` (``.pt2``), atomically.
+        """Writes the model's pair scorer over raw ids as a ``torch.export``
+        program to ``path`` (``.pt2``), atomically.
 
-        Load it with ``torch.export.load(path).module()``. Raises
-        ``RuntimeError`` when ``torch.export`` cannot trace the model.
+        Like :meth:`score` it takes raw ids: ``program(users, items[, history,
+        lengths])``, int64 tensors of raw user and item ids of aligned pairs
+        (any number), and for models that read histories each pair's history
+        ``[pairs, L]`` of raw item ids (the first ``lengths`` of a row count).
+        It returns the model's score of each pair, NaN where the user, the
+        item or a counted history item is unknown (NaN ranks last). Load it
+        with ``torch.export.load(path).module()``.
+
+        Raises ``TypeError`` when the raw ids are not integers (e.g. strings)
+        and ``RuntimeError`` when ``torch.export`` cannot trace the model.
         """
+        for side, ids in (("user", self.user_ids), ("item", self.item_ids)):
+            if ids.raw.dtype.kind not in "iu":
+                raise TypeError(f"export: the program takes integer ids, and this model's {side} ids are {ids.raw.dtype}")
         model = self.model
+        device = next(model.parameters()).device
+        scorer = _RawIdScorer(model, self.user_ids, self.item_ids).to(device)
         pairs = torch.export.Dim("pairs", min=1)
         args = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
         shapes = [{0: pairs}, {0: pairs}]
         if model.uses_history:
             args += [torch.zeros(2, 3, dtype=torch.int64), torch.tensor([3, 1])]
             shapes += [{0: pairs, 1: torch.export.Dim("history", min=1)}, {0: pairs}]
-        device = next(model.parameters()).device
         try:
-            program = torch.export.export(model, tuple(a.to(device) for a in args), dynamic_shapes=tuple(shapes))
+            program = torch.export.export(scorer, tuple(a.to(device) for a in args), dynamic_shapes=tuple(shapes))
         except Exception as err:  # torch.export raises many types; all mean "cannot trace"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"export: torch.export cannot trace this {type(model).__name__} ({first})") from err
         with atomic_file(path) as tmp:
             torch.export.save(program, tmp)
         return os.fspath(path)
+
+
+class _RawIdScorer(torch.nn.Module):
+    """``model``'s pair scorer over raw integer ids, looked up in the sorted raw ids."""
+
+    def __init__(self, model: RankingModel, user_ids: IdMap, item_ids: IdMap):
+        super().__init__()
+        self.model = model
+        self.register_buffer("user_raw", torch.from_numpy(user_ids.raw.astype(np.int64)))
+        self.register_buffer("item_raw", torch.from_numpy(item_ids.raw.astype(np.int64)))
+
+    def forward(self, users, items, history=None, lengths=None):
+        users, known = _lookup(self.user_raw, users)
+        items, known_items = _lookup(self.item_raw, items)
+        known = known & known_items
+        if history is not None:
+            history, known_history = _lookup(self.item_raw, history)
+            counted = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
+            known = known & (known_history | ~counted).all(dim=1)
+        scores = self.model(users, items, history, lengths)
+        return scores.masked_fill(~known, float("nan"))
+
+
+def _lookup(raw: torch.Tensor, ids: torch.Tensor):
+    """``(contiguous ids, known)`` of raw ``ids``; unknown ones map to 0."""
+    pos = torch.searchsorted(raw, ids).clamp(max=len(raw) - 1)
+    known = raw[pos] == ids
+    return torch.where(known, pos, 0), known
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -567,33 +567,60 @@ def test_model_directory_gets_ordinary_permissions(train, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_export_round_trips(train, tmp_path, kind, monkeypatch):
-    torch.manual_seed(3)
-    if kind == "mlp":
-        model = mlp(train)
-    else:
-        model = AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,)))
-    ranker = Ranker.load(save_model_dir(tmp_path / kind, model, train))
+def test_export_takes_raw_ids_and_matches_score(int_train, tmp_path, kind, monkeypatch):
+    model = mlp(int_train) if kind == "mlp" else attention(int_train)
+    ranker = Ranker.load(save_model_dir(tmp_path / kind, model, int_train, max_history=5))
     events = record_fsyncs_and_renames(monkeypatch)
     path = ranker.export(tmp_path / f"{kind}.pt2")
     (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".tmp/{kind}.pt2")]
     assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[rename:]  # on disk first
-    program = torch.export.load(path).module()
-    gen = torch.Generator().manual_seed(0)
-    for n in (1, 7):  # any number of pairs
-        args = [torch.randint(0, train.num_users, (n,), generator=gen), torch.randint(0, train.num_items, (n,), generator=gen)]
-        if model.uses_history:
-            args += [torch.randint(0, train.num_items, (n, 5), generator=gen), torch.randint(0, 6, (n,), generator=gen)]
-        with torch.no_grad():
-            torch.testing.assert_close(program(*args), model(*args))
+    monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted([kind, f"{kind}.pt2"])  # no temporary file left
+    program = torch.export.load(path).module()
+
+    users = [100, 107, 100 + 7 * 39]
+    items = int_train.item_ids.raw.tolist()
+    pair_users = torch.tensor(np.repeat(users, len(items)))
+    pair_items = torch.tensor(np.tile(items, len(users)))
+    args = [pair_users, pair_items]
+    if model.uses_history:  # the stored histories, as raw ids; padding beyond lengths may hold anything
+        history, lengths = user_histories(int_train, 5)
+        rows = int_train.user_ids.index(pair_users.numpy())
+        raw = torch.from_numpy(int_train.item_ids.to_raw(history[rows]))
+        counted = torch.arange(5) < torch.from_numpy(lengths[rows])[:, None]
+        args += [torch.where(counted, raw, -1), torch.from_numpy(lengths[rows])]
+    with torch.no_grad():
+        got = program(*args).view(len(users), len(items))
+    for j, row in enumerate(ranker.score(users, k=len(items), exclude_seen=False)):
+        want = dict(zip(row["items"], row["scores"]))
+        np.testing.assert_allclose(got[j].numpy(), [want[i] for i in items], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # any number of pairs, one included
+        torch.testing.assert_close(program(*[a[:1] for a in args]), got.view(-1)[:1], rtol=1e-4, atol=1e-5)
+
+    unknown = [(5, items[0]), (users[0], 1001), (users[0], 5000)]  # unknown user, unknown items
+    args = [torch.tensor([u for u, _ in unknown]), torch.tensor([i for _, i in unknown])]
+    if model.uses_history:
+        args += [torch.full((3, 2), items[1]), torch.tensor([2, 2, 2])]
+    with torch.no_grad():
+        assert torch.isnan(program(*args)).all()
+    if model.uses_history:  # an unknown item within a history's length
+        with torch.no_grad():
+            scores = program(torch.tensor([users[0]] * 2), torch.tensor([items[0]] * 2), torch.tensor([[items[1], 7], [items[1], 7]]), torch.tensor([1, 2]))
+        assert not torch.isnan(scores[0]) and torch.isnan(scores[1])
 
 
-def test_export_failure_is_clear(saved, tmp_path, monkeypatch):
+def test_export_needs_integer_ids(saved, tmp_path):
+    with pytest.raises(TypeError, match="export: the program takes integer ids, and this model's item ids are <U4"):
+        Ranker.load(saved[1]).export(tmp_path / "x.pt2")
+    assert not os.listdir(tmp_path)
+
+
+def test_export_failure_is_clear(int_train, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise torch._dynamo.exc.Unsupported("data-dependent control flow")
 
+    ranker = Ranker.load(save_model_dir(tmp_path / "model", mlp(int_train), int_train))
     monkeypatch.setattr(torch.export, "export", refuse)
     with pytest.raises(RuntimeError, match="torch.export cannot trace this MLPModel"):
-        Ranker.load(saved[1]).export(tmp_path / "x.pt2")
-    assert not os.listdir(tmp_path)
+        ranker.export(tmp_path / "x.pt2")
+    assert os.listdir(tmp_path) == ["model"]
