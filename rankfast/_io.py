@@ -88,9 +88,9 @@ def _locked_dir(parent: str, name: str) -> tuple[str, int]:
         scratch = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
             os.mkdir(scratch)  # mode 0777 less the umask (mkdtemp would make it 0700)
-        except FileExistsError:
+            fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileExistsError, FileNotFoundError):
             continue
-        fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.stat(scratch).st_ino == os.fstat(fd).st_ino:

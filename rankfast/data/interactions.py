@@ -204,7 +204,8 @@ class Interactions:
 
     def save_mappings(self, directory) -> str:
         """Writes ``mappings.json`` (raw ids in contiguous order) into ``directory``,
-        e.g. beside a saved model; returns its path."""
+        atomically; returns its path. One file of a model directory
+        (:func:`rankfast.ranker.save_model_dir`)."""
         path = os.path.join(directory, MAPPINGS_FILE)
         payload = {"users": self.user_ids.to_list(), "items": self.item_ids.to_list()}
         with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:

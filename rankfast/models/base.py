@@ -208,7 +208,8 @@ def model_from_bytes(config: bytes, weights: bytes, device: str | torch.device =
         with torch.device("meta"):
             expected = cls(config, **{k: v if v is None else v.to("meta") for k, v in features.items()}).state_dict()
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{weights_path}: does not fit {config_path} ({_sizes(config)}): {err}") from err
+        first = str(err).partition("\n")[0]  # torch's message may go on with a C++ trace
+        raise ValueError(f"{weights_path}: does not fit {config_path} ({_sizes(config)}): {first}") from err
     _check_state(expected, tensors, weights_path, f"{config_path} ({_sizes(config)})")
     model = cls(config, **features)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
