@@ -1,187 +1,27 @@
 """`Ranker`: a saved model directory as a thread-safe object that serving stacks embed.
 
-A model directory holds what scoring needs besides the model:
-
-- ``config.json`` + ``model.safetensors``: the model (:meth:`RankingModel.save`);
-- ``mappings.json``: raw user and item ids in contiguous order
-  (:meth:`Interactions.save_mappings`);
-- ``users.safetensors``: each user's training items (CSR ``seen_indptr`` /
-  ``seen_items``, for ``exclude_seen``) and, for models that read histories,
-  their last items (``history`` / ``lengths``);
-- ``ranker.json``: the format version, ``max_history``, the text encoder's
-  directory (relative, if the model was trained through one) and where the
-  training data came from (``rankfast evaluate`` reads it back).
-
-Only the first two are required, so a directory written by ``model.save`` or
-by ``fit(checkpoint_dir=...)`` loads too: without mappings raw ids are the
-contiguous ids, without ``users.safetensors`` nothing counts as seen.
+The model directory's format, writer and reader live in :mod:`rankfast.model_dir`;
+:func:`save_model_dir` and :class:`ModelDirError` are re-exported here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
-import json
 import os
-import secrets
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import rankfast
-from rankfast.data import MAPPINGS_FILE, IdMap, Interactions, user_histories
+from rankfast._io import atomic_file
+from rankfast.data import IdMap
 from rankfast.encoders import pool_history
-from rankfast.models import RankingModel, Representation, load_model
+from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
+from rankfast.models import RankingModel, Representation
 
 __all__ = ["Ranker", "Request", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
-
-RANKER_FILE = "ranker.json"
-USERS_FILE = "users.safetensors"
-FORMAT_VERSION = 1
-
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or corrupted; the message says which file and why."""
-
-
-# --- writing --------------------------------------------------------------------------------
-
-
-def save_model_dir(
-    directory,
-    model: RankingModel,
-    train: Interactions,
-    *,
-    max_history: int = 50,
-    encoder: str | os.PathLike | None = None,
-    data: Mapping | None = None,
-) -> str:
-    """Writes everything :meth:`Ranker.load` reads into ``directory``, atomically.
-
-    The files are written into a temporary directory beside ``directory``,
-    flushed to disk, and the directory is then renamed into place, so a failure
-    at any point leaves the old directory or none, never a half-written one. An
-    existing directory is swapped with the new one in one atomic step where the
-    system allows it (Linux), so the path always holds a complete model
-    directory; elsewhere it is moved aside for the rename, a moment without a
-    directory at the path. ``train`` supplies the id mappings, each user's
-    seen items and histories. ``encoder``: a saved text encoder directory,
-    copied in as ``encoder/``. ``data``: a JSON-able description of the
-    training data (e.g. ``{"movielens": path}``). Returns the directory.
-    """
-    if (model.config.num_users, model.config.num_items) != (train.num_users, train.num_items):
-        raise ValueError(
-            f"train: has {train.num_users} users and {train.num_items} items, the model "
-            f"{model.config.num_users} and {model.config.num_items}"
-        )
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _make_temp_dir(parent, os.path.basename(directory))
-    try:
-        model.save(tmp)
-        train.save_mappings(tmp)
-        indptr, items = train.user_items()
-        tensors = {"seen_indptr": torch.from_numpy(indptr), "seen_items": torch.from_numpy(items)}
-        if model.uses_history:
-            history, lengths = user_histories(train, max_history)
-            tensors.update(history=torch.from_numpy(history), lengths=torch.from_numpy(lengths))
-        save_file(tensors, os.path.join(tmp, USERS_FILE))
-        if encoder is not None:
-            shutil.copytree(encoder, os.path.join(tmp, "encoder"))
-        meta = {
-            "format": FORMAT_VERSION,
-            "rankfast_version": rankfast.__version__,
-            "max_history": int(max_history),
-            "encoder": None if encoder is None else "encoder",
-            "data": None if data is None else dict(data),
-        }
-        with open(os.path.join(tmp, RANKER_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        _fsync(tmp)
-        _replace_dir(tmp, directory)
-        _fsync(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def _fsync(path: str):
-    """Flushes a file, or a directory with every file below it, to disk: without it a crash
-    soon after the rename can leave the renamed directory holding empty or partial files."""
-    paths = [path]
-    if os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            paths += [os.path.join(root, name) for name in (*files, *dirs)]
-    for name in reversed(paths):  # files before the directories that list them
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _make_temp_dir(parent: str, name: str) -> str:
-    """A new empty directory ``parent/.name.<random>.tmp`` made with the umask's permissions
-    (``tempfile.mkdtemp`` makes it 0700, so the renamed model directory would be unreadable
-    to a server running as another user)."""
-    for _ in range(100):
-        path = os.path.join(parent, f".{name}.{secrets.token_hex(6)}.tmp")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{parent}: cannot create a temporary directory for {name}")
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two existing paths in one atomic step (Linux ``renameat2`` with
-    ``RENAME_EXCHANGE``); False where the system or the filesystem cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without it
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_cwd, rename_exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a filesystem without it
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _replace_dir(src: str, dst: str):
-    """Renames ``src`` to ``dst``. An existing ``dst`` is swapped with ``src`` atomically
-    where :func:`_exchange` can, else moved aside first; either way it is removed after."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-        return
-    if _exchange(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # now the old directory
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".old", dir=os.path.dirname(dst))
-    os.rename(dst, os.path.join(old, "previous"))
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        # Put the old directory back; if even that fails it stays in ``old``, never deleted.
-        os.rename(os.path.join(old, "previous"), dst)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -219,7 +59,9 @@ class Ranker:
 
     @classmethod
     def load(cls, directory, *, device: str | torch.device = "cpu", cold_start: bool = False) -> Ranker:
-        """Reads a model directory (see the module docstring).
+        """Reads a model directory (:mod:`rankfast.model_dir`; written by
+        :func:`save_model_dir` or ``fit(checkpoint_dir=...)``), one save's files
+        even while another save replaces it.
 
         ``cold_start``: what :meth:`score` does with user ids the model has
         never seen. ``False``: raise ``KeyError`` naming the id. ``True``:
@@ -230,33 +72,11 @@ class Ranker:
         Other models raise ``ValueError`` on an unknown id.
 
         Raises :class:`ModelDirError` for a missing directory or a missing,
-        unreadable or inconsistent file.
+        unreadable or inconsistent file (a plain ``model.save`` directory
+        lacks ``mappings.json`` and the rest: it is not a model directory).
         """
-        directory = os.fspath(directory)
-        if not os.path.isdir(directory):
-            raise ModelDirError(f"{directory}: no such model directory")
-        try:
-            model = load_model(directory, device)
-        except (OSError, ValueError) as err:
-            raise ModelDirError(f"{directory}: cannot load the model: {err}") from err
-        meta = _read_json(os.path.join(directory, RANKER_FILE), default={})
-        cfg = model.config
-        if os.path.exists(os.path.join(directory, MAPPINGS_FILE)):
-            try:
-                user_ids, item_ids = Interactions.load_mappings(directory)
-            except (ValueError, TypeError, KeyError) as err:
-                raise ModelDirError(f"{os.path.join(directory, MAPPINGS_FILE)}: not readable mappings ({err})") from err
-        else:
-            user_ids, item_ids = IdMap(np.arange(cfg.num_users)), IdMap(np.arange(cfg.num_items))
-        if (len(user_ids), len(item_ids)) != (cfg.num_users, cfg.num_items):
-            raise ModelDirError(
-                f"{directory}: {MAPPINGS_FILE} maps {len(user_ids)} users and {len(item_ids)} items, "
-                f"the model has {cfg.num_users} and {cfg.num_items}"
-            )
-        users = _read_users(os.path.join(directory, USERS_FILE), cfg.num_users, cfg.num_items)
-        if model.uses_history and "history" not in users:
-            raise ModelDirError(f"{directory}: {type(model).__name__} reads user histories, and there is no {USERS_FILE} with them")
-        return cls(model, user_ids, item_ids, users, meta, directory=directory, cold_start=cold_start)
+        parts = read_model_dir(directory, device)
+        return cls(parts.model, parts.user_ids, parts.item_ids, parts.users, parts.meta, directory=os.fspath(directory), cold_start=cold_start)
 
     @property
     def encoder_dir(self) -> str | None:
@@ -338,8 +158,6 @@ class Ranker:
         return {"user": user, "items": self.item_ids.to_raw(ids[valid]).tolist(), "scores": scores[valid].tolist()}
 
     def _seen(self, rows: torch.Tensor) -> list:
-        if "seen_indptr" not in self._users:
-            return None
         indptr, items = self._users["seen_indptr"], self._users["seen_items"]
         return [items[indptr[u] : indptr[u + 1]] for u in rows.tolist()]
 
@@ -359,7 +177,7 @@ class Ranker:
                 f"users: unknown ids, and this {type(self.model).__name__} cannot score new users: "
                 "cold start needs user features as wide as the item features (users as pooled item vectors)"
             )
-        max_len = int(self.meta.get("max_history", 50))
+        max_len = self.meta["max_history"]
         rows = [self._history_rows(h)[-max_len:] for h in histories]
         history = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.int64)
         for j, r in enumerate(rows):
@@ -385,38 +203,68 @@ class Ranker:
     # --- export -------------------------------------------------------------------------
 
     def export(self, path) -> str:
-        """Writes the model's pair scorer ``(users, items[, history, lengths]) -> scores``
-        (contiguous ids, aligned pairs, any number of pairs) as a
-        ``torch.export`` program to ``path`` (``.pt2``), atomically.
+        """Writes the model's pair scorer over raw ids as a ``torch.export``
+        program to ``path`` (``.pt2``), atomically.
 
-        Load it with ``torch.export.load(path).module()``. Raises
-        ``RuntimeError`` when ``torch.export`` cannot trace the model.
+        Like :meth:`score` it takes raw ids: ``program(users, items[, history,
+        lengths])``, int64 tensors of raw user and item ids of aligned pairs
+        (any number), and for models that read histories each pair's history
+        ``[pairs, L]`` of raw item ids (the first ``lengths`` of a row count).
+        It returns the model's score of each pair, NaN where the user, the
+        item or a counted history item is unknown (NaN ranks last). Load it
+        with ``torch.export.load(path).module()``.
+
+        Raises ``TypeError`` when the raw ids are not integers (e.g. strings)
+        and ``RuntimeError`` when ``torch.export`` cannot trace the model.
         """
+        for side, ids in (("user", self.user_ids), ("item", self.item_ids)):
+            if ids.raw.dtype.kind not in "iu":
+                raise TypeError(f"export: the program takes integer ids, and this model's {side} ids are {ids.raw.dtype}")
         model = self.model
+        device = next(model.parameters()).device
+        scorer = _RawIdScorer(model, self.user_ids, self.item_ids).to(device)
         pairs = torch.export.Dim("pairs", min=1)
         args = [torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
         shapes = [{0: pairs}, {0: pairs}]
         if model.uses_history:
             args += [torch.zeros(2, 3, dtype=torch.int64), torch.tensor([3, 1])]
             shapes += [{0: pairs, 1: torch.export.Dim("history", min=1)}, {0: pairs}]
-        device = next(model.parameters()).device
         try:
-            program = torch.export.export(model, tuple(a.to(device) for a in args), dynamic_shapes=tuple(shapes))
+            program = torch.export.export(scorer, tuple(a.to(device) for a in args), dynamic_shapes=tuple(shapes))
         except Exception as err:  # torch.export raises many types; all mean "cannot trace"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"export: torch.export cannot trace this {type(model).__name__} ({first})") from err
-        path = os.fspath(path)
-        head, tail = os.path.split(path)
-        tmp = os.path.join(head, f".{tail}.tmp.pt2")  # torch.export.save wants the .pt2 suffix
-        try:
+        with atomic_file(path) as tmp:
             torch.export.save(program, tmp)
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(head or ".")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return os.fspath(path)
+
+
+class _RawIdScorer(torch.nn.Module):
+    """``model``'s pair scorer over raw integer ids, looked up in the sorted raw ids."""
+
+    def __init__(self, model: RankingModel, user_ids: IdMap, item_ids: IdMap):
+        super().__init__()
+        self.model = model
+        self.register_buffer("user_raw", torch.from_numpy(user_ids.raw.astype(np.int64)))
+        self.register_buffer("item_raw", torch.from_numpy(item_ids.raw.astype(np.int64)))
+
+    def forward(self, users, items, history=None, lengths=None):
+        users, known = _lookup(self.user_raw, users)
+        items, known_items = _lookup(self.item_raw, items)
+        known = known & known_items
+        if history is not None:
+            history, known_history = _lookup(self.item_raw, history)
+            counted = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
+            known = known & (known_history | ~counted).all(dim=1)
+        scores = self.model(users, items, history, lengths)
+        return scores.masked_fill(~known, float("nan"))
+
+
+def _lookup(raw: torch.Tensor, ids: torch.Tensor):
+    """``(contiguous ids, known)`` of raw ``ids``; unknown ones map to 0."""
+    pos = torch.searchsorted(raw, ids).clamp(max=len(raw) - 1)
+    known = raw[pos] == ids
+    return torch.where(known, pos, 0), known
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -449,35 +297,3 @@ def _as_list(values, name) -> list:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name}: expected a sequence of ids, got {type(values).__name__}")
     return list(values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values)
-
-
-def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelDirError(f"{path}: not readable JSON ({err})") from err
-    if not isinstance(meta, dict):
-        raise ModelDirError(f"{path}: expected a JSON object")
-    return meta
-
-
-def _read_users(path: str, num_users: int, num_items: int) -> dict:
-    """The per-user tensors of ``users.safetensors``, checked against the model's sizes ({} if absent)."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        users = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ModelDirError(f"{path}: not a readable safetensors file ({err})") from err
-    indptr, items = users.get("seen_indptr"), users.get("seen_items")
-    ok = indptr is not None and items is not None and indptr.shape == (num_users + 1,)
-    ok = ok and int(indptr[0]) == 0 and int(indptr[-1]) == len(items) and bool((indptr[1:] >= indptr[:-1]).all())
-    ok = ok and (not len(items) or (0 <= int(items.min()) and int(items.max()) < num_items))
-    if "history" in users:
-        ok = ok and users["history"].shape[0] == num_users and users.get("lengths", torch.empty(0)).shape == (num_users,)
-    if not ok:
-        raise ModelDirError(f"{path}: seen items or histories do not fit a model of {num_users} users and {num_items} items")
-    return users

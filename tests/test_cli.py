@@ -1,6 +1,7 @@
 """The rankfast command line, each subcommand end to end in a temporary directory."""
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -179,7 +180,27 @@ def test_corrupted_model_directory(model_dir, tmp_path, capsys):
     broken = shutil.copytree(model_dir, tmp_path / "broken")
     (broken / "config.json").write_text("{")
     code, _, err = run(["score", broken], capsys)
-    assert code == EXIT_FAILED and "config.json: not a rankfast model config" in err and err.count("\n") == 1
+    assert code == EXIT_FAILED and "config.json: does not match the size and sha256" in err and err.count("\n") == 1
+
+
+def test_out_must_not_hold_other_files(model_dir, tmp_path, capsys, monkeypatch):
+    """`--out` is replaced whole: a directory of other files (`.` included) is refused before
+    any training, with exit 2 and one line; a model directory is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, out, err = run(["train", *TINY, "--epochs", "1", "--out", mine], capsys)
+    assert code == EXIT_USAGE and out == "" and err.count("\n") == 1
+    assert f"out: {mine}: not empty and not a rankfast model directory" in err
+    monkeypatch.chdir(mine)
+    code, out, err = run(["demo", *TINY, "--epochs", "1", "--out", "."], capsys)
+    assert code == EXIT_USAGE and out == "" and "not a rankfast model directory" in err and err.count("\n") == 1
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    import shutil
+
+    previous = shutil.copytree(model_dir, tmp_path / "previous")
+    code, _, _ = run(["train", *TINY, "--epochs", "1", "--out", previous], capsys)
+    assert code == 0 and Ranker.load(previous).model.config.num_users == 60
 
 
 def test_info(capsys):

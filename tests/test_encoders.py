@@ -418,6 +418,7 @@ def test_fit_with_lora_trains_adapters_refreshes_features_and_saves_the_encoder(
     tuned = encoder.encode(TEXTS, progress=False)
     assert not torch.allclose(tuned, base, atol=1e-4), "the adapters did not train"
     torch.testing.assert_close(model.item_repr.features, tuned)
+    assert rankfast.Ranker.load(tmp_path / "model").encoder_dir == str(tmp_path / "model" / "encoder")
     saved = TextEncoder.from_pretrained(tmp_path / "model" / "encoder").encode(TEXTS, progress=False)
     torch.testing.assert_close(saved, tuned, rtol=1e-5, atol=1e-5)
     reloaded = rankfast.models.load_model(tmp_path / "model")

@@ -1,17 +1,22 @@
 """rankfast.Ranker: model directories, scoring by raw ids against a float64 reference,
 micro-batching, threads, cold start, corrupted directories, torch.export."""
 
+import builtins
+import hashlib
 import json
 import os
+import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import rankfast
-import rankfast.ranker as ranker_module
-from rankfast import Ranker
+import rankfast._io as io_module
+import rankfast.model_dir as model_dir_module
+from rankfast import Ranker, TrainConfig, fit
 from rankfast.data import Interactions, synthetic_interactions, user_histories
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
 from rankfast.ranker import ModelDirError, save_model_dir
@@ -27,6 +32,18 @@ def train():
     data = synthetic_interactions(NUM_USERS, NUM_ITEMS, per_user=6, seed=3)
     raw_items = np.array([f"i{n:03d}" for n in range(NUM_ITEMS)])
     return Interactions.from_raw(100 + 7 * data.users, raw_items[data.items], timestamps=data.timestamps)
+
+
+@pytest.fixture(scope="module")
+def int_train():
+    """The same interactions under non-contiguous int user and item ids."""
+    data = synthetic_interactions(NUM_USERS, NUM_ITEMS, per_user=6, seed=3)
+    return Interactions.from_raw(100 + 7 * data.users, 1000 + 3 * data.items, timestamps=data.timestamps)
+
+
+def attention(train, seed=3):
+    torch.manual_seed(seed)
+    return AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,)))
 
 
 def mlp(train):
@@ -187,24 +204,19 @@ def test_unknown_users_error_or_cold_start(train, tmp_path):
         id_model.score([5])
 
 
-def test_cold_start_history_ids_are_matched_exactly(train, tmp_path):
+def test_cold_start_history_ids_are_matched_exactly(train, int_train, tmp_path):
     """An unknown history id is an error, never cast into a known one ('i0049' is not 'i004')."""
     model, _ = pooled_dot_model(train)
     ranker = Ranker.load(save_model_dir(tmp_path / "cold", model, train), cold_start=True)
     for history in (["i0049"], ["i002", "i011x"], "i004"):
         with pytest.raises((KeyError, TypeError), match="histories"):
             ranker.score([5], histories={5: history})
-    plain = Ranker.load(_plain_dir(model, tmp_path), cold_start=True)  # integer raw ids
-    with pytest.raises(KeyError, match="unknown raw id 2.5"):
-        plain.score([1000], histories={1000: [2.5]})
+    integer = Ranker.load(save_model_dir(tmp_path / "int", model, int_train), cold_start=True)
+    with pytest.raises(KeyError, match="unknown raw id 1000.5"):
+        integer.score([1], histories={1: [1000.5]})
     # Equal ids in another container or width score the same as the list of str.
     want = ranker.score([5], histories={5: ["i004", "i011"]})
     assert ranker.score([5], histories={5: np.array(["i004", "i011"], dtype="<U8")}) == want
-
-
-def _plain_dir(model, tmp_path):
-    model.save(tmp_path / "plain")
-    return tmp_path / "plain"
 
 
 def test_encoder_directory_is_copied_and_found(train, tmp_path):
@@ -219,31 +231,70 @@ def test_encoder_directory_is_copied_and_found(train, tmp_path):
     assert Ranker.load(save_model_dir(tmp_path / "plain", mlp(train), train)).encoder_dir is None
 
 
-def test_plain_model_save_directory_loads(train, tmp_path):
-    model = mlp(train)
-    model.save(tmp_path / "plain")
-    ranker = Ranker.load(tmp_path / "plain")  # raw ids are the contiguous ids; nothing counts as seen
-    with torch.no_grad():
-        scores = model.double()(torch.full((train.num_items,), 3), torch.arange(train.num_items))
-    assert ranker.score([3], k=3)[0]["items"] == torch.argsort(scores, descending=True)[:3].tolist()
+def test_fit_writes_the_same_model_directory(train, tmp_path):
+    """fit(checkpoint_dir=...) writes checkpoint_dir/model through save_model_dir: an
+    AttentionModel's directory loads, with its histories and seen items."""
+    model = attention(train)
+    config = TrainConfig(epochs=1, batch_size=64, num_negatives=2, max_history=4, progress=False, checkpoint_dir=str(tmp_path))
+    fit(model, train, config)
+    directory = tmp_path / "model"
+    assert sorted(os.listdir(directory)) == ["config.json", "mappings.json", "model.safetensors", "ranker.json", "users.safetensors"]
+    ranker = Ranker.load(directory)
+    assert ranker.meta["max_history"] == 4
+    history, lengths = (torch.from_numpy(a) for a in user_histories(train, 4))
+    users = [100, 135, 100 + 7 * 39]
+    check(ranker.score(users, k=5), reference_top_k(model.eval(), train, users, 5, history=history, lengths=lengths), users)
+
+
+def test_a_model_save_directory_is_not_a_model_directory(train, tmp_path):
+    mlp(train).save(tmp_path / "plain")
+    with pytest.raises(ModelDirError, match="ranker.json: missing"):
+        Ranker.load(tmp_path / "plain")
+
+
+def rewrite(directory, name, content: bytes):
+    """Replaces a file of a model directory and its size and sha256 in ranker.json,
+    as a writer of bad content would."""
+    (directory / name).write_bytes(content)
+    edit_meta(directory, files={**read_meta(directory)["files"], name: {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}})
+
+
+def read_meta(directory) -> dict:
+    return json.loads((directory / "ranker.json").read_text())
+
+
+def edit_meta(directory, **changes):
+    (directory / "ranker.json").write_text(json.dumps({**read_meta(directory), **changes}))
+
+
+def half(directory, name) -> bytes:
+    content = (directory / name).read_bytes()
+    return content[: len(content) // 2]
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: os.remove(os.path.join(d, "model.safetensors")), "model.safetensors: no such file"),
-        (lambda d: _truncate(os.path.join(d, "model.safetensors")), "not a readable safetensors"),
-        (lambda d: _write(os.path.join(d, "config.json"), "{not json"), "not a rankfast model config"),
-        (lambda d: _write(os.path.join(d, "mappings.json"), '{"users": [1, 2], "items": ["a"]}'), "maps 2 users and 1 items"),
-        (lambda d: _truncate(os.path.join(d, "users.safetensors")), "users.safetensors: not a readable"),
-        (lambda d: _write(os.path.join(d, "ranker.json"), "[]"), "expected a JSON object"),
+        (lambda d: os.remove(d / "model.safetensors"), "model.safetensors: missing"),
+        (lambda d: os.remove(d / "mappings.json"), "mappings.json: missing"),
+        (lambda d: os.remove(d / "users.safetensors"), "users.safetensors: missing"),
+        (lambda d: os.remove(d / "ranker.json"), "ranker.json: missing"),
+        (lambda d: rewrite(d, "model.safetensors", half(d, "model.safetensors")), "model.safetensors: not a readable safetensors"),
+        (lambda d: rewrite(d, "config.json", b"{not json"), "not a rankfast model config"),
+        (lambda d: rewrite(d, "mappings.json", b'{"users": [1, 2], "items": ["a"]}'), "maps 2 users and 1 items"),
+        (lambda d: rewrite(d, "users.safetensors", half(d, "users.safetensors")), "users.safetensors: not a readable"),
+        (lambda d: (d / "ranker.json").write_text("[]"), "expected a JSON object"),
+        (lambda d: edit_meta(d, format=999), "unknown format 999"),
+        (lambda d: edit_meta(d, format=True), "unknown format True"),
+        (lambda d: edit_meta(d, files=None), "files: expected the size and sha256"),
+        (lambda d: edit_meta(d, encoder="/etc"), "encoder: expected a relative path inside the model directory"),
+        (lambda d: edit_meta(d, encoder="encoder/../../etc"), "encoder: expected a relative path inside the model directory"),
+        (lambda d: edit_meta(d, max_history="abc"), "max_history: expected a positive int"),
     ],
 )
 def test_corrupted_directory_fails_clearly(saved, tmp_path, damage, message):
-    import shutil
-
     directory = shutil.copytree(saved[1], tmp_path / "copy")
-    damage(str(directory))
+    damage(directory)
     with pytest.raises(ModelDirError, match=message):
         Ranker.load(directory)
 
@@ -253,14 +304,146 @@ def test_missing_directory(tmp_path):
         Ranker.load(tmp_path / "nothing")
 
 
-def _truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+@pytest.fixture(scope="module")
+def attention_saved(train, tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("attention") / "model", attention(train), train, max_history=4)
 
 
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+def _users_with(directory, **changes) -> bytes:
+    from safetensors.torch import load_file, save
+
+    tensors = {**load_file(directory / "users.safetensors"), **changes}
+    return save({k: v for k, v in tensors.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: {"history": t["history"].clone().index_fill_(1, torch.tensor([0]), NUM_ITEMS)}, "history: item ids out of range"),
+        (lambda t: {"lengths": t["lengths"].clone().fill_(5)}, r"lengths: expected values in \[0, 4\]"),
+        (lambda t: {"lengths": t["lengths"].clone().fill_(-1)}, r"lengths: expected values in \[0, 4\]"),
+        (lambda t: {"history": t["history"].float()}, "history: expected int64, got torch.float32"),
+        (lambda t: {"seen_indptr": t["seen_indptr"].double()}, "seen_indptr: expected int64"),
+        (lambda t: {"seen_items": t["seen_items"][None]}, "seen_items one dimension"),
+        (lambda t: {"seen_items": t["seen_items"] + NUM_ITEMS}, "seen_items: item ids out of range"),
+        (lambda t: {"seen_indptr": t["seen_indptr"].flip(0)}, "seen_indptr: not a row pointer"),
+        (lambda t: {"history": None}, r"expected the tensors \['history', 'lengths', 'seen_indptr', 'seen_items'\]"),
+    ],
+)
+def test_corrupted_users_file_fails_at_load(attention_saved, tmp_path, change, message):
+    """Not in every later request, where it would look like the client's fault."""
+    from safetensors.torch import load_file
+
+    directory = shutil.copytree(attention_saved, tmp_path / "copy")
+    rewrite(directory, "users.safetensors", _users_with(directory, **change(load_file(directory / "users.safetensors"))))
+    with pytest.raises(ModelDirError, match=message):
+        Ranker.load(directory)
+
+
+def test_a_changed_file_is_detected(saved, train, tmp_path):
+    """Flipped bytes, or a same-shaped weights file of another model: the size and sha256
+    in ranker.json no longer match."""
+    flipped = shutil.copytree(saved[1], tmp_path / "flipped")
+    weights = bytearray((flipped / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x40
+    (flipped / "model.safetensors").write_bytes(weights)
+    swapped = shutil.copytree(saved[1], tmp_path / "swapped")
+    torch.manual_seed(9)
+    other = save_model_dir(tmp_path / "other", MLPModel(saved[0].config), train)
+    shutil.copy(os.path.join(other, "model.safetensors"), swapped / "model.safetensors")
+    for directory in (flipped, swapped):
+        with pytest.raises(ModelDirError, match="model.safetensors: does not match the size and sha256 in ranker.json"):
+            Ranker.load(directory)
+
+
+@pytest.mark.parametrize("field, value", [("num_items", 10**12), ("num_items", 5 * 10**7), ("num_users", 2**62), ("dim", 10**9)])
+def test_config_sizes_are_checked_before_allocating(saved, tmp_path, field, value):
+    """A config.json declaring sizes its weights do not have fails at once, naming the
+    field, instead of allocating what it declares (gigabytes, or an allocator error)."""
+    directory = shutil.copytree(saved[1], tmp_path / "copy")
+    meta = json.loads((directory / "config.json").read_text())
+    meta["config"][field] = value
+    rewrite(directory, "config.json", json.dumps(meta).encode())
+    started = time.perf_counter()
+    with pytest.raises(ModelDirError, match=f"config.json \\(.*{field}={value}"):
+        Ranker.load(directory)
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        load_model(directory)
+    assert time.perf_counter() - started < 5  # allocating 5e7 rows took 15-40 s
+
+
+def test_load_during_a_save_reads_one_save(train, tmp_path, monkeypatch):
+    """A save that replaces the directory in the middle of a load (here: right after the
+    load opened mappings.json): the load returns the new save's weights and seen items
+    together, never one save's weights with the other's users."""
+    target = save_model_dir(tmp_path / "model", mlp(train), train)
+    new_model = mlp(train)
+    with torch.no_grad():
+        next(new_model.parameters()).add_(1.0)
+    new_train = train.subset(np.arange(len(train)) % 2 == 0)  # other seen items, same ids
+    real_open, swaps = builtins.open, []
+
+    def open_then_swap(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if not swaps and os.path.abspath(os.fspath(file)) == os.path.join(target, "mappings.json"):
+            swaps.append(file)
+            save_model_dir(target, new_model, new_train)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_then_swap)
+    ranker = Ranker.load(target)
+    monkeypatch.undo()
+    assert len(swaps) == 1
+    users = [100, 107, 100 + 7 * 39]
+    check(ranker.score(users, k=8), reference_top_k(new_model, new_train, users, 8), users)
+
+
+def test_save_refuses_to_replace_other_directories(train, tmp_path):
+    """save_model_dir replaces a directory whole, so only an empty one or a model directory."""
+    model = mlp(train)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine: not empty and not a rankfast model directory"):
+        save_model_dir(mine, model, train)
+    model.save(tmp_path / "plain")  # the model alone: not a model directory either
+    with pytest.raises(FileExistsError, match="plain: not empty and not a rankfast model directory"):
+        save_model_dir(tmp_path / "plain", model, train)
+    (tmp_path / "file").write_text("keep me too")
+    with pytest.raises(FileExistsError, match="file: exists and is not a directory"):
+        save_model_dir(tmp_path / "file", model, train)
+    os.symlink(mine, tmp_path / "link")
+    with pytest.raises(FileExistsError, match="link: is a symbolic link"):
+        save_model_dir(tmp_path / "link", model, train)
+    assert (mine / "notes.txt").read_text() == "keep me" and os.listdir(mine) == ["notes.txt"]
+    assert (tmp_path / "file").read_text() == "keep me too"
+    assert sorted(os.listdir(tmp_path)) == ["file", "link", "mine", "plain"]  # no scratch directory left
+
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty directory, then a model directory
+        Ranker.load(save_model_dir(tmp_path / "empty", model, train))
+
+
+def test_leftovers_of_killed_saves_are_removed_by_the_next(train, tmp_path):
+    """Scratch directories of earlier saves of the same path (a SIGKILL leaves them) go on
+    the next save; a live save's, and anything not named like a scratch of that path, stay."""
+    for name in (".model.0123456789ab.tmp", ".model.ffffffffffff.tmp"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    kept = [".model.0123456789ab.tmp.bak", ".model.backup", ".other.0123456789ab.tmp", "model.0123456789ab.tmp", ".model.0123456789AB.tmp"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    live = tmp_path / ".model.aaaaaaaaaaaa.tmp"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)  # how a save in progress holds its scratch directory
+        save_model_dir(tmp_path / "model", mlp(train), train)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(["model", live.name, *kept])
 
 
 def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
@@ -270,7 +453,7 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ranker_module, "save_file", broken)  # fails after config and weights are written
+    monkeypatch.setattr(model_dir_module, "_file_fingerprint", broken)  # fails once every file but ranker.json is written
     with pytest.raises(OSError, match="disk full"):
         save_model_dir(target, model, train)
     assert os.listdir(tmp_path) == []  # neither the directory nor a temporary one
@@ -278,7 +461,7 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     monkeypatch.undo()
     save_model_dir(target, model, train)
     before = {name: (target / name).read_bytes() for name in os.listdir(target)}
-    monkeypatch.setattr(ranker_module, "save_file", broken)
+    monkeypatch.setattr(model_dir_module, "_file_fingerprint", broken)
     with pytest.raises(OSError):
         save_model_dir(target, mlp(train), train, max_history=3)
     assert os.listdir(tmp_path) == ["model"]
@@ -291,7 +474,7 @@ def test_failed_replacement_never_deletes_the_old_directory(train, tmp_path, mon
     cannot be put back either, the old one is left aside (``.model.*.old/previous``), not removed."""
     model = mlp(train)
     save_model_dir(tmp_path / "model", model, train)
-    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_module, "_exchange", lambda a, b: False)
     weights = (tmp_path / "model" / "model.safetensors").read_bytes()
     real_rename = os.rename
 
@@ -324,11 +507,11 @@ def record_fsyncs_and_renames(monkeypatch) -> list:
     """``[("fsync", path) or ("rename", source), ...]`` as they happen, from now on (an
     atomic exchange of a new directory with the old one counts as its rename)."""
     events = []
-    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, ranker_module._exchange
+    real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, io_module._exchange
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
-    monkeypatch.setattr(ranker_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
+    monkeypatch.setattr(io_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
     return events
 
 
@@ -336,7 +519,7 @@ def _can_exchange(tmp_path) -> bool:
     a, b = tmp_path / "probe-a", tmp_path / "probe-b"
     a.mkdir(), b.mkdir()
     try:
-        return ranker_module._exchange(str(a), str(b))
+        return io_module._exchange(str(a), str(b))
     finally:
         a.rmdir(), b.rmdir()
 
@@ -365,47 +548,81 @@ def test_replacing_a_directory_never_leaves_the_path_empty(train, tmp_path, monk
 
 
 def test_model_directory_gets_ordinary_permissions(train, tmp_path):
-    """Like any directory made under the umask, so a server running as another user can read it."""
+    """Like any file and directory made under the umask (safetensors makes its files 0600),
+    so a server running as another user can read it."""
+    encoder = tmp_path / "encoder-src"
+    (encoder / "sub").mkdir(parents=True)
+    (encoder / "sub" / "weights.bin").write_bytes(b"w")
+    os.chmod(encoder / "sub" / "weights.bin", 0o600)
     old_umask = os.umask(0o022)
     try:
-        (tmp_path / "reference").mkdir()
-        want = (tmp_path / "reference").stat().st_mode & 0o777
         for _ in range(2):  # a new directory, then one replacing it
-            directory = save_model_dir(tmp_path / "model", mlp(train), train)
-            assert os.stat(directory).st_mode & 0o777 == want == 0o755
+            directory = save_model_dir(tmp_path / "model", mlp(train), train, encoder=encoder)
+            modes = {}
+            for root, dirs, files in os.walk(directory):
+                modes.update({os.path.join(root, n): 0o755 for n in dirs} | {os.path.join(root, n): 0o644 for n in files})
+            assert len(modes) == 8 and os.stat(directory).st_mode & 0o777 == 0o755
+            assert {path: os.stat(path).st_mode & 0o777 for path in modes} == modes
     finally:
         os.umask(old_umask)
-    assert sorted(os.listdir(tmp_path)) == ["model", "reference"]
+    assert sorted(os.listdir(tmp_path)) == ["encoder-src", "model"]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_export_round_trips(train, tmp_path, kind, monkeypatch):
-    torch.manual_seed(3)
-    if kind == "mlp":
-        model = mlp(train)
-    else:
-        model = AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,)))
-    ranker = Ranker.load(save_model_dir(tmp_path / kind, model, train))
+def test_export_takes_raw_ids_and_matches_score(int_train, tmp_path, kind, monkeypatch):
+    model = mlp(int_train) if kind == "mlp" else attention(int_train)
+    ranker = Ranker.load(save_model_dir(tmp_path / kind, model, int_train, max_history=5))
     events = record_fsyncs_and_renames(monkeypatch)
     path = ranker.export(tmp_path / f"{kind}.pt2")
-    (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".{kind}.pt2.tmp.pt2")]
+    (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".tmp/{kind}.pt2")]
     assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[rename:]  # on disk first
-    program = torch.export.load(path).module()
-    gen = torch.Generator().manual_seed(0)
-    for n in (1, 7):  # any number of pairs
-        args = [torch.randint(0, train.num_users, (n,), generator=gen), torch.randint(0, train.num_items, (n,), generator=gen)]
-        if model.uses_history:
-            args += [torch.randint(0, train.num_items, (n, 5), generator=gen), torch.randint(0, 6, (n,), generator=gen)]
-        with torch.no_grad():
-            torch.testing.assert_close(program(*args), model(*args))
+    monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted([kind, f"{kind}.pt2"])  # no temporary file left
+    program = torch.export.load(path).module()
+
+    users = [100, 107, 100 + 7 * 39]
+    items = int_train.item_ids.raw.tolist()
+    pair_users = torch.tensor(np.repeat(users, len(items)))
+    pair_items = torch.tensor(np.tile(items, len(users)))
+    args = [pair_users, pair_items]
+    if model.uses_history:  # the stored histories, as raw ids; padding beyond lengths may hold anything
+        history, lengths = user_histories(int_train, 5)
+        rows = int_train.user_ids.index(pair_users.numpy())
+        raw = torch.from_numpy(int_train.item_ids.to_raw(history[rows]))
+        counted = torch.arange(5) < torch.from_numpy(lengths[rows])[:, None]
+        args += [torch.where(counted, raw, -1), torch.from_numpy(lengths[rows])]
+    with torch.no_grad():
+        got = program(*args).view(len(users), len(items))
+    for j, row in enumerate(ranker.score(users, k=len(items), exclude_seen=False)):
+        want = dict(zip(row["items"], row["scores"]))
+        np.testing.assert_allclose(got[j].numpy(), [want[i] for i in items], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # any number of pairs, one included
+        torch.testing.assert_close(program(*[a[:1] for a in args]), got.view(-1)[:1], rtol=1e-4, atol=1e-5)
+
+    unknown = [(5, items[0]), (users[0], 1001), (users[0], 5000)]  # unknown user, unknown items
+    args = [torch.tensor([u for u, _ in unknown]), torch.tensor([i for _, i in unknown])]
+    if model.uses_history:
+        args += [torch.full((3, 2), items[1]), torch.tensor([2, 2, 2])]
+    with torch.no_grad():
+        assert torch.isnan(program(*args)).all()
+    if model.uses_history:  # an unknown item within a history's length
+        with torch.no_grad():
+            scores = program(torch.tensor([users[0]] * 2), torch.tensor([items[0]] * 2), torch.tensor([[items[1], 7], [items[1], 7]]), torch.tensor([1, 2]))
+        assert not torch.isnan(scores[0]) and torch.isnan(scores[1])
 
 
-def test_export_failure_is_clear(saved, tmp_path, monkeypatch):
+def test_export_needs_integer_ids(saved, tmp_path):
+    with pytest.raises(TypeError, match="export: the program takes integer ids, and this model's item ids are <U4"):
+        Ranker.load(saved[1]).export(tmp_path / "x.pt2")
+    assert not os.listdir(tmp_path)
+
+
+def test_export_failure_is_clear(int_train, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise torch._dynamo.exc.Unsupported("data-dependent control flow")
 
+    ranker = Ranker.load(save_model_dir(tmp_path / "model", mlp(int_train), int_train))
     monkeypatch.setattr(torch.export, "export", refuse)
     with pytest.raises(RuntimeError, match="torch.export cannot trace this MLPModel"):
-        Ranker.load(saved[1]).export(tmp_path / "x.pt2")
-    assert not os.listdir(tmp_path)
+        ranker.export(tmp_path / "x.pt2")
+    assert os.listdir(tmp_path) == ["model"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import sys
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from rankfast._io import atomic_file
 from rankfast.cli import CLIError, positive_int
 from rankfast.ranker import Ranker
 
@@ -45,22 +44,14 @@ def run_score(args):
 
 @contextlib.contextmanager
 def _output(path):
-    """stdout, or ``path`` written atomically: a temporary file beside it, renamed into place
+    """stdout, or ``path`` written atomically (:func:`rankfast._io.atomic_file`): it appears
     once every user is scored, so a failure (e.g. an unknown id in a later batch) leaves the
     old file or none, never part of the output."""
     if path in (None, "-"):
         yield sys.stdout
         return
-    head, tail = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(head, f".{tail}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # the umask's permissions, unlike mkstemp's 0600
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        yield f
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from rankfast.baselines import EASE, Popularity
 from rankfast.cli import EXIT_USAGE, CLIError, positive_int
 from rankfast.data import load_movielens, synthetic_interactions, temporal_split
 from rankfast.evaluate import evaluate
+from rankfast.model_dir import check_target
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
 from rankfast.ranker import Ranker, save_model_dir
 
@@ -111,9 +112,19 @@ def train_settings(args) -> dict:
     ratio = settings["test_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise CLIError(f"test_ratio: expected a number in (0, 1), got {ratio!r}", EXIT_USAGE)
-    if not settings.get("out"):
+    if not settings.get("out") or not isinstance(settings["out"], str):
         raise CLIError("--out: where to write the model directory (or out = ... in the config file)", EXIT_USAGE)
+    check_out(settings["out"])
     return settings
+
+
+def check_out(path: str):
+    """Before training: the model directory is written by replacing ``path``
+    whole, so it must be absent, empty or a model directory."""
+    try:
+        check_target(path)
+    except FileExistsError as err:
+        raise CLIError(f"out: {err}", EXIT_USAGE) from None
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -187,6 +198,7 @@ def run_demo(args):
     data = _data_source(args, 0) or {"synthetic": {"seed": 0}}
     settings = defaults(data, "dot")
     settings.update(out=args.out, threads=args.threads)
+    check_out(settings["out"])
     if args.epochs is not None:
         settings["train"]["epochs"] = args.epochs
     model, train, test, seconds = train_model(settings)
@@ -239,7 +251,7 @@ def add_parsers(sub):
     demo = sub.add_parser("demo", help="generate data, train, compare with popularity and EASE^R, save, recommend")
     _add_data_flags(demo, synthetic_help="default 3000")
     demo.add_argument("--epochs", type=positive_int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)")
-    demo.add_argument("--out", default="rankfast-demo", help="model directory to write (default ./rankfast-demo)")
+    demo.add_argument("--out", default="rankfast-demo", help="model directory to write (default ./rankfast-demo); absent, empty or an earlier model directory")
     demo.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
@@ -257,7 +269,7 @@ def add_parsers(sub):
     train.add_argument("--seed", type=int, help="training seed, and the synthetic data's when [data] does not give one (default 0)")
     train.add_argument("--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)")
     train.add_argument("--threads", type=positive_int, help=threads_help)
-    train.add_argument("--out", metavar="DIR", help="model directory to write")
+    train.add_argument("--out", metavar="DIR", help="model directory to write: absent, empty or an earlier model directory")
     train.set_defaults(run=run_train)
 
     ev = sub.add_parser("evaluate", help="full-ranking metrics of a model directory on its held-out split")

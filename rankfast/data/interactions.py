@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from rankfast._io import atomic_file
+
 __all__ = ["IdMap", "Interactions", "MAPPINGS_FILE"]
 
 MAPPINGS_FILE = "mappings.json"
@@ -202,14 +204,12 @@ class Interactions:
 
     def save_mappings(self, directory) -> str:
         """Writes ``mappings.json`` (raw ids in contiguous order) into ``directory``,
-        e.g. beside a saved model; returns its path."""
-        os.makedirs(directory, exist_ok=True)
+        atomically; returns its path. One file of a model directory
+        (:func:`rankfast.ranker.save_model_dir`)."""
         path = os.path.join(directory, MAPPINGS_FILE)
         payload = {"users": self.user_ids.to_list(), "items": self.item_ids.to_list()}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(payload, f)
-        os.replace(tmp, path)
         return path
 
     @staticmethod
@@ -218,6 +218,11 @@ class Interactions:
         path = os.path.join(directory, MAPPINGS_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"directory: no {MAPPINGS_FILE} in {directory}")
-        with open(path) as f:
-            payload = json.load(f)
+        with open(path, "rb") as f:
+            return Interactions.mappings_from_json(f.read())
+
+    @staticmethod
+    def mappings_from_json(text: str | bytes) -> tuple[IdMap, IdMap]:
+        """``(user_ids, item_ids)`` of the contents of a ``mappings.json``."""
+        payload = json.loads(text)
         return IdMap(payload["users"]), IdMap(payload["items"])

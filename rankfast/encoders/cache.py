@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rankfast._io import atomic_file
 from rankfast.encoders.text import TextEncoder, _check_texts
 
 
@@ -25,7 +26,7 @@ class EmbeddingCache:
     The file is named by :meth:`TextEncoder.identity` (config, weights,
     pooling, max length), so a changed encoder starts a fresh file; rows are
     keyed by a hash of each text, so only new texts are encoded. Files are
-    replaced atomically (temporary file, then rename). ``hits`` and
+    replaced atomically (:func:`rankfast._io.atomic_file`). ``hits`` and
     ``misses`` count texts served from disk and texts encoded.
     """
 
@@ -76,7 +77,5 @@ class EmbeddingCache:
         return keys, vectors
 
     def _write(self, path: Path, identity: str, keys: list[str], vectors: torch.Tensor) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({"vectors": vectors.contiguous()}, str(tmp), metadata={"identity": identity, "keys": json.dumps(keys)})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"vectors": vectors.contiguous()}, tmp, metadata={"identity": identity, "keys": json.dumps(keys)})

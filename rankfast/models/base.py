@@ -9,15 +9,18 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankfast._io import atomic_file
 from rankfast.models.layers import ACTIVATIONS, Representation
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: A config.json is a few hundred bytes; a larger one is refused unparsed.
+MAX_CONFIG_BYTES = 1 << 20
 
 _MODEL_TYPES: dict[str, type[RankingModel]] = {}
 
@@ -129,12 +132,15 @@ class RankingModel(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` into ``directory``
-        (created if needed); other files there are left alone."""
-        os.makedirs(directory, exist_ok=True)
+        (created if needed), each atomically; other files there are left alone.
+        This is the model alone: :func:`rankfast.ranker.save_model_dir` writes
+        what serving needs."""
         meta = {"model_type": type(self).__name__, "config": dataclasses.asdict(self.config)}
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        _write_atomically(os.path.join(directory, CONFIG_FILE), lambda p: _write_json(p, meta))
-        _write_atomically(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
+        with atomic_file(os.path.join(directory, CONFIG_FILE)) as path:
+            _write_json(path, meta)
+        with atomic_file(os.path.join(directory, WEIGHTS_FILE)) as path:
+            safetensors.torch.save_file(tensors, path)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> RankingModel:
@@ -153,20 +159,36 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an
     unreadable file, an unknown model type, a config the model rejects, or
-    tensors whose names or shapes do not match the config.
+    tensors whose names, shapes or kinds (floating point or not) do not match
+    the config. Nothing is allocated for the model before its config is found
+    to match the tensors in the file, so a config declaring huge sizes fails
+    at once.
     """
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (expected a directory written by model.save)")
+    with open(config_path, "rb") as f:
+        config = f.read(MAX_CONFIG_BYTES + 1)
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    return model_from_bytes(config, weights, device, directory=directory)
+
+
+def model_from_bytes(config: bytes, weights: bytes, device: str | torch.device = "cpu", *, directory="") -> RankingModel:
+    """:func:`load_model` of the contents of ``config.json`` and
+    ``model.safetensors`` (``directory`` only names them in errors)."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    if len(config) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_path}: not a rankfast model config (over {MAX_CONFIG_BYTES} bytes)")
     try:
-        with open(config_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(config.decode("utf-8"))
         model_type, fields = meta["model_type"], meta["config"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise ValueError(f"{config_path}: not a rankfast model config ({err!r})") from err
-    if model_type not in _MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in _MODEL_TYPES:
         raise ValueError(f"{config_path}: unknown model_type {model_type!r}; known: {sorted(_MODEL_TYPES)}")
     cls = _MODEL_TYPES[model_type]
     try:
@@ -174,7 +196,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     except (TypeError, ValueError) as err:
         raise ValueError(f"{config_path}: config does not fit {cls.config_class.__name__} ({err})") from err
     try:
-        tensors = load_file(weights_path)
+        tensors = safetensors.torch.load(weights)
     except SafetensorError as err:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from err
 
@@ -182,11 +204,14 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         "user_features": tensors.get("user_repr.features"),
         "item_features": tensors.get("item_repr.features"),
     }
-    try:
-        model = cls(config, **features)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{weights_path}: feature matrices do not match {config_path} ({err})") from err
-    _check_state(model.state_dict(), tensors, weights_path)
+    try:  # the shapes the config implies, without allocating them
+        with torch.device("meta"):
+            expected = cls(config, **{k: v if v is None else v.to("meta") for k, v in features.items()}).state_dict()
+    except (TypeError, ValueError, RuntimeError) as err:
+        first = str(err).partition("\n")[0]  # torch's message may go on with a C++ trace
+        raise ValueError(f"{weights_path}: does not fit {config_path} ({_sizes(config)}): {first}") from err
+    _check_state(expected, tensors, weights_path, f"{config_path} ({_sizes(config)})")
+    model = cls(config, **features)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(float_dtypes) == 1:
         model.to(float_dtypes.pop())
@@ -211,26 +236,25 @@ def _check_features(name, features, num, feature_dim, config_field):
     return features
 
 
-def _check_state(expected: dict, found: dict, path: str):
+def _check_state(expected: dict, found: dict, path: str, config: str):
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
     for name, tensor in expected.items():
         if tuple(found[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{path}: tensor {name!r} has shape {tuple(found[name].shape)}, the config needs {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(found[name].shape)}, {config} needs {tuple(tensor.shape)}")
+        if found[name].is_floating_point() != tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} is {found[name].dtype}, the model needs {tensor.dtype}")
+
+
+def _sizes(config: ModelConfig) -> str:
+    """The config's size fields, ``num_users=.., num_items=.., dim=..``, for error messages."""
+    fields = dataclasses.asdict(config).items()
+    return ", ".join(f"{k}={v}" for k, v in fields if isinstance(v, int) and not isinstance(v, bool))
 
 
 def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _write_atomically(path, write):
-    """Writes through a temporary file so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)

@@ -6,27 +6,18 @@ import os
 
 import torch
 
+from rankfast._io import atomic_file
+
 __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def save_checkpoint(state: dict, path) -> None:
-    """Writes ``state`` to a temporary file beside ``path``, flushes it to disk,
-    then renames it over ``path``: a crash leaves the old checkpoint or the
-    new one, never a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Writes ``state`` to ``path`` atomically (:func:`rankfast._io.atomic_file`):
+    a crash leaves the old checkpoint or the new one, never a torn file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path) -> dict:

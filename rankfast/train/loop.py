@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from rankfast.data import Interactions, NegativeSampler, event_histories
-from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features, save_encoder
+from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
 from rankfast.scoring import trains_fused
@@ -75,8 +75,11 @@ class TrainConfig:
 
     ``checkpoint_dir``: after every epoch the full training state is written
     there atomically (rank 0 only), and with ``resume`` a run finds it and
-    continues after the last finished epoch; the final model is saved under
-    ``checkpoint_dir/model`` with the data's id mappings.
+    continues after the last finished epoch; at the end the model directory
+    :meth:`rankfast.Ranker.load` reads (:func:`rankfast.ranker.save_model_dir`:
+    the model, the data's id mappings, each user's seen items and histories)
+    is written to ``checkpoint_dir/model``, which must be absent, empty or an
+    earlier model directory.
     """
 
     epochs: int = 10
@@ -387,11 +390,11 @@ class _Trainer:
         with self.encoder_scope:  # on leaving, a fine-tuned encoder's vectors fill the feature matrix
             self._run_epochs(path)
         if config.checkpoint_dir is not None and context.is_main:
-            model_dir = os.path.join(config.checkpoint_dir, "model")
-            self.ranker.save(model_dir)
-            self.data.save_mappings(model_dir)
-            if self.fine_tuning is not None and self.fine_tuning.trains_encoder:
-                save_encoder(self.fine_tuning.encoder, os.path.join(model_dir, "encoder"))
+            from rankfast.model_dir import save_model_dir
+
+            tuned = self.fine_tuning is not None and self.fine_tuning.trains_encoder
+            encoder = self.fine_tuning.encoder if tuned else None
+            save_model_dir(os.path.join(config.checkpoint_dir, "model"), self.ranker, self.data, max_history=config.max_history, encoder=encoder)
         context.barrier()
         return self.history
 
