@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import rankfast
+from rankfast.scoring import score
 from rankfast.data import MAPPINGS_FILE, IdMap, Interactions, user_histories
 from rankfast.encoders import pool_history
 from rankfast.models import RankingModel, Representation, load_model
@@ -325,7 +326,7 @@ class Ranker:
             rows = torch.from_numpy(self.user_ids.index(np.asarray(users)[known], name="users"))
             history, lengths = self._stored_history(rows)
             exclude = self._seen(rows) if exclude_seen else None
-            got_ids, got_scores = rankfast.score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
+            got_ids, got_scores = score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
             ids[known], scores[known] = got_ids.cpu().numpy(), got_scores.cpu().numpy()
         if not known.all():
             cold = np.flatnonzero(~known)
@@ -371,7 +372,7 @@ class Ranker:
         model = _with_users(self.model, vectors)
         exclude = rows if exclude_seen else None
         extra = (history, lengths) if model.uses_history else (None, None)
-        ids, scores = rankfast.score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
+        ids, scores = score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
         return ids.cpu().numpy(), scores.float().cpu().numpy()
 
     def _history_rows(self, history) -> np.ndarray:
