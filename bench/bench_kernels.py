@@ -53,12 +53,10 @@ if not HAS_CUDA:
 from memory import peak_memory  # noqa: E402
 
 import rankfast  # noqa: E402
-from rankfast.kernels import mlp_score as ms  # noqa: E402
-from rankfast.kernels import target_attention as ta  # noqa: E402
-from rankfast.kernels.scorers import training_scores  # noqa: E402
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig  # noqa: E402
 from rankfast.models.attention import history_mask  # noqa: E402
 from rankfast.scoring import BACKEND_ENV  # noqa: E402
+from rankfast.scoring.backends.fused import model_scores, model_topk, training_scores  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # fp32 cases: TF32 tensor cores for every implementation (eager, torch.compile and the kernels,
@@ -120,7 +118,7 @@ def mlp_case(dtype):
 
     def ours():
         with torch.inference_mode():
-            return ms.model_scores(model, users, items)
+            return model_scores(model, users, items)
 
     def eager():
         with torch.inference_mode():
@@ -175,7 +173,7 @@ def din_case(dtype=torch.bfloat16):
 
     def ours():
         with torch.inference_mode():
-            return ta.model_scores(model, *args)
+            return model_scores(model, *args)
 
     def eager():
         with torch.inference_mode():
@@ -216,11 +214,11 @@ def topk_case(dtype=torch.bfloat16, k=100):
     compiled = torch.compile(lambda u, i: torch.topk(eager_mlp(model, u, i), k, dim=1))
 
     def ours():
-        return ms.model_topk(model, users, items, k=k)
+        return model_topk(model, users, items, k=k)
 
     def unfused():
         with torch.inference_mode():
-            return torch.topk(ms.model_scores(model, users, items), k, dim=1)
+            return torch.topk(model_scores(model, users, items), k, dim=1)
 
     def eager():
         with torch.inference_mode():

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankfast._ids import check_range
+
 #: True when kernels run on the CPU through Triton's interpreter (tests without a GPU).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -88,7 +90,7 @@ def check_split_term(name: str, t: torch.Tensor, dtype: torch.dtype):
 
 def split_term(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in float32 whatever the model's dtype (autocast off): one term of a
-    first layer split into per-user and per-item parts (DESIGN.md). The kernels add a pair's terms
+    first layer split into per-user and per-item parts (docs/design.md). The kernels add a pair's terms
     in fp32, so like the unsplit layer, whose output is rounded once, a bf16 model rounds only
     their sum; bf16 terms would each be rounded, a larger error where they cancel."""
     with torch.autocast(x.device.type, enabled=False):
@@ -101,13 +103,10 @@ def check_device(name: str, t: torch.Tensor, device: torch.device):
 
 
 def check_index(name: str, idx: torch.Tensor, high: int):
+    """A candidate index: int32 or int64 rows in ``[0, high)`` (an id out of range would read out of bounds)."""
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected int32 or int64 ids, got {idx.dtype}")
-    # One device sync on a GPU; an out-of-range id would otherwise read out of bounds.
-    if idx.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= high:
-            raise ValueError(f"{name}: id out of range [0, {high}): found {lo if lo < 0 else hi}")
+    check_range(name, idx, high)
 
 
 # --- device code ---------------------------------------------------------------------
@@ -155,17 +154,6 @@ def dot(a, b, acc=None, PREC: tl.constexpr = "tf32"):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PREC)
-
-
-def check_ids(name: str, ids: torch.Tensor, high: int, *, low: int = 0):
-    """Model-level check of id/length tensors (one device sync on a GPU; skipped while tracing)."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer ids, got {ids.dtype}")
-    if torch.compiler.is_compiling() or not ids.numel():
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < low or hi >= high:
-        raise ValueError(f"{name}: values must lie in [{low}, {high}), got [{lo}, {hi}]")
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Fused MLP scoring (MLPModel, NeuMF): forward, backward and score + top-K.
 
-The first layer is split (DESIGN.md): ``A = E_u W1u^T + b1`` per user
+The first layer is split (docs/design.md): ``A = E_u W1u^T + b1`` per user
 ``[B, H1]`` and ``C = E_i W1i^T`` per item ``[M, H1]`` are computed outside
 (small). A program takes a tile of ``BLOCK_U`` users x ``BLOCK_N`` candidates
 (``BLOCK_P`` pairs) and, in registers, forms ``act(A_u + C_i)`` in chunks of
@@ -19,13 +19,13 @@ stored) and accumulates gradients with fp32 atomics: weights and biases per
 tile, ``A`` rows summed over the tile's candidates, ``C`` rows summed over the
 tile's users (shared candidates) or per pair (per-user candidates).
 
-Public entry points (differentiable; registered as ``torch.ops.rankfast.*``):
+Public entry points (registered as ``torch.ops.rankfast.*``):
 
-* :func:`mlp_score` - the op on precomputed ``A``, ``C`` and raw layer weights;
-* :func:`model_scores` - scores of an :class:`MLPModel` / :class:`NeuMF` for
-  users ``[B]`` x shared candidates ``[N]`` or per-user candidates ``[B, N]``;
-* :func:`pair_scores` - aligned pairs ``users [B]``, ``items [B]`` (the model's forward);
-* :func:`model_topk` - fused score + top-K (see ``kernels/topk.py``).
+* :func:`mlp_score` - the op on precomputed ``A``, ``C`` and raw layer weights (differentiable);
+* :func:`mlp_score_topk` - fused score + top-K (see ``kernels/topk.py``).
+
+Models are turned into these arguments by the fused scoring backend
+(``rankfast.scoring.backends.fused``); the kernels know nothing of models.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import triton.language as tl
 from rankfast.kernels import topk as topk_mod
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 from rankfast.kernels._common import (
-    COMPUTE_DTYPES,
     INTERPRET,
     MAX_WIDTH,
     act_fn,
@@ -46,7 +45,6 @@ from rankfast.kernels._common import (
     check_activation,
     check_device,
     check_dtype,
-    check_ids,
     check_index,
     check_precision,
     check_split_term,
@@ -57,7 +55,6 @@ from rankfast.kernels._common import (
     pad_width,
     padded_t,
     padded_vec,
-    split_term,
 )
 
 MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
@@ -704,127 +701,11 @@ def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, g
     without the ``[B, N]`` scores: the rules of :func:`rankfast.topk`.
 
     ``exclude_mask``: int32 bitmask ``[B, ceil(N/32)]`` of excluded candidate
-    positions (:func:`rankfast.kernels.topk.exclusion_bitmask`). ``splits``:
+    positions (:func:`rankfast.kernels.topk.positions_bitmask`). ``splits``:
     programs per user (0: automatic). Other arguments as :func:`mlp_score`.
     Not differentiable.
     """
-    topk_mod.check_k(k, 0)
+    topk_mod.check_k(k)
     return torch.ops.rankfast.mlp_score_topk(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
                                              exclude_mask, int(k), int(splits), activation,
                                              default_precision(precision))
-
-
-# --- models --------------------------------------------------------------------------
-
-
-def _model_parts(model):
-    """``(user_side(users) -> (a, gu), item_side(ids) -> (c, gi), weights, biases, w_out, b_out, activation)``."""
-    from rankfast.models.mlp import MLPModel
-    from rankfast.models.neumf import NeuMF
-
-    if isinstance(model, NeuMF):
-        d = model.config.dim
-        first = model.branch.linears[0]
-        w_u, w_i = first.weight.chunk(2, dim=1)
-        w_gmf, w_mlp = model.output.weight[0, :d], model.output.weight[0, d:]
-
-        def user_side(users):
-            gmf, mlp = model.user_repr(users).chunk(2, dim=-1)
-            return split_term(mlp, w_u, first.bias), gmf * w_gmf
-
-        def item_side(ids):
-            gmf, mlp = model.item_repr(ids).chunk(2, dim=-1)
-            return split_term(mlp, w_i), gmf
-
-        rest = model.branch.linears[1:]
-        return (user_side, item_side, [m.weight for m in rest], [m.bias for m in rest], w_mlp, model.output.bias,
-                model.config.activation, model.config.dropout)
-    if isinstance(model, MLPModel):
-        if not model.config.hidden:
-            raise ValueError("model: an MLPModel without hidden layers has no pair activations to fuse")
-        first = model.tower.linears[0]
-        w_u, w_i = first.weight.chunk(2, dim=1)
-
-        def user_side(users):
-            return split_term(model.user_repr(users), w_u, first.bias), None
-
-        def item_side(ids):
-            return split_term(model.item_repr(ids), w_i), None
-
-        mid = model.tower.linears[1:-1]
-        last = model.tower.linears[-1]
-        return (user_side, item_side, [m.weight for m in mid], [m.bias for m in mid], last.weight[0], last.bias,
-                model.config.activation, model.config.dropout)
-    raise TypeError(f"model: fused MLP scoring takes an MLPModel or NeuMF, got {type(model).__name__}")
-
-
-def supports(model) -> bool:
-    """Whether :func:`model_scores` can run ``model`` (type, depth, widths, dtype)."""
-    try:
-        _, _, weights, _, _, _, _, _ = _model_parts(model)
-    except (TypeError, ValueError):
-        return False
-    cfg = model.config
-    if next(model.parameters()).dtype not in COMPUTE_DTYPES:
-        return False  # float64 models take the eager paths
-    return len(weights) + 1 <= MAX_LAYERS and max(cfg.hidden) <= MAX_WIDTH and cfg.dim <= MAX_WIDTH
-
-
-def _check_training(model, dropout):
-    if model.training and dropout > 0 and torch.is_grad_enabled():
-        raise ValueError("model: the fused kernels have no dropout; call model.eval() or use the reference path")
-
-
-def model_scores(model, users, items=None, *, precision=None):
-    """Scores ``[B, N]`` of ``users [B]`` against ``items``: ``None`` (every
-    item), shared ``[N]`` or per-user ``[B, N]``; differentiable."""
-    args, kw = _model_op_inputs(model, users, items)
-    return mlp_score(*args, precision=precision, **kw)
-
-
-def _model_op_inputs(model, users, items):
-    user_side, item_side, weights, biases, w_out, b_out, activation, dropout = _model_parts(model)
-    _check_training(model, dropout)
-    check_ids("users", users, model.config.num_users)
-    if items is not None:
-        check_ids("items", items, model.config.num_items)
-    a, gu = user_side(users)
-    if items is None:
-        items = torch.arange(model.config.num_items, device=users.device)
-    if items.dim() == 1:
-        c, gi = item_side(items)
-        idx = None
-    else:
-        b, n = items.shape
-        if b * n >= model.config.num_items:
-            # Item terms for the whole table, indexed per pair.
-            c, gi = item_side(torch.arange(model.config.num_items, device=items.device))
-            idx = items
-        else:
-            c, gi = item_side(items.reshape(-1))
-            idx = torch.arange(b * n, device=items.device).view(b, n)
-    return (a, c, idx), dict(gu=gu, gi=gi, weights=weights, biases=biases, w_out=w_out, b_out=b_out,
-                             activation=activation)
-
-
-def model_topk(model, users, items=None, *, k, exclude=None, splits=0, precision=None):
-    """Fused score + top-K for an :class:`MLPModel` / :class:`NeuMF`: each
-    user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``, the
-    rules of :func:`rankfast.score` with ``k`` (exclusion by item id, NaN
-    last, ties to the earlier candidate, padding id -1 / score -inf)."""
-    with torch.no_grad():
-        args, kw = _model_op_inputs(model, users, items)
-        cand = torch.arange(model.config.num_items, device=users.device) if items is None else items
-        mask = None
-        if exclude is not None:
-            mask = topk_mod.exclusion_bitmask(exclude, cand, users.shape[0], model.config.num_items)
-        positions, values = mlp_score_topk(*args, k=k, exclude_mask=mask, splits=splits, precision=precision, **kw)
-        return topk_mod.positions_to_ids(positions, cand), values
-
-
-def pair_scores(model, users, items, *, precision=None):
-    """Scores ``[B]`` of aligned pairs ``(users[b], items[b])``: the model's
-    ``forward`` through the fused kernels, differentiable. (Training uses
-    :func:`rankfast.kernels.scorers.training_scores`, which scores each user
-    against all its candidates at once.)"""
-    return model_scores(model, users, items.reshape(-1, 1), precision=precision).squeeze(-1)

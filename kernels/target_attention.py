@@ -30,14 +30,11 @@ candidates and every weight. Nothing per (pair, history item) is stored.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from rankfast.kernels._common import (
-    COMPUTE_DTYPES,
     INTERPRET,
     MAX_WIDTH,
     act_fn,
@@ -46,7 +43,6 @@ from rankfast.kernels._common import (
     check_activation,
     check_device,
     check_dtype,
-    check_ids,
     check_index,
     check_precision,
     check_split_term,
@@ -57,7 +53,6 @@ from rankfast.kernels._common import (
     pad_width,
     padded_t,
     padded_vec,
-    split_term,
 )
 from rankfast.kernels import topk as topk_mod
 from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, backward_programs
@@ -820,7 +815,7 @@ def target_attention_topk(hist, lengths, q, cq, a, wp, *, k, exclude_mask=None, 
     args = _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
                     unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
                     default_precision(precision))
-    topk_mod.check_k(k, 0)
+    topk_mod.check_k(k)
     return torch.ops.rankfast.target_attention_topk(*args, exclude_mask, int(k), int(splits))
 
 
@@ -850,96 +845,3 @@ def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din",
         *_op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
                   unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
                   default_precision(precision)))
-
-
-# --- models --------------------------------------------------------------------------
-
-
-def supports(model) -> bool:
-    """Whether :func:`model_scores` can run ``model``."""
-    from rankfast.models.attention import AttentionModel
-
-    if not isinstance(model, AttentionModel):
-        return False
-    cfg = model.config
-    if next(model.parameters()).dtype not in COMPUTE_DTYPES:
-        return False  # float64 models take the eager paths
-    if not cfg.hidden or len(cfg.hidden) > MAX_LAYERS or max(cfg.hidden) > MAX_WIDTH or cfg.dim > MAX_WIDTH:
-        return False
-    if cfg.attention == "din":
-        return 1 <= len(cfg.unit_hidden) <= MAX_UNIT_LAYERS and max(cfg.unit_hidden) <= MAX_WIDTH
-    return True
-
-
-def model_inputs(model, users, items, history, lengths):
-    """The op's arguments for an :class:`AttentionModel` (computed with torch, differentiable)."""
-    from rankfast.models.attention import AttentionModel, history_mask
-
-    if not isinstance(model, AttentionModel):
-        raise TypeError(f"model: fused target attention takes an AttentionModel, got {type(model).__name__}")
-    if not supports(model):
-        raise ValueError(f"model: layer counts/widths beyond what the fused kernel takes ({model.config})")
-    cfg = model.config
-    if model.training and cfg.dropout > 0 and torch.is_grad_enabled():
-        raise ValueError("model: the fused kernels have no dropout; call model.eval() or use the reference path")
-    if history is None or lengths is None or history.dim() != 2 or lengths.shape != history.shape[:1] \
-            or history.shape[0] != users.shape[0]:
-        raise ValueError("history, lengths: expected [B, L] and [B] for the B users")
-    check_ids("users", users, cfg.num_users)
-    check_ids("lengths", lengths, history.shape[1] + 1)
-    if items is not None:
-        check_ids("items", items, cfg.num_items)
-    mask = history_mask(lengths, history.shape[1])
-    check_ids("history", history.masked_fill(~mask, 0), cfg.num_items)
-    hist = model.item_repr(history.masked_fill(~mask, 0))
-    if items is None:
-        items = torch.arange(cfg.num_items, device=users.device)
-    if items.dim() == 1:
-        q_ids, idx = items, None
-    else:
-        b, n = items.shape
-        if b * n >= cfg.num_items:
-            q_ids, idx = torch.arange(cfg.num_items, device=items.device), items
-        else:
-            q_ids, idx = items.reshape(-1), torch.arange(b * n, device=items.device).view(b, n)
-    q = model.item_repr(q_ids)
-    first = model.tower.linears[0]
-    w_user, w_pooled, w_item = first.weight.chunk(3, dim=1)
-    a = split_term(model.user_repr(users), w_user, first.bias)
-    cq = split_term(q, w_item)
-    kw = dict(idx=idx, kind=cfg.attention, normalize=cfg.normalize, activation=cfg.activation,
-              weights=[m.weight for m in model.tower.linears[1:-1]], biases=[m.bias for m in model.tower.linears[1:-1]],
-              w_out=model.tower.linears[-1].weight[0], b_out=model.tower.linears[-1].bias)
-    if cfg.attention == "din":
-        unit_first = model.unit.linears[0]
-        w_h, w_q, w_d, w_x = unit_first.weight.chunk(4, dim=1)
-        kw.update(ht=split_term(hist, w_h + w_d, unit_first.bias), qt=split_term(q, w_q - w_d), wx=w_x,
-                  unit_weights=[m.weight for m in model.unit.linears[1:-1]],
-                  unit_biases=[m.bias for m in model.unit.linears[1:-1]],
-                  unit_w_out=model.unit.linears[-1].weight[0], unit_b_out=model.unit.linears[-1].bias)
-    else:
-        kw["scale"] = 1.0 / math.sqrt(cfg.dim)
-    return (hist, lengths, q, cq, a, w_pooled), kw
-
-
-def model_scores(model, users, items=None, history=None, lengths=None, *, precision=None):
-    """Scores ``[B, N]`` of an :class:`AttentionModel` for ``users [B]`` with
-    ``history [B, L]``/``lengths [B]`` against ``items`` (``None``, ``[N]``
-    or ``[B, N]``); differentiable (training)."""
-    args, kw = model_inputs(model, users, items, history, lengths)
-    return target_attention_score(*args, precision=precision, **kw)
-
-
-def model_topk(model, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0,
-               precision=None):
-    """Fused score + top-K for an :class:`AttentionModel`: ``(item ids, scores)``
-    ``[B, k]`` with the rules of :func:`rankfast.score` with ``k``."""
-    with torch.no_grad():
-        args, kw = model_inputs(model, users, items, history, lengths)
-        cand = torch.arange(model.config.num_items, device=users.device) if items is None else items
-        mask = None
-        if exclude is not None:
-            mask = topk_mod.exclusion_bitmask(exclude, cand, users.shape[0], model.config.num_items)
-        positions, values = target_attention_topk(*args, k=k, exclude_mask=mask, splits=splits,
-                                                  precision=precision, **kw)
-        return topk_mod.positions_to_ids(positions, cand), values

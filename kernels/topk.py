@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankfast import _ids
+
 #: Largest k the fused top-K takes (its running list lives in registers).
 MAX_K = 256
 
@@ -89,7 +91,7 @@ def launch_plan(num_users: int, num_candidates: int, k, tile: int, splits: int, 
     :func:`auto_splits`), the candidates each program takes (``chunk``, a multiple of ``r``), and
     the output keys ``[B, splits, k]``, all ``INT64_MIN`` (nothing yet). Checks ``exclude_mask``."""
     B, N = num_users, num_candidates
-    k = check_k(k, N)
+    k = check_k(k)
     r = running_size(k, tile)
     splits = auto_splits(B, N, r, device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
     chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
@@ -100,52 +102,26 @@ def launch_plan(num_users: int, num_candidates: int, k, tile: int, splits: int, 
     return k, r, splits, chunk, keys
 
 
-def check_k(k, num_candidates):
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+def check_k(k) -> int:
+    """A top-K request's ``k``, within the fused top-K's limit :data:`MAX_K`."""
+    k = _ids.check_k(k)
     if k > MAX_K:
         raise ValueError(f"k: the fused top-K takes k <= {MAX_K}, got {k} (use rankfast.score's unfused path)")
     return k
 
 
-def exclusion_bitmask(exclude, candidates: torch.Tensor, num_users: int, num_items: int):
-    """Excluded item ids per user -> int32 bitmask ``[B, ceil(N / 32)]`` over candidate positions.
-
-    ``exclude``: a list of ``B`` id sequences or CSR ``(indptr, indices)``
-    (as :func:`rankfast.score`); every position holding an excluded id is
-    set, ids that are not candidates are ignored. ``candidates``: ``[N]``
-    shared or ``[B, N]`` per user.
-    """
-    from rankfast.selection import _exclude_csr
-
-    indptr, ids = _exclude_csr(exclude, num_users, num_items, one_row=False)
-    device = candidates.device
-    n = candidates.shape[-1]
-    words = (n + 31) // 32
-    row_of = torch.repeat_interleave(torch.arange(num_users), indptr[1:] - indptr[:-1]).to(device)
-    ids = ids.to(device)
-    if candidates.dim() == 1:
-        sorted_ids, order = torch.sort(candidates)
-        lo = torch.searchsorted(sorted_ids, ids)
-        hi = torch.searchsorted(sorted_ids, ids, right=True)
-        counts = hi - lo
-        total = int(counts.sum())
-        start = torch.repeat_interleave(lo, counts)
-        offset = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        positions = order[start + offset]
-        rows = torch.repeat_interleave(row_of, counts)
-    else:
-        keyed = candidates + torch.arange(num_users, device=device)[:, None] * num_items
-        hit = torch.isin(keyed, row_of * num_items + ids)
-        rows, positions = hit.nonzero(as_tuple=True)
-    flat = torch.unique(rows * n + positions)  # each (row, position) once, so bits can be added
-    rows, positions = flat // n, flat % n
-    mask = torch.zeros(num_users * words, dtype=torch.int64, device=device)
-    mask.index_add_(0, rows * words + positions // 32, torch.ones_like(positions) << (positions % 32))
+def positions_bitmask(indptr: torch.Tensor, positions: torch.Tensor, num_rows: int, num_candidates: int,
+                      device) -> torch.Tensor:
+    """Excluded candidate positions, CSR ``(indptr, positions)`` over rows, as the kernels'
+    int32 bitmask ``[rows, ceil(N / 32)]`` (bit ``p % 32`` of word ``p // 32`` set for position ``p``)."""
+    words = (num_candidates + 31) // 32
+    rows = torch.repeat_interleave(torch.arange(num_rows), (indptr[1:] - indptr[:-1]).cpu())
+    flat = torch.unique(rows * num_candidates + positions.cpu())  # each (row, position) once, so bits can be added
+    rows, pos = flat // num_candidates, flat % num_candidates
+    mask = torch.zeros(num_rows * words, dtype=torch.int64)
+    mask.index_add_(0, rows * words + pos // 32, torch.ones_like(pos) << (pos % 32))
     mask = torch.where(mask >= 2**31, mask - 2**32, mask)  # as int32 bit patterns
-    return mask.to(torch.int32).view(num_users, words)
+    return mask.to(torch.int32).view(num_rows, words).to(device)
 
 
 def decode_keys(keys: torch.Tensor, k: int, dtype: torch.dtype):
@@ -163,11 +139,3 @@ def decode_keys(keys: torch.Tensor, k: int, dtype: torch.dtype):
     values = torch.where(k32 == torch.iinfo(torch.int32).min, torch.full_like(values, float("nan")), values)
     values = torch.where(pad, torch.full_like(values, float("-inf")), values)
     return positions, values.to(dtype)
-
-
-def positions_to_ids(positions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Candidate positions ``[B, k]`` (``-1`` = padding) -> item ids (``-1`` kept)."""
-    b = positions.shape[0]
-    cand = candidates.expand(b, -1) if candidates.dim() == 1 else candidates
-    lookup = torch.cat([cand, cand.new_full((b, 1), -1)], dim=1)
-    return lookup.gather(1, positions.masked_fill(positions < 0, cand.shape[1]))

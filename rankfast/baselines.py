@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rankfast._ids import as_ids
 from rankfast.data import Interactions
-import rankfast
+from rankfast.selection import topk
 
 __all__ = ["Popularity", "EASE"]
 
@@ -25,24 +26,19 @@ class _Baseline:
         raise NotImplementedError
 
     def _users(self, users) -> torch.Tensor:
-        users = torch.as_tensor(users, dtype=torch.int64).reshape(-1)
-        if users.numel() and (int(users.min()) < 0 or int(users.max()) >= self.num_users):
-            raise ValueError(f"users: ids must lie in [0, {self.num_users})")
-        return users
+        return as_ids("users", users, ndims=(0, 1), high=self.num_users).reshape(-1)
 
     def recommend(self, users, k: int, *, exclude=None):
         """Top-``k`` ``(item_ids, scores)`` per user, ``exclude`` as in :func:`rankfast.topk`."""
-        values, ids = rankfast.topk(self.score(users), k, exclude=exclude)
+        values, ids = topk(self.score(users), k, exclude=exclude)
         return ids, values
 
     def __call__(self, users, items, history=None, lengths=None) -> torch.Tensor:
         """Scores of aligned ``(users[j], items[j])`` pairs (history is unused)."""
         users = self._users(users)
-        items = torch.as_tensor(items, dtype=torch.int64)
+        items = as_ids("items", items, ndims=(0, 1), high=self.num_items).reshape(-1)
         if items.shape != users.shape:
             raise ValueError(f"items: shape {tuple(items.shape)} does not match users {tuple(users.shape)}")
-        if items.numel() and (int(items.min()) < 0 or int(items.max()) >= self.num_items):
-            raise ValueError(f"items: ids must lie in [0, {self.num_items})")
         return self._pair_scores(users, items)
 
     def _pair_scores(self, users, items):

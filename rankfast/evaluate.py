@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import rankfast
 from rankfast import metrics
+from rankfast._ids import as_ids
 from rankfast.data import Interactions, NegativeSampler, user_histories
+from rankfast.scoring import score
 
 __all__ = ["evaluate", "evaluate_sampled", "evaluate_pointwise"]
 
@@ -99,7 +100,7 @@ def evaluate(
                 ids, _ = model.recommend(batch_t, k, exclude=exclude)
             else:
                 history, lengths = histories(batch_t)
-                ids, _ = rankfast.score(model, batch_t, k=k, exclude=exclude, history=history, lengths=lengths)
+                ids, _ = score(model, batch_t, k=k, exclude=exclude, history=history, lengths=lengths)
             ranked[start : start + len(batch)] = torch.as_tensor(ids).cpu().numpy()
     return metrics.ranking_metrics(ranked, _rows(test_ptr, test_items, users), ks)
 
@@ -151,11 +152,9 @@ def evaluate_sampled(
         users, items = (np.concatenate(pair) for pair in ((train.users, test.users), (train.items, test.items)))
         both = Interactions(users, items, None, None, train.user_ids, train.item_ids)
         negatives = NegativeSampler(both).sample(test.users, num_negatives, np.random.default_rng(seed))
-    negatives = np.asarray(torch.as_tensor(negatives, dtype=torch.int64).cpu().numpy())
-    if negatives.ndim != 2 or negatives.shape[0] != len(test):
+    negatives = as_ids("negatives", negatives, ndims=(2,), high=train.num_items, device="cpu").numpy()
+    if negatives.shape[0] != len(test):
         raise ValueError(f"negatives: expected shape ({len(test)}, n), got {negatives.shape}")
-    if negatives.size and (negatives.min() < 0 or negatives.max() >= train.num_items):
-        raise ValueError(f"negatives: ids must lie in [0, {train.num_items})")
     histories = _Histories(model, train, max_history)
     n = negatives.shape[1]
     users = np.repeat(test.users, n + 1)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import rankfast
 from rankfast._io import atomic_file
 from rankfast.data import IdMap
+from rankfast.scoring import score
 from rankfast.encoders import pool_history
 from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
 from rankfast.models import RankingModel, Representation
@@ -145,7 +145,7 @@ class Ranker:
             rows = torch.from_numpy(self.user_ids.index(np.asarray(users)[known], name="users"))
             history, lengths = self._stored_history(rows)
             exclude = self._seen(rows) if exclude_seen else None
-            got_ids, got_scores = rankfast.score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
+            got_ids, got_scores = score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
             ids[known], scores[known] = got_ids.cpu().numpy(), got_scores.cpu().numpy()
         if not known.all():
             cold = np.flatnonzero(~known)
@@ -189,7 +189,7 @@ class Ranker:
         model = _with_users(self.model, vectors)
         exclude = rows if exclude_seen else None
         extra = (history, lengths) if model.uses_history else (None, None)
-        ids, scores = rankfast.score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
+        ids, scores = score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
         return ids.cpu().numpy(), scores.float().cpu().numpy()
 
     def _history_rows(self, history) -> np.ndarray:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from rankfast._ids import check_k, exclude_csr
 
 try:
     from rankfast import _C
@@ -64,11 +65,11 @@ def topk(scores, k, *, exclude=None, largest=True, sorted=True, num_threads=None
         ``values`` in the input's dtype and int64 ``indices``, shaped
         ``[k]`` or ``[rows, k]``; torch in gives torch out, numpy in numpy out.
     """
-    k = _check_k(k)
+    k = check_k(k)
     _check_num_threads(num_threads)
     x, restore = _as_2d_tensor(scores, "scores")
     rows, n = x.shape
-    indptr, ids = _exclude_csr(exclude, rows, n, one_row=restore.one_row)
+    indptr, ids = exclude_csr(exclude, rows, n, one_row=restore.one_row)
     if x.is_cuda or _use_fallback():
         ineligible = None
         if indptr is not None:
@@ -91,7 +92,7 @@ def topk_merge(values, indices, k, *, largest=True, sorted=True, num_threads=Non
     must be disjoint: an id present in two shards may be returned twice.
     Same rules, dtypes and return types as :func:`topk`.
     """
-    k = _check_k(k)
+    k = check_k(k)
     _check_num_threads(num_threads)
     if isinstance(values, (list, tuple)):
         values = _concat(values, "values")
@@ -250,14 +251,6 @@ def _concat(parts, name):
     raise TypeError(f"{name}: shards must all be numpy arrays or all torch tensors")
 
 
-def _check_k(k):
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    return int(k)
-
-
 def _check_num_threads(num_threads):
     if num_threads is None:
         return
@@ -265,59 +258,6 @@ def _check_num_threads(num_threads):
         raise TypeError(f"num_threads: expected an int or None, got {type(num_threads).__name__}")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-
-
-def _id_tensor(ids, what):
-    """One sequence of ids (list, numpy array or tensor) as a CPU int64 tensor."""
-    if isinstance(ids, torch.Tensor):
-        t = ids.detach().cpu()
-    else:
-        arr = np.asarray(ids)
-        if arr.dtype == object:
-            raise TypeError(f"{what}: expected integer ids")
-        t = torch.from_numpy(arr.reshape(-1) if arr.size == 0 else arr)
-    if t.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
-        raise TypeError(f"{what}: expected integer ids, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{what}: expected a 1-D sequence of ids, got shape {tuple(t.shape)}")
-    return t.to(torch.int64)
-
-
-def _exclude_csr(exclude, rows, n, *, one_row):
-    """Normalizes `exclude` to CPU int64 CSR tensors (indptr, indices), or (None, None)."""
-    if exclude is None:
-        return None, None
-    if one_row and not isinstance(exclude, tuple) and not hasattr(exclude, "indptr"):
-        exclude = [exclude]
-    if isinstance(exclude, tuple) or hasattr(exclude, "indptr"):
-        if isinstance(exclude, tuple):
-            if len(exclude) != 2:
-                raise ValueError("exclude: a tuple must be CSR (indptr, indices)")
-            indptr, ids = exclude
-        else:
-            indptr, ids = exclude.indptr, exclude.indices
-        indptr = _id_tensor(indptr, "exclude indptr")
-        ids = _id_tensor(ids, "exclude indices")
-        if indptr.numel() != rows + 1:
-            raise ValueError(f"exclude: indptr must have rows + 1 = {rows + 1} entries, got {indptr.numel()}")
-        if int(indptr[0]) != 0 or bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[-1]) != ids.numel():
-            raise ValueError("exclude: indptr must start at 0, never decrease, and end at len(indices)")
-    elif isinstance(exclude, Sequence) or isinstance(exclude, np.ndarray):
-        if len(exclude) != rows:
-            raise ValueError(f"exclude: expected one id sequence per row ({rows}), got {len(exclude)}")
-        per_row = [_id_tensor(r, f"exclude[{i}]") for i, r in enumerate(exclude)]
-        lengths = torch.tensor([len(r) for r in per_row], dtype=torch.int64)
-        indptr = torch.zeros(rows + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=indptr[1:])
-        ids = torch.cat(per_row) if per_row else torch.zeros(0, dtype=torch.int64)
-    else:
-        raise TypeError(f"exclude: expected a list of per-row ids or CSR (indptr, indices), got {type(exclude).__name__}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
-        bad = ids[(ids < 0) | (ids >= n)][0]
-        raise ValueError(f"exclude: id {int(bad)} out of range [0, {n})")
-    return indptr.contiguous(), ids.contiguous()
 
 
 def _csr_to_mask(indptr, ids, rows, n, device):

@@ -1,8 +1,98 @@
-"""Shared test helpers (imported by test modules; pytest puts this folder on sys.path)."""
+"""Shared test helpers (imported by test modules; pytest puts this folder on sys.path):
+a zoo of small models, the float64 scoring oracle, tolerant ranking comparisons and
+planted training data."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
+
+from rankfast.data import Interactions
+from rankfast.models import (
+    AttentionConfig,
+    AttentionModel,
+    DotConfig,
+    DotModel,
+    MLPConfig,
+    MLPModel,
+    NeuMF,
+    NeuMFConfig,
+)
+
+NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
+
+# Small models with awkward widths; dropout is present everywhere it exists
+# (it must be off whenever scores are compared).
+CASES = {
+    "dot": (DotModel, DotConfig, {}),
+    "mlp": (MLPModel, MLPConfig, dict(hidden=(9, 5), activation="gelu", dropout=0.3)),
+    "mlp-linear": (MLPModel, MLPConfig, dict(hidden=())),
+    "neumf": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), activation="silu", dropout=0.2)),
+    "din": (AttentionModel, AttentionConfig, dict(hidden=(8,), unit_hidden=(7, 3), dropout=0.25)),
+    "din-raw": (AttentionModel, AttentionConfig, dict(unit_hidden=(5,), normalize=False, activation="gelu")),
+    "dot-attention": (AttentionModel, AttentionConfig, dict(attention="dot", hidden=(8, 3), dropout=0.1)),
+    "dot-attention-raw": (AttentionModel, AttentionConfig, dict(attention="dot", normalize=False)),
+    "mlp-features": (MLPModel, MLPConfig, dict(hidden=(9,), user_feature_dim=5, item_feature_dim=3)),
+    "din-features": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4)),
+    # Hybrid sides: ID embedding + projected features (random ID parts here, unlike the zero init).
+    "dot-hybrid": (DotModel, DotConfig, dict(user_feature_dim=5, user_hybrid=True, item_feature_dim=3, item_hybrid=True)),
+    "mlp-hybrid": (MLPModel, MLPConfig, dict(hidden=(9,), item_feature_dim=3, item_hybrid=True)),
+    "neumf-hybrid": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), user_feature_dim=2, item_feature_dim=3, item_hybrid=True)),
+    "din-hybrid": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True)),
+}
+
+
+def make_model(name, seed=0, dtype=torch.float64):
+    """A model of case ``name`` with every parameter random (biases too), in ``dtype``."""
+    cls, config_cls, fields = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    config = config_cls(NUM_USERS, NUM_ITEMS, DIM, **fields)
+    features = {}
+    if config.user_feature_dim:
+        features["user_features"] = torch.randn(NUM_USERS, config.user_feature_dim, generator=gen)
+    if config.item_feature_dim:
+        features["item_features"] = torch.randn(NUM_ITEMS, config.item_feature_dim, generator=gen)
+    model = cls(config, **features).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    return model
+
+
+def random_history(num_users, max_len, seed=1, num_items=NUM_ITEMS):
+    """Histories whose lengths cycle through 0..max_len, padded with -1."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.arange(num_users) % (max_len + 1)
+    history = torch.randint(0, num_items, (num_users, max_len), generator=gen)
+    history[torch.arange(max_len) >= lengths[:, None]] = -1
+    return history, lengths
+
+
+def pair_forward(model, users, candidates, history=None, lengths=None):
+    """``[B, N]`` scores of ``users [B]`` against ``candidates`` (``[N]`` shared or ``[B, N]``)
+    from the model's own forward over the expanded aligned pairs (differentiable)."""
+    b = users.shape[0]
+    candidates = candidates.expand(b, -1) if candidates.dim() == 1 else candidates
+    n = candidates.shape[1]
+
+    def per_pair(t):
+        return None if t is None else t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])
+
+    return model(per_pair(users), candidates.reshape(-1), per_pair(history), per_pair(lengths)).view(b, n)
+
+
+def reference_scores(model, users, candidates, history=None, lengths=None):
+    """The oracle of every fast path: :func:`pair_forward` in float64, on a copy of the model
+    in eval mode (dropout off), without autograd."""
+    with torch.no_grad():
+        return pair_forward(copy.deepcopy(model).double().eval(), users, candidates, history, lengths)
+
+
+def rel_err(got, expected) -> float:
+    """``|got - expected| / |expected|`` (Frobenius norms) in float64."""
+    return float((got.detach().double() - expected.detach().double()).norm() / expected.detach().double().norm())
 
 #: Tolerance for float32 scores of O(1) computed two ways (another batch shape, another CPU's
 #: BLAS kernels, float64): summation order moves the last bits of each term, so the error is
@@ -32,3 +122,43 @@ def assert_rankings_match(got_ids, got_scores, want_ids, want_scores, *, rtol=SC
         other = position.get(got, len(want_ids) - 1)
         near = abs(want_scores[other] - want_scores[rank]) <= max(tol[other], tol[rank])
         assert near, f"rank {rank}: got item {got!r}, want {want!r}, and their scores are not a near-tie"
+
+
+# --- training --------------------------------------------------------------------------------
+
+QUIET = {"progress": False}
+
+
+def planted(n_users=120, n_items=60, groups=4, per_user=12, seed=0):
+    """Users of group g interact only with items of group g; every item is
+    about equally popular, so popularity cannot tell the groups apart."""
+    rng = np.random.default_rng(seed)
+    users, items, stamps, ratings = [], [], [], []
+    group_items = np.array_split(rng.permutation(n_items), groups)
+    for u in range(n_users):
+        mine = group_items[u % groups]
+        picked = rng.choice(mine, size=min(per_user, len(mine)), replace=False)
+        users += [u] * len(picked)
+        items += picked.tolist()
+        stamps += rng.permutation(len(picked)).tolist()
+        ratings += (2 + (u % 2) + 2 * (picked % 3 == 0)).tolist()  # a user effect plus an item effect
+    return Interactions.from_raw(users, items, ratings, stamps)
+
+
+def dot_model(data, dim=16, seed=0):
+    torch.manual_seed(seed)
+    return DotModel(DotConfig(num_users=data.num_users, num_items=data.num_items, dim=dim))
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b, **tol):
+    """Two state dicts are equal (exactly, or within ``tol`` for ``torch.testing.assert_close``)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if tol:
+            torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k

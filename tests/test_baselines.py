@@ -69,7 +69,7 @@ def test_popularity_and_recommend_exclusion():
     ids, scores = model.recommend(torch.tensor([0, 2]), 2, exclude=[[1], [1, 2]])
     assert ids.tolist() == [[2, 0], [0, -1]]  # ties to the lower id; padding when nothing is left
     assert model(torch.tensor([0, 0]), torch.tensor([2, 0])).tolist() == [2.0, 1.0]
-    with pytest.raises(ValueError, match=r"users: ids must lie in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"users: id 3 out of range \[0, 3\)"):
         model.score([3])
     with pytest.raises(ValueError, match="items: shape"):
         model(torch.tensor([0]), torch.tensor([0, 1]))

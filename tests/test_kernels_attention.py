@@ -10,17 +10,14 @@ import copy
 import pytest
 import torch
 
-from rankfast.kernels import target_attention as ta
 from rankfast.models import AttentionConfig, AttentionModel
+from rankfast.scoring.backends import fused as fused_backend
 
+from helpers import reference_scores, rel_err
 from op_tracing import assert_op_traces
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 9, 41, 12, 21
-
-
-def rel_err(got, expected):
-    return float((got.detach().double() - expected.detach()).norm() / expected.detach().norm())
 
 
 def make(seed=0, **cfg):
@@ -30,20 +27,6 @@ def make(seed=0, **cfg):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model.to(DEVICE).eval()
-
-
-def reference(model64, users, items, history, lengths):
-    """The model's own forward over expanded aligned pairs (float64)."""
-    b = users.shape[0]
-    if items.dim() == 1:
-        items = items.expand(b, -1)
-    n = items.shape[1]
-
-    def rep(t):
-        return t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])
-
-    with torch.no_grad():
-        return model64(rep(users), items.reshape(-1), rep(history), rep(lengths)).view(b, n)
 
 
 def inputs(b=5, n=37, per_user=False, lengths=(0, 21, 5, 16, 1), max_len=MAX_LEN, seed=1):
@@ -75,8 +58,8 @@ def test_matches_float64_reference(cfg, per_user):
     model = make(**cfg)
     users, items, history, lengths = inputs(n=13 if per_user else 37, per_user=per_user)
     with torch.no_grad():
-        got = ta.model_scores(model, users, items, history, lengths, precision="ieee")
-    expected = reference(copy.deepcopy(model).double(), users, items, history, lengths)
+        got = fused_backend.model_scores(model, users, items, history, lengths, precision="ieee")
+    expected = reference_scores(model, users, items, history, lengths)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert rel_err(got, expected) < 1e-4
 
@@ -92,8 +75,8 @@ def test_awkward_shapes(b, n, lengths, max_len):
     model = make(hidden=(24, 16), unit_hidden=(20,))
     users, items, history, lengths = inputs(b, n, lengths=lengths, max_len=max_len)
     with torch.no_grad():
-        got = ta.model_scores(model, users, items, history, lengths, precision="ieee")
-    expected = reference(copy.deepcopy(model).double(), users, items, history, lengths)
+        got = fused_backend.model_scores(model, users, items, history, lengths, precision="ieee")
+    expected = reference_scores(model, users, items, history, lengths)
     assert rel_err(got, expected) < 1e-4
 
 
@@ -102,13 +85,13 @@ def test_every_item_and_per_user_table_path():
     model64 = copy.deepcopy(model).double()
     users, _, history, lengths = inputs(b=3, lengths=(4, 0, 21))
     with torch.no_grad():
-        got = ta.model_scores(model, users, None, history, lengths, precision="ieee")
+        got = fused_backend.model_scores(model, users, None, history, lengths, precision="ieee")
     all_items = torch.arange(NUM_ITEMS, device=DEVICE)
-    assert rel_err(got, reference(model64, users, all_items, history, lengths)) < 1e-4
+    assert rel_err(got, reference_scores(model64, users, all_items, history, lengths)) < 1e-4
     items = torch.randint(0, NUM_ITEMS, (3, 20), device=DEVICE)  # 60 >= 41: indexes the item table
     with torch.no_grad():
-        got = ta.model_scores(model, users, items, history, lengths, precision="ieee")
-    assert rel_err(got, reference(model64, users, items, history, lengths)) < 1e-4
+        got = fused_backend.model_scores(model, users, items, history, lengths, precision="ieee")
+    assert rel_err(got, reference_scores(model64, users, items, history, lengths)) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -117,17 +100,17 @@ def test_half_precision_within_design_tolerance(dtype, attention):
     model = make(hidden=(40, 24), unit_hidden=(20, 10), attention=attention)
     users, items, history, lengths = inputs()
     with torch.no_grad():
-        got = ta.model_scores(copy.deepcopy(model).to(dtype), users, items, history, lengths)
+        got = fused_backend.model_scores(copy.deepcopy(model).to(dtype), users, items, history, lengths)
     assert got.dtype == dtype
-    assert rel_err(got, reference(copy.deepcopy(model).double(), users, items, history, lengths)) < 2e-2
+    assert rel_err(got, reference_scores(model, users, items, history, lengths)) < 2e-2
 
 
 def test_tf32_within_design_tolerance():
     model = make(hidden=(40, 24), unit_hidden=(20, 10))
     users, items, history, lengths = inputs()
     with torch.no_grad():
-        got = ta.model_scores(model, users, items, history, lengths, precision="tf32")
-    assert rel_err(got, reference(copy.deepcopy(model).double(), users, items, history, lengths)) < 1e-3
+        got = fused_backend.model_scores(model, users, items, history, lengths, precision="tf32")
+    assert rel_err(got, reference_scores(model, users, items, history, lengths)) < 1e-3
 
 
 def grad_err(p, p64, scale):
@@ -140,7 +123,7 @@ def grad_err(p, p64, scale):
 def backward_both(model, users, items, history, lengths, dtype=None):
     model64 = copy.deepcopy(model).double()
     run = copy.deepcopy(model) if dtype is None else copy.deepcopy(model).to(dtype)
-    got = ta.model_scores(run, users, items, history, lengths, precision="ieee")
+    got = fused_backend.model_scores(run, users, items, history, lengths, precision="ieee")
     b = users.shape[0]
     n = items.shape[-1]
 
@@ -196,7 +179,7 @@ def test_bfloat16_gradients_no_worse_than_eager_bfloat16(attention):
     eager = copy.deepcopy(model).to(torch.bfloat16)
     model64 = copy.deepcopy(model).double()
     weight = torch.randn(b, n, dtype=torch.float64, device=DEVICE)
-    (ta.model_scores(fused, users, items, history, lengths).double() * weight).sum().backward()
+    (fused_backend.model_scores(fused, users, items, history, lengths).double() * weight).sum().backward()
     for m in (eager, model64):
         (m(rep(users), items.repeat(b), rep(history), rep(lengths)).view(b, n).double() * weight).sum().backward()
     scale = 1e-3 * max(float(p.grad.norm()) for p in model64.parameters())
@@ -234,31 +217,32 @@ def test_inputs_are_checked():
     model = make(hidden=(24,), unit_hidden=(20,))
     users, items, history, lengths = inputs(b=2, n=3, lengths=(3, 0))
     with pytest.raises(ValueError, match="lengths"):
-        ta.model_scores(model, users, items, history, torch.tensor([3, 99], device=DEVICE))
+        fused_backend.model_scores(model, users, items, history, torch.tensor([3, 99], device=DEVICE))
     with pytest.raises(ValueError, match="history"):
-        ta.model_scores(model, users, items, history[:1], lengths)
+        fused_backend.model_scores(model, users, items, history[:1], lengths)
     with pytest.raises(ValueError, match="items"):
-        ta.model_scores(model, users, torch.tensor([0, 99], device=DEVICE), history, lengths)
+        fused_backend.model_scores(model, users, torch.tensor([0, 99], device=DEVICE), history, lengths)
     bad = history.clone()
     bad[0, 0] = NUM_ITEMS  # a valid position (length 3)
     with pytest.raises(ValueError, match="history"):
-        ta.model_scores(model, users, items, bad, lengths)
-    with pytest.raises(TypeError, match="AttentionModel"):
-        ta.model_scores(torch.nn.Linear(2, 2), users, items, history, lengths)
-    assert not ta.supports(AttentionModel(AttentionConfig(3, 3, 4, hidden=())))
-    assert not ta.supports(AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=())))
-    assert ta.supports(AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=(), attention="dot")))
+        fused_backend.model_scores(model, users, items, bad, lengths)
+    with pytest.raises(TypeError, match="RankingModel"):
+        fused_backend.model_scores(torch.nn.Linear(2, 2), users, items, history, lengths)
+    assert fused_backend.scorer_for(AttentionModel(AttentionConfig(3, 3, 4, hidden=()))) is None
+    assert fused_backend.scorer_for(AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=()))) is None
+    dot = AttentionModel(AttentionConfig(3, 3, 4, unit_hidden=(), attention="dot"))
+    assert fused_backend.scorer_for(dot) is fused_backend.FusedAttentionScorer
 
 
 def test_op_fake_and_tracing():
     model = make(hidden=(24, 16), unit_hidden=(20, 10))
     users, items, history, lengths = inputs(b=3, n=7, lengths=(4, 0, 21))
-    (hist, lens, q, cq, a, wp), kw = ta.model_inputs(model, users, items, history, lengths)
-    op_args = (hist, kw["ht"], lens, q, kw["qt"], cq, None, kw["wx"], kw["unit_weights"], kw["unit_biases"],
-               kw["unit_w_out"], kw["unit_b_out"], a, wp, kw["weights"], kw["biases"], kw["w_out"], kw["b_out"],
-               "din", True, 1.0, "relu", "ieee")
+    kw = fused_backend.op_call(model, users, items, history, lengths).kwargs
+    op_args = (kw["hist"], kw["ht"], kw["lengths"], kw["q"], kw["qt"], kw["cq"], None, kw["wx"], kw["unit_weights"],
+               kw["unit_biases"], kw["unit_w_out"], kw["unit_b_out"], kw["a"], kw["wp"], kw["weights"], kw["biases"],
+               kw["w_out"], kw["b_out"], "din", True, 1.0, "relu", "ieee")
     assert_op_traces(torch.ops.rankfast.target_attention_score.default, op_args, model,
-                     lambda m, *x: ta.model_scores(m, *x, precision="ieee"), (users, items, history, lengths))
+                     lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"), (users, items, history, lengths))
 
 
 @pytest.mark.gpu
@@ -267,6 +251,6 @@ def test_inductor_compile_on_gpu(dtype):
     model = make(hidden=(64, 32), unit_hidden=(80, 40)).to(dtype)
     users, items, history, lengths = inputs()
     with torch.no_grad():
-        eager = ta.model_scores(model, users, items, history, lengths)
-        compiled = torch.compile(lambda *a: ta.model_scores(model, *a), fullgraph=True)
+        eager = fused_backend.model_scores(model, users, items, history, lengths)
+        compiled = torch.compile(lambda *a: fused_backend.model_scores(model, *a), fullgraph=True)
         torch.testing.assert_close(compiled(users, items, history, lengths), eager)

@@ -12,15 +12,13 @@ import torch
 
 from rankfast.kernels import mlp_score as ms
 from rankfast.models import MLPConfig, MLPModel, NeuMF, NeuMFConfig
+from rankfast.scoring.backends import fused as fused_backend
 
+from helpers import pair_forward, rel_err
 from op_tracing import assert_op_traces
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM = 9, 41, 12
-
-
-def rel_err(got, expected):
-    return float((got.detach().double() - expected.detach()).norm() / expected.detach().norm())
 
 
 def make(kind, hidden, activation="relu", seed=0, **kw):
@@ -33,15 +31,6 @@ def make(kind, hidden, activation="relu", seed=0, **kw):
         with torch.no_grad():
             p.add_(0.1 * torch.randn_like(p))
     return model.to(DEVICE)
-
-
-def reference(model64, users, items):
-    """The model's own forward over expanded aligned pairs (float64)."""
-    b = users.shape[0]
-    if items.dim() == 1:
-        items = items.expand(b, -1)
-    n = items.shape[1]
-    return model64(users[:, None].expand(b, n).reshape(-1), items.reshape(-1).to(users.device)).view(b, n)
 
 
 def candidates(kind, b, n, seed=1):
@@ -69,8 +58,8 @@ def test_forward_and_gradients_match_float64_reference(kind, hidden, activation,
     users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
     items = candidates(cand, 5, 37 if cand == "shared" else 13)
 
-    got = ms.model_scores(model, users, items, precision="ieee")
-    expected = reference(model64, users, items)
+    got = fused_backend.model_scores(model, users, items, precision="ieee")
+    expected = pair_forward(model64, users, items)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert rel_err(got, expected) < 1e-4
 
@@ -96,8 +85,8 @@ def test_gradients_with_tiles_spanning_several_users(kind, hidden, activation, c
     users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
     items = candidates(cand, 5, 37 if cand == "shared" else 13)
     weight = torch.randn(5, items.shape[-1], dtype=torch.float64, device=DEVICE)
-    (ms.model_scores(model, users, items, precision="ieee") * weight.float()).sum().backward()
-    (reference(model64, users, items) * weight).sum().backward()
+    (fused_backend.model_scores(model, users, items, precision="ieee") * weight.float()).sum().backward()
+    (pair_forward(model64, users, items) * weight).sum().backward()
     for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
@@ -108,8 +97,8 @@ def test_tiny_shapes(b, n):
     model64 = copy.deepcopy(model).double()
     users = torch.arange(b, device=DEVICE)
     for items in (candidates("shared", b, n), candidates("per_user", b, n)):
-        got = ms.model_scores(model, users, items, precision="ieee")
-        assert rel_err(got, reference(model64, users, items)) < 1e-4
+        got = fused_backend.model_scores(model, users, items, precision="ieee")
+        assert rel_err(got, pair_forward(model64, users, items)) < 1e-4
 
 
 def test_every_item_and_per_user_table_path():
@@ -117,11 +106,11 @@ def test_every_item_and_per_user_table_path():
     model = make("neumf", (24, 16), "relu")
     model64 = copy.deepcopy(model).double()
     users = torch.tensor([4, 4, 0], device=DEVICE)  # a repeated user
-    got = ms.model_scores(model, users, precision="ieee")
-    assert rel_err(got, reference(model64, users, torch.arange(NUM_ITEMS, device=DEVICE))) < 1e-4
+    got = fused_backend.model_scores(model, users, precision="ieee")
+    assert rel_err(got, pair_forward(model64, users, torch.arange(NUM_ITEMS, device=DEVICE))) < 1e-4
     items = candidates("per_user", 3, 20)  # 60 >= 41 items: the table path
-    got = ms.model_scores(model, users, items, precision="ieee")
-    expected = reference(model64, users, items)
+    got = fused_backend.model_scores(model, users, items, precision="ieee")
+    expected = pair_forward(model64, users, items)
     assert rel_err(got, expected) < 1e-4
     got.sum().backward()
     expected.sum().backward()
@@ -138,7 +127,7 @@ def test_aligned_pairs_with_feature_representations():
     model64 = copy.deepcopy(model).double()
     users = torch.randint(0, NUM_USERS, (19,), device=DEVICE)
     items = torch.randint(0, NUM_ITEMS, (19,), device=DEVICE)
-    got = ms.pair_scores(model, users, items, precision="ieee")
+    got = fused_backend.model_scores(model, users, items[:, None], precision="ieee").squeeze(-1)  # aligned pairs
     expected = model64(users, items)
     assert got.shape == (19,) and rel_err(got, expected) < 1e-4
     torch.nn.functional.binary_cross_entropy_with_logits(got, (items % 2).float()).backward()
@@ -161,12 +150,12 @@ def test_half_precision_within_design_tolerance(dtype, kind):
     eager = copy.deepcopy(low)
     users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
     items = candidates("shared", 5, 37)
-    got = ms.model_scores(low, users, items)
+    got = fused_backend.model_scores(low, users, items)
     assert got.dtype == dtype
-    assert rel_err(got, reference(model64, users, items)) < 2e-2
+    assert rel_err(got, pair_forward(model64, users, items)) < 2e-2
     got.float().sum().backward()
-    reference(eager, users, items).float().sum().backward()
-    reference(model64, users, items).sum().backward()
+    pair_forward(eager, users, items).float().sum().backward()
+    pair_forward(model64, users, items).sum().backward()
     params = zip(low.named_parameters(), eager.parameters(), model64.parameters())
     for (name, p), p_eager, p64 in params:
         assert rel_err(p.grad, p64.grad) < max(2e-2, 1.5 * rel_err(p_eager.grad, p64.grad)), name
@@ -177,8 +166,8 @@ def test_tf32_within_design_tolerance():
     model64 = copy.deepcopy(model).double()
     users = torch.tensor([0, 3, 8], device=DEVICE)
     items = candidates("shared", 3, 30)
-    got = ms.model_scores(model, users, items, precision="tf32")
-    assert rel_err(got, reference(model64, users, items)) < 1e-3
+    got = fused_backend.model_scores(model, users, items, precision="tf32")
+    assert rel_err(got, pair_forward(model64, users, items)) < 1e-3
 
 
 def test_default_precision_follows_torch(monkeypatch):
@@ -215,11 +204,11 @@ def test_op_level_inputs_are_checked():
         big = torch.randn(600, 20, device=DEVICE)
         ms.mlp_score(a, c, weights=[big], biases=[torch.zeros(600, device=DEVICE)],
                      w_out=torch.randn(600, device=DEVICE), b_out=b_out)
-    with pytest.raises(TypeError, match="MLPModel or NeuMF"):
-        ms.model_scores(torch.nn.Linear(2, 2), torch.tensor([0]))
-    assert not ms.supports(MLPModel(MLPConfig(3, 3, 4, hidden=())))
-    assert not ms.supports(MLPModel(MLPConfig(3, 3, 4, hidden=(8, 8, 8, 8, 8))))
-    assert ms.supports(make("neumf", (24, 16)))
+    with pytest.raises(TypeError, match="RankingModel"):
+        fused_backend.model_scores(torch.nn.Linear(2, 2), torch.tensor([0]))
+    assert fused_backend.scorer_for(MLPModel(MLPConfig(3, 3, 4, hidden=()))) is None
+    assert fused_backend.scorer_for(MLPModel(MLPConfig(3, 3, 4, hidden=(8, 8, 8, 8, 8)))) is None
+    assert fused_backend.scorer_for(make("neumf", (24, 16))) is fused_backend.FusedMLPScorer
 
 
 def test_op_matches_its_fake_and_traces_without_graph_breaks():
@@ -236,7 +225,7 @@ def test_op_matches_its_fake_and_traces_without_graph_breaks():
             gu * model.output.weight[0, :DIM], gmf_i, [model.branch.linears[1].weight],
             [model.branch.linears[1].bias], model.output.weight[0, DIM:], model.output.bias, "relu", "ieee")
     assert_op_traces(torch.ops.rankfast.mlp_score.default, args, model,
-                     lambda m, *x: ms.model_scores(m, *x, precision="ieee"), (users, items))
+                     lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"), (users, items))
 
 
 @pytest.mark.gpu
@@ -247,7 +236,7 @@ def test_inductor_compile_forward_and_backward_on_gpu(dtype):
     items = torch.arange(NUM_ITEMS, device=DEVICE)
 
     def step(users, items):
-        return ms.model_scores(model, users, items).float().square().mean()
+        return fused_backend.model_scores(model, users, items).float().square().mean()
 
     compiled = torch.compile(step, fullgraph=True)
     loss = compiled(users, items)
@@ -272,7 +261,7 @@ def test_fused_scoring_beats_eager_in_time_and_memory_on_gpu():
         return model.tower(x).squeeze(-1)
 
     def fused():
-        return ms.model_scores(model, users, items)
+        return fused_backend.model_scores(model, users, items)
 
     def timed(fn):
         with torch.inference_mode():

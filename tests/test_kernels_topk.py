@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import rankfast
-from rankfast.kernels import mlp_score as ms
-from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as topk_mod
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
+from rankfast.scoring.backends import fused as fused_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 7, 30, 16, 19  # sqrt(DIM) = 4: dot logits stay exact
@@ -51,9 +50,9 @@ def history_for(users, seed=3):
 
 def fused(kind, model, users, items, k, exclude=None, splits=0, history=None, lengths=None):
     if kind == "attention":
-        return ta.model_topk(model, users, items, history, lengths, k=k, exclude=exclude, splits=splits,
+        return fused_backend.model_topk(model, users, items, history, lengths, k=k, exclude=exclude, splits=splits,
                              precision="ieee")
-    return ms.model_topk(model, users, items, k=k, exclude=exclude, splits=splits, precision="ieee")
+    return fused_backend.model_topk(model, users, items, k=k, exclude=exclude, splits=splits, precision="ieee")
 
 
 def reference_topk(model, users, items, k, exclude, history, lengths, monkeypatch):
@@ -99,10 +98,10 @@ def test_csr_exclusion_and_k_zero(monkeypatch):
     users = torch.tensor([4, 0], device=DEVICE)
     items = torch.tensor([3, 9, 3, 12, 4], device=DEVICE)
     csr = (torch.tensor([0, 2, 3]), torch.tensor([3, 12, 4]))
-    got = ms.model_topk(model, users, items, k=4, exclude=csr)
+    got = fused_backend.model_topk(model, users, items, k=4, exclude=csr)
     assert_same(got, reference_topk(model, users, items, 4, csr, None, None, monkeypatch))
     assert (got[0][0] != 3).all()  # every position holding an excluded id is skipped
-    ids, values = ms.model_topk(model, users, items, k=0)
+    ids, values = fused_backend.model_topk(model, users, items, k=0)
     assert ids.shape == (2, 0) and values.shape == (2, 0)
 
 
@@ -124,11 +123,11 @@ def test_random_float_model_against_float64_reference(kind):
     with torch.no_grad():
         if kind == "mlp":
             scores = model64(users[:, None].expand(b, n).reshape(-1), items.repeat(b)).view(b, n)
-            ids, values = ms.model_topk(model, users, items, k=10, splits=2, precision="ieee")
+            ids, values = fused_backend.model_topk(model, users, items, k=10, splits=2, precision="ieee")
         else:
             rep = lambda t: t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])  # noqa: E731
             scores = model64(rep(users), items.repeat(b), rep(history), rep(lengths)).view(b, n)
-            ids, values = ta.model_topk(model, users, items, history, lengths, k=10, splits=2, precision="ieee")
+            ids, values = fused_backend.model_topk(model, users, items, history, lengths, k=10, splits=2, precision="ieee")
     want_values, want_pos = rankfast.topk(scores.cpu(), 10)
     assert torch.equal(ids.cpu(), items.cpu()[want_pos])
     torch.testing.assert_close(values.cpu().double(), want_values, rtol=1e-5, atol=1e-6)
@@ -142,8 +141,8 @@ def test_bfloat16_values_are_ranked_as_rounded_scores():
     model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(24, 16))).to(DEVICE).eval().to(torch.bfloat16)
     users = torch.tensor([0, 3, 6], device=DEVICE)
     with torch.no_grad():
-        scores = ms.model_scores(model, users).float().cpu()
-    ids, values = ms.model_topk(model, users, k=9)
+        scores = fused_backend.model_scores(model, users).float().cpu()
+    ids, values = fused_backend.model_topk(model, users, k=9)
     assert values.dtype == torch.bfloat16
     want_values, _ = rankfast.topk(scores, 9)
     step = 2.0**-7
@@ -156,18 +155,18 @@ def test_k_is_checked():
     model = integer_model("mlp")
     users = torch.tensor([0], device=DEVICE)
     with pytest.raises(ValueError, match="k"):
-        ms.model_topk(model, users, k=topk_mod.MAX_K + 1)
+        fused_backend.model_topk(model, users, k=topk_mod.MAX_K + 1)
     with pytest.raises(ValueError, match="k"):
-        ms.model_topk(model, users, k=-1)
+        fused_backend.model_topk(model, users, k=-1)
     with pytest.raises(TypeError, match="k"):
-        ms.model_topk(model, users, k=2.0)
+        fused_backend.model_topk(model, users, k=2.0)
 
 
 def test_topk_ops_have_fake_implementations_and_trace():
     model = integer_model("mlp")
     users = torch.tensor([0, 3], device=DEVICE)
-    args, kw = ms._model_op_inputs(model, users, None)
-    a, c, idx = (t.detach() if t is not None else None for t in args)
+    kw = fused_backend.op_call(model, users).kwargs
+    a, c, idx = (t.detach() if t is not None else None for t in (kw["a"], kw["c"], kw["idx"]))
     op_args = (a, c, idx, None, None, [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]],
                kw["w_out"].detach(), kw["b_out"].detach(), None, 5, 1, "relu", "ieee")
     torch.library.opcheck(torch.ops.rankfast.mlp_score_topk.default, op_args,
@@ -179,7 +178,7 @@ def test_topk_ops_have_fake_implementations_and_trace():
             self.model = model
 
         def forward(self, users):
-            return ms.model_topk(self.model, users, k=5, precision="ieee")
+            return fused_backend.model_topk(self.model, users, k=5, precision="ieee")
 
     want = TopK()(users)
     got = torch.compile(TopK(), fullgraph=True, backend="aot_eager")(users)

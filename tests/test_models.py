@@ -10,65 +10,16 @@ from safetensors.torch import load_file, save_file
 
 from rankfast.models import (
     AttentionConfig,
-    AttentionModel,
     DotConfig,
     DotModel,
     MLPConfig,
     MLPModel,
-    NeuMF,
     NeuMFConfig,
     Representation,
     load_model,
 )
 
-NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
-
-# Small models with awkward widths; dropout is present everywhere it exists
-# (it must be off whenever scores are compared).
-CASES = {
-    "dot": (DotModel, DotConfig, {}),
-    "mlp": (MLPModel, MLPConfig, dict(hidden=(9, 5), activation="gelu", dropout=0.3)),
-    "mlp-linear": (MLPModel, MLPConfig, dict(hidden=())),
-    "neumf": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), activation="silu", dropout=0.2)),
-    "din": (AttentionModel, AttentionConfig, dict(hidden=(8,), unit_hidden=(7, 3), dropout=0.25)),
-    "din-raw": (AttentionModel, AttentionConfig, dict(unit_hidden=(5,), normalize=False, activation="gelu")),
-    "dot-attention": (AttentionModel, AttentionConfig, dict(attention="dot", hidden=(8, 3), dropout=0.1)),
-    "dot-attention-raw": (AttentionModel, AttentionConfig, dict(attention="dot", normalize=False)),
-    "mlp-features": (MLPModel, MLPConfig, dict(hidden=(9,), user_feature_dim=5, item_feature_dim=3)),
-    "din-features": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4)),
-    # Hybrid sides: ID embedding + projected features (random ID parts here, unlike the zero init).
-    "dot-hybrid": (DotModel, DotConfig, dict(user_feature_dim=5, user_hybrid=True, item_feature_dim=3, item_hybrid=True)),
-    "mlp-hybrid": (MLPModel, MLPConfig, dict(hidden=(9,), item_feature_dim=3, item_hybrid=True)),
-    "neumf-hybrid": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), user_feature_dim=2, item_feature_dim=3, item_hybrid=True)),
-    "din-hybrid": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True)),
-}
-
-
-def make_model(name, seed=0, dtype=torch.float64):
-    """A model of case ``name`` with every parameter random (biases too), in ``dtype``."""
-    cls, config_cls, fields = CASES[name]
-    gen = torch.Generator().manual_seed(seed)
-    config = config_cls(NUM_USERS, NUM_ITEMS, DIM, **fields)
-    features = {}
-    if config.user_feature_dim:
-        features["user_features"] = torch.randn(NUM_USERS, config.user_feature_dim, generator=gen)
-    if config.item_feature_dim:
-        features["item_features"] = torch.randn(NUM_ITEMS, config.item_feature_dim, generator=gen)
-    model = cls(config, **features).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
-    return model
-
-
-def random_history(num_users, max_len, seed=1):
-    """Histories whose lengths cycle through 0..max_len, padded with -1."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.arange(num_users) % (max_len + 1)
-    history = torch.randint(0, NUM_ITEMS, (num_users, max_len), generator=gen)
-    history[torch.arange(max_len) >= lengths[:, None]] = -1
-    return history, lengths
-
+from helpers import CASES, DIM, NUM_ITEMS, NUM_USERS, make_model, random_history
 
 # --- configs ---------------------------------------------------------------------------
 

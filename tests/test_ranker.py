@@ -116,8 +116,8 @@ def test_score_many_batches_requests_into_one_call(saved, monkeypatch):
     requests = [{"users": [100], "k": 3}, {"users": [107, 114], "k": 7}, {"users": [121], "k": 2, "exclude_seen": False}]
     expected = [ranker.score(**r) for r in requests]
     calls = []
-    real = rankfast.score
-    monkeypatch.setattr(rankfast, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = ranker_module.score
+    monkeypatch.setattr(ranker_module, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = ranker.score_many(requests)
     assert len(calls) == 2  # the two exclude_seen=True requests share one call
     for rows, want in zip(got, expected, strict=True):  # a bigger batch may round the last bits differently

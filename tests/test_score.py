@@ -5,27 +5,16 @@ import threading
 import numpy as np
 import pytest
 import torch
-from test_models import CASES, NUM_ITEMS, NUM_USERS, make_model, random_history
 
 import rankfast
-import rankfast.models.factorized as factorized
-import rankfast.scoring as scoring
-from rankfast.scoring import DEFAULT_MEMORY_BUDGET
+from rankfast.scoring import DEFAULT_MEMORY_BUDGET, Footprint
+from rankfast.scoring import plan as scoring_plan
+from rankfast.scoring.backends import factorized
+
+from helpers import CASES, NUM_ITEMS, NUM_USERS, make_model, random_history, reference_scores
 
 MAX_LEN = 5
 ATTENTION = [n for n, (cls, _, _) in CASES.items() if cls.uses_history]
-
-
-def reference_scores(model, users, candidates, history, lengths):
-    """Every (user, candidate) score from the model's forward, one user at a time."""
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for b, u in enumerate(users):
-            cand = candidates[b] if candidates.dim() == 2 else candidates
-            n = cand.shape[0]
-            rows.append(model(u.repeat(n), cand, history[b].repeat(n, 1), lengths[b].repeat(n)))
-    return torch.stack(rows) if rows else torch.zeros(0, candidates.shape[-1], dtype=torch.float64)
 
 
 def candidate_sets(num_users):
@@ -126,11 +115,12 @@ def test_din_unit_table_is_capped_by_its_footprint():
 
 
 def test_plan_counts_the_table_only_for_shared_candidates():
-    fp, bare = factorized.Footprint(user=50, item=10, pair=100, table=400), factorized.Footprint(user=50, item=10, pair=100)
+    fp, bare = Footprint(user=50, item=10, pair=100, table=400), Footprint(user=50, item=10, pair=100)
     args = dict(top_k=False, itemsize=4, budget=2**20, tile_bytes=40_000, workers=2)
-    shared, shared_bare = (scoring._plan(f, 10_000, 5_000, per_user=False, **args) for f in (fp, bare))
+    shared, shared_bare = (scoring_plan.make_plan(f, 10_000, 5_000, per_user=False, **args) for f in (fp, bare))
     assert shared.block_users < shared_bare.block_users
-    assert scoring._plan(fp, 10_000, 5_000, per_user=True, **args) == scoring._plan(bare, 10_000, 5_000, per_user=True, **args)
+    per_user = [scoring_plan.make_plan(f, 10_000, 5_000, per_user=True, **args) for f in (fp, bare)]
+    assert per_user[0] == per_user[1]
 
 
 def _expected_topk(scores, candidates, exclude, k):
@@ -196,7 +186,7 @@ def test_reference_backend(monkeypatch):
     def no_fast_path(model):
         raise AssertionError("the factorized path must not run")
 
-    monkeypatch.setattr(scoring, "factorized_scorer", no_fast_path)
+    monkeypatch.setattr(factorized, "scorer_for", no_fast_path)
     monkeypatch.setenv("RANKFAST_BACKEND", "reference")
     got = rankfast.score(model, users, history=history, lengths=lengths, memory_budget=3000)
     expected = reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths)

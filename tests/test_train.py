@@ -24,43 +24,9 @@ from rankfast.train import (
     save_checkpoint,
 )
 from rankfast.train import loop as loop_module
+from rankfast.train.batching import SampledNegatives
 
-
-def planted(n_users=120, n_items=60, groups=4, per_user=12, seed=0):
-    """Users of group g interact only with items of group g; every item is
-    about equally popular, so popularity cannot tell the groups apart."""
-    rng = np.random.default_rng(seed)
-    users, items, stamps, ratings = [], [], [], []
-    group_items = np.array_split(rng.permutation(n_items), groups)
-    for u in range(n_users):
-        mine = group_items[u % groups]
-        picked = rng.choice(mine, size=min(per_user, len(mine)), replace=False)
-        users += [u] * len(picked)
-        items += picked.tolist()
-        stamps += rng.permutation(len(picked)).tolist()
-        ratings += (2 + (u % 2) + 2 * (picked % 3 == 0)).tolist()  # a user effect plus an item effect
-    return Interactions.from_raw(users, items, ratings, stamps)
-
-
-def dot_model(data, dim=16, seed=0):
-    torch.manual_seed(seed)
-    return DotModel(DotConfig(num_users=data.num_users, num_items=data.num_items, dim=dim))
-
-
-def params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a, b, **tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        if tol:
-            torch.testing.assert_close(a[k], b[k], **tol, msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
-
-
-QUIET = {"progress": False}
+from helpers import QUIET, assert_same, dot_model, params, planted
 
 
 # --- losses, optimizers, schedules --------------------------------------------------
@@ -156,18 +122,19 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     ref_history = fit(reference, train, TrainConfig(checkpoint_dir=str(tmp_path / "a"), **config), valid=valid)
 
     calls = {"n": 0}
-    real_loss = loop_module._Trainer._loss
+    real_loss = SampledNegatives.loss
+    steps_per_epoch = -(-len(train) // config["batch_size"])
 
-    def crashing_loss(self, idx, negatives):
+    def crashing_loss(self, net, idx, negatives):
         calls["n"] += 1
-        if self.epoch == 3 and calls["n"] > 2:
+        if calls["n"] > 2 * steps_per_epoch + 2:  # in the third epoch
             raise RuntimeError("killed")
-        return real_loss(self, idx, negatives)
+        return real_loss(self, net, idx, negatives)
 
-    monkeypatch.setattr(loop_module._Trainer, "_loss", crashing_loss)
+    monkeypatch.setattr(SampledNegatives, "loss", crashing_loss)
     with pytest.raises(RuntimeError, match="killed"):
         fit(_mlp(train), train, TrainConfig(checkpoint_dir=str(tmp_path / "b"), **config), valid=valid)
-    monkeypatch.setattr(loop_module._Trainer, "_loss", real_loss)
+    monkeypatch.setattr(SampledNegatives, "loss", real_loss)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 2
 
     resumed = _mlp(train, seed=123)  # different initial weights: all must come from the checkpoint

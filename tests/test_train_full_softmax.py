@@ -14,7 +14,7 @@ from rankfast.evaluate import evaluate
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel
 from rankfast.train import MultiTask, TrainConfig, catalogue_scores, fit, full_softmax_loss
 
-from test_train import QUIET, assert_same, dot_model, params, planted
+from helpers import QUIET, assert_same, dot_model, params, planted
 
 
 def test_full_softmax_loss_matches_per_interaction_cross_entropy():

@@ -1,7 +1,7 @@
 """Training through the fused kernels (`rankfast.train.fused`) against training on the
 models' own forward: same losses, same parameters after an epoch.
 
-RANKFAST_BACKEND=triton selects them (on a CPU they run under TRITON_INTERPRET);
+RANKFAST_BACKEND=fused (or its alias triton) selects them (on a CPU they run under TRITON_INTERPRET);
 the reference run uses RANKFAST_BACKEND=reference.
 """
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rankfast.data import IdMap, Interactions
-from rankfast.kernels import scorers
 from rankfast.models import (
     AttentionConfig,
     AttentionModel,
@@ -22,6 +21,7 @@ from rankfast.models import (
     NeuMFConfig,
 )
 from rankfast.scoring import trains_fused
+from rankfast.scoring.backends import fused as fused_backend
 from rankfast.train import TrainConfig, fit
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,13 +61,13 @@ def train(kind, backend, monkeypatch, **overrides):
     per-epoch history and how many batches went through the fused kernels."""
     monkeypatch.setenv("RANKFAST_BACKEND", backend)
     calls = []
-    fused = scorers.training_scores
+    training_scores = fused_backend.training_scores
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return fused(*args, **kwargs)
+        return training_scores(*args, **kwargs)
 
-    monkeypatch.setattr(scorers, "training_scores", counting)
+    monkeypatch.setattr(fused_backend, "training_scores", counting)
     model = make(kind)
     # SGD, not Adam: Adam would blow up rounding noise in gradients that are zero in exact
     # arithmetic (e.g. the attention unit's output bias under a softmax) to full-size steps.
@@ -115,7 +115,7 @@ def test_dispatch_follows_the_backend_setting(monkeypatch):
         assert not trains_fused(mlp)
     monkeypatch.setenv("RANKFAST_BACKEND", "triton")
     assert trains_fused(mlp)
-    with pytest.raises(ValueError, match="no fused kernel covers this DotModel"):
+    with pytest.raises(ValueError, match="the fused backend does not cover this DotModel"):
         trains_fused(make("mf"))
     with pytest.raises(ValueError, match="no dropout"):
         trains_fused(make("din", dropout=0.2))
@@ -127,6 +127,6 @@ def test_dispatch_follows_the_backend_setting(monkeypatch):
 def test_training_runs_the_models_forward_by_default(monkeypatch):
     monkeypatch.setenv("RANKFAST_BACKEND", "auto")
     calls = []
-    monkeypatch.setattr(scorers, "training_scores", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fused_backend, "training_scores", lambda *a, **k: calls.append(1))
     fit(make("mlp"), interactions(), TrainConfig(epochs=1, batch_size=12, progress=False))
     assert not calls

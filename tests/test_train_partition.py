@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rankfast.train.loop as loop_module
+from rankfast.train.batching import Partition
 from rankfast.baselines import Popularity
 from rankfast.data import temporal_split
 from rankfast.evaluate import evaluate
 from rankfast.train import TrainConfig, fit
 
-from test_train import QUIET, assert_same, dot_model, params, planted
+from helpers import QUIET, assert_same, dot_model, params, planted
 
 
 def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_its_part(monkeypatch):
@@ -26,10 +26,14 @@ def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_i
     with torch.no_grad():
         model.item_bias.normal_()
     size, epochs = 5, 2
-    steps = []
-    real_loss = loop_module._Trainer._loss
+    steps, current = [], {}
+    real_loss, real_batches = Partition.loss, Partition.micro_batches
 
-    def spying_loss(self, idx, negatives):
+    def spying_batches(self, epoch):
+        current["epoch"] = epoch
+        return real_batches(self, epoch)
+
+    def spying_loss(self, net, idx, negatives):
         # Reference: every interaction's user scored pair by pair against the part's items.
         members = negatives.tolist()
         users, items = data.users[idx.numpy()], data.items[idx.numpy()]
@@ -37,12 +41,13 @@ def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_i
             logits = torch.stack([model(torch.full((len(members),), int(u)), torch.tensor(members)) for u in users]) if len(users) else None
             targets = torch.tensor([members.index(int(i)) for i in items])
             expected = float(F.cross_entropy(logits, targets)) if len(users) else 0.0
-        loss = real_loss(self, idx, negatives)
-        steps.append((self.epoch, idx.clone(), members))
+        loss = real_loss(self, net, idx, negatives)
+        steps.append((current["epoch"], idx.clone(), members))
         assert abs(float(loss.detach()) - expected) < 1e-5
         return loss
 
-    monkeypatch.setattr(loop_module._Trainer, "_loss", spying_loss)
+    monkeypatch.setattr(Partition, "loss", spying_loss)
+    monkeypatch.setattr(Partition, "micro_batches", spying_batches)
     config = TrainConfig(epochs=epochs, loss="softmax", negatives="partition", num_negatives=size, lr=0.05, **QUIET)
     history = fit(model, data, config)
     assert len(steps) == epochs * -(-data.num_items // size)

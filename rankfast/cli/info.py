@@ -19,7 +19,7 @@ def collect() -> dict:
         import triton
 
         triton_version = triton.__version__
-        import rankfast.kernels.scorers  # noqa: F401
+        import rankfast.scoring.backends.fused  # noqa: F401
     except ImportError as err:
         kernels = f"unavailable ({err})"
     else:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from rankfast._ids import as_ids
 from rankfast.data.interactions import Interactions
 
 __all__ = ["NegativeSampler", "event_histories", "user_histories", "history_features"]
@@ -53,11 +54,9 @@ class NegativeSampler:
 
     def sample(self, users, n: int, rng: np.random.Generator) -> np.ndarray:
         """``[len(users), n]`` int64 negatives for each user (with replacement)."""
-        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        users = as_ids("users", users, ndims=(0, 1), high=len(self._free_mass), device="cpu").reshape(-1).numpy()
         if int(n) < 0:
             raise ValueError(f"n: must be non-negative, got {n}")
-        if users.size and (users.min() < 0 or users.max() >= len(self._free_mass)):
-            raise ValueError(f"users: ids must lie in [0, {len(self._free_mass)})")
         starved = users[self._free_mass[users] <= 1e-12]
         if starved.size:
             raise ValueError(f"users: user {int(starved[0])} has no item left to sample as a negative")

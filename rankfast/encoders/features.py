@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from rankfast._ids import check_history, history_mask
+
 
 def render_texts(template: str, fields) -> list[str]:
     """One text per record from a ``str.format`` template, e.g. ``"{title}. Genres: {genres}"``.
@@ -44,13 +46,8 @@ def pool_history(item_vectors: torch.Tensor, history: torch.Tensor, lengths: tor
 
     Users with an empty history get a zero vector.
     """
-    if history.dim() != 2 or lengths.shape != history.shape[:1]:
-        raise ValueError(f"history [U, L] and lengths [U] expected, got {tuple(history.shape)} and {tuple(lengths.shape)}")
-    if bool(((lengths < 0) | (lengths > history.shape[1])).any()):
-        raise ValueError("lengths: must lie in [0, L]")
-    valid = torch.arange(history.shape[1], device=lengths.device) < lengths[:, None]
-    if valid.any() and (int(history[valid].min()) < 0 or int(history[valid].max()) >= item_vectors.shape[0]):
-        raise ValueError(f"history: item ids must lie in [0, {item_vectors.shape[0]})")
+    history, lengths = check_history(history, lengths, num_items=item_vectors.shape[0], device=item_vectors.device)
+    valid = history_mask(lengths, history.shape[1])
     vectors = item_vectors[history.clamp(0, item_vectors.shape[0] - 1)] * valid.unsqueeze(-1)
     return vectors.sum(1) / lengths.clamp_min(1).unsqueeze(-1).to(vectors.dtype)
 

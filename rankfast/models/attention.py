@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankfast._ids import history_mask
 from rankfast.models.base import ModelConfig, RankingModel, check_activation, check_dropout, check_widths
 from rankfast.models.layers import MLP
 
@@ -84,8 +85,3 @@ class AttentionModel(RankingModel):
             weights = logits * mask
         pooled = (weights.unsqueeze(-1) * h).sum(1)
         return self.tower(torch.cat([self.user_repr(users), pooled, q], dim=-1)).squeeze(-1)
-
-
-def history_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[B, max_len]`` bool, True at the valid positions ``l < lengths[b]``."""
-    return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1)

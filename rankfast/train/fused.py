@@ -22,6 +22,6 @@ class FusedScores(torch.nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor | None = None,
                 history: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        from rankfast.kernels.scorers import training_scores  # Triton is imported only when used
+        from rankfast.scoring.backends.fused import training_scores  # Triton is imported only when used
 
         return training_scores(self.model, users, items, history, lengths)

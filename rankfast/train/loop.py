@@ -8,21 +8,19 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from rankfast.data import Interactions, NegativeSampler, event_histories
+from rankfast.data import Interactions
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
 from rankfast.scoring import trains_fused
-from rankfast.train.catalogue import CatalogueScores
-from rankfast.train.fused import FusedScores
+from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from rankfast.train.distributed import DistContext, distributed_context, shard
-from rankfast.train.losses import LOSSES, bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
+from rankfast.train.distributed import DistContext, distributed_context
+from rankfast.train.losses import LOSSES
 from rankfast.train.multitask import MultiTask
 from rankfast.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 
@@ -129,22 +127,6 @@ class TrainConfig:
             self.monitor = "rmse" if self.loss == "mse" else f"ndcg@{max(self.eval_ks)}"
 
 
-class _Examples:
-    """The training interactions as tensors, with histories when the model reads them."""
-
-    def __init__(self, data: Interactions, config: TrainConfig, uses_history: bool):
-        self.users = torch.from_numpy(data.users)
-        self.items = torch.from_numpy(data.items)
-        self.ratings = None if data.ratings is None else torch.from_numpy(data.ratings)
-        self.history = self.lengths = None
-        if uses_history:
-            history, lengths = event_histories(data, config.max_history)
-            self.history, self.lengths = torch.from_numpy(history), torch.from_numpy(lengths)
-
-    def __len__(self):
-        return len(self.users)
-
-
 class _Trainer:
     def __init__(self, model, train: Interactions, config: TrainConfig, valid: Interactions | None, context: DistContext, fine_tuning: FineTuning | None):
         self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
@@ -159,27 +141,16 @@ class _Trainer:
         # While training, the encoder lives inside the model; if setting up fails, it leaves again.
         with contextlib.ExitStack() as scope:
             module_lrs = self._attach_encoder(scope) if fine_tuning is not None else None
-            self.examples = _Examples(train, config, getattr(model, "uses_history", False))
-            self.sampler = None
-            if config.loss != "mse" and config.negatives not in ("all", "partition"):
-                self.sampler = NegativeSampler(train, distribution=config.negatives, alpha=config.negative_alpha)
-                self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
+            examples = Examples(train, config.max_history, getattr(model, "uses_history", False))
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
-            self.fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
-            if self.fused:
-                module = FusedScores(model)
-            elif config.negatives in ("all", "partition"):
-                module = CatalogueScores(model)  # full softmax: users x catalogue (or a part of it)
-            else:
-                module = model
+            fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
+            self.strategy = strategy_for(config.negatives)(model, train, examples, config, context, self.device,
+                                                           fused=fused)
+            module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
-            if config.negatives == "partition":
-                micro = len(shard(np.arange(-(-train.num_items // int(config.num_negatives))), context))
-            else:
-                micro = -(-len(shard(np.arange(len(self.examples)), context)) // config.batch_size)
-            self.steps_per_epoch = -(-micro // config.grad_accum)
+            self.steps_per_epoch = -(-self.strategy.num_micro_batches() // config.grad_accum)
             self.optimizer = build_optimizer(
                 model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, module_lrs=module_lrs
             )
@@ -209,101 +180,9 @@ class _Trainer:
 
     # --- one epoch ------------------------------------------------------------------
 
-    def _micro_batches(self) -> list:
-        """This rank's micro-batches ``(example indices, negatives or a
-        partition's items or None)`` for the current epoch; a function of
-        (seed, epoch, rank) only, so a resumed run repeats them."""
-        config = self.config
-        if config.negatives == "partition":
-            return self._partition_batches()
-        order, negatives = self._epoch_order()
-        return [
-            (order[start : start + config.batch_size], None if negatives is None else negatives[start : start + config.batch_size])
-            for start in range(0, len(order), config.batch_size)
-        ]
-
-    def _partition_batches(self) -> list:
-        """The catalogue in random parts of ``num_negatives`` items (sorted
-        within a part), each with the indices of its items' interactions."""
-        config, num_items = self.config, self.data.num_items
-        size = int(config.num_negatives)
-        items = np.random.default_rng([config.seed, self.epoch]).permutation(num_items)
-        part_of = np.empty(num_items, dtype=np.int64)
-        part_of[items] = np.arange(num_items) // size
-        example_part = part_of[self.data.items]
-        order = np.argsort(example_part, kind="stable")
-        bounds = np.searchsorted(example_part[order], np.arange(-(-num_items // size) + 1))
-        batches = []
-        for part in shard(np.arange(len(bounds) - 1), self.context):
-            members = np.sort(items[part * size : (part + 1) * size])
-            batches.append((torch.from_numpy(order[bounds[part] : bounds[part + 1]]), torch.from_numpy(members)))
-        return batches
-
-    def _epoch_order(self):
-        """This rank's example order and negatives for the current epoch."""
-        config, context = self.config, self.context
-        order = shard(np.random.default_rng([config.seed, self.epoch]).permutation(len(self.examples)), context)
-        negatives = None
-        if self.sampler is not None:
-            rng = np.random.default_rng([config.seed, self.epoch, context.rank, 1])
-            negatives = torch.from_numpy(self.sampler.sample(self.data.users[order], config.num_negatives, rng))
-        return torch.from_numpy(order), negatives
-
-    def _loss(self, idx, negatives):
-        ex, config = self.examples, self.config
-        if config.negatives == "all":
-            return self._full_softmax_loss(idx)
-        if config.negatives == "partition":
-            return self._partition_loss(idx, negatives)
-        users, items = ex.users[idx], ex.items[idx][:, None]
-        history = None if ex.history is None else ex.history[idx]
-        lengths = None if ex.lengths is None else ex.lengths[idx]
-        if negatives is not None:
-            items = torch.cat([items, negatives], dim=1)  # [B, 1 + negatives]: the positive first
-        if not self.fused:  # the model's forward takes aligned (user, item) pairs
-            width = items.shape[1]
-            items, users = items.reshape(-1), users.repeat_interleave(width)
-            if history is not None:
-                history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
-        to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            out = self.net(to(users), to(items), to(history), to(lengths))
-        clicks, ratings = out if self.multitask else (out, None)
-        scores = clicks.float().view(len(idx), -1)
-        if config.loss == "mse":
-            return mse_loss(scores[:, 0], to(ex.ratings[idx]))
-        pos, neg = scores[:, 0], scores[:, 1:]
-        if config.loss == "bce":
-            loss = bce_loss(pos, neg)
-        elif config.loss == "bpr":
-            loss = bpr_loss(pos, neg)
-        else:
-            log_q = self.log_q[items].view(len(idx), -1).to(self.device)
-            loss = sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
-        if self.multitask:
-            rating_loss = mse_loss(ratings.float().view(len(idx), -1)[:, 0], to(ex.ratings[idx]))
-            loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
-        return loss
-
-    def _full_softmax_loss(self, idx):
-        rows, inverse = torch.unique(self.examples.users[idx], return_inverse=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            logits = self.net(rows.to(self.device))
-        return full_softmax_loss(logits.float(), inverse.to(self.device), self.examples.items[idx].to(self.device))
-
-    def _partition_loss(self, idx, members):
-        """Full softmax of each interaction's user over the part ``members`` (sorted) holding its item."""
-        rows, inverse = torch.unique(self.examples.users[idx], return_inverse=True)
-        targets = torch.searchsorted(members, self.examples.items[idx])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
-            logits = self.net(rows.to(self.device), members.to(self.device))
-        if not len(idx):  # no interaction in this part: a zero loss that still runs the model (DDP)
-            return logits.float().sum() * 0.0
-        return full_softmax_loss(logits.float(), inverse.to(self.device), targets.to(self.device))
-
     def _train_epoch(self, bar) -> float:
         config = self.config
-        batches = self._micro_batches()
+        batches = self.strategy.micro_batches(self.epoch)
         self.model.train()
         total, count = 0.0, 0
         for step in range(0, len(batches), config.grad_accum):
@@ -313,7 +192,7 @@ class _Trainer:
                 # DDP all-reduces gradients only on the last micro-batch of a step.
                 sync = self.net.no_sync() if self.context.enabled and not last else contextlib.nullcontext()
                 with sync:
-                    loss = self._loss(idx, neg)
+                    loss = self.strategy.loss(self.net, idx, neg)
                     (loss / len(group)).backward()
                 total, count = total + float(loss.detach()), count + 1
             if config.grad_clip is not None:

@@ -11,46 +11,32 @@ only the history item and the candidate, not the user, so when a block's
 users share history items and candidates, it runs once per (candidate,
 distinct history item) and each user gathers its logits from that table.
 
-Each scorer handles one block of users. ``items(ids)`` computes the item-side
-terms for candidate ids ``[Nc]`` (shared by the block) or ``[T, Nc]``
-(per-user candidates of rows ``rows``); ``pairs(rows, state)`` scores users
-``rows`` of the block against them, ``[T, Nc]``. ``footprint`` gives the
-elements held per user, per candidate and per pair, for sizing chunks to a
-memory budget. These run under ``torch.inference_mode`` with the model in
-eval mode (dropout off); the models' ``forward`` is the reference they are
-tested against.
+The scorers follow :class:`rankfast.scoring.protocol.Scorer`; the models'
+``forward`` is the reference they are tested against.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rankfast.models.attention import AttentionModel, history_mask
+from rankfast._ids import history_mask
+from rankfast.models.attention import AttentionModel
 from rankfast.models.base import RankingModel
 from rankfast.models.dot import DotModel
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
+from rankfast.scoring.protocol import Footprint, Scorer
+
+__all__ = ["AttentionScorer", "DotScorer", "MLPScorer", "NeuMFScorer", "scorer_for"]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
 #: The DIN unit is tabled over distinct history items (shared candidates only) when a
 #: block's valid history slots are at least this many times its distinct items.
 UNIT_TABLE_MIN_REUSE = 1.5
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Elements held per user of a block, per candidate of a chunk, and per pair of a
-    tile; ``table``: more per candidate of a chunk, held only with shared candidates."""
-
-    user: int
-    item: int
-    pair: int
-    table: int = 0
 
 
 def _pair_dot(u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -60,7 +46,7 @@ def _pair_dot(u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return torch.bmm(i, u.unsqueeze(-1)).squeeze(-1)
 
 
-class DotScorer:
+class DotScorer(Scorer):
     def __init__(self, model: DotModel, users, history=None, lengths=None):
         self.model = model
         self.u = model.user_repr(users)
@@ -79,7 +65,7 @@ class DotScorer:
         return Footprint(user=d + 1, item=d + 1, pair=1)
 
 
-class MLPScorer:
+class MLPScorer(Scorer):
     def __init__(self, model: MLPModel, users, history=None, lengths=None):
         self.model = model
         w_u, self.w_i = model.tower.linears[0].weight.chunk(2, dim=1)
@@ -98,7 +84,7 @@ class MLPScorer:
         return Footprint(user=cfg.dim + width, item=cfg.dim + width, pair=2 * sum(cfg.hidden) + 1)
 
 
-class NeuMFScorer:
+class NeuMFScorer(Scorer):
     """The GMF term folds the output layer's GMF weights into the user side,
     so it is one dot product per pair."""
 
@@ -128,7 +114,7 @@ class NeuMFScorer:
         return Footprint(user=per_side, item=per_side, pair=2 * sum(cfg.hidden) + 2)
 
 
-class AttentionScorer:
+class AttentionScorer(Scorer):
     """History blocks are visited in order with a running maximum, softmax
     denominator and weighted sum (online softmax), so a tile holds
     ``[T, Nc, block, width]`` at most, whatever the history length.
@@ -253,9 +239,6 @@ def _blocks(length: int, size: int) -> list[slice]:
 _SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
 
 
-def factorized_scorer(model: RankingModel):
-    """The factorized scorer class for ``model``'s type (or its nearest base)."""
-    for cls in type(model).__mro__:
-        if cls in _SCORERS:
-            return _SCORERS[cls]
-    raise TypeError(f"model: no factorized scoring path for {type(model).__name__}")
+def scorer_for(model: RankingModel) -> type[Scorer] | None:
+    """The factorized scorer class for ``model``'s type (or its nearest base), None for other models."""
+    return next((_SCORERS[cls] for cls in type(model).__mro__ if cls in _SCORERS), None)
