@@ -16,6 +16,7 @@ import torch
 import rankfast
 import rankfast._io as io_module
 import rankfast.model_dir as model_dir_module
+import rankfast.ranker as ranker_module
 from rankfast import Ranker, TrainConfig, fit
 from rankfast.data import Interactions, synthetic_interactions, user_histories
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
