@@ -297,7 +297,11 @@ def verdict(rows) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="ml-latest-small", help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory")
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{datetime.date.today()}-cold-start.md")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "rankfast-cache")
     parser.add_argument("--models", default=",".join([*KINDS.values(), "lora"]),

@@ -115,7 +115,11 @@ def verdict(rows) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="ml-latest-small", help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory")
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality-ml-latest-small.md")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()

@@ -18,7 +18,11 @@ from rankfast.data import user_histories
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="ml-latest-small", help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory")
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--length", type=int, default=100)
     parser.add_argument("--draws", type=int, default=3)

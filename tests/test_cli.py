@@ -204,7 +204,7 @@ def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
         (["train", "--config", "/nonexistent.toml", "--out", "x"], EXIT_USAGE, "--config: cannot read"),
         (["score", "/nonexistent/model"], EXIT_FAILED, "/nonexistent/model: no such model directory"),
         (["evaluate", "/nonexistent/model"], EXIT_FAILED, "no such model directory"),
-        (["demo", "--data", "/nonexistent/ml"], EXIT_USAGE, "--data: '/nonexistent/ml' is neither a data set name (ml-100k, "),
+        (["demo", "--data", "/nonexistent/ml"], EXIT_USAGE, "--data: '/nonexistent/ml' is neither a data set name"),
         (["bench", "--bench-dir", "/nonexistent"], EXIT_USAGE, "no benchmark suites"),
         # Counts are checked before any work: -1 users per batch used to write nothing and exit 0,
         # 0 threads gave torch's traceback.

@@ -289,7 +289,9 @@ def add_parsers(sub):
     demo.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
-    train = add_command(sub, "train", description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = add_command(
+        sub, "train", description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     train.add_argument("--config", metavar="FILE", help="TOML settings (layout above); flags override them")
     _add_data_flags(train, synthetic_help="default: built-in synthetic data")
     train.add_argument("--model", choices=sorted(MODELS), help="model type (default dot)")
@@ -305,7 +307,9 @@ def add_parsers(sub):
     train.set_defaults(run=run_train)
 
     ev = add_command(
-        sub, "evaluate", description="Full-ranking metrics of a model directory on the held-out split of its data (or --data)."
+        sub,
+        "evaluate",
+        description="Full-ranking metrics of a model directory on the held-out split of its data (or --data).",
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR")
     _add_data_flags(ev, synthetic_help="default: the data the model was trained on")
