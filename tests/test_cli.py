@@ -4,8 +4,9 @@ import json
 import os
 import subprocess
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,77 @@ def test_demo_tiny(tmp_path, capsys):
     assert Ranker.load(tmp_path / "demo").model.config.num_users == 60
 
 
+def _movielens_dir(path, users=40, per_user=12, seed=0):
+    """A small MovieLens-format folder (ratings.csv with timestamps, movies.csv)."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    lines = ["userId,movieId,rating,timestamp"]
+    for user in range(1, users + 1):
+        for t, item in enumerate(rng.choice(np.arange(100, 130), per_user, replace=False)):
+            lines.append(f"{user},{item},{rng.integers(1, 6)}.0,{1000 + t}")
+    (path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    movies = [f"{item},Movie {item} (2000),Drama" for item in range(100, 130)]
+    (path / "movies.csv").write_text("movieId,title,genres\n" + "\n".join(movies) + "\n")
+    return path
+
+
+def test_data_by_name_is_recorded_by_name(tmp_path, capsys, monkeypatch):
+    """--data NAME reads <data home>/NAME (here a small stand-in: nothing is downloaded), and the
+    model directory records the name, which evaluate reads back; a directory is recorded absolute."""
+    folder = _movielens_dir(tmp_path / "home" / "ml-latest-small")
+    monkeypatch.setenv("RANKFAST_DATA", str(tmp_path / "home"))
+    train_flags = ["--epochs", "1", "--dim", "4", "--batch-size", "64"]
+    code, out, err = run(["train", "--data", "ml-latest-small", *train_flags, "--out", tmp_path / "by-name"], capsys)
+    assert code == 0, err
+    assert Ranker.load(tmp_path / "by-name").meta["data"] == {"movielens": "ml-latest-small", "test_ratio": 0.2}
+    code, by_name, err = run(["evaluate", tmp_path / "by-name"], capsys)
+    assert code == 0 and "DotModel" in by_name, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["train", "--data", "home/ml-latest-small", *train_flags, "--out", "by-path"], capsys)
+    assert code == 0, err
+    assert Ranker.load(tmp_path / "by-path").meta["data"]["movielens"] == str(folder)
+    code, by_path, err = run(["evaluate", "by-path"], capsys)
+    assert code == 0 and by_path == by_name, err  # the same data, trained alike
+    (tmp_path / "bad.toml").write_text('out = "m"\n[data]\nmovielens = "ml-nope"\n')
+    code, _, err = run(["train", "--config", tmp_path / "bad.toml"], capsys)
+    assert code == EXIT_USAGE and "[data] movielens: 'ml-nope' is neither a data set name" in err
+
+
+# Runs commands in a fresh interpreter and reports, after each, its exit code and whether torch was imported.
+_STARTUP_PROBE = """
+import json, sys
+from rankfast.cli import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # --help and --version exit from argparse
+        code = exit.code
+    print("PROBE", json.dumps([argv, code, "torch" in sys.modules]), flush=True)
+"""
+
+
+def test_help_version_and_argument_errors_do_not_import_torch():
+    helps = [["train", "--help"], ["demo", "--help"], ["evaluate", "--help"], ["bench", "--help"], ["info", "--help"]]
+    errors = [["train", "--epochs", "0"], ["demo", "--data", "ml-nope"], ["evaluate", "m", "--threads", "0"]]
+    cases = [["--version"], ["--help"], [], ["trian"], *helps, *errors]
+    done = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(cases)], capture_output=True, text=True)
+    probes = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+    assert [p[0] for p in probes] == cases, done.stderr
+    assert [p[0] for p in probes if p[2]] == []  # none imported torch
+    assert [p[1] for p in probes] == [0, 0, EXIT_USAGE, EXIT_USAGE, *[0] * len(helps), *[EXIT_USAGE] * len(errors)]
+    assert f"rankfast {version('rankfast')}\n" in done.stdout and rankfast.__version__ == version("rankfast")
+
+
+def test_import_rankfast_is_light_and_loads_names_on_use():
+    probe = (
+        "import sys, rankfast; light = 'torch' not in sys.modules; "
+        "missing = [n for n in rankfast.__all__ if getattr(rankfast, n, None) is None]; "
+        "print(light, missing, set(rankfast.__all__) <= set(dir(rankfast)), rankfast.topk.__module__)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["True", "[]", "True", "rankfast.selection"], done.stderr
+
+
 def test_evaluate_matches_the_library(model_dir, capsys):
     code, out, _ = run(["evaluate", model_dir, "--baselines"], capsys)
     assert code == 0
@@ -133,7 +205,7 @@ def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
         (["train", "--config", "/nonexistent.toml", "--out", "x"], EXIT_USAGE, "--config: cannot read"),
         (["score", "/nonexistent/model"], EXIT_FAILED, "/nonexistent/model: no such model directory"),
         (["evaluate", "/nonexistent/model"], EXIT_FAILED, "no such model directory"),
-        (["demo", "--data", "/nonexistent/ml"], EXIT_FAILED, "/nonexistent/ml"),
+        (["demo", "--data", "/nonexistent/ml"], EXIT_USAGE, "--data: '/nonexistent/ml' is neither a data set name"),
         (["bench", "--bench-dir", "/nonexistent"], EXIT_USAGE, "no benchmark suites"),
         # Counts are checked before any work: -1 users per batch used to write nothing and exit 0,
         # 0 threads gave torch's traceback.
@@ -212,6 +284,14 @@ def test_info(capsys):
     assert facts["cuda"]["available"] == torch.cuda.is_available()
     code, out, _ = run(["info"], capsys)
     assert "C++ top-K extension: " in out and "Triton kernels: " in out
+
+
+def test_info_without_triton(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    code, out, _ = run(["info", "--json"], capsys)
+    facts = json.loads(out)
+    assert code == 0 and facts["triton"] is None and facts["triton_kernels"].startswith("unavailable (")
+    assert facts["rankfast"] == rankfast.__version__
 
 
 def test_bench_tiny(tmp_path, capfd):

@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,6 @@ from rankfast.data import (
     user_histories,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-latest-small"
-needs_movielens = pytest.mark.skipif(not (DATA / "ratings.csv").exists(), reason=f"MovieLens data not found at {DATA}")
 
 
 def _write(path, text, encoding="utf-8"):
@@ -139,9 +136,8 @@ def test_movielens_directory_errors(tmp_path):
         load_movielens(tmp_path / "nope")
 
 
-@needs_movielens
-def test_ml_latest_small():
-    data = load_movielens(DATA)
+def test_ml_latest_small(ml_latest_small):
+    data = ml_latest_small
     assert (len(data), data.num_users, data.num_items) == (100836, 610, 9724)
     assert data.item_text[0].startswith("Toy Story (1995). Genres: Adventure")
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import rankfast
-from rankfast.cli import EXIT_MISSING_DEPENDENCY, EXIT_USAGE, CLIError
+from rankfast.cli import EXIT_MISSING_DEPENDENCY, EXIT_USAGE, CLIError, add_command
 
 SUITES = ("topk", "score", "kernels")
 
@@ -83,7 +83,7 @@ def draw_chart(benchmarks: list[dict], path: Path, title: str) -> Path:
 
 
 def add_parsers(sub):
-    p = sub.add_parser("bench", help="run the benchmark suites, print the comparison table, draw a chart")
+    p = add_command(sub, "bench")
     p.add_argument("--suite", nargs="+", choices=SUITES, default=["topk", "score"], help="bench/bench_<suite>.py to run (default topk score)")
     p.add_argument("-k", metavar="EXPR", help="pytest -k filter on the benchmark cases")
     p.add_argument("--quick", action="store_true", help="small cases (BENCH_SMALL=1, where a suite supports it)")

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
 
-import numpy
-import torch
-
 import rankfast
-from rankfast.scoring import BACKEND_ENV
+from rankfast.cli import add_command
 
 
 def collect() -> dict:
+    import numpy
+    import torch
+
+    from rankfast.scoring import BACKEND_ENV
+
     triton_version, kernels = None, "inactive (no CUDA device; CPU tensors use the factorized path)"
     try:
         import triton
 
         triton_version = triton.__version__
-        import rankfast.scoring.backends.fused  # noqa: F401
+        # Not `import rankfast.kernels...`: that would make `rankfast` a local name here,
+        # unbound below whenever triton is missing.
+        importlib.import_module("rankfast.scoring.backends.fused")
     except ImportError as err:
         kernels = f"unavailable ({err})"
     else:
@@ -41,6 +46,8 @@ def collect() -> dict:
 
 
 def run_info(args):
+    from rankfast.scoring import BACKEND_ENV
+
     facts = collect()
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -60,6 +67,6 @@ def run_info(args):
 
 
 def add_parsers(sub):
-    p = sub.add_parser("info", help="versions, devices, active backends")
+    p = add_command(sub, "info")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(run=run_info)

@@ -1,19 +1,4 @@
-"""``rankfast demo``, ``train`` and ``evaluate``: data, a model, training, the metrics table.
-
-``train`` takes flags or a TOML file (flags win)::
-
-    out = "runs/dot"          # the model directory to write
-    test_ratio = 0.2          # per-user temporal split; training sees the rest
-    threads = 1
-    [data]
-    movielens = "path/to/ml-latest-small"   # or: synthetic = {num_users = 3000, num_items = 1500}
-    [model]
-    type = "dot"              # dot | mlp | neumf | attention; other keys go to its config
-    dim = 32
-    [train]                   # rankfast.TrainConfig fields
-    epochs = 6
-    loss = "softmax"
-"""
+"""``rankfast demo``, ``train`` and ``evaluate``: data, a model, training, the metrics table."""
 
 from __future__ import annotations
 
@@ -22,22 +7,37 @@ import os
 import time
 import tomllib
 
-import torch
-
 import rankfast
-from rankfast.baselines import EASE, Popularity
-from rankfast.cli import EXIT_USAGE, CLIError, positive_int
-from rankfast.data import load_movielens, synthetic_interactions, temporal_split
-from rankfast.evaluate import evaluate
-from rankfast.model_dir import check_target
-from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
-from rankfast.ranker import Ranker, save_model_dir
+from rankfast import datasets
+from rankfast.cli import EXIT_USAGE, CLIError, add_command, positive_int
 
+# torch and rankfast's modules (``import rankfast`` alone is light) load inside the
+# functions that train or evaluate, so that --help and argument errors answer at once.
+
+TRAIN_DESCRIPTION = """\
+Trains a model on the training part of a per-user temporal split and writes a
+model directory. Settings come from flags or a TOML file (flags win):
+
+    out = "runs/dot"          # the model directory to write
+    test_ratio = 0.2          # per-user temporal split; training sees the rest
+    threads = 1
+    [data]
+    movielens = "ml-latest-small"   # a name (downloaded once) or a MovieLens directory
+    # or: synthetic = {num_users = 3000, num_items = 1500}
+    [model]
+    type = "dot"              # dot | mlp | neumf | attention; other keys go to its config
+    dim = 32
+    [train]                   # rankfast.TrainConfig fields
+    epochs = 6
+    loss = "softmax"
+"""
+
+#: --model -> the model class and its config class in rankfast.models.
 MODELS = {
-    "dot": (DotModel, DotConfig),
-    "mlp": (MLPModel, MLPConfig),
-    "neumf": (NeuMF, NeuMFConfig),
-    "attention": (AttentionModel, AttentionConfig),
+    "dot": ("DotModel", "DotConfig"),
+    "mlp": ("MLPModel", "MLPConfig"),
+    "neumf": ("NeuMF", "NeuMFConfig"),
+    "attention": ("AttentionModel", "AttentionConfig"),
 }
 KS = (10, 20)
 TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -65,9 +65,20 @@ def defaults(data: dict, model_type: str) -> dict:
 # --- settings ---------------------------------------------------------------------------
 
 
+def data_argument(text: str) -> str:
+    """argparse ``type`` of --data: a data set name stays a name (what ``ranker.json``
+    records), a directory becomes absolute; anything else is a usage error."""
+    if text in datasets.MOVIELENS:
+        return text
+    if not os.path.isdir(text):
+        names = ", ".join(datasets.MOVIELENS)
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a data set name ({names}) nor a directory")
+    return os.path.abspath(text)
+
+
 def _data_source(args, seed=0) -> dict | None:
     if getattr(args, "data", None):
-        return {"movielens": os.path.abspath(args.data)}
+        return {"movielens": args.data}
     sizes = {name: getattr(args, name) for name in ("num_users", "num_items") if getattr(args, name, None) is not None}
     return {"synthetic": {**sizes, "seed": seed}} if sizes else None
 
@@ -92,7 +103,12 @@ def train_settings(args) -> dict:
     seed = args.seed if args.seed is not None else (file.get("train") or {}).get("seed", 0)
     data = _data_source(args, seed) or file.get("data") or {"synthetic": {"seed": seed}}
     if not isinstance(data, dict) or len(data) != 1 or not set(data) <= {"movielens", "synthetic"}:
-        raise CLIError(f"[data]: expected movielens = PATH or synthetic = {{...}}, got {data!r}", EXIT_USAGE)
+        raise CLIError(f"[data]: expected movielens = NAME or DIR, or synthetic = {{...}}, got {data!r}", EXIT_USAGE)
+    if "movielens" in data:  # checked as --data is: a name, or a directory made absolute
+        try:
+            data = {"movielens": data_argument(str(data["movielens"]))}
+        except argparse.ArgumentTypeError as err:
+            raise CLIError(f"[data] movielens: {err}", EXIT_USAGE) from None
     model_type = args.model or file.get("model", {}).get("type", "dot")
     if model_type not in MODELS:
         raise CLIError(f"model type: expected one of {sorted(MODELS)}, got {model_type!r}", EXIT_USAGE)
@@ -121,6 +137,8 @@ def train_settings(args) -> dict:
 def check_out(path: str):
     """Before training: the model directory is written by replacing ``path``
     whole, so it must be absent, empty or a model directory."""
+    from rankfast.model_dir import check_target
+
     try:
         check_target(path)
     except FileExistsError as err:
@@ -132,16 +150,20 @@ def check_out(path: str):
 
 def split(source: dict, test_ratio: float):
     """``(train, test)`` of a data source, split per user by time."""
+    from rankfast.data import synthetic_interactions, temporal_split
+
     if "movielens" in source:
-        data = load_movielens(source["movielens"])
+        data = datasets.load(source["movielens"])
     else:
         data = synthetic_interactions(**source["synthetic"])
     return temporal_split(data, test_ratio)
 
 
-def build_model(model_settings: dict, train) -> torch.nn.Module:
+def build_model(model_settings: dict, train):
+    from rankfast import models
+
     fields = dict(model_settings)
-    cls, config_cls = MODELS[fields.pop("type")]
+    cls, config_cls = (getattr(models, name) for name in MODELS[fields.pop("type")])
     try:
         config = config_cls(num_users=train.num_users, num_items=train.num_items, **fields)
     except (TypeError, ValueError) as err:  # unknown or invalid fields of the config file
@@ -151,6 +173,8 @@ def build_model(model_settings: dict, train) -> torch.nn.Module:
 
 def train_model(settings: dict):
     """Trains on the training split; returns ``(model, train, test, seconds)``."""
+    import torch
+
     torch.set_num_threads(int(settings["threads"]))
     train, test = split(settings["data"], settings["test_ratio"])
     try:
@@ -166,12 +190,17 @@ def train_model(settings: dict):
 
 
 def save(settings: dict, model, train) -> str:
+    from rankfast.ranker import save_model_dir
+
     data = {**settings["data"], "test_ratio": settings["test_ratio"]}
     return save_model_dir(settings["out"], model, train, max_history=settings["train"].get("max_history", 50), data=data)
 
 
 def metrics_rows(model, train, test, seconds, *, baselines: bool) -> list[tuple[str, dict, float]]:
     """``(name, metrics, fit seconds or None)`` of the model and, with ``baselines``, popularity and EASE^R."""
+    from rankfast.baselines import EASE, Popularity
+    from rankfast.evaluate import evaluate
+
     rows = []
     if baselines:
         for name, make in (("popularity", lambda: Popularity(train)), ("EASE^R (lambda=100)", lambda: EASE(train, lam=100.0))):
@@ -194,6 +223,8 @@ def print_table(rows):
 
 
 def run_demo(args):
+    from rankfast.ranker import Ranker
+
     started = time.perf_counter()
     data = _data_source(args, 0) or {"synthetic": {"seed": 0}}
     settings = defaults(data, "dot")
@@ -224,6 +255,10 @@ def run_train(args):
 
 
 def run_evaluate(args):
+    import torch
+
+    from rankfast.ranker import Ranker
+
     torch.set_num_threads(args.threads)
     ranker = Ranker.load(args.model_dir)
     recorded = dict(ranker.meta.get("data") or {})
@@ -241,22 +276,35 @@ def run_evaluate(args):
 
 
 def _add_data_flags(parser, *, synthetic_help: str):
-    parser.add_argument("--data", metavar="PATH", help="a MovieLens directory (ml-100k, ml-1m, ml-latest, ml-latest-small)")
+    names = ", ".join(datasets.MOVIELENS)
+    parser.add_argument(
+        "--data",
+        type=data_argument,
+        metavar="NAME|DIR",
+        help=f"MovieLens by name ({names}; downloaded once into ${datasets.DATA_ENV}, default ~/.cache/rankfast) "
+        "or a MovieLens directory",
+    )
     parser.add_argument("--users", dest="num_users", type=positive_int, metavar="N", help=f"synthetic data: number of users ({synthetic_help})")
     parser.add_argument("--items", dest="num_items", type=positive_int, metavar="N", help="synthetic data: number of items")
 
 
 def add_parsers(sub):
     threads_help = "torch intra-op threads (default 1: small models gain little from more and lose much when other processes share the cores)"
-    demo = sub.add_parser("demo", help="generate data, train, compare with popularity and EASE^R, save, recommend")
+    demo = add_command(
+        sub,
+        "demo",
+        description="Trains a DotModel on synthetic data (or --data), compares it with popularity and EASE^R, "
+        "saves the model directory and prints one user's top 10.",
+    )
     _add_data_flags(demo, synthetic_help="default 3000")
     demo.add_argument("--epochs", type=positive_int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)")
-    demo.add_argument("--out", default="rankfast-demo", help="model directory to write (default ./rankfast-demo); absent, empty or an earlier model directory")
+    demo.add_argument("--out", default="rankfast-demo",
+                      help="model directory to write (default ./rankfast-demo); absent, empty or an earlier model directory")
     demo.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
-    train = sub.add_parser(
-        "train", help="train a model and write its model directory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    train = add_command(
+        sub, "train", description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     train.add_argument("--config", metavar="FILE", help="TOML settings (layout above); flags override them")
     _add_data_flags(train, synthetic_help="default: built-in synthetic data")
@@ -269,10 +317,15 @@ def add_parsers(sub):
     train.add_argument("--seed", type=int, help="training seed, and the synthetic data's when [data] does not give one (default 0)")
     train.add_argument("--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)")
     train.add_argument("--threads", type=positive_int, help=threads_help)
-    train.add_argument("--out", metavar="DIR", help="model directory to write: absent, empty or an earlier model directory")
+    train.add_argument("--out", metavar="DIR",
+                       help="model directory to write: absent, empty or an earlier model directory")
     train.set_defaults(run=run_train)
 
-    ev = sub.add_parser("evaluate", help="full-ranking metrics of a model directory on its held-out split")
+    ev = add_command(
+        sub,
+        "evaluate",
+        description="Full-ranking metrics of a model directory on the held-out split of its data (or --data).",
+    )
     ev.add_argument("model_dir", metavar="MODEL_DIR")
     _add_data_flags(ev, synthetic_help="default: the data the model was trained on")
     ev.add_argument("--test-ratio", type=float, help="default: the ratio used in training")
