@@ -6,8 +6,7 @@ the command line answers ``--help`` and ``--version`` without importing torch.
 
 import importlib
 
-#: The version, read by setuptools for the package metadata (the one source).
-__version__ = "0.1.0"
+from rankfast._version import __version__
 
 #: name -> the module that defines it.
 _ATTRIBUTES = {

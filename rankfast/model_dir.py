@@ -37,8 +37,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-import rankfast
 from rankfast._io import atomic_dir
+from rankfast._version import __version__
 from rankfast.data import MAPPINGS_FILE, IdMap, Interactions, user_histories
 from rankfast.encoders import TextEncoder
 from rankfast.encoders.transfer import save_encoder
@@ -149,7 +149,7 @@ def save_model_dir(
             shutil.copytree(encoder, os.path.join(tmp, "encoder"))
         meta = {
             "format": FORMAT_VERSION,
-            "rankfast_version": rankfast.__version__,
+            "rankfast_version": __version__,
             "files": {name: _file_fingerprint(os.path.join(tmp, name)) for name in _FILES},
             "max_history": int(max_history),
             "encoder": None if encoder is None else "encoder",

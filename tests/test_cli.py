@@ -138,8 +138,10 @@ for argv in json.loads(sys.argv[1]):
 
 
 def test_help_version_and_argument_errors_do_not_import_torch():
-    helps = [["train", "--help"], ["demo", "--help"], ["evaluate", "--help"], ["bench", "--help"], ["info", "--help"]]
-    errors = [["train", "--epochs", "0"], ["demo", "--data", "ml-nope"], ["evaluate", "m", "--threads", "0"]]
+    helps = [["train", "--help"], ["demo", "--help"], ["evaluate", "--help"], ["score", "--help"], ["bench", "--help"],
+             ["info", "--help"]]
+    errors = [["train", "--epochs", "0"], ["demo", "--data", "ml-nope"], ["evaluate", "m", "--threads", "0"],
+              ["score", "m", "-k", "0"]]
     cases = [["--version"], ["--help"], [], ["trian"], *helps, *errors]
     done = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(cases)], capture_output=True, text=True)
     probes = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]

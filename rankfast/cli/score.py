@@ -6,12 +6,10 @@ import contextlib
 import json
 import sys
 
-import numpy as np
-from tqdm.auto import tqdm
-
 from rankfast._io import atomic_file
-from rankfast.cli import CLIError, positive_int
-from rankfast.ranker import Ranker
+from rankfast.cli import CLIError, add_command, positive_int
+
+# numpy, tqdm and the Ranker (torch) load inside run_score, so that --help answers at once.
 
 
 def read_users(lines, integer_ids: bool) -> list:
@@ -31,6 +29,11 @@ def read_users(lines, integer_ids: bool) -> list:
 
 
 def run_score(args):
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from rankfast.ranker import Ranker
+
     ranker = Ranker.load(args.model_dir, cold_start=args.cold_start)
     integer_ids = np.issubdtype(ranker.user_ids.raw.dtype, np.integer)
     with _open(args.input, "r", sys.stdin) as f:
@@ -64,12 +67,13 @@ def _open(path, mode, default):
 
 
 def add_parsers(sub):
-    p = sub.add_parser("score", help="top-K items for user ids, as JSON lines")
+    p = add_command(sub, "score")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--input", "-i", metavar="FILE", help="user ids, one a line (default: stdin)")
     p.add_argument("--output", "-o", metavar="FILE", help="JSON lines {user, items, scores} (default: stdout)")
     p.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
     p.add_argument("--include-seen", action="store_true", help="keep each user's training items")
-    p.add_argument("--cold-start", action="store_true", help="score unknown users from an empty history where the model can (else they are an error)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="score unknown users from an empty history where the model can (else they are an error)")
     p.add_argument("--batch-size", type=positive_int, default=1024, help="users per scoring call (default 1024)")
     p.set_defaults(run=run_score)
