@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
+import shutil
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rankfast._io import atomic_dir
 
 __all__ = ["DATA_ENV", "MOVIELENS", "Dataset", "DownloadError", "data_home", "fetch", "load", "resolve"]
 
@@ -110,11 +112,10 @@ def load(name_or_path, *, root=None, download: bool = True):
 
 
 def _download(name: str, dataset: Dataset, target: Path) -> None:
-    """Downloads into a temporary folder beside ``target``, checks the zip,
-    extracts it and renames its data folder to ``target``: ``target`` is
-    either absent or complete."""
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
-        archive = Path(tmp) / "download.zip"
+    """Downloads and checks the zip, and extracts its data folder as ``target``, through
+    :func:`rankfast._io.atomic_dir`: ``target`` is either absent or complete."""
+    with atomic_dir(target) as tmp:
+        archive = Path(tmp) / ".download.zip"
         try:
             digest = _copy_url(dataset.url, archive, f"downloading {name}")
         except (OSError, http.client.HTTPException) as err:  # no network, HTTP errors, timeouts, resets
@@ -128,17 +129,16 @@ def _download(name: str, dataset: Dataset, target: Path) -> None:
                 f"{name}: {dataset.url} has SHA-256 {digest}, expected {dataset.sha256} "
                 "(a corrupted download, or the file changed upstream); nothing was kept"
             )
-        extracted = Path(tmp) / "extracted"
+        extracted = Path(tmp) / ".extracted"
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(extracted)  # zipfile drops absolute paths and ".." from member names
+        archive.unlink()
         entries = list(extracted.iterdir())
         # GroupLens zips hold one folder named after the data set (ml-1m/...).
         source = entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
-        try:
-            os.rename(source, target)
-        except OSError:
-            if not target.is_dir():  # else another process got there first, with the same data
-                raise
+        for entry in source.iterdir():
+            entry.rename(Path(tmp) / entry.name)
+        shutil.rmtree(extracted)
 
 
 def _copy_url(url: str, dest: Path, desc: str) -> str:
