@@ -76,7 +76,8 @@ REPO = Path(__file__).resolve().parents[1]
 K = 20
 COLD_SHARE = 0.1
 DIM = 256
-#: The strongest DotModel recipe on this data (bench/results/quality-ml-latest-small.md); up to EPOCHS, the best chosen on validation.
+#: The strongest DotModel recipe on this data (bench/results/quality-ml-latest-small.md); up to EPOCHS, the best
+#: chosen on validation.
 TRAIN = {"loss": "softmax", "negatives": "all", "lr": 0.1, "weight_decay": 0.3, "batch_size": 8192}
 EPOCHS = 30
 KINDS = {"ID-only": "id", "MiniLM frozen, text-only": "text", "MiniLM frozen, hybrid (ID + text)": "hybrid"}
@@ -85,9 +86,17 @@ LORA_NAME = "MiniLM LoRA, hybrid (ID + text), warm start from frozen"
 #: rate (chosen on validation from 0.01, 0.001 and 0.0001; 0.01 moved the warm ID parts the most).
 LORA_PART = 512
 LORA_TRAIN = {"loss": "softmax", "negatives": "partition", "num_negatives": LORA_PART, "lr": 0.001, "weight_decay": 0.3}
-#: Adapters on every linear layer of MiniLM's top two blocks; the encoder without dropout, as the frozen vectors were computed.
-LORA = {"lora_rank": 8, "lora_alpha": 16.0, "lora_target_modules": ("query", "key", "value", "dense"), "lora_layers": (4, 5),
-        "encoder_dropout": False, "encoder_lr": 3e-3, "batch_size": 128}
+#: Adapters on every linear layer of MiniLM's top two blocks; the encoder without dropout, as the frozen vectors were
+#: computed.
+LORA = {
+    "lora_rank": 8,
+    "lora_alpha": 16.0,
+    "lora_target_modules": ("query", "key", "value", "dense"),
+    "lora_layers": (4, 5),
+    "encoder_dropout": False,
+    "encoder_lr": 3e-3,
+    "batch_size": 128,
+}
 #: One epoch (18 steps, about 80 s on 2 quiet cores): longer schedules were no better on validation.
 LORA_EPOCHS = 1
 ENCODER = {"pooling": "mean", "normalize": True, "max_length": 64}
@@ -133,7 +142,9 @@ def cold_split(data: Interactions, seed: int, test_ratio: float) -> ColdSplit:
     full_train, warm_test = temporal_split(renumbered.subset(np.flatnonzero(~cold_rows)), test_ratio)
     num_warm = len(order) - len(cold)
     warm = lambda part: replace(part, item_ids=IdMap(np.arange(num_warm)))  # noqa: E731
-    return ColdSplit(warm(full_train), warm(warm_test), renumbered.subset(np.flatnonzero(cold_rows)), full_train, order, num_warm)
+    return ColdSplit(
+        warm(full_train), warm(warm_test), renumbered.subset(np.flatnonzero(cold_rows)), full_train, order, num_warm
+    )
 
 
 def rank_metrics(score_fn, test, candidates, train=None):
@@ -179,8 +190,13 @@ def build(kind: str, split: ColdSplit, vectors: torch.Tensor, dim: int = DIM) ->
     """A DotModel over the warm catalogue; ``vectors`` are the text vectors of every item of ``split``."""
     torch.manual_seed(0)
     text = kind != "id"
-    config = DotConfig(num_users=split.train.num_users, num_items=split.num_warm, dim=dim,
-                       item_feature_dim=vectors.shape[1] if text else None, item_hybrid=kind == "hybrid")
+    config = DotConfig(
+        num_users=split.train.num_users,
+        num_items=split.num_warm,
+        dim=dim,
+        item_feature_dim=vectors.shape[1] if text else None,
+        item_hybrid=kind == "hybrid",
+    )
     return DotModel(config, item_features=vectors[: split.num_warm].clone() if text else None)
 
 
@@ -199,7 +215,15 @@ def inner_split(split: ColdSplit, vectors: torch.Tensor):
     return inner, vectors[: split.num_warm][inner.order]
 
 
-def select(kind: str, split: ColdSplit, vectors: torch.Tensor, train_fields: dict, dim: int = DIM, epochs: int = EPOCHS, keep: bool = False):
+def select(
+    kind: str,
+    split: ColdSplit,
+    vectors: torch.Tensor,
+    train_fields: dict,
+    dim: int = DIM,
+    epochs: int = EPOCHS,
+    keep: bool = False,
+):
     """Validation on a cold split of ``split.train`` (never its test data): trains up to
     ``epochs``, keeping the epoch of the best warm validation NDCG@K. Returns that epoch
     and a note with the validation (cold, warm) figures and the time taken (and with
@@ -212,8 +236,11 @@ def select(kind: str, split: ColdSplit, vectors: torch.Tensor, train_fields: dic
     best = max(history, key=lambda record: record[f"ndcg@{K}"])  # fit restored this epoch's weights
     kept = copy.deepcopy(model) if keep else None
     cold, warm = evaluate_split(model.eval(), inner, inner_vectors)
-    note = (f"valid warm {warm[0]:.4f} / {warm[1]:.4f}" + ("" if cold is None else f", valid cold {cold[0]:.4f} / {cold[1]:.4f}")
-            + f" at epoch {best['epoch']} of {epochs} (selection {time.perf_counter() - started:.0f} s)")
+    note = (
+        f"valid warm {warm[0]:.4f} / {warm[1]:.4f}"
+        + ("" if cold is None else f", valid cold {cold[0]:.4f} / {cold[1]:.4f}")
+        + f" at epoch {best['epoch']} of {epochs} (selection {time.perf_counter() - started:.0f} s)"
+    )
     print(kind, dim, train_fields, note, flush=True)
     return (best["epoch"], note, kept) if keep else (best["epoch"], note)
 
@@ -230,7 +257,16 @@ def select_and_train(kind: str, split: ColdSplit, vectors: torch.Tensor, train_f
     return cold, warm, seconds, note
 
 
-def lora_fit(model: DotModel, data: Interactions, texts: list[str], epochs: int, model_path, valid=None, lora=LORA, train_fields=LORA_TRAIN):
+def lora_fit(
+    model: DotModel,
+    data: Interactions,
+    texts: list[str],
+    epochs: int,
+    model_path,
+    valid=None,
+    lora=LORA,
+    train_fields=LORA_TRAIN,
+):
     """Fine-tunes a trained hybrid ``model`` through a fresh MiniLM with LoRA adapters
     (warm start: the adapters start as the identity); returns the tuned encoder and fit's history."""
     encoder = TextEncoder.from_pretrained(model_path, **ENCODER)
@@ -242,11 +278,24 @@ def lora_fit(model: DotModel, data: Interactions, texts: list[str], epochs: int,
 
 def lora_vectors(model: DotModel, encoder: TextEncoder, texts: list[str], num_warm: int) -> torch.Tensor:
     """Every item's vector after fine-tuning: the warm ones fit wrote into the model, the cold ones encoded now."""
-    return torch.cat([model.item_repr.features.detach().clone(), encoder.encode(texts[num_warm:], batch_size=LORA["batch_size"], progress=False)])
+    return torch.cat(
+        [
+            model.item_repr.features.detach().clone(),
+            encoder.encode(texts[num_warm:], batch_size=LORA["batch_size"], progress=False),
+        ]
+    )
 
 
-def select_and_train_lora(split: ColdSplit, vectors: torch.Tensor, texts: list[str], model_path, lora=LORA, train_fields=LORA_TRAIN,
-                          epochs: int = LORA_EPOCHS, final: bool = True):
+def select_and_train_lora(
+    split: ColdSplit,
+    vectors: torch.Tensor,
+    texts: list[str],
+    model_path,
+    lora=LORA,
+    train_fields=LORA_TRAIN,
+    epochs: int = LORA_EPOCHS,
+    final: bool = True,
+):
     """The frozen hybrid (epochs chosen on validation), then LoRA epochs chosen on validation
     from that warm start, then both retrained on all of ``split.train`` and tested once.
     ``texts``: every item's text in ``split``'s numbering. Returns like :func:`select_and_train`."""
@@ -254,20 +303,36 @@ def select_and_train_lora(split: ColdSplit, vectors: torch.Tensor, texts: list[s
     inner, inner_vectors = inner_split(split, vectors)
     inner_texts = [texts[i] for i in inner.order]
     started = time.perf_counter()
-    encoder, history = lora_fit(model, inner.train, inner_texts[: inner.num_warm], epochs, model_path, valid=inner.warm_test,
-                                lora=lora, train_fields=train_fields)
+    encoder, history = lora_fit(
+        model,
+        inner.train,
+        inner_texts[: inner.num_warm],
+        epochs,
+        model_path,
+        valid=inner.warm_test,
+        lora=lora,
+        train_fields=train_fields,
+    )
     best = max(history, key=lambda record: record[f"ndcg@{K}"])  # fit restored this epoch's weights (and the encoder's)
     cold, warm = evaluate_split(model.eval(), inner, lora_vectors(model, encoder, inner_texts, inner.num_warm))
-    per_epoch = "; ".join(f"{r['epoch']}: {r[f'recall@{K}']:.4f} / {r[f'ndcg@{K}']:.4f} ({r['seconds']:.0f} s)" for r in history)
-    note = (f"hybrid {hybrid_epochs} epochs ({hybrid_note}); LoRA: valid warm {warm[0]:.4f} / {warm[1]:.4f}, valid cold {cold[0]:.4f} / "
-            f"{cold[1]:.4f} at LoRA epoch {best['epoch']} of {epochs} (warm per epoch {per_epoch}; selection {time.perf_counter() - started:.0f} s)")
+    per_epoch = "; ".join(
+        f"{r['epoch']}: {r[f'recall@{K}']:.4f} / {r[f'ndcg@{K}']:.4f} ({r['seconds']:.0f} s)" for r in history
+    )
+    note = (
+        f"hybrid {hybrid_epochs} epochs ({hybrid_note}); LoRA: valid warm {warm[0]:.4f} / {warm[1]:.4f}, valid cold "
+        f"{cold[0]:.4f} / "
+        f"{cold[1]:.4f} at LoRA epoch {best['epoch']} of {epochs} (warm per epoch {per_epoch}; selection "
+        f"{time.perf_counter() - started:.0f} s)"
+    )
     print("lora", lora, train_fields, note, flush=True)
     if not final:
         return None, None, 0.0, note
     started = time.perf_counter()
     model = build("hybrid", split, vectors)
     fit(model, split.train, TrainConfig(**TRAIN, epochs=hybrid_epochs, progress=False))
-    encoder, _ = lora_fit(model, split.train, texts[: split.num_warm], best["epoch"], model_path, lora=lora, train_fields=train_fields)
+    encoder, _ = lora_fit(
+        model, split.train, texts[: split.num_warm], best["epoch"], model_path, lora=lora, train_fields=train_fields
+    )
     seconds = time.perf_counter() - started
     cold, warm = evaluate_split(model.eval(), split, lora_vectors(model, encoder, texts, split.num_warm))
     return cold, warm, seconds, note
@@ -282,14 +347,19 @@ def verdict(rows) -> list[str]:
         if not name.startswith("DotModel, MiniLM") or cold is None:
             continue
         if id_warm is None:
-            lines.append(f"- {name}: cold Recall@{K} {cold[0]:.4f} = {cold[0] / random_recall:.1f}x random; warm {warm[0]:.4f} / {warm[1]:.4f} "
-                         "(the ID-only row did not run)")
+            lines.append(
+                f"- {name}: cold Recall@{K} {cold[0]:.4f} = {cold[0] / random_recall:.1f}x random; warm "
+                f"{warm[0]:.4f} / {warm[1]:.4f} "
+                "(the ID-only row did not run)"
+            )
             continue
         cold_ok = cold[0] >= 2 * random_recall
         warm_ok = warm[0] >= id_warm[0] and warm[1] >= id_warm[1]
         lines.append(
-            f"- {name}: cold Recall@{K} {cold[0]:.4f} = {cold[0] / random_recall:.1f}x random ({'met' if cold_ok else 'missed'}); "
-            f"warm {warm[0]:.4f} / {warm[1]:.4f} vs ID-only {id_warm[0]:.4f} / {id_warm[1]:.4f} ({'met' if warm_ok else 'missed'}): "
+            f"- {name}: cold Recall@{K} {cold[0]:.4f} = {cold[0] / random_recall:.1f}x random "
+            f"({'met' if cold_ok else 'missed'}); "
+            f"warm {warm[0]:.4f} / {warm[1]:.4f} vs ID-only {id_warm[0]:.4f} / {id_warm[1]:.4f} "
+            f"({'met' if warm_ok else 'missed'}): "
             f"targets {'MET' if cold_ok and warm_ok else 'MISSED'}"
         )
     return lines
@@ -302,10 +372,15 @@ def main():
         default="ml-latest-small",
         help="a MovieLens name (read from $RANKFAST_DATA, downloaded there if missing) or directory",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{datetime.date.today()}-cold-start.md")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / f"{datetime.date.today()}-cold-start.md"
+    )
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "rankfast-cache")
-    parser.add_argument("--models", default=",".join([*KINDS.values(), "lora"]),
-                        help="comma-separated rows to train: id, text, hybrid, lora (random and popularity always run)")
+    parser.add_argument(
+        "--models",
+        default=",".join([*KINDS.values(), "lora"]),
+        help="comma-separated rows to train: id, text, hybrid, lora (random and popularity always run)",
+    )
     args = parser.parse_args()
     models = args.models.split(",")
     unknown = set(models) - {*KINDS.values(), "lora"}
@@ -326,8 +401,15 @@ def main():
     random_scores = lambda users: torch.rand(len(users), len(split.order), generator=gen)  # noqa: E731
     popularity = table_ranker(Popularity(split.full_train).score)
     rows.append(("random", rank_metrics(table_ranker(random_scores), split.cold_test, split.cold_items), None, 0.0, ""))
-    rows.append(("popularity", rank_metrics(popularity, split.cold_test, split.cold_items),
-                 rank_metrics(popularity, split.warm_test, split.warm_items, split.train), 0.0, ""))
+    rows.append(
+        (
+            "popularity",
+            rank_metrics(popularity, split.cold_test, split.cold_items),
+            rank_metrics(popularity, split.warm_test, split.warm_items, split.train),
+            0.0,
+            "",
+        )
+    )
     for name, kind in KINDS.items():
         if kind in models:
             rows.append((f"DotModel, {name}", *select_and_train(kind, split, vectors, TRAIN)))
@@ -341,17 +423,29 @@ def main():
         f"- Date: {datetime.date.today()}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"load average at the start {load_start:.1f} / at the end {os.getloadavg()[0]:.1f}",
         f"- {len(split.cold_items)} cold items (10%, seed 0) with {len(split.cold_test)} test interactions of "
-        f"{len(np.unique(split.cold_test.users))} users; warm: {len(split.train)} training / {len(split.warm_test)} test interactions",
-        f"- Training: DotModel dim {DIM}, {TRAIN}, up to {EPOCHS} epochs; epoch count chosen on validation (see the notes column), "
+        f"{len(np.unique(split.cold_test.users))} users; warm: {len(split.train)} training / {len(split.warm_test)} "
+        "test interactions",
+        f"- Training: DotModel dim {DIM}, {TRAIN}, up to {EPOCHS} epochs; epoch count chosen on validation (see the "
+        "notes column), "
         "then retrained on all training data; seconds: the final training",
-        *([f"- LoRA: from the trained frozen hybrid, {LORA_TRAIN}, {LORA}, up to {LORA_EPOCHS} epochs chosen on validation; "
-           "seconds: final hybrid training plus final LoRA fine-tuning"] if "lora" in models else []),
+        *(
+            [
+                f"- LoRA: from the trained frozen hybrid, {LORA_TRAIN}, {LORA}, up to {LORA_EPOCHS} epochs chosen on "
+                "validation; "
+                "seconds: final hybrid training plus final LoRA fine-tuning"
+            ]
+            if "lora" in models
+            else []
+        ),
         f"- Rows trained in this run: {', '.join(models)}",
         "",
-        f"| model | cold Recall@{K} | cold NDCG@{K} | warm Recall@{K} | warm NDCG@{K} | train seconds | validation (Recall@{K} / NDCG@{K}) |",
+        f"| model | cold Recall@{K} | cold NDCG@{K} | warm Recall@{K} | warm NDCG@{K} | train seconds | validation "
+        f"(Recall@{K} / NDCG@{K}) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {fmt(cold)} | {fmt(warm)} | {seconds:.0f} | {note} |" for name, cold, warm, seconds, note in rows]
+    lines += [
+        f"| {name} | {fmt(cold)} | {fmt(warm)} | {seconds:.0f} | {note} |" for name, cold, warm, seconds, note in rows
+    ]
     lines += ["", *verdict(rows)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -36,8 +36,8 @@ CPU through Triton's interpreter (a check that the file works, not a benchmark).
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from unittest import mock
 
 import pytest
@@ -50,13 +50,13 @@ if not HAS_CUDA:
         pytest.skip("GPU benchmarks (BENCH_SMALL=1 runs a tiny CPU smoke version)", allow_module_level=True)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from memory import peak_memory  # noqa: E402
-
 import rankfast  # noqa: E402
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig  # noqa: E402
 from rankfast.models.attention import history_mask  # noqa: E402
 from rankfast.scoring import BACKEND_ENV  # noqa: E402
 from rankfast.scoring.backends.fused import model_scores, model_topk, training_scores  # noqa: E402
+
+from memory import peak_memory  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # fp32 cases: TF32 tensor cores for every implementation (eager, torch.compile and the kernels,
@@ -104,7 +104,7 @@ def eager_mlp(model, users, items):
 def mlp_flops(hidden, pairs):
     """Per pair: the split first layer's add + activation is not matmul work; then H1*H2 ... and the output."""
     widths = list(hidden) + [1]
-    return pairs * sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+    return pairs * sum(2 * a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
 
 
 def mlp_case(dtype):
@@ -134,8 +134,12 @@ def mlp_case(dtype):
         _close(comp(), want, "torch.compile vs eager", rtol)
 
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return Case(f"mlp {name} B={b} N={n}", {"rankfast": ours, "eager": eager, "torch.compile": comp}, check,
-                flops=mlp_flops(hidden, b * n))
+    return Case(
+        f"mlp {name} B={b} N={n}",
+        {"rankfast": ours, "eager": eager, "torch.compile": comp},
+        check,
+        flops=mlp_flops(hidden, b * n),
+    )
 
 
 # --- DIN scoring ---------------------------------------------------------------------------
@@ -195,11 +199,12 @@ def din_case(dtype=torch.bfloat16):
 
     # Per (pair, history item): the h*q term D -> A1 and the unit's other layers; per pair: pooled @ Wp and the tower.
     unit_w = [D, *unit, 1]
-    per_item = sum(2 * x * y for x, y in zip(unit_w[:-1], unit_w[1:])) + 2 * 2 * D  # + softmax-weighted sum
+    per_item = (
+        sum(2 * x * y for x, y in zip(unit_w[:-1], unit_w[1:], strict=True)) + 2 * 2 * D
+    )  # + softmax-weighted sum
     per_pair = 2 * D * hidden[0] + mlp_flops(hidden, 1)
     impls = {"rankfast": ours, "rankfast-factorized": factorized, "eager": eager, "torch.compile": comp}
-    return Case(f"din bf16 B={b} N={n} L={length}", impls, check,
-                flops=b * n * (length * per_item + per_pair))
+    return Case(f"din bf16 B={b} N={n} L={length}", impls, check, flops=b * n * (length * per_item + per_pair))
 
 
 # --- score + top-K ---------------------------------------------------------------------------
@@ -234,9 +239,12 @@ def topk_case(dtype=torch.bfloat16, k=100):
         _close(values, eager().values, "fused vs eager top-K values", 2e-2)
         _close(comp().values, eager().values, "torch.compile vs eager top-K values", 2e-2)
 
-    return Case(f"score+topk mlp bf16 B={b} N={n} k={k}",
-                {"rankfast": ours, "rankfast-unfused": unfused, "eager": eager, "torch.compile": comp}, check,
-                flops=mlp_flops(hidden, b * n))
+    return Case(
+        f"score+topk mlp bf16 B={b} N={n} k={k}",
+        {"rankfast": ours, "rankfast-unfused": unfused, "eager": eager, "torch.compile": comp},
+        check,
+        flops=mlp_flops(hidden, b * n),
+    )
 
 
 # --- training step ---------------------------------------------------------------------------
@@ -262,10 +270,14 @@ def train_impls(model, eager_fn, args, target):
             loss = torch.nn.functional.cross_entropy(fn(m, *args).float(), target)
             loss.backward()
             return loss.detach()
+
         return run
 
-    impls = {"rankfast": step(model, training_scores), "eager": step(model, eager_fn),
-             "torch.compile": step(model, torch.compile(eager_fn))}
+    impls = {
+        "rankfast": step(model, training_scores),
+        "eager": step(model, eager_fn),
+        "torch.compile": step(model, torch.compile(eager_fn)),
+    }
 
     def flat_grads(m):
         return torch.cat([p.grad.double().reshape(-1) for p in m.parameters()])
@@ -297,8 +309,9 @@ def train_case(kind, dtype=torch.bfloat16):
     users, items = torch.arange(b, device=DEVICE), torch.arange(n, device=DEVICE)
     target = torch.arange(b, device=DEVICE) % n  # each user's positive among the shared candidates
     impls, check = train_impls(model, eager_fn, (users, items), target)
-    return Case(f"train {kind} bf16 B={b} N={n}", impls, check,
-                flops=3 * mlp_flops((256, 128), b * n))  # forward + two backward matmuls per layer
+    return Case(
+        f"train {kind} bf16 B={b} N={n}", impls, check, flops=3 * mlp_flops((256, 128), b * n)
+    )  # forward + two backward matmuls per layer
 
 
 def train_din_case(dtype=torch.bfloat16):

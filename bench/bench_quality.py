@@ -39,7 +39,16 @@ from rankfast import datasets
 from rankfast.baselines import EASE, Popularity
 from rankfast.data import history_features, temporal_split
 from rankfast.evaluate import evaluate
-from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF, NeuMFConfig
+from rankfast.models import (
+    AttentionConfig,
+    AttentionModel,
+    DotConfig,
+    DotModel,
+    MLPConfig,
+    MLPModel,
+    NeuMF,
+    NeuMFConfig,
+)
 from rankfast.train import TrainConfig, fit
 
 
@@ -50,6 +59,7 @@ def rankfast_version():
         return version("rankfast")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "(source tree)"
+
 
 REPO = Path(__file__).resolve().parents[1]
 #: Each user's last 10% of training interactions: the validation split for model selection.
@@ -63,31 +73,69 @@ MODELS = {
         DotModel,
         DotConfig,
         {"dim": 256},
-        {"epochs": 30, "loss": "softmax", "negatives": "all", "lr": 0.1, "weight_decay": 0.3, "batch_size": 8192, "patience": None},
+        {
+            "epochs": 30,
+            "loss": "softmax",
+            "negatives": "all",
+            "lr": 0.1,
+            "weight_decay": 0.3,
+            "batch_size": 8192,
+            "patience": None,
+        },
     ),
     "DotModel (history)": (
         DotModel,
         DotConfig,
         {"dim": 256},
-        {"epochs": 30, "loss": "softmax", "negatives": "all", "lr": 0.03, "weight_decay": 0.0, "batch_size": 8192, "patience": None},
+        {
+            "epochs": 30,
+            "loss": "softmax",
+            "negatives": "all",
+            "lr": 0.03,
+            "weight_decay": 0.0,
+            "batch_size": 8192,
+            "patience": None,
+        },
     ),
     "MLPModel": (
         MLPModel,
         MLPConfig,
         {"dim": 64, "hidden": (128, 64)},
-        {"epochs": 15, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
+        {
+            "epochs": 15,
+            "loss": "softmax",
+            "negatives": "popularity",
+            "negative_alpha": 1.0,
+            "num_negatives": 32,
+            "lr": 3e-3,
+        },
     ),
     "NeuMF": (
         NeuMF,
         NeuMFConfig,
         {"dim": 32, "hidden": (64, 32)},
-        {"epochs": 12, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "lr": 3e-3},
+        {
+            "epochs": 12,
+            "loss": "softmax",
+            "negatives": "popularity",
+            "negative_alpha": 1.0,
+            "num_negatives": 32,
+            "lr": 3e-3,
+        },
     ),
     "AttentionModel": (
         AttentionModel,
         AttentionConfig,
         {"dim": 32, "hidden": (64,), "unit_hidden": (32,)},
-        {"epochs": 6, "loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 16, "lr": 3e-3, "max_history": 20},
+        {
+            "epochs": 6,
+            "loss": "softmax",
+            "negatives": "popularity",
+            "negative_alpha": 1.0,
+            "num_negatives": 16,
+            "lr": 3e-3,
+            "max_history": 20,
+        },
     ),
 }
 
@@ -109,8 +157,10 @@ def verdict(rows) -> str:
         return "Target: not assessed (needs EASE^R and at least one model)."
     best = max(models, key=lambda r: (r[1] >= ease[1] and r[2] >= ease[2], r[2]))
     met = best[1] >= ease[1] and best[2] >= ease[2]
-    return (f"Target (best model at or above EASE^R on Recall@20 and NDCG@20): {'met' if met else 'MISSED'}; "
-            f"best model {best[0]} {best[1]:.4f} / {best[2]:.4f} vs EASE^R {ease[1]:.4f} / {ease[2]:.4f}.")
+    return (
+        f"Target (best model at or above EASE^R on Recall@20 and NDCG@20): {'met' if met else 'MISSED'}; "
+        f"best model {best[0]} {best[1]:.4f} / {best[2]:.4f} vs EASE^R {ease[1]:.4f} / {ease[2]:.4f}."
+    )
 
 
 def main():
@@ -130,13 +180,20 @@ def main():
 
     def report(name, metrics, seconds, note=""):
         rows.append((name, metrics["recall@20"], metrics["ndcg@20"], seconds, note))
-        print(f"{name:18s} Recall@20 {metrics['recall@20']:.4f}  NDCG@20 {metrics['ndcg@20']:.4f}  {seconds:7.1f} s  {note}", flush=True)
+        print(
+            f"{name:18s} Recall@20 {metrics['recall@20']:.4f}  NDCG@20 {metrics['ndcg@20']:.4f}  {seconds:7.1f} s  "
+            f"{note}",
+            flush=True,
+        )
 
     recency = HISTORY_USERS["DotModel (history)"]
     baselines = (
         ("popularity", lambda: Popularity(train)),
         (YARDSTICK, lambda: EASE(train, lam=100.0)),
-        (f"{YARDSTICK}, recency-weighted history (reference)", lambda: EASE(train, lam=100.0, history=history_features(train, **recency))),
+        (
+            f"{YARDSTICK}, recency-weighted history (reference)",
+            lambda: EASE(train, lam=100.0, history=history_features(train, **recency)),
+        ),
     )
     for name, build in baselines:
         started = time.perf_counter()
@@ -152,7 +209,9 @@ def main():
             torch.manual_seed(0)
             if name not in HISTORY_USERS:
                 return model_cls(config_cls(num_users=train.num_users, num_items=train.num_items, **fields))
-            config = config_cls(num_users=train.num_users, num_items=train.num_items, user_feature_dim=train.num_items, **fields)
+            config = config_cls(
+                num_users=train.num_users, num_items=train.num_items, user_feature_dim=train.num_items, **fields
+            )
             return model_cls(config, user_features=history_features(data))
 
         def serve(model, data):
@@ -160,7 +219,8 @@ def main():
             if name not in HISTORY_USERS:
                 return ""
             model.user_repr.set_features(history_features(data, **HISTORY_USERS[name]))
-            return f"; scored with history_features(half_life={HISTORY_USERS[name]['half_life']}, floor={HISTORY_USERS[name]['floor']})"
+            weighting = HISTORY_USERS[name]
+            return f"; scored with history_features(half_life={weighting['half_life']}, floor={weighting['floor']})"
 
         # 1. Choose the epoch count on the validation split (carved from train).
         options = {"batch_size": 1024, "patience": PATIENCE, **training}
@@ -182,9 +242,13 @@ def main():
         fit(model, train, final)
         seconds = time.perf_counter() - started
         serving = serve(model, train)
-        report(name, evaluate(model, train, test, ks=(20,), max_history=config.max_history, progress=False), seconds,
-               f"valid NDCG@20 {best['ndcg@20']:.4f} at epoch {best['epoch']} of {len(history)}{served} "
-               f"(selection run {select_seconds:.0f} s); {fields}; {training}{serving}")
+        report(
+            name,
+            evaluate(model, train, test, ks=(20,), max_history=config.max_history, progress=False),
+            seconds,
+            f"valid NDCG@20 {best['ndcg@20']:.4f} at epoch {best['epoch']} of {len(history)}{served} "
+            f"(selection run {select_seconds:.0f} s); {fields}; {training}{serving}",
+        )
 
     lines = [
         "# Quality: ml-latest-small, per-user temporal 80/20, full ranking",
@@ -195,7 +259,8 @@ def main():
         "",
         "Model selection never sees the test split. Each user's last 10% of training interactions "
         "(by time) are a validation split; a model trains on the rest with early stopping on validation "
-        f"NDCG@20 (patience {PATIENCE} epochs unless the notes say otherwise), then is retrained from scratch on the whole training split for the "
+        f"NDCG@20 (patience {PATIENCE} epochs unless the notes say otherwise), then is retrained from scratch on the "
+        "whole training split for the "
         "best epoch count, and that model alone is evaluated on the test split. Hyperparameters were chosen "
         "on the validation split. seconds: fitting (baselines) or the final retraining (models); the "
         "selection run's time is in the notes.",

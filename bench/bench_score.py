@@ -23,16 +23,17 @@ BENCH_SMALL=1 shrinks every case (a quick check that the file runs).
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-from memory import peak_memory
 
 import rankfast
 from rankfast.models import AttentionConfig, AttentionModel, MLPConfig, MLPModel
 from rankfast.models.attention import history_mask
+
+from memory import peak_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SMALL = os.environ.get("BENCH_SMALL") == "1"

@@ -34,8 +34,10 @@ def main():
         users = rng.choice(data.num_users, args.users, replace=False)
         slots = np.concatenate([history[u, : lengths[u]] for u in users])
         distinct = len(np.unique(slots))
-        print(f"{args.users} users, last {args.length} items: {len(slots)} slots, {distinct} distinct items, "
-              f"{len(slots) / distinct:.2f} slots per item")
+        print(
+            f"{args.users} users, last {args.length} items: {len(slots)} slots, {distinct} distinct items, "
+            f"{len(slots) / distinct:.2f} slots per item"
+        )
 
 
 if __name__ == "__main__":

@@ -26,12 +26,17 @@ def environment(machine_info: dict) -> list[str]:
     import numpy
     import torch
 
-    lines = [f"- CPU: {machine_info.get('cpu', {}).get('brand_raw', platform.processor())}, "
-             f"{machine_info.get('cpu', {}).get('count', '?')} logical cores"]
+    lines = [
+        f"- CPU: {machine_info.get('cpu', {}).get('brand_raw', platform.processor())}, "
+        f"{machine_info.get('cpu', {}).get('count', '?')} logical cores"
+    ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         driver = _command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        lines.append(f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, driver {driver or 'unknown'}, CUDA {torch.version.cuda}")
+        lines.append(
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, driver {driver or 'unknown'}, CUDA "
+            f"{torch.version.cuda}"
+        )
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}"
     try:
         import triton
@@ -87,8 +92,9 @@ def table(benchmarks: list[dict]) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, nargs="+",
-                        help="file(s) written by pytest --benchmark-json (several: one table, in order)")
+    parser.add_argument(
+        "json", type=Path, nargs="+", help="file(s) written by pytest --benchmark-json (several: one table, in order)"
+    )
     parser.add_argument("--title", required=True)
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
     parser.add_argument("--note", default="", help="a paragraph to put under the table")
@@ -99,8 +105,10 @@ def main():
     date = data["datetime"][:10]
     lines = [f"# {args.title}", "", f"- Date: {date}", *environment(data["machine_info"]), ""]
     rounds = sorted({b["stats"]["rounds"] for b in data["benchmarks"]})
-    lines.append(f"Medians of {', '.join(map(str, rounds))} rounds after a warm-up round; "
-                 "speedup = baseline median / rankfast median, same run.")
+    lines.append(
+        f"Medians of {', '.join(map(str, rounds))} rounds after a warm-up round; "
+        "speedup = baseline median / rankfast median, same run."
+    )
     lines += ["", *table(data["benchmarks"])]
     if args.note:
         lines += ["", args.note]

@@ -38,7 +38,9 @@ def create_app(model_dir: str) -> Starlette:
         except json.JSONDecodeError:
             return JSONResponse({"error": "body: expected JSON"}, status_code=400)
         if not isinstance(body, dict) or "users" not in body or set(body) - set(FIELDS):
-            return JSONResponse({"error": f"body: expected an object with users and optionally {FIELDS[1:]}"}, status_code=400)
+            return JSONResponse(
+                {"error": f"body: expected an object with users and optionally {FIELDS[1:]}"}, status_code=400
+            )
         try:
             results = await run_in_threadpool(ranker.score, **body)
         except (KeyError, ValueError, TypeError) as err:

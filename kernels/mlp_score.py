@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 from rankfast.kernels import topk as topk_mod
-from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
@@ -56,6 +55,7 @@ from rankfast.kernels._common import (
     padded_t,
     padded_vec,
 )
+from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
 
@@ -67,15 +67,19 @@ def _configs(backward: bool):
     if backward:
         # Several users per tile sum their item-row gradients in registers before the
         # atomics (shared candidates), at the cost of more user-row atomics: timed, not assumed.
-        out = [triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
-               triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 4}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 8}, num_warps=8, num_stages=2)]
+        out = [
+            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 4}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 8}, num_warps=8, num_stages=2),
+        ]
     else:  # a few candidates: every one is compiled and timed per new shape
-        out = [triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
-               triton.Config({"BLOCK_P": 64, "BJ": 64, "TILE_U": 1}, num_warps=4, num_stages=3),
-               triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
-               triton.Config({"BLOCK_P": 128, "BJ": 64, "TILE_U": 1}, num_warps=8, num_stages=3)]
+        out = [
+            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_P": 64, "BJ": 64, "TILE_U": 1}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_P": 128, "BJ": 64, "TILE_U": 1}, num_warps=8, num_stages=3),
+        ]
     return configs(out, out[0])
 
 
@@ -128,9 +132,23 @@ def _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P: tl.constexpr, HAS_POOL: tl
 
 
 @triton.jit
-def _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2,
-        H1P: tl.constexpr, H2P: tl.constexpr, BJ1: tl.constexpr, BLOCK_P: tl.constexpr,
-        ACT: tl.constexpr, PREC: tl.constexpr):
+def _h2(
+    a_row,
+    c_row,
+    rmask,
+    H1,
+    pooled,
+    WP,
+    HAS_POOL: tl.constexpr,
+    W2,
+    B2,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    BJ1: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Second hidden layer at full width: ``(z2, act(z2))``, ``[BLOCK_P, H2P]`` fp32."""
     c2 = tl.arange(0, H2P)
     acc = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
@@ -144,9 +162,32 @@ def _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2,
 
 
 @triton.jit
-def _mlp_pairs(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL: tl.constexpr, W2, B2, W3, B3, W4, B4, WO,
-               NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
-               BJ1: tl.constexpr, BJ3: tl.constexpr, BLOCK_P: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+def _mlp_pairs(
+    a_row,
+    c_row,
+    rmask,
+    H1,
+    pooled,
+    WP,
+    HAS_POOL: tl.constexpr,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32."""
     score = tl.zeros([BLOCK_P], dtype=tl.float32)
     if NL == 1:
@@ -191,17 +232,78 @@ def _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP: tl.constexpr):
 @triton.heuristics(_tile_heuristics())
 @triton.jit
 def _mlp_fwd_kernel(
-    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, BO, OUT,
-    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_ob, N_KEY,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    BJ1: tl.constexpr, BJ3: tl.constexpr, TILE_U: tl.constexpr,
+    A,
+    C,
+    IDX,
+    GU,
+    GI,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    BO,
+    OUT,
+    B,
+    N,
+    H1,
+    G,
+    stride_a,
+    stride_c,
+    stride_ib,
+    stride_in,
+    stride_gu,
+    stride_gi,
+    stride_ob,
+    N_KEY,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    GP: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    HAS_GMF: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BJ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+    TILE_U: tl.constexpr,
 ):
     pid = tl.program_id(0)
     _, _, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-    score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, rmask, H1, 0.0, WO, False, W2, B2, W3, B3, W4, B4, WO,
-                       NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_P, ACT, PREC)
+    score = _mlp_pairs(
+        A + u64 * stride_a,
+        C + item * stride_c,
+        rmask,
+        H1,
+        0.0,
+        WO,
+        False,
+        W2,
+        B2,
+        W3,
+        B3,
+        W4,
+        B4,
+        WO,
+        NL,
+        H1P,
+        H2P,
+        H3P,
+        H4P,
+        BJ1,
+        BJ3,
+        BLOCK_P,
+        ACT,
+        PREC,
+    )
     if HAS_GMF:
         gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
         score += tl.sum(gu * gi, axis=1)
@@ -210,9 +312,27 @@ def _mlp_fwd_kernel(
 
 
 @triton.jit
-def _scatter_rows(DST, stride, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, vals, cols, ncols,
-                  BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr,
-                  PER_USER: tl.constexpr):
+def _scatter_rows(
+    DST,
+    stride,
+    rmask,
+    item,
+    pid_u,
+    pid_n,
+    B,
+    N,
+    IDX,
+    stride_ib,
+    stride_in,
+    vals,
+    cols,
+    ncols,
+    BLOCK_U: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SHARED: tl.constexpr,
+    PER_USER: tl.constexpr,
+):
     """Atomically adds per-pair rows ``vals [BLOCK_P, W]`` into ``DST``: summed over the
     tile's candidates into user rows (``PER_USER``), else into item rows, summed
     over the tile's users when every user has the same candidates (``SHARED``)."""
@@ -234,13 +354,56 @@ def _scatter_rows(DST, stride, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, 
 
 
 @triton.jit
-def _tail_bwd(a_row, c_row, rmask, item, go, H1, pooled, WP, DWP, HAS_POOL: tl.constexpr,
-              W2, B2, W3, B3, W4, B4, WO, DA, DC, DW2, DB2, DW3, DB3, DW4, DB4, DWO,
-              pid_u, pid_n, B, N, IDX, stride_ib, stride_in,
-              NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
-              DP: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_U: tl.constexpr,
-              BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, ACT: tl.constexpr,
-              PREC: tl.constexpr):
+def _tail_bwd(
+    a_row,
+    c_row,
+    rmask,
+    item,
+    go,
+    H1,
+    pooled,
+    WP,
+    DWP,
+    HAS_POOL: tl.constexpr,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    DA,
+    DC,
+    DW2,
+    DB2,
+    DW3,
+    DB3,
+    DW4,
+    DB4,
+    DWO,
+    pid_u,
+    pid_n,
+    B,
+    N,
+    IDX,
+    stride_ib,
+    stride_in,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    DP: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SHARED: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Backward of the MLP on the tile's pairs given ``go = d score [BLOCK_P]``: atomically adds the
     gradients of every layer after the first, of ``A`` rows (users) and ``C`` rows (items), and with
     ``HAS_POOL`` of the pooled block ``WP``; returns ``d pooled [BLOCK_P, DP]`` (zeros without it)."""
@@ -303,8 +466,7 @@ def _tail_bwd(a_row, c_row, rmask, item, go, H1, pooled, WP, DWP, HAS_POOL: tl.c
             da1 = go[:, None] * tl.load(WO + cj)[None, :]
         else:
             w2 = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
-            tl.atomic_add(DW2 + cj[:, None] * H2P + c2[None, :],
-                          dot(tl.trans(cast(a1, w2.dtype)), dz2c, PREC=PREC))
+            tl.atomic_add(DW2 + cj[:, None] * H2P + c2[None, :], dot(tl.trans(cast(a1, w2.dtype)), dz2c, PREC=PREC))
             da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
         dz1 = da1 * act_grad(z1, ACT)
         if HAS_POOL:
@@ -312,10 +474,48 @@ def _tail_bwd(a_row, c_row, rmask, item, go, H1, pooled, WP, DWP, HAS_POOL: tl.c
             dz1c = cast(dz1, wp.dtype)
             tl.atomic_add(DWP + dd[:, None] * H1P + cj[None, :], dot(tl.trans(cast(pooled, wp.dtype)), dz1c, PREC=PREC))
             dpooled = dot(dz1c, tl.trans(wp), dpooled, PREC=PREC)
-        _scatter_rows(DA, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
-                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
-        _scatter_rows(DC, H1, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, dz1, cj, H1,
-                      BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+        _scatter_rows(
+            DA,
+            H1,
+            rmask,
+            item,
+            pid_u,
+            pid_n,
+            B,
+            N,
+            IDX,
+            stride_ib,
+            stride_in,
+            dz1,
+            cj,
+            H1,
+            BLOCK_U,
+            BLOCK_N,
+            HAS_IDX,
+            SHARED,
+            True,
+        )
+        _scatter_rows(
+            DC,
+            H1,
+            rmask,
+            item,
+            pid_u,
+            pid_n,
+            B,
+            N,
+            IDX,
+            stride_ib,
+            stride_in,
+            dz1,
+            cj,
+            H1,
+            BLOCK_U,
+            BLOCK_N,
+            HAS_IDX,
+            SHARED,
+            False,
+        )
     return dpooled
 
 
@@ -327,13 +527,62 @@ def _tail_bwd(a_row, c_row, rmask, item, go, H1, pooled, WP, DWP, HAS_POOL: tl.c
 @triton.heuristics(_tile_heuristics())
 @triton.jit
 def _mlp_bwd_kernel(
-    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, GOUT,
-    DA, DC, DGU, DGI, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
-    B, N, H1, G, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_go, N_KEY,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
-    HLP: tl.constexpr, ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, SHARED: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_P: tl.constexpr, BJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr,
-    BJ1: tl.constexpr, BJ3: tl.constexpr, TILE_U: tl.constexpr,
+    A,
+    C,
+    IDX,
+    GU,
+    GI,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    GOUT,
+    DA,
+    DC,
+    DGU,
+    DGI,
+    DW2,
+    DB2,
+    DW3,
+    DB3,
+    DW4,
+    DB4,
+    DWO,
+    DBO,
+    B,
+    N,
+    H1,
+    G,
+    stride_a,
+    stride_c,
+    stride_ib,
+    stride_in,
+    stride_gu,
+    stride_gi,
+    stride_go,
+    N_KEY,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    GP: tl.constexpr,
+    HLP: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    HAS_GMF: tl.constexpr,
+    SHARED: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BJ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+    TILE_U: tl.constexpr,
 ):
     """Persistent: program ``pid`` takes tiles pid, pid + G, ... and adds its weight and bias
     gradients into its own slot of ``DW*``/``DB*``/``DWO``/``DBO`` (``[programs, ...]``, summed on
@@ -361,14 +610,99 @@ def _mlp_bwd_kernel(
         if HAS_GMF:
             cg = tl.arange(0, GP)
             gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
-            _scatter_rows(DGU, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gi, cg,
-                          G, BLOCK_U, BLOCK_N, HAS_IDX, SHARED, True)
-            _scatter_rows(DGI, G, rmask, item, pid_u, pid_n, B, N, IDX, stride_ib, stride_in, go[:, None] * gu, cg,
-                          G, BLOCK_U, BLOCK_N, HAS_IDX, SHARED, False)
+            _scatter_rows(
+                DGU,
+                G,
+                rmask,
+                item,
+                pid_u,
+                pid_n,
+                B,
+                N,
+                IDX,
+                stride_ib,
+                stride_in,
+                go[:, None] * gi,
+                cg,
+                G,
+                BLOCK_U,
+                BLOCK_N,
+                HAS_IDX,
+                SHARED,
+                True,
+            )
+            _scatter_rows(
+                DGI,
+                G,
+                rmask,
+                item,
+                pid_u,
+                pid_n,
+                B,
+                N,
+                IDX,
+                stride_ib,
+                stride_in,
+                go[:, None] * gu,
+                cg,
+                G,
+                BLOCK_U,
+                BLOCK_N,
+                HAS_IDX,
+                SHARED,
+                False,
+            )
 
-        _tail_bwd(a_row, c_row, rmask, item, go, H1, 0.0, WO, WO, False, W2, B2, W3, B3, W4, B4, WO,
-                  DA, DC, DW2, DB2, DW3, DB3, DW4, DB4, DWO, pid_u, pid_n, B, N, IDX, stride_ib, stride_in,
-                  NL, H1P, H2P, H3P, H4P, 16, BJ1, BJ3, BLOCK_P, BLOCK_U, BLOCK_N, HAS_IDX, SHARED, ACT, PREC)
+        _tail_bwd(
+            a_row,
+            c_row,
+            rmask,
+            item,
+            go,
+            H1,
+            0.0,
+            WO,
+            WO,
+            False,
+            W2,
+            B2,
+            W3,
+            B3,
+            W4,
+            B4,
+            WO,
+            DA,
+            DC,
+            DW2,
+            DB2,
+            DW3,
+            DB3,
+            DW4,
+            DB4,
+            DWO,
+            pid_u,
+            pid_n,
+            B,
+            N,
+            IDX,
+            stride_ib,
+            stride_in,
+            NL,
+            H1P,
+            H2P,
+            H3P,
+            H4P,
+            16,
+            BJ1,
+            BJ3,
+            BLOCK_P,
+            BLOCK_U,
+            BLOCK_N,
+            HAS_IDX,
+            SHARED,
+            ACT,
+            PREC,
+        )
 
 
 def backward_programs(num_tiles: int, device: torch.device) -> int:
@@ -393,11 +727,51 @@ def _topk_configs():
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _mlp_topk_kernel(
-    A, C, IDX, GU, GI, W2, B2, W3, B3, W4, B4, WO, BO, EXCL, OUT_KEYS,
-    B, N, H1, G, K, CHUNK, stride_a, stride_c, stride_ib, stride_in, stride_gu, stride_gi, stride_e, N_KEY,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, GP: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_GMF: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-    R: tl.constexpr, SPLITS: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+    A,
+    C,
+    IDX,
+    GU,
+    GI,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    BO,
+    EXCL,
+    OUT_KEYS,
+    B,
+    N,
+    H1,
+    G,
+    K,
+    CHUNK,
+    stride_a,
+    stride_c,
+    stride_ib,
+    stride_in,
+    stride_gu,
+    stride_gi,
+    stride_e,
+    N_KEY,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    GP: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    HAS_GMF: tl.constexpr,
+    HAS_EXCL: tl.constexpr,
+    PREC: tl.constexpr,
+    R: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BJ: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
 ):
     """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in tiles of R,
     keeping the best R keys, and writes the best K to ``OUT_KEYS[b, s]``."""
@@ -414,8 +788,32 @@ def _mlp_topk_kernel(
         n = n0 + tl.arange(0, R)
         nmask = n < end
         item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-        score = _mlp_pairs(A + u64 * stride_a, C + item * stride_c, nmask, H1, 0.0, WO, False, W2, B2, W3, B3, W4,
-                           B4, WO, NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
+        score = _mlp_pairs(
+            A + u64 * stride_a,
+            C + item * stride_c,
+            nmask,
+            H1,
+            0.0,
+            WO,
+            False,
+            W2,
+            B2,
+            W3,
+            B3,
+            W4,
+            B4,
+            WO,
+            NL,
+            H1P,
+            H2P,
+            H3P,
+            H4P,
+            BJ1,
+            BJ3,
+            R,
+            ACT,
+            PREC,
+        )
         if HAS_GMF:
             gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
             score += tl.sum(gu * gi, axis=1)
@@ -460,12 +858,16 @@ def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, 
     check_split_term("c", c, dtype)
     check_device("c", c, device)
     if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
-        raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} layers after the first with one bias each, "
-                         f"got {len(weights)} weights and {len(biases)} biases")
+        raise ValueError(
+            f"weights: expected 0..{MAX_LAYERS - 1} layers after the first with one bias each, "
+            f"got {len(weights)} weights and {len(biases)} biases"
+        )
     width = a.shape[1]
-    for i, (w, b) in enumerate(zip(weights, biases)):
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
-            raise ValueError(f"weights[{i}]: expected [H, {width}] with bias [H], got {tuple(w.shape)}, {tuple(b.shape)}")
+            raise ValueError(
+                f"weights[{i}]: expected [H, {width}] with bias [H], got {tuple(w.shape)}, {tuple(b.shape)}"
+            )
         check_device(f"weights[{i}]", w, device)
         width = w.shape[0]
     widths = [a.shape[1]] + [w.shape[0] for w in weights]
@@ -483,8 +885,13 @@ def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, 
     if (gu is None) != (gi is None):
         raise ValueError("gu, gi: give both GMF inputs or neither")
     if gu is not None:
-        if gu.dim() != 2 or gi.dim() != 2 or gu.shape[0] != a.shape[0] or gi.shape[0] != c.shape[0] \
-                or gu.shape[1] != gi.shape[1]:
+        if (
+            gu.dim() != 2
+            or gi.dim() != 2
+            or gu.shape[0] != a.shape[0]
+            or gi.shape[0] != c.shape[0]
+            or gu.shape[1] != gi.shape[1]
+        ):
             raise ValueError(f"gu, gi: expected [B, G] and [M, G], got {tuple(gu.shape)} and {tuple(gi.shape)}")
         if gu.shape[1] > MAX_WIDTH:
             raise ValueError(f"gu: GMF width up to {MAX_WIDTH} is supported, got {gu.shape[1]}")
@@ -530,11 +937,42 @@ def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activati
         return (triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _mlp_fwd_kernel[grid](
-        a, c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo, bo, out,
-        B, N, a.shape[1], prep.g, a.stride(0), c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0), out.stride(0),
+        a,
+        c,
+        idx_t,
+        gu_t,
+        gi_t,
+        prep.w[0],
+        prep.b[0],
+        prep.w[1],
+        prep.b[1],
+        prep.w[2],
+        prep.b[2],
+        prep.wo,
+        bo,
+        out,
+        B,
+        N,
+        a.shape[1],
+        prep.g,
+        a.stride(0),
+        c.stride(0),
+        sib,
+        sin,
+        gu_t.stride(0),
+        gi_t.stride(0),
+        out.stride(0),
         _n_key(N),
-        NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, ACT=act,
-        HAS_IDX=idx is not None, HAS_GMF=gu is not None, PREC=precision,
+        NL=prep.nl,
+        H1P=prep.h1p,
+        H2P=prep.h2p,
+        H3P=prep.h3p,
+        H4P=prep.h4p,
+        GP=prep.gp,
+        ACT=act,
+        HAS_IDX=idx is not None,
+        HAS_GMF=gu is not None,
+        PREC=precision,
     )
     return out
 
@@ -559,36 +997,100 @@ def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, a
     dwo = torch.zeros(slots, hlp, **f32)
     dbo = torch.zeros(slots, **f32)
     if B and N:
+
         def grid(meta):
             return (backward_programs(triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]), a.device),)
 
         _mlp_bwd_kernel[grid](
-            a_c, c_c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo,
-            grad, da, dc, dgu, dgi, dws[0], dbs[0], dws[1], dbs[1], dws[2], dbs[2], dwo, dbo,
-            B, N, a.shape[1], prep.g, a_c.stride(0), c_c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0),
-            grad.stride(0), _n_key(N),
-            NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, HLP=hlp, ACT=act,
-            HAS_IDX=idx is not None, HAS_GMF=gu is not None, SHARED=shared, PREC=precision,
+            a_c,
+            c_c,
+            idx_t,
+            gu_t,
+            gi_t,
+            prep.w[0],
+            prep.b[0],
+            prep.w[1],
+            prep.b[1],
+            prep.w[2],
+            prep.b[2],
+            prep.wo,
+            grad,
+            da,
+            dc,
+            dgu,
+            dgi,
+            dws[0],
+            dbs[0],
+            dws[1],
+            dbs[1],
+            dws[2],
+            dbs[2],
+            dwo,
+            dbo,
+            B,
+            N,
+            a.shape[1],
+            prep.g,
+            a_c.stride(0),
+            c_c.stride(0),
+            sib,
+            sin,
+            gu_t.stride(0),
+            gi_t.stride(0),
+            grad.stride(0),
+            _n_key(N),
+            NL=prep.nl,
+            H1P=prep.h1p,
+            H2P=prep.h2p,
+            H3P=prep.h3p,
+            H4P=prep.h4p,
+            GP=prep.gp,
+            HLP=hlp,
+            ACT=act,
+            HAS_IDX=idx is not None,
+            HAS_GMF=gu is not None,
+            SHARED=shared,
+            PREC=precision,
         )
     dws = [d.sum(0) for d in dws]
     dbs = [d.sum(0) for d in dbs]
     dwo, dbo = dwo.sum(0), dbo.sum(0, keepdim=True)
     widths = prep.widths
-    d_weights = [dws[i][: widths[i], : widths[i + 1]].t().contiguous().to(weights[i].dtype) for i in range(len(weights))]
+    d_weights = [
+        dws[i][: widths[i], : widths[i + 1]].t().contiguous().to(weights[i].dtype) for i in range(len(weights))
+    ]
     d_biases = [dbs[i][: widths[i + 1]].to(biases[i].dtype) for i in range(len(biases))]
     d_gu = None if gu is None else dgu.to(gu.dtype)
     d_gi = None if gi is None else dgi.to(gi.dtype)
-    return (da.to(a.dtype), dc.to(c.dtype), d_gu, d_gi, d_weights, d_biases,
-            dwo[: widths[-1]].to(w_out.dtype), dbo.reshape(b_out.shape).to(b_out.dtype))
+    return (
+        da.to(a.dtype),
+        dc.to(c.dtype),
+        d_gu,
+        d_gi,
+        d_weights,
+        d_biases,
+        dwo[: widths[-1]].to(w_out.dtype),
+        dbo.reshape(b_out.shape).to(b_out.dtype),
+    )
 
 
 # --- PyTorch operators -----------------------------------------------------------------
 
 
 @torch.library.custom_op("rankfast::mlp_score", mutates_args=())
-def _mlp_score_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu: torch.Tensor | None,
-                  gi: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor],
-                  w_out: torch.Tensor, b_out: torch.Tensor, activation: str, precision: str) -> torch.Tensor:
+def _mlp_score_op(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    idx: torch.Tensor | None,
+    gu: torch.Tensor | None,
+    gi: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    activation: str,
+    precision: str,
+) -> torch.Tensor:
     return _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
 
 
@@ -599,21 +1101,47 @@ def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
 
 
 @torch.library.custom_op("rankfast::mlp_score_backward", mutates_args=())
-def _mlp_score_backward_op(grad: torch.Tensor, a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None,
-                           gu: torch.Tensor | None, gi: torch.Tensor | None, weights: list[torch.Tensor],
-                           biases: list[torch.Tensor], w_out: torch.Tensor, b_out: torch.Tensor, activation: str,
-                           precision: str) -> list[torch.Tensor]:
+def _mlp_score_backward_op(
+    grad: torch.Tensor,
+    a: torch.Tensor,
+    c: torch.Tensor,
+    idx: torch.Tensor | None,
+    gu: torch.Tensor | None,
+    gi: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    activation: str,
+    precision: str,
+) -> list[torch.Tensor]:
     da, dc, dgu, dgi, dws, dbs, dwo, dbo = _mlp_backward_impl(
-        grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    return [da, dc, a.new_empty(0) if dgu is None else dgu, a.new_empty(0) if dgi is None else dgi, dwo, dbo,
-            *dws, *dbs]
+        grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision
+    )
+    return [
+        da,
+        dc,
+        a.new_empty(0) if dgu is None else dgu,
+        a.new_empty(0) if dgi is None else dgi,
+        dwo,
+        dbo,
+        *dws,
+        *dbs,
+    ]
 
 
 @_mlp_score_backward_op.register_fake
 def _(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
-    return [torch.empty_like(a), torch.empty_like(c), a.new_empty(0) if gu is None else torch.empty_like(gu),
-            a.new_empty(0) if gi is None else torch.empty_like(gi), torch.empty_like(w_out), torch.empty_like(b_out),
-            *[torch.empty_like(w) for w in weights], *[torch.empty_like(b) for b in biases]]
+    return [
+        torch.empty_like(a),
+        torch.empty_like(c),
+        a.new_empty(0) if gu is None else torch.empty_like(gu),
+        a.new_empty(0) if gi is None else torch.empty_like(gi),
+        torch.empty_like(w_out),
+        torch.empty_like(b_out),
+        *[torch.empty_like(w) for w in weights],
+        *[torch.empty_like(b) for b in biases],
+    ]
 
 
 def _setup_context(ctx, inputs, output):
@@ -627,19 +1155,32 @@ def _backward(ctx, grad):
     a, c, idx, gu, gi, w_out, b_out, *rest = ctx.saved_tensors
     nw = ctx.num_layers
     weights, biases = rest[:nw], rest[nw:]
-    outs = torch.ops.rankfast.mlp_score_backward(grad, a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
-                                                 ctx.activation, ctx.precision)
+    outs = torch.ops.rankfast.mlp_score_backward(
+        grad, a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, ctx.activation, ctx.precision
+    )
     da, dc, dgu, dgi, dwo, dbo = outs[:6]
-    dws, dbs = outs[6:6 + nw], outs[6 + nw:]
-    return (da, dc, None, None if gu is None else dgu, None if gi is None else dgi, list(dws), list(dbs), dwo, dbo,
-            None, None)
+    dws, dbs = outs[6 : 6 + nw], outs[6 + nw :]
+    return (
+        da,
+        dc,
+        None,
+        None if gu is None else dgu,
+        None if gi is None else dgi,
+        list(dws),
+        list(dbs),
+        dwo,
+        dbo,
+        None,
+        None,
+    )
 
 
 _mlp_score_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out, b_out, activation="relu",
-              precision=None):
+def mlp_score(
+    a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out, b_out, activation="relu", precision=None
+):
     """Fused scores ``[B, N]`` of ``act(a_u + c_i)`` through the rest of an MLP.
 
     Args:
@@ -659,8 +1200,9 @@ def mlp_score(a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out,
 
     Differentiable with respect to every tensor but ``idx``.
     """
-    return torch.ops.rankfast.mlp_score(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, activation,
-                                        default_precision(precision))
+    return torch.ops.rankfast.mlp_score(
+        a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, activation, default_precision(precision)
+    )
 
 
 def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
@@ -671,22 +1213,69 @@ def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, sp
     if B and N and k:
         excl_t = excl.contiguous() if excl is not None else idx_t
         _mlp_topk_kernel[(B * splits,)](
-            a, c, idx_t, gu_t, gi_t, prep.w[0], prep.b[0], prep.w[1], prep.b[1], prep.w[2], prep.b[2], prep.wo,
-            b_out.detach().reshape(1).float(), excl_t, keys,
-            B, N, a.shape[1], prep.g, k, chunk, a.stride(0), c.stride(0), sib, sin, gu_t.stride(0), gi_t.stride(0),
-            excl_t.stride(0) if excl is not None else 0, _n_key(N),
-            NL=prep.nl, H1P=prep.h1p, H2P=prep.h2p, H3P=prep.h3p, H4P=prep.h4p, GP=prep.gp, ACT=act,
-            HAS_IDX=idx is not None, HAS_GMF=gu is not None, HAS_EXCL=excl is not None, PREC=precision,
-            R=r, SPLITS=splits,
+            a,
+            c,
+            idx_t,
+            gu_t,
+            gi_t,
+            prep.w[0],
+            prep.b[0],
+            prep.w[1],
+            prep.b[1],
+            prep.w[2],
+            prep.b[2],
+            prep.wo,
+            b_out.detach().reshape(1).float(),
+            excl_t,
+            keys,
+            B,
+            N,
+            a.shape[1],
+            prep.g,
+            k,
+            chunk,
+            a.stride(0),
+            c.stride(0),
+            sib,
+            sin,
+            gu_t.stride(0),
+            gi_t.stride(0),
+            excl_t.stride(0) if excl is not None else 0,
+            _n_key(N),
+            NL=prep.nl,
+            H1P=prep.h1p,
+            H2P=prep.h2p,
+            H3P=prep.h3p,
+            H4P=prep.h4p,
+            GP=prep.gp,
+            ACT=act,
+            HAS_IDX=idx is not None,
+            HAS_GMF=gu is not None,
+            HAS_EXCL=excl is not None,
+            PREC=precision,
+            R=r,
+            SPLITS=splits,
         )
     return topk_mod.decode_keys(keys, k, w_out.dtype)
 
 
 @torch.library.custom_op("rankfast::mlp_score_topk", mutates_args=())
-def _mlp_topk_op(a: torch.Tensor, c: torch.Tensor, idx: torch.Tensor | None, gu: torch.Tensor | None,
-                 gi: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
-                 b_out: torch.Tensor, excl: torch.Tensor | None, k: int, splits: int, activation: str,
-                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_topk_op(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    idx: torch.Tensor | None,
+    gu: torch.Tensor | None,
+    gi: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    excl: torch.Tensor | None,
+    k: int,
+    splits: int,
+    activation: str,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision)
 
 
@@ -695,8 +1284,23 @@ def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activat
     return a.new_empty(a.shape[0], k, dtype=torch.int64), a.new_empty(a.shape[0], k, dtype=w_out.dtype)
 
 
-def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, gi=None, weights=(), biases=(),
-                   w_out, b_out, activation="relu", precision=None):
+def mlp_score_topk(
+    a,
+    c,
+    idx=None,
+    *,
+    k,
+    exclude_mask=None,
+    splits=0,
+    gu=None,
+    gi=None,
+    weights=(),
+    biases=(),
+    w_out,
+    b_out,
+    activation="relu",
+    precision=None,
+):
     """Each user's best ``k`` candidates ``(positions, values)``, ``[B, k]``,
     without the ``[B, N]`` scores: the rules of :func:`rankfast.topk`.
 
@@ -706,6 +1310,19 @@ def mlp_score_topk(a, c, idx=None, *, k, exclude_mask=None, splits=0, gu=None, g
     Not differentiable.
     """
     topk_mod.check_k(k)
-    return torch.ops.rankfast.mlp_score_topk(a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out,
-                                             exclude_mask, int(k), int(splits), activation,
-                                             default_precision(precision))
+    return torch.ops.rankfast.mlp_score_topk(
+        a,
+        c,
+        idx,
+        gu,
+        gi,
+        list(weights),
+        list(biases),
+        w_out,
+        b_out,
+        exclude_mask,
+        int(k),
+        int(splits),
+        activation,
+        default_precision(precision),
+    )

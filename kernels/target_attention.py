@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rankfast.kernels import topk as topk_mod
 from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
@@ -54,7 +55,6 @@ from rankfast.kernels._common import (
     padded_t,
     padded_vec,
 )
-from rankfast.kernels import topk as topk_mod
 from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, backward_programs
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
@@ -65,15 +65,39 @@ MAX_UNIT_LAYERS = 3
 def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = [triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
-           for bn, bl, bj, w in ((16, 16, 32, 4), (32, 16, 64, 8), (16, 32, 64, 8), (32, 32, 64, 8))]
+    out = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
+        for bn, bl, bj, w in ((16, 16, 32, 4), (32, 16, 64, 8), (16, 32, 64, 8), (32, 32, 64, 8))
+    ]
     return configs(out, out[0])
 
 
 @triton.jit
-def _unit_logits(q32, h, HT, ht_row, lmask, QT_tile, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-                 A1, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+def _unit_logits(
+    q32,
+    h,
+    HT,
+    ht_row,
+    lmask,
+    QT_tile,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    A1,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """DIN activation unit for every (candidate, history item) of the block: ``[BLOCK_N, BLOCK_L]`` fp32."""
     dd = tl.arange(0, DP)
     ca = tl.arange(0, A1P)
@@ -100,11 +124,44 @@ def _unit_logits(q32, h, HT, ht_row, lmask, QT_tile, WX, UW2, UB2, UW3, UB3, UWO
 
 
 @triton.jit
-def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-          D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
-          KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr,
-          A2P: tl.constexpr, A3P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-          ACT: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr = False):
+def _pool(
+    b,
+    n_item,
+    nmask,
+    LENS,
+    HIST,
+    HT,
+    Q,
+    QT,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    D,
+    A1,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    scale,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+    EXACT: tl.constexpr = False,
+):
     """The pooled history of user ``b`` for each candidate of the tile: ``[BLOCK_N, DP]`` fp32.
 
     The forward weights the history with probabilities rounded to the input dtype (a tensor-core
@@ -119,8 +176,9 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
     q32 = q.to(tl.float32)
     if KIND == 0:
         ca = tl.arange(0, A1P)
-        qt = tl.load(QT + n_item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1),
-                     other=0.0).to(tl.float32)
+        qt = tl.load(
+            QT + n_item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1), other=0.0
+        ).to(tl.float32)
     length = tl.load(LENS + b).to(tl.int32)
     acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -129,13 +187,39 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
     for l0 in range(0, length, BLOCK_L):
         ll = l0 + tl.arange(0, BLOCK_L)
         lmask = ll < length
-        h_raw = tl.load(HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
-                        mask=lmask[:, None] & dmask[None, :], other=0.0)
+        h_raw = tl.load(
+            HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
+            mask=lmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         h = h_raw.to(tl.float32)
         if KIND == 0:
             ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
-            logit = _unit_logits(q32, h, HT, ht_row, lmask, qt, WX, UW2, UB2, UW3, UB3, UWO, UBO, A1,
-                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+            logit = _unit_logits(
+                q32,
+                h,
+                HT,
+                ht_row,
+                lmask,
+                qt,
+                WX,
+                UW2,
+                UB2,
+                UW3,
+                UB3,
+                UWO,
+                UBO,
+                A1,
+                NU,
+                DP,
+                A1P,
+                A2P,
+                A3P,
+                BLOCK_N,
+                BLOCK_L,
+                ACT,
+                PREC,
+            )
         else:
             logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
         if NORMALIZE:
@@ -157,22 +241,92 @@ def _pool(b, n_item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, 
     return acc, m, denom
 
 
-@triton.autotune(configs=_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
-                                           "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX"])
+@triton.autotune(
+    configs=_configs(),
+    key=[
+        "N_KEY",
+        "KIND",
+        "NORMALIZE",
+        "NU",
+        "DP",
+        "A1P",
+        "A2P",
+        "A3P",
+        "NL",
+        "H1P",
+        "H2P",
+        "H3P",
+        "H4P",
+        "ACT",
+        "HAS_IDX",
+    ],
+)
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _attn_fwd_kernel(
-    HIST, HT, LENS, Q, QT, CQ, IDX,
-    WX, UW2, UB2, UW3, UB3, UWO, UBO,
-    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, OUT,
-    B, N, D, A1, H1, scale,
-    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
-    stride_ib, stride_in, stride_ob, N_KEY,
-    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
-    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+    HIST,
+    HT,
+    LENS,
+    Q,
+    QT,
+    CQ,
+    IDX,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    A,
+    WP,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    BO,
+    OUT,
+    B,
+    N,
+    D,
+    A1,
+    H1,
+    scale,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    stride_cq,
+    stride_a,
+    stride_ib,
+    stride_in,
+    stride_ob,
+    N_KEY,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BJ: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -181,12 +335,70 @@ def _attn_fwd_kernel(
     nmask = n < N
     b64 = b.to(tl.int64)
     item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-    pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-                   D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
-                   KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+    pooled, _, _ = _pool(
+        b,
+        item,
+        nmask,
+        LENS,
+        HIST,
+        HT,
+        Q,
+        QT,
+        WX,
+        UW2,
+        UB2,
+        UW3,
+        UB3,
+        UWO,
+        UBO,
+        D,
+        A1,
+        stride_hb,
+        stride_hl,
+        stride_tb,
+        stride_tl,
+        stride_q,
+        stride_qt,
+        scale,
+        KIND,
+        NORMALIZE,
+        NU,
+        DP,
+        A1P,
+        A2P,
+        A3P,
+        BLOCK_N,
+        BLOCK_L,
+        ACT,
+        PREC,
+    )
     a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
-    score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
-                       NL, H1P, H2P, H3P, H4P, BJ1, BJ3, BLOCK_N, ACT, PREC)
+    score = _mlp_pairs(
+        a_row,
+        CQ + item * stride_cq,
+        nmask,
+        H1,
+        pooled,
+        WP,
+        True,
+        W2,
+        B2,
+        W3,
+        B3,
+        W4,
+        B4,
+        WO,
+        NL,
+        H1P,
+        H2P,
+        H3P,
+        H4P,
+        BJ1,
+        BJ3,
+        BLOCK_N,
+        ACT,
+        PREC,
+    )
     score += tl.load(BO).to(tl.float32)
     tl.store(OUT + b64 * stride_ob + n, cast(score, OUT.dtype.element_ty), mask=nmask)
 
@@ -194,27 +406,105 @@ def _attn_fwd_kernel(
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = [triton.Config({"BLOCK_L": 16, "BJ": 32}, num_warps=4, num_stages=2),
-           triton.Config({"BLOCK_L": 32, "BJ": 64}, num_warps=8, num_stages=2)]
+    out = [
+        triton.Config({"BLOCK_L": 16, "BJ": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_L": 32, "BJ": 64}, num_warps=8, num_stages=2),
+    ]
     return configs(out, out[0])
 
 
-@triton.autotune(configs=_topk_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
-                                                "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX", "HAS_EXCL", "R"])
+@triton.autotune(
+    configs=_topk_configs(),
+    key=[
+        "N_KEY",
+        "KIND",
+        "NORMALIZE",
+        "NU",
+        "DP",
+        "A1P",
+        "A2P",
+        "A3P",
+        "NL",
+        "H1P",
+        "H2P",
+        "H3P",
+        "H4P",
+        "ACT",
+        "HAS_IDX",
+        "HAS_EXCL",
+        "R",
+    ],
+)
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _attn_topk_kernel(
-    HIST, HT, LENS, Q, QT, CQ, IDX,
-    WX, UW2, UB2, UW3, UB3, UWO, UBO,
-    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, EXCL, OUT_KEYS,
-    B, N, D, A1, H1, K, CHUNK, scale,
-    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
-    stride_ib, stride_in, stride_e, N_KEY,
-    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
-    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-    R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr,
+    HIST,
+    HT,
+    LENS,
+    Q,
+    QT,
+    CQ,
+    IDX,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    A,
+    WP,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    BO,
+    EXCL,
+    OUT_KEYS,
+    B,
+    N,
+    D,
+    A1,
+    H1,
+    K,
+    CHUNK,
+    scale,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    stride_cq,
+    stride_a,
+    stride_ib,
+    stride_in,
+    stride_e,
+    N_KEY,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    HAS_EXCL: tl.constexpr,
+    PREC: tl.constexpr,
+    R: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BJ: tl.constexpr,
+    BJ1: tl.constexpr,
     BJ3: tl.constexpr,
 ):
     """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in tiles of R."""
@@ -231,11 +521,69 @@ def _attn_topk_kernel(
         n = n0 + tl.arange(0, R)
         nmask = n < end
         item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-        pooled, _, _ = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-                       D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
-                       KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, R, BLOCK_L, ACT, PREC)
-        score = _mlp_pairs(a_row, CQ + item * stride_cq, nmask, H1, pooled, WP, True, W2, B2, W3, B3, W4, B4, WO,
-                           NL, H1P, H2P, H3P, H4P, BJ1, BJ3, R, ACT, PREC)
+        pooled, _, _ = _pool(
+            b,
+            item,
+            nmask,
+            LENS,
+            HIST,
+            HT,
+            Q,
+            QT,
+            WX,
+            UW2,
+            UB2,
+            UW3,
+            UB3,
+            UWO,
+            UBO,
+            D,
+            A1,
+            stride_hb,
+            stride_hl,
+            stride_tb,
+            stride_tl,
+            stride_q,
+            stride_qt,
+            scale,
+            KIND,
+            NORMALIZE,
+            NU,
+            DP,
+            A1P,
+            A2P,
+            A3P,
+            R,
+            BLOCK_L,
+            ACT,
+            PREC,
+        )
+        score = _mlp_pairs(
+            a_row,
+            CQ + item * stride_cq,
+            nmask,
+            H1,
+            pooled,
+            WP,
+            True,
+            W2,
+            B2,
+            W3,
+            B3,
+            W4,
+            B4,
+            WO,
+            NL,
+            H1P,
+            H2P,
+            H3P,
+            H4P,
+            BJ1,
+            BJ3,
+            R,
+            ACT,
+            PREC,
+        )
         score = cast(score + bo, HIST.dtype.element_ty).to(tl.float32)
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
@@ -243,10 +591,37 @@ def _attn_topk_kernel(
 
 
 @triton.jit
-def _unit_bwd(q32, h, ht_row, lmask, qt, ds, WX, UW2, UB2, UW3, UB3, UWO,
-              DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
-              A1, NU: tl.constexpr, DP: tl.constexpr, A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr):
+def _unit_bwd(
+    q32,
+    h,
+    ht_row,
+    lmask,
+    qt,
+    ds,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    DWX,
+    DUW2,
+    DUB2,
+    DUW3,
+    DUB3,
+    DUWO,
+    DUBO,
+    A1,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Backward of the DIN unit for one history block given ``ds = d logit [BLOCK_N, BLOCK_L]``:
     adds the unit's weight gradients atomically; returns ``(dq [BLOCK_N, DP], dh [BLOCK_L, DP],
     dqt [BLOCK_N, A1P], dht [BLOCK_L, A1P])`` (the h*q term's and the split terms' gradients)."""
@@ -299,26 +674,142 @@ def _unit_bwd(q32, h, ht_row, lmask, qt, ds, WX, UW2, UB2, UW3, UB3, UWO,
     return dq, dh, tl.sum(dz13, axis=1), tl.sum(dz13, axis=0)
 
 
-@triton.autotune(configs=_configs(), key=["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A1P", "A2P", "A3P", "NL",
-                                           "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX", "SHARED"],
-                 reset_to_zero=["DHIST", "DHT", "DQ", "DQT", "DCQ", "DWX", "DUW2", "DUB2", "DUW3", "DUB3", "DUWO",
-                                "DUBO", "DA", "DWP", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"])
+@triton.autotune(
+    configs=_configs(),
+    key=[
+        "N_KEY",
+        "KIND",
+        "NORMALIZE",
+        "NU",
+        "DP",
+        "A1P",
+        "A2P",
+        "A3P",
+        "NL",
+        "H1P",
+        "H2P",
+        "H3P",
+        "H4P",
+        "ACT",
+        "HAS_IDX",
+        "SHARED",
+    ],
+    reset_to_zero=[
+        "DHIST",
+        "DHT",
+        "DQ",
+        "DQT",
+        "DCQ",
+        "DWX",
+        "DUW2",
+        "DUB2",
+        "DUW3",
+        "DUB3",
+        "DUWO",
+        "DUBO",
+        "DA",
+        "DWP",
+        "DW2",
+        "DB2",
+        "DW3",
+        "DB3",
+        "DW4",
+        "DB4",
+        "DWO",
+        "DBO",
+    ],
+)
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _attn_bwd_kernel(
-    HIST, HT, LENS, Q, QT, CQ, IDX,
-    WX, UW2, UB2, UW3, UB3, UWO, UBO,
-    A, WP, W2, B2, W3, B3, W4, B4, WO, BO, GOUT,
-    DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
-    DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
-    B, N, D, A1, H1, scale,
-    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
-    stride_ib, stride_in, stride_go, N_KEY,
-    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
-    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr, AULP: tl.constexpr,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr, HLP: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+    HIST,
+    HT,
+    LENS,
+    Q,
+    QT,
+    CQ,
+    IDX,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    A,
+    WP,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    BO,
+    GOUT,
+    DHIST,
+    DHT,
+    DQ,
+    DQT,
+    DCQ,
+    DWX,
+    DUW2,
+    DUB2,
+    DUW3,
+    DUB3,
+    DUWO,
+    DUBO,
+    DA,
+    DWP,
+    DW2,
+    DB2,
+    DW3,
+    DB3,
+    DW4,
+    DB4,
+    DWO,
+    DBO,
+    B,
+    N,
+    D,
+    A1,
+    H1,
+    scale,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    stride_cq,
+    stride_a,
+    stride_ib,
+    stride_in,
+    stride_go,
+    N_KEY,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    AULP: tl.constexpr,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    HLP: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SHARED: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BJ: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
 ):
     """Persistent over (user b, candidate tile) work items: recomputes the forward, backpropagates
     the output MLP (gradient of the pooled history), then walks the history again: softmax (or
@@ -346,48 +837,279 @@ def _attn_bwd_kernel(
     DBO += slot
     num_n = tl.cdiv(N, BLOCK_N)
     for work in range(pid, B * num_n, num_programs):
-        _attn_bwd_item(work // num_n, work % num_n,
-                       HIST, HT, LENS, Q, QT, CQ, IDX, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-                       A, WP, W2, B2, W3, B3, W4, B4, WO, GOUT,
-                       DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
-                       DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
-                       B, N, D, A1, H1, scale,
-                       stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
-                       stride_ib, stride_in, stride_go,
-                       KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, NL, H1P, H2P, H3P, H4P, ACT, HAS_IDX, SHARED, PREC,
-                       BLOCK_N, BLOCK_L, BJ1, BJ3)
+        _attn_bwd_item(
+            work // num_n,
+            work % num_n,
+            HIST,
+            HT,
+            LENS,
+            Q,
+            QT,
+            CQ,
+            IDX,
+            WX,
+            UW2,
+            UB2,
+            UW3,
+            UB3,
+            UWO,
+            UBO,
+            A,
+            WP,
+            W2,
+            B2,
+            W3,
+            B3,
+            W4,
+            B4,
+            WO,
+            GOUT,
+            DHIST,
+            DHT,
+            DQ,
+            DQT,
+            DCQ,
+            DWX,
+            DUW2,
+            DUB2,
+            DUW3,
+            DUB3,
+            DUWO,
+            DUBO,
+            DA,
+            DWP,
+            DW2,
+            DB2,
+            DW3,
+            DB3,
+            DW4,
+            DB4,
+            DWO,
+            DBO,
+            B,
+            N,
+            D,
+            A1,
+            H1,
+            scale,
+            stride_hb,
+            stride_hl,
+            stride_tb,
+            stride_tl,
+            stride_q,
+            stride_qt,
+            stride_cq,
+            stride_a,
+            stride_ib,
+            stride_in,
+            stride_go,
+            KIND,
+            NORMALIZE,
+            NU,
+            DP,
+            A1P,
+            A2P,
+            A3P,
+            NL,
+            H1P,
+            H2P,
+            H3P,
+            H4P,
+            ACT,
+            HAS_IDX,
+            SHARED,
+            PREC,
+            BLOCK_N,
+            BLOCK_L,
+            BJ1,
+            BJ3,
+        )
 
 
 @triton.jit
 def _attn_bwd_item(
-    b, tile, HIST, HT, LENS, Q, QT, CQ, IDX, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-    A, WP, W2, B2, W3, B3, W4, B4, WO, GOUT,
-    DHIST, DHT, DQ, DQT, DCQ, DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO,
-    DA, DWP, DW2, DB2, DW3, DB3, DW4, DB4, DWO, DBO,
-    B, N, D, A1, H1, scale,
-    stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, stride_cq, stride_a,
-    stride_ib, stride_in, stride_go,
-    KIND: tl.constexpr, NORMALIZE: tl.constexpr, NU: tl.constexpr, DP: tl.constexpr,
-    A1P: tl.constexpr, A2P: tl.constexpr, A3P: tl.constexpr,
-    NL: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, H3P: tl.constexpr, H4P: tl.constexpr,
-    ACT: tl.constexpr, HAS_IDX: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BJ1: tl.constexpr, BJ3: tl.constexpr,
+    b,
+    tile,
+    HIST,
+    HT,
+    LENS,
+    Q,
+    QT,
+    CQ,
+    IDX,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    A,
+    WP,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    GOUT,
+    DHIST,
+    DHT,
+    DQ,
+    DQT,
+    DCQ,
+    DWX,
+    DUW2,
+    DUB2,
+    DUW3,
+    DUB3,
+    DUWO,
+    DUBO,
+    DA,
+    DWP,
+    DW2,
+    DB2,
+    DW3,
+    DB3,
+    DW4,
+    DB4,
+    DWO,
+    DBO,
+    B,
+    N,
+    D,
+    A1,
+    H1,
+    scale,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    stride_cq,
+    stride_a,
+    stride_ib,
+    stride_in,
+    stride_go,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A1P: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    NL: tl.constexpr,
+    H1P: tl.constexpr,
+    H2P: tl.constexpr,
+    H3P: tl.constexpr,
+    H4P: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    SHARED: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
 ):
     """The backward of user ``b`` x candidate tile ``tile`` (see ``_attn_bwd_kernel``)."""
     n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     b64 = b.to(tl.int64)
     item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-    pooled, m, denom = _pool(b, item, nmask, LENS, HIST, HT, Q, QT, WX, UW2, UB2, UW3, UB3, UWO, UBO,
-                             D, A1, stride_hb, stride_hl, stride_tb, stride_tl, stride_q, stride_qt, scale,
-                             KIND, NORMALIZE, NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC, EXACT=True)
+    pooled, m, denom = _pool(
+        b,
+        item,
+        nmask,
+        LENS,
+        HIST,
+        HT,
+        Q,
+        QT,
+        WX,
+        UW2,
+        UB2,
+        UW3,
+        UB3,
+        UWO,
+        UBO,
+        D,
+        A1,
+        stride_hb,
+        stride_hl,
+        stride_tb,
+        stride_tl,
+        stride_q,
+        stride_qt,
+        scale,
+        KIND,
+        NORMALIZE,
+        NU,
+        DP,
+        A1P,
+        A2P,
+        A3P,
+        BLOCK_N,
+        BLOCK_L,
+        ACT,
+        PREC,
+        EXACT=True,
+    )
     go = tl.load(GOUT + b64 * stride_go + n, mask=nmask, other=0.0).to(tl.float32)
     tl.atomic_add(DBO, tl.sum(go, axis=0))
     a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
-    dpooled = _tail_bwd(a_row, CQ + item * stride_cq, nmask, item, go, H1, pooled, WP, DWP, True,
-                        W2, B2, W3, B3, W4, B4, WO, DA, DCQ, DW2, DB2, DW3, DB3, DW4, DB4, DWO,
-                        b, tile, B, N, IDX, stride_ib, stride_in,
-                        NL, H1P, H2P, H3P, H4P, DP, BJ1, BJ3, BLOCK_N, 1, BLOCK_N, HAS_IDX, SHARED, ACT, PREC)
+    dpooled = _tail_bwd(
+        a_row,
+        CQ + item * stride_cq,
+        nmask,
+        item,
+        go,
+        H1,
+        pooled,
+        WP,
+        DWP,
+        True,
+        W2,
+        B2,
+        W3,
+        B3,
+        W4,
+        B4,
+        WO,
+        DA,
+        DCQ,
+        DW2,
+        DB2,
+        DW3,
+        DB3,
+        DW4,
+        DB4,
+        DWO,
+        b,
+        tile,
+        B,
+        N,
+        IDX,
+        stride_ib,
+        stride_in,
+        NL,
+        H1P,
+        H2P,
+        H3P,
+        H4P,
+        DP,
+        BJ1,
+        BJ3,
+        BLOCK_N,
+        1,
+        BLOCK_N,
+        HAS_IDX,
+        SHARED,
+        ACT,
+        PREC,
+    )
 
     dd = tl.arange(0, DP)
     dmask = dd < D
@@ -395,8 +1117,9 @@ def _attn_bwd_item(
     q32 = q.to(tl.float32)
     ca = tl.arange(0, A1P)
     if KIND == 0:
-        qt = tl.load(QT + item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1),
-                     other=0.0).to(tl.float32)
+        qt = tl.load(
+            QT + item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1), other=0.0
+        ).to(tl.float32)
     dq = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     dqt = tl.zeros([BLOCK_N, A1P], dtype=tl.float32)
     if NORMALIZE:
@@ -406,13 +1129,39 @@ def _attn_bwd_item(
     for l0 in range(0, length, BLOCK_L):
         ll = l0 + tl.arange(0, BLOCK_L)
         lmask = ll < length
-        h_raw = tl.load(HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
-                        mask=lmask[:, None] & dmask[None, :], other=0.0)
+        h_raw = tl.load(
+            HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
+            mask=lmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
         h = h_raw.to(tl.float32)
         ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
         if KIND == 0:
-            logit = _unit_logits(q32, h, HT, ht_row, lmask, qt, WX, UW2, UB2, UW3, UB3, UWO, UBO, A1,
-                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+            logit = _unit_logits(
+                q32,
+                h,
+                HT,
+                ht_row,
+                lmask,
+                qt,
+                WX,
+                UW2,
+                UB2,
+                UW3,
+                UB3,
+                UWO,
+                UBO,
+                A1,
+                NU,
+                DP,
+                A1P,
+                A2P,
+                A3P,
+                BLOCK_N,
+                BLOCK_L,
+                ACT,
+                PREC,
+            )
         else:
             logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
         dp = dot(dpooled, tl.trans(h), PREC=PREC)  # d pooled . h_l, [BLOCK_N, BLOCK_L]
@@ -426,19 +1175,53 @@ def _attn_bwd_item(
             ds = tl.where(valid, dp, 0.0)
             dh = dot(tl.trans(w), dpooled, PREC=PREC)
         if KIND == 0:
-            dq_b, dh_b, dqt_b, dht_b = _unit_bwd(q32, h, ht_row, lmask, qt, ds, WX, UW2, UB2, UW3, UB3, UWO,
-                                                 DWX, DUW2, DUB2, DUW3, DUB3, DUWO, DUBO, A1,
-                                                 NU, DP, A1P, A2P, A3P, BLOCK_N, BLOCK_L, ACT, PREC)
+            dq_b, dh_b, dqt_b, dht_b = _unit_bwd(
+                q32,
+                h,
+                ht_row,
+                lmask,
+                qt,
+                ds,
+                WX,
+                UW2,
+                UB2,
+                UW3,
+                UB3,
+                UWO,
+                DWX,
+                DUW2,
+                DUB2,
+                DUW3,
+                DUB3,
+                DUWO,
+                DUBO,
+                A1,
+                NU,
+                DP,
+                A1P,
+                A2P,
+                A3P,
+                BLOCK_N,
+                BLOCK_L,
+                ACT,
+                PREC,
+            )
             dq += dq_b
             dh += dh_b
             dqt += dqt_b
-            tl.atomic_add(DHT + b64 * stride_tb + ll[:, None].to(tl.int64) * stride_tl + ca[None, :], dht_b,
-                          mask=lmask[:, None] & (ca[None, :] < A1))
+            tl.atomic_add(
+                DHT + b64 * stride_tb + ll[:, None].to(tl.int64) * stride_tl + ca[None, :],
+                dht_b,
+                mask=lmask[:, None] & (ca[None, :] < A1),
+            )
         else:
             dq += dot(ds, h, PREC=PREC) * scale
             dh += dot(tl.trans(ds), q32, PREC=PREC) * scale
-        tl.atomic_add(DHIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :], dh,
-                      mask=lmask[:, None] & dmask[None, :])
+        tl.atomic_add(
+            DHIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
+            dh,
+            mask=lmask[:, None] & dmask[None, :],
+        )
     tl.atomic_add(DQ + item[:, None] * stride_q + dd[None, :], dq, mask=nmask[:, None] & dmask[None, :])
     if KIND == 0:
         tl.atomic_add(DQT + item[:, None] * stride_qt + ca[None, :], dqt, mask=nmask[:, None] & (ca[None, :] < A1))
@@ -447,8 +1230,29 @@ def _attn_bwd_item(
 # --- host side -----------------------------------------------------------------------
 
 
-def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-             a, wp, weights, biases, w_out, b_out, kind, activation, precision):
+def _prepare(
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    activation,
+    precision,
+):
     """Checks the op's inputs; returns the launch constants and padded weights."""
     act = check_activation(activation)
     check_precision(precision)
@@ -467,7 +1271,9 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
     if q.dim() != 2 or q.shape[1] != D:
         raise ValueError(f"q: expected [M, D={D}], got {tuple(q.shape)}")
     if a.dim() != 2 or cq.dim() != 2 or a.shape[0] != B or cq.shape[0] != q.shape[0] or a.shape[1] != cq.shape[1]:
-        raise ValueError(f"a, cq: expected [B={B}, H1] and [M={q.shape[0]}, H1], got {tuple(a.shape)}, {tuple(cq.shape)}")
+        raise ValueError(
+            f"a, cq: expected [B={B}, H1] and [M={q.shape[0]}, H1], got {tuple(a.shape)}, {tuple(cq.shape)}"
+        )
     if wp.shape != (a.shape[1], D):
         raise ValueError(f"wp: expected [H1={a.shape[1]}, D={D}], got {tuple(wp.shape)}")
     check_dtype("q", q, dtype)
@@ -483,14 +1289,16 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
     if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
         raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} output-MLP layers after the first, one bias each")
     widths = [a.shape[1]]
-    for i, (w, bb) in enumerate(zip(weights, biases)):
+    for i, (w, bb) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != widths[-1] or bb.shape != (w.shape[0],):
             raise ValueError(f"weights[{i}]: expected [H, {widths[-1]}] with bias [H], got {tuple(w.shape)}")
         widths.append(w.shape[0])
     if max(widths) > MAX_WIDTH or D > MAX_WIDTH:
         raise ValueError(f"weights: widths up to {MAX_WIDTH} are supported, got {widths} (D={D})")
     if w_out.shape != (widths[-1],) or b_out.numel() != 1:
-        raise ValueError(f"w_out, b_out: expected [{widths[-1]}] and one element, got {tuple(w_out.shape)}, {tuple(b_out.shape)}")
+        raise ValueError(
+            f"w_out, b_out: expected [{widths[-1]}] and one element, got {tuple(w_out.shape)}, {tuple(b_out.shape)}"
+        )
 
     k = {}
     k["dp"] = pad_width(D)
@@ -510,16 +1318,20 @@ def _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, u
             raise ValueError("wx, ht, qt, unit_w_out, unit_b_out: required for kind='din'")
         a1 = wx.shape[0]
         if wx.shape != (a1, D) or ht.shape != (B, L, a1) or qt.shape != (q.shape[0], a1):
-            raise ValueError(f"wx, ht, qt: expected [A1, D={D}], [B, L, A1], [M, A1], got "
-                             f"{tuple(wx.shape)}, {tuple(ht.shape)}, {tuple(qt.shape)}")
+            raise ValueError(
+                f"wx, ht, qt: expected [A1, D={D}], [B, L, A1], [M, A1], got "
+                f"{tuple(wx.shape)}, {tuple(ht.shape)}, {tuple(qt.shape)}"
+            )
         check_split_term("ht", ht, dtype)
         check_split_term("qt", qt, dtype)
+        if len(unit_biases) != len(unit_weights):
+            raise ValueError(f"unit_biases: expected one per unit weight ({len(unit_weights)}), got {len(unit_biases)}")
         uwidths = [a1]
-        for i, (w, bb) in enumerate(zip(unit_weights, unit_biases)):
+        for i, (w, bb) in enumerate(zip(unit_weights, unit_biases, strict=True)):
             if w.dim() != 2 or w.shape[1] != uwidths[-1] or bb.shape != (w.shape[0],):
                 raise ValueError(f"unit_weights[{i}]: expected [A, {uwidths[-1]}] with bias [A], got {tuple(w.shape)}")
             uwidths.append(w.shape[0])
-        if len(unit_biases) != len(unit_weights) or len(uwidths) > MAX_UNIT_LAYERS or max(uwidths) > MAX_WIDTH:
+        if len(uwidths) > MAX_UNIT_LAYERS or max(uwidths) > MAX_WIDTH:
             raise ValueError(f"unit_weights: 1..{MAX_UNIT_LAYERS} unit layers of width <= {MAX_WIDTH}, got {uwidths}")
         if unit_w_out.shape != (uwidths[-1],):
             raise ValueError(f"unit_w_out: expected [{uwidths[-1]}], got {tuple(unit_w_out.shape)}")
@@ -553,23 +1365,113 @@ def _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k):
         idx_t, sib, sin = lengths, 0, 0
     else:
         idx_t, sib, sin = idx, (0 if idx.dim() == 1 else idx.stride(0)), idx.stride(-1)
-    tensors = [hist, ht, lengths, q, qt, cq, idx_t,
-               k["wx"], k["uw"][0], k["ub"][0], k["uw"][1], k["ub"][1], k["uwo"], k["ubo"],
-               a, k["wp"], k["w"][0], k["b"][0], k["w"][1], k["b"][1], k["w"][2], k["b"][2], k["wo"],
-               b_out.detach().reshape(1).float()]
-    strides = [hist.stride(0), hist.stride(1), ht.stride(0), ht.stride(1), q.stride(0), qt.stride(0), cq.stride(0),
-               a.stride(0), sib, sin]
+    tensors = [
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx_t,
+        k["wx"],
+        k["uw"][0],
+        k["ub"][0],
+        k["uw"][1],
+        k["ub"][1],
+        k["uwo"],
+        k["ubo"],
+        a,
+        k["wp"],
+        k["w"][0],
+        k["b"][0],
+        k["w"][1],
+        k["b"][1],
+        k["w"][2],
+        k["b"][2],
+        k["wo"],
+        b_out.detach().reshape(1).float(),
+    ]
+    strides = [
+        hist.stride(0),
+        hist.stride(1),
+        ht.stride(0),
+        ht.stride(1),
+        q.stride(0),
+        qt.stride(0),
+        cq.stride(0),
+        a.stride(0),
+        sib,
+        sin,
+    ]
     p, up = k["pads"], k["upads"]
-    meta = dict(KIND=k["kind"], NORMALIZE=k["normalize"], NU=k["nu"], DP=k["dp"], A1P=up[0], A2P=up[1], A3P=up[2],
-                NL=k["nl"], H1P=p[0], H2P=p[1], H3P=p[2], H4P=p[3], ACT=k["act"], HAS_IDX=idx is not None,
-                PREC=k["precision"])
+    meta = dict(
+        KIND=k["kind"],
+        NORMALIZE=k["normalize"],
+        NU=k["nu"],
+        DP=k["dp"],
+        A1P=up[0],
+        A2P=up[1],
+        A3P=up[2],
+        NL=k["nl"],
+        H1P=p[0],
+        H2P=p[1],
+        H3P=p[2],
+        H4P=p[3],
+        ACT=k["act"],
+        HAS_IDX=idx is not None,
+        PREC=k["precision"],
+    )
     return tensors, strides, meta
 
 
-def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                           a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
-    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+def _target_attention_impl(
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+):
+    k = _prepare(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        activation,
+        precision,
+    )
     k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
     B, L, D = hist.shape
     N = q.shape[0] if idx is None else idx.shape[-1]
@@ -581,36 +1483,142 @@ def _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, 
     def grid(m):
         return (B * triton.cdiv(N, m["BLOCK_N"]),)
 
-    _attn_fwd_kernel[grid](*tensors, out, B, N, D, k["a1"], a.shape[1], float(scale), *strides, out.stride(0),
-                           _n_key(N), **meta)
+    _attn_fwd_kernel[grid](
+        *tensors, out, B, N, D, k["a1"], a.shape[1], float(scale), *strides, out.stride(0), _n_key(N), **meta
+    )
     return out
 
 
-def _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
-                                unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale, activation,
-                                precision, excl, topk, splits):
-    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+def _target_attention_topk_impl(
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+    excl,
+    topk,
+    splits,
+):
+    k = _prepare(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        activation,
+        precision,
+    )
     k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
     B, L, D = hist.shape
     N = q.shape[0] if idx is None else idx.shape[-1]
-    topk, r, splits, chunk, keys = topk_mod.launch_plan(B, N, topk, 16 if INTERPRET else 32, splits, excl,
-                                                        hist.device)
+    topk, r, splits, chunk, keys = topk_mod.launch_plan(B, N, topk, 16 if INTERPRET else 32, splits, excl, hist.device)
     if B and N and topk:
         tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
         excl_t = excl.contiguous() if excl is not None else lengths
         _attn_topk_kernel[(B * splits,)](
-            *tensors, excl_t, keys, B, N, D, k["a1"], a.shape[1], topk, chunk, float(scale), *strides,
-            excl_t.stride(0) if excl is not None else 0, _n_key(N), HAS_EXCL=excl is not None, R=r, SPLITS=splits,
-            **meta)
+            *tensors,
+            excl_t,
+            keys,
+            B,
+            N,
+            D,
+            k["a1"],
+            a.shape[1],
+            topk,
+            chunk,
+            float(scale),
+            *strides,
+            excl_t.stride(0) if excl is not None else 0,
+            _n_key(N),
+            HAS_EXCL=excl is not None,
+            R=r,
+            SPLITS=splits,
+            **meta,
+        )
     return topk_mod.decode_keys(keys, topk, hist.dtype)
 
 
-def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases,
-                                    unit_w_out, unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize,
-                                    scale, activation, precision):
-    k = _prepare(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-                 a, wp, weights, biases, w_out, b_out, kind, activation, precision)
+def _target_attention_backward_impl(
+    grad,
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+):
+    k = _prepare(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        activation,
+        precision,
+    )
     k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
     B, L, D = hist.shape
     N = q.shape[0] if idx is None else idx.shape[-1]
@@ -649,10 +1657,44 @@ def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx,
             return (backward_programs(B * triton.cdiv(N, m["BLOCK_N"]), hist.device),)
 
         _attn_bwd_kernel[grid](
-            *tensors, grad, d_hist, d_ht, d_q, d_qt, d_cq, d_wx, d_uw[0], d_ub[0], d_uw[1], d_ub[1], d_uwo, d_ubo,
-            d_a, d_wp, d_w[0], d_b[0], d_w[1], d_b[1], d_w[2], d_b[2], d_wo, d_bo,
-            B, N, D, a1, a.shape[1], float(scale), *strides, grad.stride(0), _n_key(N),
-            SHARED=idx is None or idx.dim() == 1, AULP=aulp, HLP=hlp, **meta)
+            *tensors,
+            grad,
+            d_hist,
+            d_ht,
+            d_q,
+            d_qt,
+            d_cq,
+            d_wx,
+            d_uw[0],
+            d_ub[0],
+            d_uw[1],
+            d_ub[1],
+            d_uwo,
+            d_ubo,
+            d_a,
+            d_wp,
+            d_w[0],
+            d_b[0],
+            d_w[1],
+            d_b[1],
+            d_w[2],
+            d_b[2],
+            d_wo,
+            d_bo,
+            B,
+            N,
+            D,
+            a1,
+            a.shape[1],
+            float(scale),
+            *strides,
+            grad.stride(0),
+            _n_key(N),
+            SHARED=idx is None or idx.dim() == 1,
+            AULP=aulp,
+            HLP=hlp,
+            **meta,
+        )
     d_wx, d_uwo, d_wp, d_wo = d_wx.sum(0), d_uwo.sum(0), d_wp.sum(0), d_wo.sum(0)
     d_uw, d_ub = [t.sum(0) for t in d_uw], [t.sum(0) for t in d_ub]
     d_w, d_b = [t.sum(0) for t in d_w], [t.sum(0) for t in d_b]
@@ -676,11 +1718,16 @@ def _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx,
     if kind == "din":
         uwidths = [a1] + [w.shape[0] for w in unit_weights]
         out.update(
-            ht=back(d_ht[:, :L], ht), qt=back(d_qt, qt), wx=back(d_wx[:D, :a1].t().contiguous(), wx),
-            unit_weights=[back(d_uw[i][: uwidths[i], : uwidths[i + 1]].t().contiguous(), w)
-                          for i, w in enumerate(unit_weights)],
+            ht=back(d_ht[:, :L], ht),
+            qt=back(d_qt, qt),
+            wx=back(d_wx[:D, :a1].t().contiguous(), wx),
+            unit_weights=[
+                back(d_uw[i][: uwidths[i], : uwidths[i + 1]].t().contiguous(), w) for i, w in enumerate(unit_weights)
+            ],
             unit_biases=[back(d_ub[i][: uwidths[i + 1]], bb) for i, bb in enumerate(unit_biases)],
-            unit_w_out=back(d_uwo[: uwidths[-1]], unit_w_out), unit_b_out=back(d_ubo.reshape(unit_b_out.shape), unit_b_out))
+            unit_w_out=back(d_uwo[: uwidths[-1]], unit_w_out),
+            unit_b_out=back(d_ubo.reshape(unit_b_out.shape), unit_b_out),
+        )
     return out
 
 
@@ -689,27 +1736,104 @@ _GRAD_ORDER = ("hist", "ht", "q", "qt", "cq", "wx", "unit_w_out", "unit_b_out", 
 
 @torch.library.custom_op("rankfast::target_attention_backward", mutates_args=())
 def _target_attention_backward_op(
-    grad: torch.Tensor, hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor,
-    qt: torch.Tensor | None, cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None,
-    unit_weights: list[torch.Tensor], unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None,
-    unit_b_out: torch.Tensor | None, a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor],
-    biases: list[torch.Tensor], w_out: torch.Tensor, b_out: torch.Tensor, kind: str, normalize: bool, scale: float,
-    activation: str, precision: str,
+    grad: torch.Tensor,
+    hist: torch.Tensor,
+    ht: torch.Tensor | None,
+    lengths: torch.Tensor,
+    q: torch.Tensor,
+    qt: torch.Tensor | None,
+    cq: torch.Tensor,
+    idx: torch.Tensor | None,
+    wx: torch.Tensor | None,
+    unit_weights: list[torch.Tensor],
+    unit_biases: list[torch.Tensor],
+    unit_w_out: torch.Tensor | None,
+    unit_b_out: torch.Tensor | None,
+    a: torch.Tensor,
+    wp: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    kind: str,
+    normalize: bool,
+    scale: float,
+    activation: str,
+    precision: str,
 ) -> list[torch.Tensor]:
     """Gradients in the order of ``_GRAD_ORDER``, then unit weights, unit biases, weights, biases
     (absent optional inputs get an empty tensor)."""
-    out = _target_attention_backward_impl(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases,
-                                          unit_w_out, unit_b_out, a, wp, weights, biases, w_out, b_out, kind,
-                                          normalize, scale, activation, precision)
+    out = _target_attention_backward_impl(
+        grad,
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        normalize,
+        scale,
+        activation,
+        precision,
+    )
     flat = [out[name] if name in out else hist.new_empty(0) for name in _GRAD_ORDER]
     return flat + out.get("unit_weights", []) + out.get("unit_biases", []) + out["weights"] + out["biases"]
 
 
 @_target_attention_backward_op.register_fake
-def _(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp,
-      weights, biases, w_out, b_out, kind, normalize, scale, activation, precision):
-    given = dict(hist=hist, ht=ht, q=q, qt=qt, cq=cq, wx=wx, unit_w_out=unit_w_out, unit_b_out=unit_b_out, a=a, wp=wp,
-                 w_out=w_out, b_out=b_out)
+def _(
+    grad,
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+):
+    given = dict(
+        hist=hist,
+        ht=ht,
+        q=q,
+        qt=qt,
+        cq=cq,
+        wx=wx,
+        unit_w_out=unit_w_out,
+        unit_b_out=unit_b_out,
+        a=a,
+        wp=wp,
+        w_out=w_out,
+        b_out=b_out,
+    )
     flat = [hist.new_empty(0) if given[n] is None else torch.empty_like(given[n]) for n in _GRAD_ORDER]
     if kind != "din":
         unit_weights, unit_biases = [], []
@@ -717,10 +1841,51 @@ def _(grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, un
 
 
 def _attn_setup_context(ctx, inputs, output):
-    (hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
-     biases, w_out, b_out, kind, normalize, scale, activation, precision) = inputs
-    ctx.save_for_backward(hist, ht, lengths, q, qt, cq, idx, wx, unit_w_out, unit_b_out, a, wp, w_out, b_out,
-                          *unit_weights, *unit_biases, *weights, *biases)
+    (
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        normalize,
+        scale,
+        activation,
+        precision,
+    ) = inputs
+    ctx.save_for_backward(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        w_out,
+        b_out,
+        *unit_weights,
+        *unit_biases,
+        *weights,
+        *biases,
+    )
     ctx.counts = (len(unit_weights), len(weights))
     ctx.attrs = (kind, normalize, scale, activation, precision)
 
@@ -730,26 +1895,66 @@ def _attn_backward(ctx, grad):
     hist, ht, lengths, q, qt, cq, idx, wx, unit_w_out, unit_b_out, a, wp, w_out, b_out = saved[:14]
     nu, nw = ctx.counts
     rest = saved[14:]
-    unit_weights, unit_biases = list(rest[:nu]), list(rest[nu:2 * nu])
-    weights, biases = list(rest[2 * nu:2 * nu + nw]), list(rest[2 * nu + nw:])
+    unit_weights, unit_biases = list(rest[:nu]), list(rest[nu : 2 * nu])
+    weights, biases = list(rest[2 * nu : 2 * nu + nw]), list(rest[2 * nu + nw :])
     kind = ctx.attrs[0]
     grads = torch.ops.rankfast.target_attention_backward(
-        grad, hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp,
-        weights, biases, w_out, b_out, *ctx.attrs)
-    g = dict(zip(_GRAD_ORDER, grads[: len(_GRAD_ORDER)]))
-    tail = grads[len(_GRAD_ORDER):]
+        grad,
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        *ctx.attrs,
+    )
+    g = dict(zip(_GRAD_ORDER, grads[: len(_GRAD_ORDER)], strict=True))
+    tail = grads[len(_GRAD_ORDER) :]
     nu_eff = nu if kind == "din" else 0
-    g_uw, g_ub = tail[:nu_eff], tail[nu_eff:2 * nu_eff]
-    g_w, g_b = tail[2 * nu_eff:2 * nu_eff + nw], tail[2 * nu_eff + nw:]
+    g_uw, g_ub = tail[:nu_eff], tail[nu_eff : 2 * nu_eff]
+    g_w, g_b = tail[2 * nu_eff : 2 * nu_eff + nw], tail[2 * nu_eff + nw :]
     din = kind == "din"
 
     def opt(name, given):
         return g[name] if given is not None and din else None
 
-    return (g["hist"], opt("ht", ht), None, g["q"], opt("qt", qt), g["cq"], None, opt("wx", wx),
-            list(g_uw) if din else [None] * nu, list(g_ub) if din else [None] * nu,
-            opt("unit_w_out", unit_w_out), opt("unit_b_out", unit_b_out), g["a"], g["wp"], list(g_w), list(g_b),
-            g["w_out"], g["b_out"], None, None, None, None, None)
+    return (
+        g["hist"],
+        opt("ht", ht),
+        None,
+        g["q"],
+        opt("qt", qt),
+        g["cq"],
+        None,
+        opt("wx", wx),
+        list(g_uw) if din else [None] * nu,
+        list(g_ub) if din else [None] * nu,
+        opt("unit_w_out", unit_w_out),
+        opt("unit_b_out", unit_b_out),
+        g["a"],
+        g["wp"],
+        list(g_w),
+        list(g_b),
+        g["w_out"],
+        g["b_out"],
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 # --- PyTorch operator ------------------------------------------------------------------
@@ -757,20 +1962,83 @@ def _attn_backward(ctx, grad):
 
 @torch.library.custom_op("rankfast::target_attention_score", mutates_args=())
 def _target_attention_op(
-    hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor, qt: torch.Tensor | None,
-    cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None, unit_weights: list[torch.Tensor],
-    unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None, unit_b_out: torch.Tensor | None,
-    a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
-    b_out: torch.Tensor, kind: str, normalize: bool, scale: float, activation: str, precision: str,
+    hist: torch.Tensor,
+    ht: torch.Tensor | None,
+    lengths: torch.Tensor,
+    q: torch.Tensor,
+    qt: torch.Tensor | None,
+    cq: torch.Tensor,
+    idx: torch.Tensor | None,
+    wx: torch.Tensor | None,
+    unit_weights: list[torch.Tensor],
+    unit_biases: list[torch.Tensor],
+    unit_w_out: torch.Tensor | None,
+    unit_b_out: torch.Tensor | None,
+    a: torch.Tensor,
+    wp: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    kind: str,
+    normalize: bool,
+    scale: float,
+    activation: str,
+    precision: str,
 ) -> torch.Tensor:
-    return _target_attention_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
-                                  unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale,
-                                  activation, precision)
+    return _target_attention_impl(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        normalize,
+        scale,
+        activation,
+        precision,
+    )
 
 
 @_target_attention_op.register_fake
-def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
-      biases, w_out, b_out, kind, normalize, scale, activation, precision):
+def _(
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+):
     n = q.shape[0] if idx is None else idx.shape[-1]
     return hist.new_empty(hist.shape[0], n)
 
@@ -780,48 +2048,234 @@ _target_attention_op.register_autograd(_attn_backward, setup_context=_attn_setup
 
 @torch.library.custom_op("rankfast::target_attention_topk", mutates_args=())
 def _target_attention_topk_op(
-    hist: torch.Tensor, ht: torch.Tensor | None, lengths: torch.Tensor, q: torch.Tensor, qt: torch.Tensor | None,
-    cq: torch.Tensor, idx: torch.Tensor | None, wx: torch.Tensor | None, unit_weights: list[torch.Tensor],
-    unit_biases: list[torch.Tensor], unit_w_out: torch.Tensor | None, unit_b_out: torch.Tensor | None,
-    a: torch.Tensor, wp: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], w_out: torch.Tensor,
-    b_out: torch.Tensor, kind: str, normalize: bool, scale: float, activation: str, precision: str,
-    excl: torch.Tensor | None, k: int, splits: int,
+    hist: torch.Tensor,
+    ht: torch.Tensor | None,
+    lengths: torch.Tensor,
+    q: torch.Tensor,
+    qt: torch.Tensor | None,
+    cq: torch.Tensor,
+    idx: torch.Tensor | None,
+    wx: torch.Tensor | None,
+    unit_weights: list[torch.Tensor],
+    unit_biases: list[torch.Tensor],
+    unit_w_out: torch.Tensor | None,
+    unit_b_out: torch.Tensor | None,
+    a: torch.Tensor,
+    wp: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    kind: str,
+    normalize: bool,
+    scale: float,
+    activation: str,
+    precision: str,
+    excl: torch.Tensor | None,
+    k: int,
+    splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _target_attention_topk_impl(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out,
-                                       unit_b_out, a, wp, weights, biases, w_out, b_out, kind, normalize, scale,
-                                       activation, precision, excl, k, splits)
+    return _target_attention_topk_impl(
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        kind,
+        normalize,
+        scale,
+        activation,
+        precision,
+        excl,
+        k,
+        splits,
+    )
 
 
 @_target_attention_topk_op.register_fake
-def _(hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out, a, wp, weights,
-      biases, w_out, b_out, kind, normalize, scale, activation, precision, excl, k, splits):
+def _(
+    hist,
+    ht,
+    lengths,
+    q,
+    qt,
+    cq,
+    idx,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    a,
+    wp,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    kind,
+    normalize,
+    scale,
+    activation,
+    precision,
+    excl,
+    k,
+    splits,
+):
     return hist.new_empty(hist.shape[0], k, dtype=torch.int64), hist.new_empty(hist.shape[0], k)
 
 
-def _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out, unit_b_out,
-             normalize, scale, weights, biases, w_out, b_out, activation, precision):
-    return (hist, ht, lengths, q, qt, cq, idx, wx, list(unit_weights), list(unit_biases), unit_w_out, unit_b_out,
-            a, wp, list(weights), list(biases), w_out, b_out, kind, bool(normalize), float(scale), activation,
-            precision)
+def _op_args(
+    hist,
+    lengths,
+    q,
+    cq,
+    a,
+    wp,
+    idx,
+    kind,
+    ht,
+    qt,
+    wx,
+    unit_weights,
+    unit_biases,
+    unit_w_out,
+    unit_b_out,
+    normalize,
+    scale,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    activation,
+    precision,
+):
+    return (
+        hist,
+        ht,
+        lengths,
+        q,
+        qt,
+        cq,
+        idx,
+        wx,
+        list(unit_weights),
+        list(unit_biases),
+        unit_w_out,
+        unit_b_out,
+        a,
+        wp,
+        list(weights),
+        list(biases),
+        w_out,
+        b_out,
+        kind,
+        bool(normalize),
+        float(scale),
+        activation,
+        precision,
+    )
 
 
-def target_attention_topk(hist, lengths, q, cq, a, wp, *, k, exclude_mask=None, splits=0, idx=None, kind="din",
-                          ht=None, qt=None, wx=None, unit_weights=(), unit_biases=(), unit_w_out=None,
-                          unit_b_out=None, normalize=True, scale=1.0, weights=(), biases=(), w_out, b_out,
-                          activation="relu", precision=None):
+def target_attention_topk(
+    hist,
+    lengths,
+    q,
+    cq,
+    a,
+    wp,
+    *,
+    k,
+    exclude_mask=None,
+    splits=0,
+    idx=None,
+    kind="din",
+    ht=None,
+    qt=None,
+    wx=None,
+    unit_weights=(),
+    unit_biases=(),
+    unit_w_out=None,
+    unit_b_out=None,
+    normalize=True,
+    scale=1.0,
+    weights=(),
+    biases=(),
+    w_out,
+    b_out,
+    activation="relu",
+    precision=None,
+):
     """Fused score + top-K: each user's best ``k`` candidate ``(positions, values)`` ``[B, k]``
     (rules of :func:`rankfast.topk`); arguments as :func:`target_attention_score`, plus
     ``exclude_mask`` and ``splits`` as in :func:`rankfast.kernels.mlp_score.mlp_score_topk`."""
-    args = _op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
-                    unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
-                    default_precision(precision))
+    args = _op_args(
+        hist,
+        lengths,
+        q,
+        cq,
+        a,
+        wp,
+        idx,
+        kind,
+        ht,
+        qt,
+        wx,
+        unit_weights,
+        unit_biases,
+        unit_w_out,
+        unit_b_out,
+        normalize,
+        scale,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        activation,
+        default_precision(precision),
+    )
     topk_mod.check_k(k)
     return torch.ops.rankfast.target_attention_topk(*args, exclude_mask, int(k), int(splits))
 
 
-def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din", ht=None, qt=None, wx=None,
-                           unit_weights=(), unit_biases=(), unit_w_out=None, unit_b_out=None, normalize=True,
-                           scale=1.0, weights=(), biases=(), w_out, b_out, activation="relu", precision=None):
+def target_attention_score(
+    hist,
+    lengths,
+    q,
+    cq,
+    a,
+    wp,
+    *,
+    idx=None,
+    kind="din",
+    ht=None,
+    qt=None,
+    wx=None,
+    unit_weights=(),
+    unit_biases=(),
+    unit_w_out=None,
+    unit_b_out=None,
+    normalize=True,
+    scale=1.0,
+    weights=(),
+    biases=(),
+    w_out,
+    b_out,
+    activation="relu",
+    precision=None,
+):
     """Fused target-attention scores ``[B, N]``; differentiable with respect to every tensor but
     ``lengths`` and ``idx``.
 
@@ -842,6 +2296,29 @@ def target_attention_score(hist, lengths, q, cq, a, wp, *, idx=None, kind="din",
             after its first layer, as in ``mlp_score``.
     """
     return torch.ops.rankfast.target_attention_score(
-        *_op_args(hist, lengths, q, cq, a, wp, idx, kind, ht, qt, wx, unit_weights, unit_biases, unit_w_out,
-                  unit_b_out, normalize, scale, weights, biases, w_out, b_out, activation,
-                  default_precision(precision)))
+        *_op_args(
+            hist,
+            lengths,
+            q,
+            cq,
+            a,
+            wp,
+            idx,
+            kind,
+            ht,
+            qt,
+            wx,
+            unit_weights,
+            unit_biases,
+            unit_w_out,
+            unit_b_out,
+            normalize,
+            scale,
+            weights,
+            biases,
+            w_out,
+            b_out,
+            activation,
+            default_precision(precision),
+        )
+    )

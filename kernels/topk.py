@@ -95,9 +95,13 @@ def launch_plan(num_users: int, num_candidates: int, k, tile: int, splits: int, 
     r = running_size(k, tile)
     splits = auto_splits(B, N, r, device) if splits <= 0 else min(splits, max(1, triton.cdiv(N, r)))
     chunk = triton.cdiv(triton.cdiv(max(N, 1), r), splits) * r
-    if exclude_mask is not None and (exclude_mask.shape != (B, triton.cdiv(N, 32)) or exclude_mask.dtype != torch.int32):
-        raise ValueError(f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
-                         f"got {tuple(exclude_mask.shape)} {exclude_mask.dtype}")
+    if exclude_mask is not None and (
+        exclude_mask.shape != (B, triton.cdiv(N, 32)) or exclude_mask.dtype != torch.int32
+    ):
+        raise ValueError(
+            f"excl: expected an int32 bitmask [B={B}, ceil(N/32)={triton.cdiv(N, 32)}], "
+            f"got {tuple(exclude_mask.shape)} {exclude_mask.dtype}"
+        )
     keys = torch.full((B, splits, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
     return k, r, splits, chunk, keys
 
@@ -110,8 +114,9 @@ def check_k(k) -> int:
     return k
 
 
-def positions_bitmask(indptr: torch.Tensor, positions: torch.Tensor, num_rows: int, num_candidates: int,
-                      device) -> torch.Tensor:
+def positions_bitmask(
+    indptr: torch.Tensor, positions: torch.Tensor, num_rows: int, num_candidates: int, device
+) -> torch.Tensor:
     """Excluded candidate positions, CSR ``(indptr, positions)`` over rows, as the kernels'
     int32 bitmask ``[rows, ceil(N / 32)]`` (bit ``p % 32`` of word ``p // 32`` set for position ``p``)."""
     words = (num_candidates + 31) // 32

@@ -85,7 +85,9 @@ def check_history(history, lengths, *, num_items: int, rows: int | None = None, 
     max_len = history.shape[1]
     if lengths.numel() and not torch.compiler.is_compiling():  # value checks sync a GPU; skipped while tracing
         if int(lengths.min()) < 0 or int(lengths.max()) > max_len:
-            raise ValueError(f"lengths: each must lie in [0, L={max_len}], got [{int(lengths.min())}, {int(lengths.max())}]")
+            raise ValueError(
+                f"lengths: each must lie in [0, L={max_len}], got [{int(lengths.min())}, {int(lengths.max())}]"
+            )
         check_range("history", history[history_mask(lengths, max_len)], num_items)
     return history, lengths
 
@@ -132,7 +134,9 @@ def exclude_csr(exclude, rows: int, n: int, *, one_row: bool = False):
         torch.cumsum(torch.tensor([len(r) for r in per_row], dtype=torch.int64), 0, out=indptr[1:])
         ids = torch.cat(per_row) if per_row else torch.zeros(0, dtype=torch.int64)
     else:
-        raise TypeError(f"exclude: expected a list of per-row ids or CSR (indptr, indices), got {type(exclude).__name__}")
+        raise TypeError(
+            f"exclude: expected a list of per-row ids or CSR (indptr, indices), got {type(exclude).__name__}"
+        )
     check_range("exclude", ids, n)
     return indptr.contiguous(), ids.contiguous()
 

@@ -54,7 +54,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     path = os.path.abspath(path)
     with _scratch(path) as (scratch, dir_mode):
         yield scratch
-        for root, dirs, files in os.walk(scratch):
+        for root, _, files in os.walk(scratch):
             os.chmod(root, dir_mode)
             for name in files:
                 os.chmod(os.path.join(root, name), dir_mode & 0o666)

@@ -85,7 +85,9 @@ class EASE(_Baseline):
         if history is not None:
             history = self._check_history(history)
         if self.num_items <= self.num_users:
-            p = torch.cholesky_inverse(torch.linalg.cholesky(x.T @ x + self.lam * torch.eye(self.num_items, dtype=x.dtype)))
+            p = torch.cholesky_inverse(
+                torch.linalg.cholesky(x.T @ x + self.lam * torch.eye(self.num_items, dtype=x.dtype))
+            )
             weights = -p / torch.diagonal(p)
             weights.fill_diagonal_(0.0)
             if history is None:
@@ -94,7 +96,9 @@ class EASE(_Baseline):
             else:  # the given rows are fixed, so keep their scores rather than the weights
                 self.weights, self.user_scores = None, (history @ weights).float()
         else:
-            m = torch.cholesky_inverse(torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype)))
+            m = torch.cholesky_inverse(
+                torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype))
+            )
             mx = m @ x  # = X P, with P = (X^T X + lam I)^-1
             p_diag = (1.0 - (mx * x).sum(dim=0)) / self.lam
             rows, rows_p = x, mx

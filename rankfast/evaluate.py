@@ -71,7 +71,14 @@ def _rows(indptr, indices, users):
 
 
 def evaluate(
-    model, train: Interactions, test: Interactions, *, ks=(10, 20), batch_size: int = 1024, max_history: int = 50, progress: bool = True
+    model,
+    train: Interactions,
+    test: Interactions,
+    *,
+    ks=(10, 20),
+    batch_size: int = 1024,
+    max_history: int = 50,
+    progress: bool = True,
 ):
     """Full ranking: each test user's items ranked against all items, the
     user's training items excluded; HR/Recall/Precision/NDCG/MAP@K and MRR
@@ -166,7 +173,13 @@ def evaluate_sampled(
 
 
 def evaluate_pointwise(
-    model, train: Interactions, data: Interactions, *, task: str = "rating", batch_size: int = 4096, max_history: int = 50
+    model,
+    train: Interactions,
+    data: Interactions,
+    *,
+    task: str = "rating",
+    batch_size: int = 4096,
+    max_history: int = 50,
 ):
     """Pointwise quality on ``data``'s own pairs.
 
@@ -181,7 +194,9 @@ def evaluate_pointwise(
     if data.ratings is None:
         raise ValueError("data: has no ratings or labels to compare with")
     histories = _Histories(model, train, max_history)
-    scores = _pair_scores(model, data.users, data.items, histories, _check_batch_size(batch_size), int(task == "rating"))
+    scores = _pair_scores(
+        model, data.users, data.items, histories, _check_batch_size(batch_size), int(task == "rating")
+    )
     if task == "rating":
         return {"mae": metrics.mae(scores, data.ratings), "rmse": metrics.rmse(scores, data.ratings)}
     return {

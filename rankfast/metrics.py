@@ -248,7 +248,7 @@ def gauc(scores, labels, groups) -> float:
     order = np.argsort(groups, kind="stable")
     bounds = np.flatnonzero(np.concatenate([[True], groups[order][1:] != groups[order][:-1], [True]]))
     total, weight = 0.0, 0
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         rows = order[start:end]
         value = auc(scores[rows], labels[rows])
         if not np.isnan(value):

@@ -45,7 +45,16 @@ from rankfast.encoders.transfer import save_encoder
 from rankfast.models import RankingModel
 from rankfast.models.base import CONFIG_FILE, WEIGHTS_FILE, model_from_bytes
 
-__all__ = ["ModelDirError", "ModelDir", "save_model_dir", "read_model_dir", "check_target", "RANKER_FILE", "USERS_FILE", "FORMAT_VERSION"]
+__all__ = [
+    "ModelDirError",
+    "ModelDir",
+    "save_model_dir",
+    "read_model_dir",
+    "check_target",
+    "RANKER_FILE",
+    "USERS_FILE",
+    "FORMAT_VERSION",
+]
 
 RANKER_FILE = "ranker.json"
 USERS_FILE = "users.safetensors"
@@ -92,7 +101,9 @@ def check_target(directory) -> None:
     if not os.path.isdir(directory):
         raise FileExistsError(f"{directory}: exists and is not a directory; refusing to replace it")
     if os.listdir(directory) and _format_of(directory) is None:
-        raise FileExistsError(f"{directory}: not empty and not a rankfast model directory (no {RANKER_FILE}); refusing to replace it")
+        raise FileExistsError(
+            f"{directory}: not empty and not a rankfast model directory (no {RANKER_FILE}); refusing to replace it"
+        )
 
 
 def _format_of(directory: str) -> int | None:
@@ -202,7 +213,10 @@ def _read_once(directory: str, device) -> ModelDir:
         path = os.path.join(directory, name)
         contents[name] = _read(path)
         if "files" in meta and _fingerprint([contents[name]]) != meta["files"][name]:
-            raise _Changed(f"{path}: does not match the size and sha256 in {RANKER_FILE} (the directory changed while it was read, or the file is corrupted)")
+            raise _Changed(
+                f"{path}: does not match the size and sha256 in {RANKER_FILE} (the directory changed while it was "
+                "read, or the file is corrupted)"
+            )
     try:
         model = model_from_bytes(contents[CONFIG_FILE], contents[WEIGHTS_FILE], device, directory=directory)
     except ValueError as err:
@@ -214,7 +228,10 @@ def _read_once(directory: str, device) -> ModelDir:
         raise ModelDirError(f"{path}: not readable mappings ({err})") from err
     cfg = model.config
     if (len(user_ids), len(item_ids)) != (cfg.num_users, cfg.num_items):
-        raise ModelDirError(f"{path}: maps {len(user_ids)} users and {len(item_ids)} items, the model has {cfg.num_users} and {cfg.num_items}")
+        raise ModelDirError(
+            f"{path}: maps {len(user_ids)} users and {len(item_ids)} items, the model has {cfg.num_users} and "
+            f"{cfg.num_items}"
+        )
     users = _check_users(contents[USERS_FILE], os.path.join(directory, USERS_FILE), model)
     return ModelDir(model, user_ids, item_ids, users, meta)
 
@@ -245,7 +262,10 @@ def _check_meta(meta, path: str) -> dict:
         raise ModelDirError(f"{path}: expected a JSON object")
     version = meta.get("format")
     if type(version) is not int or version not in _FORMATS:
-        raise ModelDirError(f"{path}: unknown format {version!r}; this rankfast reads formats {list(_FORMATS)} (a newer rankfast wrote it?)")
+        raise ModelDirError(
+            f"{path}: unknown format {version!r}; this rankfast reads formats {list(_FORMATS)} (a newer rankfast "
+            "wrote it?)"
+        )
     if version >= 2:
         files = meta.get("files")
         if not (isinstance(files, dict) and all(isinstance(files.get(name), dict) for name in _FILES)):
@@ -290,7 +310,10 @@ def _check_users(content: bytes, path: str, model: RankingModel) -> dict:
             fail(f"{name}: expected int64, got {tensor.dtype}")
     indptr, items = users["seen_indptr"], users["seen_items"]
     if indptr.shape != (num_users + 1,) or items.dim() != 1:
-        fail(f"seen_indptr: expected shape ({num_users + 1},) and seen_items one dimension, got {tuple(indptr.shape)} and {tuple(items.shape)}")
+        fail(
+            f"seen_indptr: expected shape ({num_users + 1},) and seen_items one dimension, got {tuple(indptr.shape)} "
+            f"and {tuple(items.shape)}"
+        )
     if int(indptr[0]) != 0 or int(indptr[-1]) != len(items) or bool((indptr[1:] < indptr[:-1]).any()):
         fail("seen_indptr: not a row pointer into seen_items (from 0, non-decreasing, to its length)")
     if not _in_range(items, num_items):
@@ -298,7 +321,10 @@ def _check_users(content: bytes, path: str, model: RankingModel) -> dict:
     if model.uses_history:
         history, lengths = users["history"], users["lengths"]
         if history.dim() != 2 or history.shape[0] != num_users or history.shape[1] < 1 or lengths.shape != (num_users,):
-            fail(f"history, lengths: expected shapes ({num_users}, L) and ({num_users},), got {tuple(history.shape)} and {tuple(lengths.shape)}")
+            fail(
+                f"history, lengths: expected shapes ({num_users}, L) and ({num_users},), got {tuple(history.shape)} "
+                f"and {tuple(lengths.shape)}"
+            )
         if not _in_range(history, num_items):
             fail("history: item ids out of range")
         if not _in_range(lengths, history.shape[1] + 1):

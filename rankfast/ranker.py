@@ -16,10 +16,10 @@ import torch
 
 from rankfast._io import atomic_file
 from rankfast.data import IdMap
-from rankfast.scoring import score
 from rankfast.encoders import pool_history
 from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
 from rankfast.models import RankingModel, Representation
+from rankfast.scoring import score
 
 __all__ = ["Ranker", "Request", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
 
@@ -47,7 +47,17 @@ class Ranker:
     score goes through :func:`rankfast.score`.
     """
 
-    def __init__(self, model: RankingModel, user_ids: IdMap, item_ids: IdMap, users: dict, meta: dict, *, directory=None, cold_start=False):
+    def __init__(
+        self,
+        model: RankingModel,
+        user_ids: IdMap,
+        item_ids: IdMap,
+        users: dict,
+        meta: dict,
+        *,
+        directory=None,
+        cold_start=False,
+    ):
         self.model = model.eval()
         self.user_ids, self.item_ids = user_ids, item_ids
         self._users = users
@@ -76,7 +86,15 @@ class Ranker:
         lacks ``mappings.json`` and the rest: it is not a model directory).
         """
         parts = read_model_dir(directory, device)
-        return cls(parts.model, parts.user_ids, parts.item_ids, parts.users, parts.meta, directory=os.fspath(directory), cold_start=cold_start)
+        return cls(
+            parts.model,
+            parts.user_ids,
+            parts.item_ids,
+            parts.users,
+            parts.meta,
+            directory=os.fspath(directory),
+            cold_start=cold_start,
+        )
 
     @property
     def encoder_dir(self) -> str | None:
@@ -86,7 +104,9 @@ class Ranker:
 
     # --- scoring ------------------------------------------------------------------------
 
-    def score(self, users, candidates=None, k: int = 10, exclude_seen: bool = True, *, histories: Mapping | None = None) -> list[dict]:
+    def score(
+        self, users, candidates=None, k: int = 10, exclude_seen: bool = True, *, histories: Mapping | None = None
+    ) -> list[dict]:
         """Each user's top ``k`` items, best first.
 
         Args:
@@ -126,19 +146,28 @@ class Ranker:
             histories = [(r.histories or {}).get(u) for r in batch for u in _as_list(r.users, "users")]
             ranked = self._score_rows(users, histories, candidates, max(r.k for r in batch), exclude_seen)
             start = 0
-            for n, request in zip(members, batch):
+            for n, request in zip(members, batch, strict=True):
                 rows = ranked[start : start + len(request.users)]
-                results[n] = [{"user": row["user"], "items": row["items"][: request.k], "scores": row["scores"][: request.k]} for row in rows]
+                results[n] = [
+                    {"user": row["user"], "items": row["items"][: request.k], "scores": row["scores"][: request.k]}
+                    for row in rows
+                ]
                 start += len(request.users)
         return results
 
     def _score_rows(self, users: list, histories: list, candidates, k: int, exclude_seen: bool) -> list[dict]:
         """Top ``k`` of each raw user id (``histories[j]``: cold-start history of ``users[j]`` or None)."""
-        items = None if candidates is None else torch.from_numpy(self.item_ids.index(np.asarray(candidates), name="candidates"))
+        items = (
+            None
+            if candidates is None
+            else torch.from_numpy(self.item_ids.index(np.asarray(candidates), name="candidates"))
+        )
         known = np.isin(np.asarray(users), self.user_ids.raw) if users else np.zeros(0, dtype=bool)
         if not known.all() and not self.cold_start:
             unknown = np.asarray(users)[~known][0]
-            raise KeyError(f"users: unknown user id {unknown.item()!r} (load the Ranker with cold_start=True to score new users)")
+            raise KeyError(
+                f"users: unknown user id {unknown.item()!r} (load the Ranker with cold_start=True to score new users)"
+            )
         ids = np.full((len(users), k), -1, dtype=np.int64)
         scores = np.full((len(users), k), -np.inf, dtype=np.float64)
         if known.any():
@@ -172,7 +201,11 @@ class Ranker:
         """``(ids, scores)`` ``[len(histories), k]`` of unknown users from their histories."""
         item_repr = self.model.item_repr
         user_repr = self.model.user_repr
-        if not (user_repr.uses_features and item_repr.uses_features and user_repr.features.shape[1] == item_repr.features.shape[1]):
+        if not (
+            user_repr.uses_features
+            and item_repr.uses_features
+            and user_repr.features.shape[1] == item_repr.features.shape[1]
+        ):
             raise ValueError(
                 f"users: unknown ids, and this {type(self.model).__name__} cannot score new users: "
                 "cold start needs user features as wide as the item features (users as pooled item vectors)"
@@ -189,7 +222,9 @@ class Ranker:
         model = _with_users(self.model, vectors)
         exclude = rows if exclude_seen else None
         extra = (history, lengths) if model.uses_history else (None, None)
-        ids, scores = score(model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1])
+        ids, scores = score(
+            model, torch.arange(len(rows)), items, k=k, exclude=exclude, history=extra[0], lengths=extra[1]
+        )
         return ids.cpu().numpy(), scores.float().cpu().numpy()
 
     def _history_rows(self, history) -> np.ndarray:
@@ -219,7 +254,9 @@ class Ranker:
         """
         for side, ids in (("user", self.user_ids), ("item", self.item_ids)):
             if ids.raw.dtype.kind not in "iu":
-                raise TypeError(f"export: the program takes integer ids, and this model's {side} ids are {ids.raw.dtype}")
+                raise TypeError(
+                    f"export: the program takes integer ids, and this model's {side} ids are {ids.raw.dtype}"
+                )
         model = self.model
         device = next(model.parameters()).device
         scorer = _RawIdScorer(model, self.user_ids, self.item_ids).to(device)

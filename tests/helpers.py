@@ -37,10 +37,22 @@ CASES = {
     "mlp-features": (MLPModel, MLPConfig, dict(hidden=(9,), user_feature_dim=5, item_feature_dim=3)),
     "din-features": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4)),
     # Hybrid sides: ID embedding + projected features (random ID parts here, unlike the zero init).
-    "dot-hybrid": (DotModel, DotConfig, dict(user_feature_dim=5, user_hybrid=True, item_feature_dim=3, item_hybrid=True)),
+    "dot-hybrid": (
+        DotModel,
+        DotConfig,
+        dict(user_feature_dim=5, user_hybrid=True, item_feature_dim=3, item_hybrid=True),
+    ),
     "mlp-hybrid": (MLPModel, MLPConfig, dict(hidden=(9,), item_feature_dim=3, item_hybrid=True)),
-    "neumf-hybrid": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), user_feature_dim=2, item_feature_dim=3, item_hybrid=True)),
-    "din-hybrid": (AttentionModel, AttentionConfig, dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True)),
+    "neumf-hybrid": (
+        NeuMF,
+        NeuMFConfig,
+        dict(hidden=(10, 4), user_feature_dim=2, item_feature_dim=3, item_hybrid=True),
+    ),
+    "din-hybrid": (
+        AttentionModel,
+        AttentionConfig,
+        dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True),
+    ),
 }
 
 
@@ -94,6 +106,7 @@ def rel_err(got, expected) -> float:
     """``|got - expected| / |expected|`` (Frobenius norms) in float64."""
     return float((got.detach().double() - expected.detach().double()).norm() / expected.detach().double().norm())
 
+
 #: Tolerance for float32 scores of O(1) computed two ways (another batch shape, another CPU's
 #: BLAS kernels, float64): summation order moves the last bits of each term, so the error is
 #: relative to the terms' size, not to a small score's; an absolute part covers that.
@@ -116,7 +129,7 @@ def assert_rankings_match(got_ids, got_scores, want_ids, want_scores, *, rtol=SC
     np.testing.assert_allclose(got_scores, want_scores, rtol=rtol, atol=atol)
     tol = 2 * (atol + rtol * np.abs(want_scores))  # both sides may have rounded
     position = {item: rank for rank, item in enumerate(want_ids)}
-    for rank, (got, want) in enumerate(zip(got_ids, want_ids)):
+    for rank, (got, want) in enumerate(zip(got_ids, want_ids, strict=True)):
         if got == want:
             continue
         other = position.get(got, len(want_ids) - 1)

@@ -28,9 +28,11 @@ def assert_op_traces(op, op_args, model, fn, inputs):
     require grad: schema, fake tensor, autograd registration, AOT dispatch), then
     ``fn(model, *inputs)`` compiled with ``fullgraph=True`` and exported with ``torch.export``
     gives the eager scores, with ``op`` in the exported graph."""
-    torch.library.opcheck(op, tuple(_grad_leaf(x) for x in op_args),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
-                                      "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        op,
+        tuple(_grad_leaf(x) for x in op_args),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
+    )
     module = _Calls(model, fn)
     expected = module(*inputs).detach()
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")

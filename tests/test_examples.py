@@ -64,7 +64,10 @@ def test_asgi_app_over_http(model_dir):
         with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
             assert json.loads(r.read()) == {"status": "ok", "users": 30, "items": 25}
         ranker = Ranker.load(model_dir)
-        for body in ({"users": [0, 7], "k": 5}, {"users": [3], "k": 3, "candidates": [1, 2, 4, 8], "exclude_seen": False}):
+        for body in (
+            {"users": [0, 7], "k": 5},
+            {"users": [3], "k": 3, "candidates": [1, 2, 4, 8], "exclude_seen": False},
+        ):
             status, answer = post(f"{base}/recommend", body)
             assert status == 200 and answer == {"results": ranker.score(**body)}
         status, answer = post(f"{base}/recommend", {"users": [12345]})
@@ -123,16 +126,21 @@ def test_triton_model(model_dir, monkeypatch):
 
     requests = [
         {"USER_IDS": pb.Tensor("USER_IDS", np.array([0, 5], dtype=np.int64)), "K": pb.Tensor("K", np.array([4]))},
-        {"USER_IDS": pb.Tensor("USER_IDS", np.array([9], dtype=np.int64)), "K": pb.Tensor("K", np.array([30]))},  # k > items
+        {
+            "USER_IDS": pb.Tensor("USER_IDS", np.array([9], dtype=np.int64)),
+            "K": pb.Tensor("K", np.array([30])),
+        },  # k > items
         {"USER_IDS": pb.Tensor("USER_IDS", np.array([2], dtype=np.int64))},  # default k
     ]
     responses = model.execute(requests)
     ranker = Ranker.load(model_dir)
-    for response, users, k in zip(responses, ([0, 5], [9], [2]), (4, 30, 10)):
+    for response, users, k in zip(responses, ([0, 5], [9], [2]), (4, 30, 10), strict=True):
         assert response.error is None
         outputs = {t.name: t.as_numpy() for t in response.output_tensors}
         assert outputs["ITEM_IDS"].shape == outputs["SCORES"].shape == (len(users), k)
-        for row_ids, row_scores, want in zip(outputs["ITEM_IDS"], outputs["SCORES"], ranker.score(users, k=k)):
+        for row_ids, row_scores, want in zip(
+            outputs["ITEM_IDS"], outputs["SCORES"], ranker.score(users, k=k), strict=True
+        ):
             n = len(want["items"])  # batched and single-user scores may differ in the last bits
             assert_rankings_match(row_ids[:n], row_scores[:n], want["items"], want["scores"])
             assert (row_ids[n:] == -1).all() and np.isneginf(row_scores[n:]).all()
@@ -142,13 +150,14 @@ def test_triton_model(model_dir, monkeypatch):
     assert "unknown user id 999" in str(bad[0].error)
 
     # A bad request batched with good ones fails alone.
-    mixed = model.execute([requests[0], {"USER_IDS": pb.Tensor("USER_IDS", np.array([3, 999]))}, requests[2],
-                           {"USER_IDS": pb.Tensor("USER_IDS", np.array([1])), "K": pb.Tensor("K", np.array([0]))}])  # fmt: skip
+    unknown = {"USER_IDS": pb.Tensor("USER_IDS", np.array([3, 999]))}
+    k_zero = {"USER_IDS": pb.Tensor("USER_IDS", np.array([1])), "K": pb.Tensor("K", np.array([0]))}
+    mixed = model.execute([requests[0], unknown, requests[2], k_zero])
     assert [r.error is None for r in mixed] == [True, False, True, False]
     assert "unknown user id 999" in str(mixed[1].error) and "k: expected a positive int" in str(mixed[3].error)
     for response, users, k in ((mixed[0], [0, 5], 4), (mixed[2], [2], 10)):
         outputs = {t.name: t.as_numpy() for t in response.output_tensors}
-        for ids, scores, want in zip(outputs["ITEM_IDS"], outputs["SCORES"], ranker.score(users, k=k)):
+        for ids, scores, want in zip(outputs["ITEM_IDS"], outputs["SCORES"], ranker.score(users, k=k), strict=True):
             assert_rankings_match(ids[ids >= 0], scores[ids >= 0], want["items"], want["scores"])
 
 
@@ -209,7 +218,7 @@ def test_ray_serve_deployment(model_dir, monkeypatch):
     batch = [{"users": [0], "k": 2}, {"users": [6, 7], "k": 5, "exclude_seen": False}]
     got = asyncio.run(example.RankerDeployment.recommend.batched(deployment, batch))
     assert got == ranker.score_many(batch)
-    for rows, b in zip(got, batch):  # batched and single calls may differ in the last bits
+    for rows, b in zip(got, batch, strict=True):  # batched and single calls may differ in the last bits
         for row, want in zip(rows, ranker.score(**b), strict=True):
             assert_rankings_match(row["items"], row["scores"], want["items"], want["scores"])
 

@@ -48,7 +48,9 @@ def test_atomic_dir_replaces_or_leaves_the_old_directory(tmp_path):
     assert (path / "f").read_text() == "two" and os.listdir(tmp_path) == ["d"]
 
 
-@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_one_permissions_policy_whatever_the_writer(tmp_path, umask, file_mode, dir_mode):
     """Every writer's output gets the umask's modes: safetensors (0600 by itself),
     torch.save, torch.export, the JSON writers."""
@@ -66,7 +68,9 @@ def test_one_permissions_policy_whatever_the_writer(tmp_path, umask, file_mode, 
         os.umask(old)
     files = ["model/config.json", "model/model.safetensors", "ck.pt", "tree/sub/x"]
     assert {name: os.stat(tmp_path / name).st_mode & 0o777 for name in files} == dict.fromkeys(files, file_mode)
-    assert {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("tree", "tree/sub")} == dict.fromkeys(("tree", "tree/sub"), dir_mode)
+    assert {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("tree", "tree/sub")} == dict.fromkeys(
+        ("tree", "tree/sub"), dir_mode
+    )
     assert load_checkpoint(tmp_path / "ck.pt") == {"epoch": 1}
 
 

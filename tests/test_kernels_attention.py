@@ -64,13 +64,16 @@ def test_matches_float64_reference(cfg, per_user):
     assert rel_err(got, expected) < 1e-4
 
 
-@pytest.mark.parametrize("b,n,lengths,max_len", [
-    (1, 1, (0,), 3),  # one user, one candidate, empty history
-    (2, 1, (1, 0), 1),  # length-1 history
-    (3, 5, (0, 0, 0), 4),  # nobody has history: pooled = 0
-    (2, 3, (0, 0), 0),  # L = 0
-    (2, 20, (17, 2), 17),  # more candidates than one tile
-])
+@pytest.mark.parametrize(
+    "b,n,lengths,max_len",
+    [
+        (1, 1, (0,), 3),  # one user, one candidate, empty history
+        (2, 1, (1, 0), 1),  # length-1 history
+        (3, 5, (0, 0, 0), 4),  # nobody has history: pooled = 0
+        (2, 3, (0, 0), 0),  # L = 0
+        (2, 20, (17, 2), 17),  # more candidates than one tile
+    ],
+)
 def test_awkward_shapes(b, n, lengths, max_len):
     model = make(hidden=(24, 16), unit_hidden=(20,))
     users, items, history, lengths = inputs(b, n, lengths=lengths, max_len=max_len)
@@ -130,8 +133,9 @@ def backward_both(model, users, items, history, lengths, dtype=None):
     def rep(t):
         return t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])
 
-    expected = model64(rep(users), (items.expand(b, -1) if items.dim() == 1 else items).reshape(-1), rep(history),
-                       rep(lengths)).view(b, n)
+    expected = model64(
+        rep(users), (items.expand(b, -1) if items.dim() == 1 else items).reshape(-1), rep(history), rep(lengths)
+    ).view(b, n)
     weight = torch.randn(expected.shape, dtype=torch.float64, device=DEVICE)
     (got.float() * weight.float()).sum().backward()
     (expected * weight).sum().backward()
@@ -145,7 +149,7 @@ def test_gradients_of_every_parameter(cfg):
     users, items, history, lengths = inputs(n=13, per_user=cfg.get("attention") == "dot")
     run, model64, got, expected, scale = backward_both(model, users, items, history, lengths)
     assert rel_err(got, expected) < 1e-4
-    for (name, p), p64 in zip(run.named_parameters(), model64.parameters()):
+    for (name, p), p64 in zip(run.named_parameters(), model64.parameters(), strict=True):
         assert p.grad is not None, name
         assert grad_err(p, p64, scale) < 1e-4, name
 
@@ -153,12 +157,14 @@ def test_gradients_of_every_parameter(cfg):
 def test_gradients_with_empty_histories_and_feature_items():
     torch.manual_seed(4)
     features = torch.randn(NUM_ITEMS, 5)
-    model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(24,), unit_hidden=(16,),
-                                           item_feature_dim=5), item_features=features).to(DEVICE)
+    model = AttentionModel(
+        AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(24,), unit_hidden=(16,), item_feature_dim=5),
+        item_features=features,
+    ).to(DEVICE)
     users, items, history, lengths = inputs(b=3, n=4, lengths=(0, 0, 2), max_len=2)
     run, model64, got, expected, scale = backward_both(model, users, items, history, lengths)
     assert rel_err(got, expected) < 1e-4
-    for (name, p), p64 in zip(run.named_parameters(), model64.parameters()):
+    for (name, p), p64 in zip(run.named_parameters(), model64.parameters(), strict=True):
         assert grad_err(p, p64, scale) < 1e-4, name
 
 
@@ -183,7 +189,7 @@ def test_bfloat16_gradients_no_worse_than_eager_bfloat16(attention):
     for m in (eager, model64):
         (m(rep(users), items.repeat(b), rep(history), rep(lengths)).view(b, n).double() * weight).sum().backward()
     scale = 1e-3 * max(float(p.grad.norm()) for p in model64.parameters())
-    for (name, p), p_eager, p64 in zip(fused.named_parameters(), eager.parameters(), model64.parameters()):
+    for (name, p), p_eager, p64 in zip(fused.named_parameters(), eager.parameters(), model64.parameters(), strict=True):
         err, eager_err = grad_err(p, p64, scale), grad_err(p_eager, p64, scale)
         assert err < max(5e-2, 3 * eager_err), (name, err, eager_err)
 
@@ -209,7 +215,7 @@ def test_bfloat16_gradients_no_worse_than_eager_bfloat16(attention):
     eager_err = float((flat(eager) - ref).norm() / ref.norm())
     assert err < max(1e-2, 1.5 * eager_err), (err, eager_err)
     scale = 1e-3 * max(float(p.grad.norm()) for p in exact.parameters())
-    for (name, p), p64 in zip(fused.named_parameters(), exact.parameters()):
+    for (name, p), p64 in zip(fused.named_parameters(), exact.parameters(), strict=True):
         assert grad_err(p, p64, scale) < 3e-2, (name, grad_err(p, p64, scale))
 
 
@@ -238,11 +244,38 @@ def test_op_fake_and_tracing():
     model = make(hidden=(24, 16), unit_hidden=(20, 10))
     users, items, history, lengths = inputs(b=3, n=7, lengths=(4, 0, 21))
     kw = fused_backend.op_call(model, users, items, history, lengths).kwargs
-    op_args = (kw["hist"], kw["ht"], kw["lengths"], kw["q"], kw["qt"], kw["cq"], None, kw["wx"], kw["unit_weights"],
-               kw["unit_biases"], kw["unit_w_out"], kw["unit_b_out"], kw["a"], kw["wp"], kw["weights"], kw["biases"],
-               kw["w_out"], kw["b_out"], "din", True, 1.0, "relu", "ieee")
-    assert_op_traces(torch.ops.rankfast.target_attention_score.default, op_args, model,
-                     lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"), (users, items, history, lengths))
+    op_args = (
+        kw["hist"],
+        kw["ht"],
+        kw["lengths"],
+        kw["q"],
+        kw["qt"],
+        kw["cq"],
+        None,
+        kw["wx"],
+        kw["unit_weights"],
+        kw["unit_biases"],
+        kw["unit_w_out"],
+        kw["unit_b_out"],
+        kw["a"],
+        kw["wp"],
+        kw["weights"],
+        kw["biases"],
+        kw["w_out"],
+        kw["b_out"],
+        "din",
+        True,
+        1.0,
+        "relu",
+        "ieee",
+    )
+    assert_op_traces(
+        torch.ops.rankfast.target_attention_score.default,
+        op_args,
+        model,
+        lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"),
+        (users, items, history, lengths),
+    )
 
 
 @pytest.mark.gpu

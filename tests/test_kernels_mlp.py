@@ -66,7 +66,7 @@ def test_forward_and_gradients_match_float64_reference(kind, hidden, activation,
     weight = torch.randn(expected.shape, dtype=torch.float64, device=DEVICE)
     (got * weight.float()).sum().backward()
     (expected * weight).sum().backward()
-    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters(), strict=True):
         assert p.grad is not None, name
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
@@ -79,7 +79,9 @@ def test_gradients_with_tiles_spanning_several_users(kind, hidden, activation, c
     import triton
 
     block_p, tile_u = (32, 4) if DEVICE == "cpu" else (128, 8)
-    monkeypatch.setattr(ms._mlp_bwd_kernel, "configs", [triton.Config({"BLOCK_P": block_p, "BJ": 16, "TILE_U": tile_u}, num_warps=4)])
+    monkeypatch.setattr(
+        ms._mlp_bwd_kernel, "configs", [triton.Config({"BLOCK_P": block_p, "BJ": 16, "TILE_U": tile_u}, num_warps=4)]
+    )
     model = make(kind, hidden, activation)
     model64 = copy.deepcopy(model).double()
     users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
@@ -87,7 +89,7 @@ def test_gradients_with_tiles_spanning_several_users(kind, hidden, activation, c
     weight = torch.randn(5, items.shape[-1], dtype=torch.float64, device=DEVICE)
     (fused_backend.model_scores(model, users, items, precision="ieee") * weight.float()).sum().backward()
     (pair_forward(model64, users, items) * weight).sum().backward()
-    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters(), strict=True):
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
 
@@ -114,7 +116,7 @@ def test_every_item_and_per_user_table_path():
     assert rel_err(got, expected) < 1e-4
     got.sum().backward()
     expected.sum().backward()
-    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters(), strict=True):
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
 
@@ -122,8 +124,9 @@ def test_aligned_pairs_with_feature_representations():
     """Training path: aligned (user, item) pairs, item side given by features through a projection."""
     torch.manual_seed(3)
     features = torch.randn(NUM_ITEMS, 7)
-    model = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(30, 20), item_feature_dim=7),
-                     item_features=features).to(DEVICE)
+    model = MLPModel(
+        MLPConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(30, 20), item_feature_dim=7), item_features=features
+    ).to(DEVICE)
     model64 = copy.deepcopy(model).double()
     users = torch.randint(0, NUM_USERS, (19,), device=DEVICE)
     items = torch.randint(0, NUM_ITEMS, (19,), device=DEVICE)
@@ -132,7 +135,7 @@ def test_aligned_pairs_with_feature_representations():
     assert got.shape == (19,) and rel_err(got, expected) < 1e-4
     torch.nn.functional.binary_cross_entropy_with_logits(got, (items % 2).float()).backward()
     torch.nn.functional.binary_cross_entropy_with_logits(expected, (items % 2).double()).backward()
-    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters()):
+    for (name, p), (_, p64) in zip(model.named_parameters(), model64.named_parameters(), strict=True):
         assert rel_err(p.grad, p64.grad) < 1e-4, name
     assert model.item_repr.projection.weight.grad is not None
 
@@ -156,7 +159,7 @@ def test_half_precision_within_design_tolerance(dtype, kind):
     got.float().sum().backward()
     pair_forward(eager, users, items).float().sum().backward()
     pair_forward(model64, users, items).sum().backward()
-    params = zip(low.named_parameters(), eager.parameters(), model64.parameters())
+    params = zip(low.named_parameters(), eager.parameters(), model64.parameters(), strict=True)
     for (name, p), p_eager, p64 in params:
         assert rel_err(p.grad, p64.grad) < max(2e-2, 1.5 * rel_err(p_eager.grad, p64.grad)), name
 
@@ -202,8 +205,14 @@ def test_op_level_inputs_are_checked():
         ms.mlp_score(a, c, w_out=w_out, b_out=b_out, activation="tanh")
     with pytest.raises(ValueError, match="widths"):
         big = torch.randn(600, 20, device=DEVICE)
-        ms.mlp_score(a, c, weights=[big], biases=[torch.zeros(600, device=DEVICE)],
-                     w_out=torch.randn(600, device=DEVICE), b_out=b_out)
+        ms.mlp_score(
+            a,
+            c,
+            weights=[big],
+            biases=[torch.zeros(600, device=DEVICE)],
+            w_out=torch.randn(600, device=DEVICE),
+            b_out=b_out,
+        )
     with pytest.raises(TypeError, match="RankingModel"):
         fused_backend.model_scores(torch.nn.Linear(2, 2), torch.tensor([0]))
     assert fused_backend.scorer_for(MLPModel(MLPConfig(3, 3, 4, hidden=()))) is None
@@ -221,11 +230,26 @@ def test_op_matches_its_fake_and_traces_without_graph_breaks():
     first = model.branch.linears[0]
     w_u, w_i = first.weight.chunk(2, dim=1)
     gmf_i, mlp_i = model.item_repr(items).chunk(2, dim=-1)
-    args = (torch.nn.functional.linear(a, w_u, first.bias), torch.nn.functional.linear(mlp_i, w_i), None,
-            gu * model.output.weight[0, :DIM], gmf_i, [model.branch.linears[1].weight],
-            [model.branch.linears[1].bias], model.output.weight[0, DIM:], model.output.bias, "relu", "ieee")
-    assert_op_traces(torch.ops.rankfast.mlp_score.default, args, model,
-                     lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"), (users, items))
+    args = (
+        torch.nn.functional.linear(a, w_u, first.bias),
+        torch.nn.functional.linear(mlp_i, w_i),
+        None,
+        gu * model.output.weight[0, :DIM],
+        gmf_i,
+        [model.branch.linears[1].weight],
+        [model.branch.linears[1].bias],
+        model.output.weight[0, DIM:],
+        model.output.bias,
+        "relu",
+        "ieee",
+    )
+    assert_op_traces(
+        torch.ops.rankfast.mlp_score.default,
+        args,
+        model,
+        lambda m, *x: fused_backend.model_scores(m, *x, precision="ieee"),
+        (users, items),
+    )
 
 
 @pytest.mark.gpu
@@ -244,7 +268,7 @@ def test_inductor_compile_forward_and_backward_on_gpu(dtype):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     step(users, items).backward()
-    for g, p in zip(grads, model.parameters()):
+    for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=1e-3)
 
 

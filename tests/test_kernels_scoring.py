@@ -1,18 +1,24 @@
 """The fused backend behind rankfast.score (rankfast/scoring/backends/fused.py)."""
 
-
 import pytest
 import torch
 
 import rankfast
 from rankfast.kernels.topk import positions_bitmask
-from rankfast.models import (AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, NeuMF,
-                             NeuMFConfig)
+from rankfast.models import (
+    AttentionConfig,
+    AttentionModel,
+    DotConfig,
+    DotModel,
+    MLPConfig,
+    MLPModel,
+    NeuMF,
+    NeuMFConfig,
+)
 from rankfast.scoring import Footprint, select_scorer
 from rankfast.scoring.backends import fused as fused_backend
 from rankfast.scoring.backends.factorized import DotScorer, MLPScorer
 from rankfast.scoring.backends.reference import ReferenceScorer
-
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_USERS, NUM_ITEMS, DIM, MAX_LEN = 7, 30, 16, 9
@@ -27,8 +33,9 @@ def make(kind, integer=False, seed=0):
     elif kind == "din":
         model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), unit_hidden=(18, 8)))
     else:  # "dot" attention, raw weights: integer-exact with integer weights (sqrt(16) = 4)
-        model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), attention="dot",
-                                               normalize=False))
+        model = AttentionModel(
+            AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), attention="dot", normalize=False)
+        )
     if integer:
         with torch.no_grad():
             for p in model.parameters():
@@ -50,10 +57,15 @@ def test_footprints_count_the_float32_split_terms_of_half_precision_models():
     mlp = MLPModel(MLPConfig(3, 5, 8, hidden=(16,)))
     din = AttentionModel(AttentionConfig(3, 5, 8, hidden=(16,), unit_hidden=(6,)))
     assert fused_backend.FusedMLPScorer.footprint(mlp, 0) == Footprint(user=8 + 16 + 8, item=8 + 16 + 8, pair=1)
-    assert fused_backend.FusedMLPScorer.footprint(mlp.bfloat16(), 0) == Footprint(user=8 + 32 + 8, item=8 + 32 + 8, pair=1)
-    assert fused_backend.FusedAttentionScorer.footprint(din, 10) == Footprint(user=10 * 8 + 10 * 6 + 16 + 1, item=8 + 6 + 16, pair=1)
+    assert fused_backend.FusedMLPScorer.footprint(mlp.bfloat16(), 0) == Footprint(
+        user=8 + 32 + 8, item=8 + 32 + 8, pair=1
+    )
+    assert fused_backend.FusedAttentionScorer.footprint(din, 10) == Footprint(
+        user=10 * 8 + 10 * 6 + 16 + 1, item=8 + 6 + 16, pair=1
+    )
     assert fused_backend.FusedAttentionScorer.footprint(din.bfloat16(), 10) == Footprint(
-        user=10 * 8 + 2 * (10 * 6 + 16) + 1, item=8 + 2 * (6 + 16), pair=1)
+        user=10 * 8 + 2 * (10 * 6 + 16) + 1, item=8 + 2 * (6 + 16), pair=1
+    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "dot"])

@@ -29,8 +29,9 @@ def integer_model(kind, seed=0):
     elif kind == "neumf":
         model = NeuMF(NeuMFConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12)))
     else:
-        model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), attention="dot",
-                                               normalize=False))
+        model = AttentionModel(
+            AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(20, 12), attention="dot", normalize=False)
+        )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randint(-2, 3, p.shape).float())
@@ -50,16 +51,23 @@ def history_for(users, seed=3):
 
 def fused(kind, model, users, items, k, exclude=None, splits=0, history=None, lengths=None):
     if kind == "attention":
-        return fused_backend.model_topk(model, users, items, history, lengths, k=k, exclude=exclude, splits=splits,
-                             precision="ieee")
+        return fused_backend.model_topk(
+            model, users, items, history, lengths, k=k, exclude=exclude, splits=splits, precision="ieee"
+        )
     return fused_backend.model_topk(model, users, items, k=k, exclude=exclude, splits=splits, precision="ieee")
 
 
 def reference_topk(model, users, items, k, exclude, history, lengths, monkeypatch):
     monkeypatch.setenv("RANKFAST_BACKEND", "reference")
-    return rankfast.score(copy.deepcopy(model).cpu(), users.cpu(), None if items is None else items.cpu(), k=k,
-                          exclude=exclude, history=None if history is None else history.cpu(),
-                          lengths=None if lengths is None else lengths.cpu())
+    return rankfast.score(
+        copy.deepcopy(model).cpu(),
+        users.cpu(),
+        None if items is None else items.cpu(),
+        k=k,
+        exclude=exclude,
+        history=None if history is None else history.cpu(),
+        lengths=None if lengths is None else lengths.cpu(),
+    )
 
 
 def assert_same(got, want):
@@ -127,7 +135,9 @@ def test_random_float_model_against_float64_reference(kind):
         else:
             rep = lambda t: t[:, None].expand(b, n, *t.shape[1:]).reshape(b * n, *t.shape[1:])  # noqa: E731
             scores = model64(rep(users), items.repeat(b), rep(history), rep(lengths)).view(b, n)
-            ids, values = fused_backend.model_topk(model, users, items, history, lengths, k=10, splits=2, precision="ieee")
+            ids, values = fused_backend.model_topk(
+                model, users, items, history, lengths, k=10, splits=2, precision="ieee"
+            )
     want_values, want_pos = rankfast.topk(scores.cpu(), 10)
     assert torch.equal(ids.cpu(), items.cpu()[want_pos])
     torch.testing.assert_close(values.cpu().double(), want_values, rtol=1e-5, atol=1e-6)
@@ -167,10 +177,25 @@ def test_topk_ops_have_fake_implementations_and_trace():
     users = torch.tensor([0, 3], device=DEVICE)
     kw = fused_backend.op_call(model, users).kwargs
     a, c, idx = (t.detach() if t is not None else None for t in (kw["a"], kw["c"], kw["idx"]))
-    op_args = (a, c, idx, None, None, [w.detach() for w in kw["weights"]], [b.detach() for b in kw["biases"]],
-               kw["w_out"].detach(), kw["b_out"].detach(), None, 5, 1, "relu", "ieee")
-    torch.library.opcheck(torch.ops.rankfast.mlp_score_topk.default, op_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    op_args = (
+        a,
+        c,
+        idx,
+        None,
+        None,
+        [w.detach() for w in kw["weights"]],
+        [b.detach() for b in kw["biases"]],
+        kw["w_out"].detach(),
+        kw["b_out"].detach(),
+        None,
+        5,
+        1,
+        "relu",
+        "ieee",
+    )
+    torch.library.opcheck(
+        torch.ops.rankfast.mlp_score_topk.default, op_args, test_utils=("test_schema", "test_faketensor")
+    )
 
     class TopK(torch.nn.Module):
         def __init__(self):

@@ -56,11 +56,19 @@ def test_matches_brute_force_on_random_lists():
     ranked = np.stack([rng.permutation(n_items)[:width] for _ in range(rows)])
     ranked[rng.random(ranked.shape) < 0.1] = -1  # padding
     relevant = [rng.choice(n_items, size=rng.integers(1, 15), replace=False) for _ in range(rows)]
-    fns = {"hr": metrics.hit_rate, "recall": metrics.recall, "precision": metrics.precision, "ndcg": metrics.ndcg, "map": metrics.average_precision}
+    fns = {
+        "hr": metrics.hit_rate,
+        "recall": metrics.recall,
+        "precision": metrics.precision,
+        "ndcg": metrics.ndcg,
+        "map": metrics.average_precision,
+    }
     for k in (1, 5, 12):
         expected = [_brute(ranked[r], relevant[r], k) for r in range(rows)]
         for name, fn in fns.items():
-            np.testing.assert_allclose(fn(ranked, relevant, k), [e[name] for e in expected], rtol=1e-12, err_msg=f"{name}@{k}")
+            np.testing.assert_allclose(
+                fn(ranked, relevant, k), [e[name] for e in expected], rtol=1e-12, err_msg=f"{name}@{k}"
+            )
         np.testing.assert_allclose(metrics.reciprocal_rank(ranked, relevant, k), [e["rr"] for e in expected])
     # CSR input gives the same as lists; torch input as numpy.
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in relevant])])

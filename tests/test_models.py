@@ -145,7 +145,7 @@ def test_attention_pooling_by_hand(name):
         else:
             logits = [h @ q / math.sqrt(DIM) for h in hs]
         weights = torch.softmax(torch.stack(logits), 0) if (cfg.normalize and hs) else logits
-        pooled = sum((w * h for w, h in zip(weights, hs)), torch.zeros(DIM, dtype=torch.float64))
+        pooled = sum((w * h for w, h in zip(weights, hs, strict=True)), torch.zeros(DIM, dtype=torch.float64))
         expected = model.tower(torch.cat([model.user_repr(users[b]), pooled, q]))[0]
         torch.testing.assert_close(got[b], expected)
 
@@ -200,7 +200,9 @@ def test_save_load_round_trip(tmp_path, name):
     history, lengths = random_history(NUM_USERS, 4)
     users, items = torch.arange(NUM_USERS), torch.randint(0, NUM_ITEMS, (NUM_USERS,))
     assert torch.equal(loaded(users, items, history, lengths), model(users, items, history, lengths))
-    assert torch.equal(type(model).load(tmp_path)(users, items, history, lengths), model(users, items, history, lengths))
+    assert torch.equal(
+        type(model).load(tmp_path)(users, items, history, lengths), model(users, items, history, lengths)
+    )
 
 
 def test_load_wrong_model_type(tmp_path):
@@ -256,7 +258,9 @@ def test_load_tensor_mismatch_names_the_tensor(tmp_path, edit):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("name, hybrid, match", [("dot-hybrid", False, "unexpected"), ("mlp-features", True, "missing")])
+@pytest.mark.parametrize(
+    "name, hybrid, match", [("dot-hybrid", False, "unexpected"), ("mlp-features", True, "missing")]
+)
 def test_load_checks_the_hybrid_flag_against_the_tensors(tmp_path, name, hybrid, match):
     make_model(name).save(tmp_path)
     _edit_config(tmp_path, lambda m: m["config"].update(item_hybrid=hybrid))

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import rankfast
 import rankfast._io as io_module
 import rankfast.model_dir as model_dir_module
 import rankfast.ranker as ranker_module
@@ -44,7 +43,9 @@ def int_train():
 
 def attention(train, seed=3):
     torch.manual_seed(seed)
-    return AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,)))
+    return AttentionModel(
+        AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(8,), unit_hidden=(6,))
+    )
 
 
 def mlp(train):
@@ -94,7 +95,13 @@ def check(results, expected, users):
 
 def test_directory_layout_and_score_against_reference(saved, train):
     model, directory = saved
-    assert sorted(os.listdir(directory)) == ["config.json", "mappings.json", "model.safetensors", "ranker.json", "users.safetensors"]
+    assert sorted(os.listdir(directory)) == [
+        "config.json",
+        "mappings.json",
+        "model.safetensors",
+        "ranker.json",
+        "users.safetensors",
+    ]
     ranker = Ranker.load(directory)
     users = [100, 107, 100 + 7 * 39]
     check(ranker.score(users, k=5), reference_top_k(model, train, users, 5), users)
@@ -114,7 +121,11 @@ def test_candidates_include_seen_and_short_rows(saved, train):
 
 def test_score_many_batches_requests_into_one_call(saved, monkeypatch):
     ranker = Ranker.load(saved[1])
-    requests = [{"users": [100], "k": 3}, {"users": [107, 114], "k": 7}, {"users": [121], "k": 2, "exclude_seen": False}]
+    requests = [
+        {"users": [100], "k": 3},
+        {"users": [107, 114], "k": 7},
+        {"users": [121], "k": 2, "exclude_seen": False},
+    ]
     expected = [ranker.score(**r) for r in requests]
     calls = []
     real = ranker_module.score
@@ -166,7 +177,9 @@ def pooled_dot_model(train):
     """``(model, item features)``: a DotModel whose users are their training items' mean feature vector."""
     features = torch.randn(train.num_items, 6, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(2)
-    config = DotConfig(num_users=train.num_users, num_items=train.num_items, dim=5, user_feature_dim=6, item_feature_dim=6)
+    config = DotConfig(
+        num_users=train.num_users, num_items=train.num_items, dim=5, user_feature_dim=6, item_feature_dim=6
+    )
     indptr, items = train.user_items()
     user_vectors = torch.stack([features[items[indptr[u] : indptr[u + 1]]].mean(0) for u in range(train.num_users)])
     model = DotModel(config, user_features=user_vectors, item_features=features)
@@ -236,15 +249,27 @@ def test_fit_writes_the_same_model_directory(train, tmp_path):
     """fit(checkpoint_dir=...) writes checkpoint_dir/model through save_model_dir: an
     AttentionModel's directory loads, with its histories and seen items."""
     model = attention(train)
-    config = TrainConfig(epochs=1, batch_size=64, num_negatives=2, max_history=4, progress=False, checkpoint_dir=str(tmp_path))
+    config = TrainConfig(
+        epochs=1, batch_size=64, num_negatives=2, max_history=4, progress=False, checkpoint_dir=str(tmp_path)
+    )
     fit(model, train, config)
     directory = tmp_path / "model"
-    assert sorted(os.listdir(directory)) == ["config.json", "mappings.json", "model.safetensors", "ranker.json", "users.safetensors"]
+    assert sorted(os.listdir(directory)) == [
+        "config.json",
+        "mappings.json",
+        "model.safetensors",
+        "ranker.json",
+        "users.safetensors",
+    ]
     ranker = Ranker.load(directory)
     assert ranker.meta["max_history"] == 4
     history, lengths = (torch.from_numpy(a) for a in user_histories(train, 4))
     users = [100, 135, 100 + 7 * 39]
-    check(ranker.score(users, k=5), reference_top_k(model.eval(), train, users, 5, history=history, lengths=lengths), users)
+    check(
+        ranker.score(users, k=5),
+        reference_top_k(model.eval(), train, users, 5, history=history, lengths=lengths),
+        users,
+    )
 
 
 def test_a_model_save_directory_is_not_a_model_directory(train, tmp_path):
@@ -257,7 +282,13 @@ def rewrite(directory, name, content: bytes):
     """Replaces a file of a model directory and its size and sha256 in ranker.json,
     as a writer of bad content would."""
     (directory / name).write_bytes(content)
-    edit_meta(directory, files={**read_meta(directory)["files"], name: {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}})
+    edit_meta(
+        directory,
+        files={
+            **read_meta(directory)["files"],
+            name: {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()},
+        },
+    )
 
 
 def read_meta(directory) -> dict:
@@ -280,7 +311,10 @@ def half(directory, name) -> bytes:
         (lambda d: os.remove(d / "mappings.json"), "mappings.json: missing"),
         (lambda d: os.remove(d / "users.safetensors"), "users.safetensors: missing"),
         (lambda d: os.remove(d / "ranker.json"), "ranker.json: missing"),
-        (lambda d: rewrite(d, "model.safetensors", half(d, "model.safetensors")), "model.safetensors: not a readable safetensors"),
+        (
+            lambda d: rewrite(d, "model.safetensors", half(d, "model.safetensors")),
+            "model.safetensors: not a readable safetensors",
+        ),
         (lambda d: rewrite(d, "config.json", b"{not json"), "not a rankfast model config"),
         (lambda d: rewrite(d, "mappings.json", b'{"users": [1, 2], "items": ["a"]}'), "maps 2 users and 1 items"),
         (lambda d: rewrite(d, "users.safetensors", half(d, "users.safetensors")), "users.safetensors: not a readable"),
@@ -289,7 +323,10 @@ def half(directory, name) -> bytes:
         (lambda d: edit_meta(d, format=True), "unknown format True"),
         (lambda d: edit_meta(d, files=None), "files: expected the size and sha256"),
         (lambda d: edit_meta(d, encoder="/etc"), "encoder: expected a relative path inside the model directory"),
-        (lambda d: edit_meta(d, encoder="encoder/../../etc"), "encoder: expected a relative path inside the model directory"),
+        (
+            lambda d: edit_meta(d, encoder="encoder/../../etc"),
+            "encoder: expected a relative path inside the model directory",
+        ),
         (lambda d: edit_meta(d, max_history="abc"), "max_history: expected a positive int"),
     ],
 )
@@ -320,7 +357,10 @@ def _users_with(directory, **changes) -> bytes:
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda t: {"history": t["history"].clone().index_fill_(1, torch.tensor([0]), NUM_ITEMS)}, "history: item ids out of range"),
+        (
+            lambda t: {"history": t["history"].clone().index_fill_(1, torch.tensor([0]), NUM_ITEMS)},
+            "history: item ids out of range",
+        ),
         (lambda t: {"lengths": t["lengths"].clone().fill_(5)}, r"lengths: expected values in \[0, 4\]"),
         (lambda t: {"lengths": t["lengths"].clone().fill_(-1)}, r"lengths: expected values in \[0, 4\]"),
         (lambda t: {"history": t["history"].float()}, "history: expected int64, got torch.float32"),
@@ -336,7 +376,9 @@ def test_corrupted_users_file_fails_at_load(attention_saved, tmp_path, change, m
     from safetensors.torch import load_file
 
     directory = shutil.copytree(attention_saved, tmp_path / "copy")
-    rewrite(directory, "users.safetensors", _users_with(directory, **change(load_file(directory / "users.safetensors"))))
+    rewrite(
+        directory, "users.safetensors", _users_with(directory, **change(load_file(directory / "users.safetensors")))
+    )
     with pytest.raises(ModelDirError, match=message):
         Ranker.load(directory)
 
@@ -357,7 +399,9 @@ def test_a_changed_file_is_detected(saved, train, tmp_path):
             Ranker.load(directory)
 
 
-@pytest.mark.parametrize("field, value", [("num_items", 10**12), ("num_items", 5 * 10**7), ("num_users", 2**62), ("dim", 10**9)])
+@pytest.mark.parametrize(
+    "field, value", [("num_items", 10**12), ("num_items", 5 * 10**7), ("num_users", 2**62), ("dim", 10**9)]
+)
 def test_config_sizes_are_checked_before_allocating(saved, tmp_path, field, value):
     """A config.json declaring sizes its weights do not have fails at once, naming the
     field, instead of allocating what it declares (gigabytes, or an allocator error)."""
@@ -431,7 +475,13 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next(train, tmp_path):
     for name in (".model.0123456789ab.tmp", ".model.ffffffffffff.tmp"):
         (tmp_path / name / "sub").mkdir(parents=True)
         (tmp_path / name / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
-    kept = [".model.0123456789ab.tmp.bak", ".model.backup", ".other.0123456789ab.tmp", "model.0123456789ab.tmp", ".model.0123456789AB.tmp"]
+    kept = [
+        ".model.0123456789ab.tmp.bak",
+        ".model.backup",
+        ".other.0123456789ab.tmp",
+        "model.0123456789ab.tmp",
+        ".model.0123456789AB.tmp",
+    ]
     for name in kept:
         (tmp_path / name).mkdir()
     live = tmp_path / ".model.aaaaaaaaaaaa.tmp"
@@ -454,7 +504,9 @@ def test_failed_write_leaves_nothing_half_written(train, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_dir_module, "_file_fingerprint", broken)  # fails once every file but ranker.json is written
+    monkeypatch.setattr(
+        model_dir_module, "_file_fingerprint", broken
+    )  # fails once every file but ranker.json is written
     with pytest.raises(OSError, match="disk full"):
         save_model_dir(target, model, train)
     assert os.listdir(tmp_path) == []  # neither the directory nor a temporary one
@@ -498,7 +550,11 @@ def test_files_reach_the_disk_before_the_rename(train, tmp_path, monkeypatch):
     for _ in range(2):  # a new directory, then one replacing it
         events.clear()
         directory = save_model_dir(tmp_path / "model", mlp(train), train)
-        (tmp,) = [src for kind, src in events if kind == "rename" and os.path.dirname(src) == str(tmp_path) and src.endswith(".tmp")]
+        (tmp,) = [
+            src
+            for kind, src in events
+            if kind == "rename" and os.path.dirname(src) == str(tmp_path) and src.endswith(".tmp")
+        ]
         before = {path for kind, path in events[: events.index(("rename", tmp))] if kind == "fsync"}
         assert {os.path.join(tmp, name) for name in os.listdir(directory)} | {tmp} <= before
         assert ("fsync", str(tmp_path)) in events[events.index(("rename", tmp)) :]  # the rename itself
@@ -509,10 +565,14 @@ def record_fsyncs_and_renames(monkeypatch) -> list:
     atomic exchange of a new directory with the old one counts as its rename)."""
     events = []
     real_fsync, real_rename, real_replace, real_exchange = os.fsync, os.rename, os.replace, io_module._exchange
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
+    )
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.fspath(a))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
-    monkeypatch.setattr(io_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b))
+    monkeypatch.setattr(
+        io_module, "_exchange", lambda a, b: events.append(("rename", os.fspath(a))) or real_exchange(a, b)
+    )
     return events
 
 
@@ -545,7 +605,7 @@ def test_replacing_a_directory_never_leaves_the_path_empty(train, tmp_path, monk
     save_model_dir(target, new, train)
     assert os.listdir(tmp_path) == ["model"]  # the old directory is gone, no temporary one is left
     saved = load_model(target)
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), new.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), new.state_dict().values(), strict=True))
 
 
 def test_model_directory_gets_ordinary_permissions(train, tmp_path):
@@ -561,7 +621,9 @@ def test_model_directory_gets_ordinary_permissions(train, tmp_path):
             directory = save_model_dir(tmp_path / "model", mlp(train), train, encoder=encoder)
             modes = {}
             for root, dirs, files in os.walk(directory):
-                modes.update({os.path.join(root, n): 0o755 for n in dirs} | {os.path.join(root, n): 0o644 for n in files})
+                modes.update(
+                    {os.path.join(root, n): 0o755 for n in dirs} | {os.path.join(root, n): 0o644 for n in files}
+                )
             assert len(modes) == 8 and os.stat(directory).st_mode & 0o777 == 0o755
             assert {path: os.stat(path).st_mode & 0o777 for path in modes} == modes
     finally:
@@ -576,7 +638,9 @@ def test_export_takes_raw_ids_and_matches_score(int_train, tmp_path, kind, monke
     events = record_fsyncs_and_renames(monkeypatch)
     path = ranker.export(tmp_path / f"{kind}.pt2")
     (rename,) = [n for n, (what, src) in enumerate(events) if what == "rename" and src.endswith(f".tmp/{kind}.pt2")]
-    assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[rename:]  # on disk first
+    assert ("fsync", events[rename][1]) in events[:rename] and ("fsync", str(tmp_path)) in events[
+        rename:
+    ]  # on disk first
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == sorted([kind, f"{kind}.pt2"])  # no temporary file left
     program = torch.export.load(path).module()
@@ -595,7 +659,7 @@ def test_export_takes_raw_ids_and_matches_score(int_train, tmp_path, kind, monke
     with torch.no_grad():
         got = program(*args).view(len(users), len(items))
     for j, row in enumerate(ranker.score(users, k=len(items), exclude_seen=False)):
-        want = dict(zip(row["items"], row["scores"]))
+        want = dict(zip(row["items"], row["scores"], strict=True))
         np.testing.assert_allclose(got[j].numpy(), [want[i] for i in items], rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # any number of pairs, one included
         torch.testing.assert_close(program(*[a[:1] for a in args]), got.view(-1)[:1], rtol=1e-4, atol=1e-5)
@@ -608,7 +672,12 @@ def test_export_takes_raw_ids_and_matches_score(int_train, tmp_path, kind, monke
         assert torch.isnan(program(*args)).all()
     if model.uses_history:  # an unknown item within a history's length
         with torch.no_grad():
-            scores = program(torch.tensor([users[0]] * 2), torch.tensor([items[0]] * 2), torch.tensor([[items[1], 7], [items[1], 7]]), torch.tensor([1, 2]))
+            scores = program(
+                torch.tensor([users[0]] * 2),
+                torch.tensor([items[0]] * 2),
+                torch.tensor([[items[1], 7], [items[1], 7]]),
+                torch.tensor([1, 2]),
+            )
         assert not torch.isnan(scores[0]) and torch.isnan(scores[1])
 
 

@@ -67,7 +67,9 @@ def test_din_unit_table_matches_reference(name, candidates, reuse, history_block
     items = candidate_sets(len(users))[candidates]
     for budget in (DEFAULT_MEMORY_BUDGET, 6000):
         got = rankfast.score(model, users, items, history=history, lengths=lengths, memory_budget=budget)
-        torch.testing.assert_close(got, reference_scores(model, users, as_candidates(items), history, lengths), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            got, reference_scores(model, users, as_candidates(items), history, lengths), rtol=1e-10, atol=1e-12
+        )
     assert tabled and all(tabled) == (reuse == 0.0)
 
 
@@ -98,7 +100,9 @@ def test_din_unit_table_by_default_only_when_history_items_repeat(histories, mon
         history[torch.arange(8) < lengths[:, None]] = torch.randperm(NUM_ITEMS, generator=gen)[:30]
     history[torch.arange(8) >= lengths[:, None]] = -1
     got = rankfast.score(model, users, history=history, lengths=lengths)
-    torch.testing.assert_close(got, reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, reference_scores(model, users, torch.arange(NUM_ITEMS), history, lengths), rtol=1e-10, atol=1e-12
+    )
     assert tabled == [histories == "repeated"]
 
 
@@ -108,7 +112,9 @@ def test_din_unit_table_is_capped_by_its_footprint():
     history = torch.randint(0, 6, (4, 10), generator=torch.Generator().manual_seed(7))
     lengths = torch.full((4,), 10)
     scorer = factorized.AttentionScorer(model, torch.arange(4), history, lengths)
-    assert scorer.distinct is not None and factorized.AttentionScorer.footprint(model, 10).table >= len(scorer.distinct[0])
+    assert scorer.distinct is not None and factorized.AttentionScorer.footprint(model, 10).table >= len(
+        scorer.distinct[0]
+    )
     scorer.distinct = None
     scorer._plan_unit_table(history, max_columns=len(torch.unique(history)) - 1)
     assert scorer.distinct is None
@@ -132,7 +138,12 @@ def _expected_topk(scores, candidates, exclude, k):
             cand = (candidates[b] if candidates.dim() == 2 else candidates).tolist()
             skip.append([pos for pos, item in enumerate(cand) if item in set(seen)])
     values, positions = rankfast.topk(scores, k, exclude=skip)
-    ids = torch.stack([(candidates[b] if candidates.dim() == 2 else candidates)[positions[b].clamp_min(0)] for b in range(len(scores))])
+    ids = torch.stack(
+        [
+            (candidates[b] if candidates.dim() == 2 else candidates)[positions[b].clamp_min(0)]
+            for b in range(len(scores))
+        ]
+    )
     return ids.masked_fill(positions < 0, -1), values
 
 
@@ -149,7 +160,9 @@ def test_topk_matches_topk_of_reference(name, candidates, k, budget):
     cand = as_candidates(items)
     scores = reference_scores(model, users, cand, history, lengths)
     for excl in (None, exclude):
-        ids, values = rankfast.score(model, users, items, k=k, exclude=excl, history=history, lengths=lengths, memory_budget=budget)
+        ids, values = rankfast.score(
+            model, users, items, k=k, exclude=excl, history=history, lengths=lengths, memory_budget=budget
+        )
         want_ids, want_values = _expected_topk(scores, cand, excl, k)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(values, want_values, rtol=1e-10, atol=1e-12)
@@ -253,7 +266,9 @@ def test_worker_error_propagates_and_threads_are_restored(three_threads, monkeyp
 def test_history_is_ignored_by_models_without_it():
     model = make_model("dot")
     history, lengths = random_history(2, MAX_LEN)
-    torch.testing.assert_close(rankfast.score(model, [1, 2], history=history, lengths=lengths), rankfast.score(model, [1, 2]))
+    torch.testing.assert_close(
+        rankfast.score(model, [1, 2], history=history, lengths=lengths), rankfast.score(model, [1, 2])
+    )
 
 
 def test_empty_users_and_candidates():

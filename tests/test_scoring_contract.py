@@ -60,16 +60,25 @@ def test_every_backend_scores_what_the_model_forward_scores(backend, name, monke
             got = rankfast.score(model, users, items, history=history, lengths=lengths, memory_budget=budget)
             assert got.dtype == dtype and got.shape == want.shape, kind
             assert float((got.double() - want).norm() / want.norm()) < TOLERANCE[dtype], (kind, budget)
-            ids, values = rankfast.score(model, users, items, k=4, exclude=exclude, history=history, lengths=lengths,
-                                         memory_budget=budget)
+            ids, values = rankfast.score(
+                model, users, items, k=4, exclude=exclude, history=history, lengths=lengths, memory_budget=budget
+            )
             for row in range(len(users)):
-                allowed = [j for j in range(cand.shape[-1]) if int(cand.expand(len(users), -1)[row, j]) not in exclude[row]]
+                allowed = [
+                    j for j in range(cand.shape[-1]) if int(cand.expand(len(users), -1)[row, j]) not in exclude[row]
+                ]
                 order = sorted(allowed, key=lambda j: -float(want[row, j]))[:4]
                 want_ids = [int(cand.expand(len(users), -1)[row, j]) for j in order]
                 n = len(want_ids)
                 assert (ids[row, n:] == -1).all() and torch.isneginf(values[row, n:]).all(), (kind, row)
-                assert_rankings_match(ids[row, :n].tolist(), values[row, :n].double().numpy(), want_ids,
-                                      [float(want[row, j]) for j in order], rtol=TOLERANCE[dtype], atol=1e-6)
+                assert_rankings_match(
+                    ids[row, :n].tolist(),
+                    values[row, :n].double().numpy(),
+                    want_ids,
+                    [float(want[row, j]) for j in order],
+                    rtol=TOLERANCE[dtype],
+                    atol=1e-6,
+                )
 
 
 @dataclass

@@ -77,7 +77,7 @@ def special_rows(rng, n):
     mixed = rng.standard_normal(n)
     specials = [np.nan, np.inf, -np.inf, 0.0, -0.0, np.nan]
     positions = rng.choice(n, size=min(n, 4 * len(specials)), replace=False)
-    for p, s in zip(positions, specials * 4):
+    for p, s in zip(positions, specials * 4, strict=False):  # n may hold fewer positions than specials
         mixed[p] = s
     rows.append(mixed)
     nan_first = rng.random(n)
@@ -228,7 +228,7 @@ def test_merge_equals_topk_of_the_whole(backend):
     x = np.concatenate([x, rng.integers(0, 3, (rows - len(x), n)).astype(np.float32)])
     bounds = [0, 130, 131, 600, 1000]  # uneven shards, one of a single item
     shard_values, shard_ids = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         v, i = reference_topk(x[:, lo:hi], k)
         shard_values.append(v.astype(np.float32))
         shard_ids.append(np.where(i >= 0, i + lo, -1))
@@ -253,7 +253,7 @@ def test_concurrent_python_threads_match_serial(backend):
     rng = np.random.default_rng(9)
     inputs = [rng.random((32, 4000)).astype(np.float32) for _ in range(8)]
     excludes = [[rng.choice(4000, 50) for _ in range(32)] for _ in range(8)]
-    serial = [run_topk(backend, x, 30, exclude=e) for x, e in zip(inputs, excludes)]
+    serial = [run_topk(backend, x, 30, exclude=e) for x, e in zip(inputs, excludes, strict=True)]
     results = [None] * 8
 
     def work(i):
@@ -265,7 +265,7 @@ def test_concurrent_python_threads_match_serial(backend):
         t.start()
     for t in threads:
         t.join()
-    for (sv, si), (cv, ci) in zip(serial, results):
+    for (sv, si), (cv, ci) in zip(serial, results, strict=True):
         np.testing.assert_array_equal(si, ci)
         np.testing.assert_array_equal(sv, cv)
 

@@ -28,7 +28,6 @@ from rankfast.train.batching import SampledNegatives
 
 from helpers import QUIET, assert_same, dot_model, params, planted
 
-
 # --- losses, optimizers, schedules --------------------------------------------------
 
 
@@ -46,7 +45,8 @@ def test_losses_against_formulas():
     # A uniform proposal makes logQ correction a no-op.
     flat = torch.full((5,), math.log(0.1))
     torch.testing.assert_close(
-        sampled_softmax_loss(pos, neg, flat, torch.full((5, 3), math.log(0.1))), F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(5, dtype=torch.long))
+        sampled_softmax_loss(pos, neg, flat, torch.full((5, 3), math.log(0.1))),
+        F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(5, dtype=torch.long)),
     )
     torch.testing.assert_close(mse_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])), torch.tensor(2.5))
 
@@ -106,7 +106,9 @@ def test_gradient_accumulation_matches_one_big_batch(loss):
     # ...and the accumulated run differs from 4x as many plain steps of 16.
     plain = dot_model(data)
     fit(plain, data, TrainConfig(batch_size=16, grad_accum=1, **base))
-    assert not torch.allclose(params(plain)["item_repr.embedding.weight"], params(small)["item_repr.embedding.weight"], atol=1e-4)
+    assert not torch.allclose(
+        params(plain)["item_repr.embedding.weight"], params(small)["item_repr.embedding.weight"], atol=1e-4
+    )
 
 
 def _mlp(data, seed=0):
@@ -181,7 +183,9 @@ def test_early_stopping_restores_the_best_weights(monkeypatch):
 def test_rating_regression_bf16_and_multitask():
     train, valid = temporal_split(planted(n_users=60, per_user=10), 0.25)
     model = dot_model(train, dim=8)
-    history = fit(model, train, TrainConfig(epochs=10, loss="mse", lr=0.05, batch_size=32, bf16=True, **QUIET), valid=valid)
+    history = fit(
+        model, train, TrainConfig(epochs=10, loss="mse", lr=0.05, batch_size=32, bf16=True, **QUIET), valid=valid
+    )
     assert history[-1]["rmse"] < history[0]["rmse"] and math.isfinite(history[-1]["loss"])
     mean_rmse = float(np.sqrt(((valid.ratings - train.ratings.mean()) ** 2).mean()))
     assert history[-1]["rmse"] < mean_rmse
@@ -199,8 +203,12 @@ def test_rating_regression_bf16_and_multitask():
 def test_attention_model_trains_on_leakage_free_histories():
     train, valid = temporal_split(planted(n_users=40, per_user=10), 0.25)
     torch.manual_seed(0)
-    model = AttentionModel(AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(16,), unit_hidden=(8,)))
-    history = fit(model, train, TrainConfig(epochs=2, loss="softmax", max_history=5, batch_size=64, **QUIET), valid=valid)
+    model = AttentionModel(
+        AttentionConfig(num_users=train.num_users, num_items=train.num_items, dim=8, hidden=(16,), unit_hidden=(8,))
+    )
+    history = fit(
+        model, train, TrainConfig(epochs=2, loss="softmax", max_history=5, batch_size=64, **QUIET), valid=valid
+    )
     assert len(history) == 2 and math.isfinite(history[-1]["loss"]) and "ndcg@20" in history[-1]
 
 

@@ -56,8 +56,21 @@ def model(seed):
 def test_two_process_ddp_keeps_replicas_identical(tmp_path, extra):
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "TEST_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1", "EXTRA_CONFIG": json.dumps(extra)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    env = {
+        **os.environ,
+        "TEST_DIR": str(Path(__file__).parent),
+        "OMP_NUM_THREADS": "1",
+        "EXTRA_CONFIG": json.dumps(extra),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -78,4 +91,6 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path, extra):
     fit(single, data(), TrainConfig(**{**CONFIG, **extra, "batch_size": 32}), valid=data())  # same best-epoch restore
     for name, value in single.state_dict().items():
         torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(rank0["user_repr.embedding.weight"], model(seed=0).state_dict()["user_repr.embedding.weight"])
+    assert not torch.equal(
+        rank0["user_repr.embedding.weight"], model(seed=0).state_dict()["user_repr.embedding.weight"]
+    )

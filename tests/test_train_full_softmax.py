@@ -21,7 +21,7 @@ def test_full_softmax_loss_matches_per_interaction_cross_entropy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 7)) * 3
     rows, targets = rng.integers(0, 4, size=11), rng.integers(0, 7, size=11)
-    expected = np.mean([np.log(np.exp(logits[r]).sum()) - logits[r, t] for r, t in zip(rows, targets)])
+    expected = np.mean([np.log(np.exp(logits[r]).sum()) - logits[r, t] for r, t in zip(rows, targets, strict=True)])
     got = full_softmax_loss(torch.tensor(logits), torch.tensor(rows), torch.tensor(targets))
     assert abs(float(got) - expected) < 1e-12
     # Same as cross-entropy on the repeated rows, gradients included.
@@ -38,7 +38,11 @@ def test_catalogue_scores_match_the_forward_on_every_pair(kind, items):
     torch.manual_seed(0)
     if kind == "dot":
         model = DotModel(DotConfig(num_users=5, num_items=13, dim=6))
-        torch.nn.init.normal_(model.user_bias), torch.nn.init.normal_(model.item_bias), torch.nn.init.normal_(model.bias)
+        (
+            torch.nn.init.normal_(model.user_bias),
+            torch.nn.init.normal_(model.item_bias),
+            torch.nn.init.normal_(model.bias),
+        )
     else:
         model = MLPModel(MLPConfig(num_users=5, num_items=13, dim=6, hidden=(8,)))
     model = model.double()
@@ -52,7 +56,7 @@ def test_catalogue_scores_match_the_forward_on_every_pair(kind, items):
     weights = torch.randn(expected.shape, dtype=torch.float64)
     grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()), allow_unused=True)
     ref = torch.autograd.grad((expected * weights).sum(), list(model.parameters()), allow_unused=True)
-    for g, r in zip(grads, ref):
+    for g, r in zip(grads, ref, strict=True):
         if r is None:
             assert g is None or not g.any()
         else:
@@ -66,7 +70,9 @@ def test_a_full_softmax_step_matches_a_hand_written_one(negatives):
     model = dot_model(data, dim=4)
     manual = copy.deepcopy(model)
     one_step = {"batch_size": len(data)} if negatives == "all" else {"num_negatives": data.num_items}
-    config = TrainConfig(epochs=1, loss="softmax", negatives=negatives, optimizer="sgd", lr=0.3, schedule="constant", **one_step, **QUIET)
+    config = TrainConfig(
+        epochs=1, loss="softmax", negatives=negatives, optimizer="sgd", lr=0.3, schedule="constant", **one_step, **QUIET
+    )
     fit(model, data, config)
     # Reference: one SGD step on the mean cross-entropy of every interaction
     # against all items, scored pair by pair through the forward.
@@ -103,7 +109,9 @@ def test_full_softmax_argument_errors():
     with pytest.raises(ValueError, match="negatives: 'all' .* needs loss='softmax'"):
         TrainConfig(loss="bpr", negatives="all")
     TrainConfig(loss="softmax", negatives="all", num_negatives=0)  # unused: no error
-    attention = AttentionModel(AttentionConfig(num_users=data.num_users, num_items=data.num_items, dim=4, hidden=(4,), unit_hidden=(4,)))
+    attention = AttentionModel(
+        AttentionConfig(num_users=data.num_users, num_items=data.num_items, dim=4, hidden=(4,), unit_hidden=(4,))
+    )
     config = TrainConfig(epochs=1, loss="softmax", negatives="all", **QUIET)
     with pytest.raises(ValueError, match="needs a history-free RankingModel, got AttentionModel"):
         fit(attention, data, config)

@@ -38,8 +38,9 @@ def interactions(seed=0):
         items += picked.tolist()
         ratings += rng.integers(1, 6, size=5).tolist()
         stamps += list(range(5))
-    return Interactions.from_raw(users, items, ratings, stamps, user_ids=IdMap(np.arange(NUM_USERS)),
-                                 item_ids=IdMap(np.arange(NUM_ITEMS)))
+    return Interactions.from_raw(
+        users, items, ratings, stamps, user_ids=IdMap(np.arange(NUM_USERS)), item_ids=IdMap(np.arange(NUM_ITEMS))
+    )
 
 
 def make(kind, dropout=0.0, seed=0):
@@ -51,8 +52,9 @@ def make(kind, dropout=0.0, seed=0):
     elif kind == "mf":
         model = DotModel(DotConfig(NUM_USERS, NUM_ITEMS, DIM))
     else:  # target attention, "din" or "dot"
-        model = AttentionModel(AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(16,), unit_hidden=(12,),
-                                               attention=kind, dropout=dropout))
+        model = AttentionModel(
+            AttentionConfig(NUM_USERS, NUM_ITEMS, DIM, hidden=(16,), unit_hidden=(12,), attention=kind, dropout=dropout)
+        )
     return model.to(DEVICE)
 
 
@@ -71,8 +73,9 @@ def train(kind, backend, monkeypatch, **overrides):
     model = make(kind)
     # SGD, not Adam: Adam would blow up rounding noise in gradients that are zero in exact
     # arithmetic (e.g. the attention unit's output bias under a softmax) to full-size steps.
-    config = dict(epochs=1, batch_size=12, num_negatives=3, optimizer="sgd", lr=0.5, max_history=4, progress=False,
-                  seed=3)
+    config = dict(
+        epochs=1, batch_size=12, num_negatives=3, optimizer="sgd", lr=0.5, max_history=4, progress=False, seed=3
+    )
     config.update(overrides)
     history = fit(model, interactions(), TrainConfig(**config))
     return model, history, len(calls)
@@ -83,15 +86,22 @@ def assert_same_training(kind, monkeypatch, rtol=1e-4, atol=1e-5, **overrides):
     ref_model, ref_history, ref_calls = train(kind, "reference", monkeypatch, **overrides)
     assert calls == 3 and ref_calls == 0  # 35 interactions in batches of 12
     torch.testing.assert_close(fused_history[0]["loss"], ref_history[0]["loss"], rtol=rtol, atol=atol)
-    for (name, got), want in zip(fused_model.state_dict().items(), ref_model.state_dict().values()):
+    for (name, got), want in zip(fused_model.state_dict().items(), ref_model.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
 
 
 # Each loss on the MLP; the others with one loss each (the kernels see only d loss / d score).
-@pytest.mark.parametrize("kind,loss,negatives", [
-    ("mlp", "bce", "uniform"), ("mlp", "softmax", "popularity"), ("mlp", "bpr", "uniform"),
-    ("neumf", "bce", "uniform"), ("din", "softmax", "popularity"), ("dot", "bce", "uniform"),
-])
+@pytest.mark.parametrize(
+    "kind,loss,negatives",
+    [
+        ("mlp", "bce", "uniform"),
+        ("mlp", "softmax", "popularity"),
+        ("mlp", "bpr", "uniform"),
+        ("neumf", "bce", "uniform"),
+        ("din", "softmax", "popularity"),
+        ("dot", "bce", "uniform"),
+    ],
+)
 def test_training_through_the_kernels_matches_the_models_forward(kind, loss, negatives, monkeypatch):
     assert_same_training(kind, monkeypatch, loss=loss, negatives=negatives)
 

@@ -5,17 +5,16 @@ References are written independently: per-pair forwards and ``F.cross_entropy``,
 the hand-written full-softmax step, and counts of the texts an attached encoder sees.
 """
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rankfast.train.batching import Partition
 from rankfast.baselines import Popularity
 from rankfast.data import temporal_split
 from rankfast.evaluate import evaluate
 from rankfast.train import TrainConfig, fit
+from rankfast.train.batching import Partition
 
 from helpers import QUIET, assert_same, dot_model, params, planted
 
@@ -38,7 +37,11 @@ def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_i
         members = negatives.tolist()
         users, items = data.users[idx.numpy()], data.items[idx.numpy()]
         with torch.no_grad():
-            logits = torch.stack([model(torch.full((len(members),), int(u)), torch.tensor(members)) for u in users]) if len(users) else None
+            logits = (
+                torch.stack([model(torch.full((len(members),), int(u)), torch.tensor(members)) for u in users])
+                if len(users)
+                else None
+            )
             targets = torch.tensor([members.index(int(i)) for i in items])
             expected = float(F.cross_entropy(logits, targets)) if len(users) else 0.0
         loss = real_loss(self, net, idx, negatives)
@@ -68,7 +71,15 @@ def test_each_epoch_partitions_the_catalogue_and_each_step_is_the_softmax_over_i
 
 def test_partition_training_resumes_exactly(tmp_path):
     data = planted(n_users=40, per_user=8)
-    base = {"loss": "softmax", "negatives": "partition", "num_negatives": 16, "optimizer": "sgd", "lr": 0.5, "schedule": "constant", **QUIET}
+    base = {
+        "loss": "softmax",
+        "negatives": "partition",
+        "num_negatives": 16,
+        "optimizer": "sgd",
+        "lr": 0.5,
+        "schedule": "constant",
+        **QUIET,
+    }
     straight = dot_model(data)
     fit(straight, data, TrainConfig(epochs=3, **base))
     resumed = dot_model(data)

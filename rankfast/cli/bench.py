@@ -18,12 +18,16 @@ SUITES = ("topk", "score", "kernels")
 
 def find_bench_dir(given: str | None) -> Path:
     """``--bench-dir``, else ``bench/`` of the source checkout rankfast runs from, else ``./bench``."""
-    candidates = [Path(given)] if given else [Path(rankfast.__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
+    candidates = (
+        [Path(given)] if given else [Path(rankfast.__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
+    )
     for path in candidates:
         if (path / "report.py").is_file():
             return path
     where = given or " or ".join(str(p) for p in candidates)
-    raise CLIError(f"--bench-dir: no benchmark suites (bench/report.py) at {where}; they come with a source checkout", EXIT_USAGE)
+    raise CLIError(
+        f"--bench-dir: no benchmark suites (bench/report.py) at {where}; they come with a source checkout", EXIT_USAGE
+    )
 
 
 def run_bench(args):
@@ -31,7 +35,10 @@ def run_bench(args):
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise CLIError("bench: the chart needs matplotlib (pip install matplotlib, or pass --no-chart)", EXIT_MISSING_DEPENDENCY) from None
+            raise CLIError(
+                "bench: the chart needs matplotlib (pip install matplotlib, or pass --no-chart)",
+                EXIT_MISSING_DEPENDENCY,
+            ) from None
     bench_dir = find_bench_dir(args.bench_dir)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +54,15 @@ def run_bench(args):
     data = json.loads(results.read_text())
     if not data["benchmarks"]:
         raise CLIError("bench: no benchmark matched (check --suite and -k)")
-    report = [sys.executable, str(bench_dir / "report.py"), str(results), "--title", args.title, "--out", str(out / "bench.md")]
+    report = [
+        sys.executable,
+        str(bench_dir / "report.py"),
+        str(results),
+        "--title",
+        args.title,
+        "--out",
+        str(out / "bench.md"),
+    ]
     subprocess.run(report, cwd=bench_dir.parent, check=True)  # prints the markdown table
     if not args.no_chart:
         print(f"chart: {draw_chart(data['benchmarks'], out / 'bench.png', args.title)}")
@@ -84,10 +99,18 @@ def draw_chart(benchmarks: list[dict], path: Path, title: str) -> Path:
 
 def add_parsers(sub):
     p = add_command(sub, "bench")
-    p.add_argument("--suite", nargs="+", choices=SUITES, default=["topk", "score"], help="bench/bench_<suite>.py to run (default topk score)")
+    p.add_argument(
+        "--suite",
+        nargs="+",
+        choices=SUITES,
+        default=["topk", "score"],
+        help="bench/bench_<suite>.py to run (default topk score)",
+    )
     p.add_argument("-k", metavar="EXPR", help="pytest -k filter on the benchmark cases")
     p.add_argument("--quick", action="store_true", help="small cases (BENCH_SMALL=1, where a suite supports it)")
-    p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md and bench.png (default ./bench-out)")
+    p.add_argument(
+        "--out", default="bench-out", help="folder for bench.json, bench.md and bench.png (default ./bench-out)"
+    )
     p.add_argument("--title", default="rankfast benchmarks")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart (no matplotlib needed)")
     p.add_argument("--bench-dir", help="the benchmark suites' folder (default: bench/ of the source checkout)")

@@ -30,7 +30,9 @@ def collect() -> dict:
     else:
         if torch.cuda.is_available():
             kernels = "active for CUDA tensors"
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return {
         "rankfast": rankfast.__version__,
         "python": platform.python_version(),

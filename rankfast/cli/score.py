@@ -23,7 +23,9 @@ def read_users(lines, integer_ids: bool) -> list:
             try:
                 token = int(token)
             except ValueError:
-                raise CLIError(f"line {lineno}: user id {token!r} is not an integer (the model's user ids are)") from None
+                raise CLIError(
+                    f"line {lineno}: user id {token!r} is not an integer (the model's user ids are)"
+                ) from None
         users.append(token)
     return users
 
@@ -41,7 +43,9 @@ def run_score(args):
     batches = range(0, len(users), args.batch_size)
     with _output(args.output) as out:
         for start in tqdm(batches, desc="score", unit="batch", disable=None, file=sys.stderr):
-            for row in ranker.score(users[start : start + args.batch_size], k=args.k, exclude_seen=not args.include_seen):
+            for row in ranker.score(
+                users[start : start + args.batch_size], k=args.k, exclude_seen=not args.include_seen
+            ):
                 out.write(json.dumps(row) + "\n")
 
 
@@ -73,7 +77,10 @@ def add_parsers(sub):
     p.add_argument("--output", "-o", metavar="FILE", help="JSON lines {user, items, scores} (default: stdout)")
     p.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
     p.add_argument("--include-seen", action="store_true", help="keep each user's training items")
-    p.add_argument("--cold-start", action="store_true",
-                   help="score unknown users from an empty history where the model can (else they are an error)")
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="score unknown users from an empty history where the model can (else they are an error)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=1024, help="users per scoring call (default 1024)")
     p.set_defaults(run=run_score)

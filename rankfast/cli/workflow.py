@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
 import tomllib
 
 import rankfast
@@ -54,11 +55,24 @@ def defaults(data: dict, model_type: str) -> dict:
     movielens = "movielens" in data
     if model_type == "dot":
         model = {"type": "dot", "dim": 256 if movielens else 32}
-        train = {"loss": "softmax", "negatives": "all", "epochs": 22 if movielens else 6, "lr": 0.1 if movielens else 0.05,
-                 "weight_decay": 0.3 if movielens else 1.0, "batch_size": 8192 if movielens else 2048}  # fmt: skip
+        train = {
+            "loss": "softmax",
+            "negatives": "all",
+            "epochs": 22 if movielens else 6,
+            "lr": 0.1 if movielens else 0.05,
+            "weight_decay": 0.3 if movielens else 1.0,
+            "batch_size": 8192 if movielens else 2048,
+        }
     else:
         model = {"type": model_type, "dim": 32}
-        train = {"loss": "softmax", "negatives": "popularity", "negative_alpha": 1.0, "num_negatives": 32, "epochs": 10, "lr": 3e-3}
+        train = {
+            "loss": "softmax",
+            "negatives": "popularity",
+            "negative_alpha": 1.0,
+            "num_negatives": 32,
+            "epochs": 10,
+            "lr": 3e-3,
+        }
     return {"data": data, "test_ratio": 0.2, "threads": 1, "model": model, "train": train}
 
 
@@ -98,7 +112,10 @@ def train_settings(args) -> dict:
     file = _read_toml(args.config) if args.config else {}
     unknown = sorted(set(file) - {"out", "test_ratio", "threads", "data", "model", "train"})
     if unknown:
-        raise CLIError(f"--config: unknown keys {unknown} (allowed: out, test_ratio, threads, [data], [model], [train])", EXIT_USAGE)
+        raise CLIError(
+            f"--config: unknown keys {unknown} (allowed: out, test_ratio, threads, [data], [model], [train])",
+            EXIT_USAGE,
+        )
     # The seed: --seed, else the file's [train] seed, else 0 (an unset flag must not hide the file's).
     seed = args.seed if args.seed is not None else (file.get("train") or {}).get("seed", 0)
     data = _data_source(args, seed) or file.get("data") or {"synthetic": {"seed": seed}}
@@ -120,7 +137,13 @@ def train_settings(args) -> dict:
     flags = {"out": args.out, "test_ratio": args.test_ratio, "threads": args.threads}
     settings.update({k: v for k, v in flags.items() if v is not None})
     settings["model"].update({k: v for k, v in {"type": model_type, "dim": args.dim}.items() if v is not None})
-    train_flags = {"epochs": args.epochs, "lr": args.lr, "loss": args.loss, "batch_size": args.batch_size, "seed": args.seed}
+    train_flags = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "loss": args.loss,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
     settings["train"].update({k: v for k, v in train_flags.items() if v is not None})
     threads = settings["threads"]
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -183,7 +206,9 @@ def train_model(settings: dict):
         raise CLIError(f"[train]: {err}", EXIT_USAGE) from None
     torch.manual_seed(config.seed)
     model = build_model(settings["model"], train)
-    print(f"data: {train.num_users} users, {train.num_items} items, {len(train)} training / {len(test)} test interactions")
+    print(
+        f"data: {train.num_users} users, {train.num_items} items, {len(train)} training / {len(test)} test interactions"
+    )
     started = time.perf_counter()
     rankfast.fit(model, train, config)
     return model, train, test, time.perf_counter() - started
@@ -193,7 +218,9 @@ def save(settings: dict, model, train) -> str:
     from rankfast.ranker import save_model_dir
 
     data = {**settings["data"], "test_ratio": settings["test_ratio"]}
-    return save_model_dir(settings["out"], model, train, max_history=settings["train"].get("max_history", 50), data=data)
+    return save_model_dir(
+        settings["out"], model, train, max_history=settings["train"].get("max_history", 50), data=data
+    )
 
 
 def metrics_rows(model, train, test, seconds, *, baselines: bool) -> list[tuple[str, dict, float]]:
@@ -203,7 +230,10 @@ def metrics_rows(model, train, test, seconds, *, baselines: bool) -> list[tuple[
 
     rows = []
     if baselines:
-        for name, make in (("popularity", lambda: Popularity(train)), ("EASE^R (lambda=100)", lambda: EASE(train, lam=100.0))):
+        for name, make in (
+            ("popularity", lambda: Popularity(train)),
+            ("EASE^R (lambda=100)", lambda: EASE(train, lam=100.0)),
+        ):
             started = time.perf_counter()
             baseline = make()
             rows.append((name, evaluate(baseline, train, test, ks=KS), time.perf_counter() - started))
@@ -213,10 +243,17 @@ def metrics_rows(model, train, test, seconds, *, baselines: bool) -> list[tuple[
 
 def print_table(rows):
     header = ["model", *TABLE_METRICS, "fit s"]
-    body = [[name, *(f"{metrics[m]:.4f}" for m in TABLE_METRICS), "-" if s is None else f"{s:.1f}"] for name, metrics, s in rows]
+    body = [
+        [name, *(f"{metrics[m]:.4f}" for m in TABLE_METRICS), "-" if s is None else f"{s:.1f}"]
+        for name, metrics, s in rows
+    ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *body]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -241,7 +278,7 @@ def run_demo(args):
     (result,) = ranker.score([user], k=10)
     print(f"top 10 for user {user} (training items excluded):")
     text = train.item_text
-    for rank, (item, value) in enumerate(zip(result["items"], result["scores"]), start=1):
+    for rank, (item, value) in enumerate(zip(result["items"], result["scores"], strict=True), start=1):
         label = f"  {text[int(train.item_ids.index([item])[0])]}" if text else ""
         print(f"{rank:3d}. item {item}  score {value:.3f}{label}")
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
@@ -268,7 +305,9 @@ def run_evaluate(args):
         raise CLIError(f"{args.model_dir}: records no training data; pass --data PATH", EXIT_USAGE)
     train, test = split(source, test_ratio)
     if train.user_ids != ranker.user_ids or train.item_ids != ranker.item_ids:
-        raise CLIError(f"{args.model_dir}: the model's id mappings do not match this data's (was it trained on other data?)")
+        raise CLIError(
+            f"{args.model_dir}: the model's id mappings do not match this data's (was it trained on other data?)"
+        )
     print_table(metrics_rows(ranker.model, train, test, None, baselines=args.baselines))
 
 
@@ -284,12 +323,23 @@ def _add_data_flags(parser, *, synthetic_help: str):
         help=f"MovieLens by name ({names}; downloaded once into ${datasets.DATA_ENV}, default ~/.cache/rankfast) "
         "or a MovieLens directory",
     )
-    parser.add_argument("--users", dest="num_users", type=positive_int, metavar="N", help=f"synthetic data: number of users ({synthetic_help})")
-    parser.add_argument("--items", dest="num_items", type=positive_int, metavar="N", help="synthetic data: number of items")
+    parser.add_argument(
+        "--users",
+        dest="num_users",
+        type=positive_int,
+        metavar="N",
+        help=f"synthetic data: number of users ({synthetic_help})",
+    )
+    parser.add_argument(
+        "--items", dest="num_items", type=positive_int, metavar="N", help="synthetic data: number of items"
+    )
 
 
 def add_parsers(sub):
-    threads_help = "torch intra-op threads (default 1: small models gain little from more and lose much when other processes share the cores)"
+    threads_help = (
+        "torch intra-op threads (default 1: small models gain little from more and lose much when other "
+        "processes share the cores)"
+    )
     demo = add_command(
         sub,
         "demo",
@@ -297,9 +347,14 @@ def add_parsers(sub):
         "saves the model directory and prints one user's top 10.",
     )
     _add_data_flags(demo, synthetic_help="default 3000")
-    demo.add_argument("--epochs", type=positive_int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)")
-    demo.add_argument("--out", default="rankfast-demo",
-                      help="model directory to write (default ./rankfast-demo); absent, empty or an earlier model directory")
+    demo.add_argument(
+        "--epochs", type=positive_int, help="training epochs (default 6 on synthetic data, 22 on MovieLens)"
+    )
+    demo.add_argument(
+        "--out",
+        default="rankfast-demo",
+        help="model directory to write (default ./rankfast-demo); absent, empty or an earlier model directory",
+    )
     demo.add_argument("--threads", type=positive_int, default=1, help=threads_help)
     demo.set_defaults(run=run_demo)
 
@@ -314,11 +369,16 @@ def add_parsers(sub):
     train.add_argument("--lr", type=float)
     train.add_argument("--loss", choices=["bce", "bpr", "mse", "softmax"])
     train.add_argument("--batch-size", type=positive_int)
-    train.add_argument("--seed", type=int, help="training seed, and the synthetic data's when [data] does not give one (default 0)")
-    train.add_argument("--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)")
+    train.add_argument(
+        "--seed", type=int, help="training seed, and the synthetic data's when [data] does not give one (default 0)"
+    )
+    train.add_argument(
+        "--test-ratio", type=float, help="held out per user, by time, for `rankfast evaluate` (default 0.2)"
+    )
     train.add_argument("--threads", type=positive_int, help=threads_help)
-    train.add_argument("--out", metavar="DIR",
-                       help="model directory to write: absent, empty or an earlier model directory")
+    train.add_argument(
+        "--out", metavar="DIR", help="model directory to write: absent, empty or an earlier model directory"
+    )
     train.set_defaults(run=run_train)
 
     ev = add_command(

@@ -66,7 +66,9 @@ class IdMap:
         try:
             pos = np.searchsorted(self._raw, values)
         except TypeError:
-            raise KeyError(f"{name}: ids of type {values.dtype} cannot match raw ids of type {self._raw.dtype}") from None
+            raise KeyError(
+                f"{name}: ids of type {values.dtype} cannot match raw ids of type {self._raw.dtype}"
+            ) from None
         pos = np.minimum(pos, max(len(self._raw) - 1, 0))
         found = self._raw[pos] == values if len(self._raw) else np.zeros(len(values), dtype=bool)
         if not np.all(found):
@@ -180,7 +182,13 @@ class Interactions:
         """The interactions at ``index`` (int positions or a boolean mask), same id maps."""
         index = np.asarray(index)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return replace(self, users=self.users[index], items=self.items[index], ratings=pick(self.ratings), timestamps=pick(self.timestamps))
+        return replace(
+            self,
+            users=self.users[index],
+            items=self.items[index],
+            ratings=pick(self.ratings),
+            timestamps=pick(self.timestamps),
+        )
 
     def chronological_order(self) -> np.ndarray:
         """Positions sorted by user, then timestamp, then item id (the tie rule)."""

@@ -29,7 +29,9 @@ class DataFormatError(ValueError):
     """A data file does not have the expected format; the message names file and line."""
 
 
-def _read_records(path, *, sep, fields, encoding="utf-8", header=None, min_fields=None) -> Iterator[tuple[int, list[str]]]:
+def _read_records(
+    path, *, sep, fields, encoding="utf-8", header=None, min_fields=None
+) -> Iterator[tuple[int, list[str]]]:
     """Yields ``(line number, fields)`` for each non-empty line.
 
     ``sep=","`` parses quoted CSV; other separators split plainly. ``header``
@@ -51,7 +53,9 @@ def _read_records(path, *, sep, fields, encoding="utf-8", header=None, min_field
             ok = len(parts) >= min_fields if min_fields is not None else len(parts) == fields
             if not ok:
                 expected = f"at least {min_fields}" if min_fields is not None else str(fields)
-                raise DataFormatError(f"{path}:{lineno}: expected {expected} fields separated by {sep!r}, got {len(parts)}")
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected {expected} fields separated by {sep!r}, got {len(parts)}"
+                )
             yield lineno, parts
 
 
@@ -97,14 +101,18 @@ def load_movielens(path) -> Interactions:
     if os.path.exists(join("u.data")):
         ratings = _read_ratings(join("u.data"), sep="\t")
         if os.path.exists(join("u.item")):
-            for lineno, parts in _read_records(join("u.item"), sep="|", fields=5 + len(_ML100K_GENRES), encoding="latin-1"):
+            for lineno, parts in _read_records(
+                join("u.item"), sep="|", fields=5 + len(_ML100K_GENRES), encoding="latin-1"
+            ):
                 flags = [_convert(join("u.item"), lineno, v, int, "genre flag") for v in parts[5:]]
-                genres = [g for g, on in zip(_ML100K_GENRES, flags) if on]
+                genres = [g for g, on in zip(_ML100K_GENRES, flags, strict=True) if on]
                 text[_convert(join("u.item"), lineno, parts[0], int, "movie id")] = _item_text(parts[1], genres)
     elif os.path.exists(join("ratings.dat")):
         ratings = _read_ratings(join("ratings.dat"), sep="::", encoding="latin-1")
         if os.path.exists(join("movies.dat")):
-            for lineno, (mid, title, genres) in _read_records(join("movies.dat"), sep="::", fields=3, encoding="latin-1"):
+            for lineno, (mid, title, genres) in _read_records(
+                join("movies.dat"), sep="::", fields=3, encoding="latin-1"
+            ):
                 text[_convert(join("movies.dat"), lineno, mid, int, "movie id")] = _item_text(title, genres.split("|"))
     elif os.path.exists(join("ratings.csv")):
         ratings = _read_ratings(join("ratings.csv"), sep=",", header=["userId", "movieId", "rating", "timestamp"])
@@ -145,7 +153,9 @@ def load_ncf(prefix) -> NCFData:
         user, item = (_convert(neg_path, lineno, v, int, "id") for v in pair)
         row = len(negatives)
         if row >= len(test[0]) or (user, item) != (test[0][row], test[1][row]):
-            raise DataFormatError(f"{neg_path}:{lineno}: pair ({user},{item}) does not match line {row + 1} of {test_path}")
+            raise DataFormatError(
+                f"{neg_path}:{lineno}: pair ({user},{item}) does not match line {row + 1} of {test_path}"
+            )
         negatives.append([_convert(neg_path, lineno, v, int, "negative item id") for v in parts[1:]])
     if len(negatives) != len(test[0]):
         raise DataFormatError(f"{neg_path}: {len(negatives)} lines for {len(test[0])} test interactions")
@@ -212,7 +222,9 @@ def _read_csv_columns(path, wanted, sep):
     raw = {arg: [] for arg in wanted}
     for lineno, parts in records:
         if len(parts) != len(header):
-            raise DataFormatError(f"{path}:{lineno}: expected {len(header)} fields separated by {sep!r}, got {len(parts)}")
+            raise DataFormatError(
+                f"{path}:{lineno}: expected {len(header)} fields separated by {sep!r}, got {len(parts)}"
+            )
         for arg, pos in position.items():
             raw[arg].append((lineno, parts[pos]))
     out = {}

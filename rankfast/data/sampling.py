@@ -27,7 +27,9 @@ class NegativeSampler:
             raise ValueError(f"distribution: expected 'uniform' or 'popularity', got {distribution!r}")
         self.num_items = data.num_items
         self.indptr, self.positives = data.user_items()
-        self._keys = np.repeat(np.arange(data.num_users, dtype=np.int64), np.diff(self.indptr)) * self.num_items + self.positives
+        self._keys = (
+            np.repeat(np.arange(data.num_users, dtype=np.int64), np.diff(self.indptr)) * self.num_items + self.positives
+        )
         if distribution == "uniform":
             weights = np.ones(self.num_items)
         else:

@@ -51,7 +51,7 @@ def synthetic_interactions(
         weights = taste[block][:, item_topic] * popularity
         # Gumbel top-n draws n distinct items with probability proportional to the weights.
         keys = np.log(weights + 1e-30) + rng.gumbel(size=weights.shape)
-        for row, (user, n) in enumerate(zip(range(block.start, block.stop), counts[block])):
+        for row, (user, n) in enumerate(zip(range(block.start, block.stop), counts[block], strict=True)):
             picked = np.argpartition(-keys[row], n - 1)[:n]
             liking = taste[user, item_topic[picked]] / taste[user].max()
             users.append(np.full(n, user))

@@ -44,7 +44,7 @@ class EmbeddingCache:
         row_of = {key: row for row, key in enumerate(keys)}
         wanted = [text_key(t) for t in texts]
         new_texts = {}
-        for key, text in zip(wanted, texts):
+        for key, text in zip(wanted, texts, strict=True):
             if key not in row_of and key not in new_texts:
                 new_texts[key] = text
         misses = sum(key not in row_of for key in wanted)

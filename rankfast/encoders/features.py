@@ -70,6 +70,10 @@ def add_rows(model: nn.Module, side: str, features: torch.Tensor) -> torch.Tenso
     ids = representation.extend(features)
     bias = getattr(model, f"{side}_bias", None)
     if isinstance(bias, nn.Parameter):
-        setattr(model, f"{side}_bias", nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(len(ids))]), requires_grad=bias.requires_grad))
+        setattr(
+            model,
+            f"{side}_bias",
+            nn.Parameter(torch.cat([bias.detach(), bias.new_zeros(len(ids))]), requires_grad=bias.requires_grad),
+        )
     setattr(model.config, f"num_{side}s", representation.num)
     return ids

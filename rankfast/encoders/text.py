@@ -10,7 +10,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 POOLINGS = ("mean", "cls", "last")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -39,7 +44,9 @@ class TextEncoder(nn.Module):
     the fine-tuning strategies in :mod:`rankfast.encoders.transfer`.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, pooling: str = "mean", max_length: int = 128, normalize: bool = False):
+    def __init__(
+        self, model: nn.Module, tokenizer, *, pooling: str = "mean", max_length: int = 128, normalize: bool = False
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -50,7 +57,9 @@ class TextEncoder(nn.Module):
         self.train(model.training)  # follow the wrapped model's mode (eval after from_pretrained)
 
     @classmethod
-    def from_pretrained(cls, path, *, pooling: str = "mean", max_length: int = 128, normalize: bool = False, device=None, dtype=None) -> TextEncoder:
+    def from_pretrained(
+        cls, path, *, pooling: str = "mean", max_length: int = 128, normalize: bool = False, device=None, dtype=None
+    ) -> TextEncoder:
         """Loads the encoder and tokenizer in directory ``path`` with transformers' Auto classes.
 
         Raises ``FileNotFoundError`` naming what is missing (the directory,
@@ -84,7 +93,13 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, texts: list[str], *, padding: bool = True) -> dict:
-        return self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt" if padding else None)
+        return self.tokenizer(
+            list(texts),
+            padding=padding,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt" if padding else None,
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         """Pooled vectors ``[B, dim]`` of a tokenized batch (with gradients where enabled)."""
@@ -126,7 +141,9 @@ class TextEncoder(nn.Module):
         """
         digest = hashlib.sha256()
         digest.update(self.model.config.to_json_string(use_diff=False).encode())
-        digest.update(f"|{self.pooling}|{self.max_length}|{self.normalize}|{type(self.tokenizer).__name__}|{len(self.tokenizer)}".encode())
+        digest.update(
+            f"|{self.pooling}|{self.max_length}|{self.normalize}|{type(self.tokenizer).__name__}|{len(self.tokenizer)}".encode()
+        )
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

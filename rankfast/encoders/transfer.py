@@ -127,14 +127,19 @@ def apply_strategy(encoder: TextEncoder, config: TransferConfig) -> TextEncoder:
             bias="none",
         )
         if config.lora_layers and max(config.lora_layers) >= len(transformer_blocks(encoder.model)):
-            raise ValueError(f"TransferConfig.lora_layers: {config.lora_layers} exceeds the encoder's {len(transformer_blocks(encoder.model))} blocks")
+            raise ValueError(
+                f"TransferConfig.lora_layers: {config.lora_layers} exceeds the encoder's "
+                f"{len(transformer_blocks(encoder.model))} blocks"
+            )
         encoder.model = get_peft_model(encoder.model, lora)  # freezes the base itself
         return encoder
     encoder.requires_grad_(config.strategy == "full")
     if config.strategy == "top_layers":
         blocks = transformer_blocks(encoder.model)
         if config.top_layers > len(blocks):
-            raise ValueError(f"TransferConfig.top_layers: {config.top_layers} exceeds the encoder's {len(blocks)} blocks")
+            raise ValueError(
+                f"TransferConfig.top_layers: {config.top_layers} exceeds the encoder's {len(blocks)} blocks"
+            )
         for block in blocks[len(blocks) - config.top_layers :]:
             block.requires_grad_(True)
     return encoder
@@ -153,7 +158,14 @@ class TextRepresentation(nn.Module):
     each padded only to its own longest text.
     """
 
-    def __init__(self, encoder: TextEncoder, texts: list[str], representation: nn.Module, batch_size: int = 64, dropout: bool = True):
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        texts: list[str],
+        representation: nn.Module,
+        batch_size: int = 64,
+        dropout: bool = True,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -173,7 +185,8 @@ class TextRepresentation(nn.Module):
         return self
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Encoder vectors ``[len(ids), encoder.dim]`` of the texts of distinct ``ids`` (with gradients where enabled)."""
+        """Encoder vectors ``[len(ids), encoder.dim]`` of the texts of distinct ``ids`` (with gradients where
+        enabled)."""
         ids = ids.reshape(-1).cpu()
         order = torch.argsort(self.lengths[ids], stable=True)
         chunks = []
@@ -197,7 +210,14 @@ class TextRepresentation(nn.Module):
 
 
 @contextlib.contextmanager
-def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", batch_size: int = 64, dropout: bool = True):
+def attach_text_encoder(
+    model: nn.Module,
+    encoder: TextEncoder,
+    texts: list[str],
+    side: str = "item",
+    batch_size: int = 64,
+    dropout: bool = True,
+):
     """Within the block, ``model``'s ``side`` representation runs ``encoder`` on ``texts``
     (``dropout=False``: the encoder stays in inference mode while the model trains).
 
@@ -221,7 +241,15 @@ def attach_text_encoder(model: nn.Module, encoder: TextEncoder, texts: list[str]
     refresh_features(model, encoder, texts, side, batch_size=batch_size)
 
 
-def refresh_features(model: nn.Module, encoder: TextEncoder, texts: list[str], side: str = "item", *, batch_size: int = 64, progress: bool = False) -> None:
+def refresh_features(
+    model: nn.Module,
+    encoder: TextEncoder,
+    texts: list[str],
+    side: str = "item",
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> None:
     """Re-encodes ``texts`` into ``model``'s ``side`` feature matrix (e.g. after fine-tuning)."""
     attr = _side_attr(side)
     representation = getattr(model, attr)
@@ -265,7 +293,9 @@ def save_encoder(encoder: TextEncoder, directory: str | os.PathLike) -> None:
     encoder.tokenizer.save_pretrained(directory)
 
 
-def load_adapter(base_path: str | os.PathLike, adapter_path: str | os.PathLike, *, merge: bool = False, **encoder_kwargs) -> TextEncoder:
+def load_adapter(
+    base_path: str | os.PathLike, adapter_path: str | os.PathLike, *, merge: bool = False, **encoder_kwargs
+) -> TextEncoder:
     """Loads the encoder in ``base_path`` with the LoRA adapter saved in ``adapter_path``;
     ``merge=True`` folds the adapter into the weights."""
     from peft import PeftModel

@@ -88,7 +88,9 @@ class ModelConfig:
             if not isinstance(hybrid, bool):
                 raise ValueError(f"{owner}.{side}_hybrid: expected a bool, got {hybrid!r}")
             if hybrid and getattr(self, f"{side}_feature_dim") is None:
-                raise ValueError(f"{owner}.{side}_hybrid: needs {side}_feature_dim (an ID part plus projected features)")
+                raise ValueError(
+                    f"{owner}.{side}_hybrid: needs {side}_feature_dim (an ID part plus projected features)"
+                )
 
 
 # --- model base class ------------------------------------------------------------------
@@ -120,13 +122,17 @@ class RankingModel(nn.Module):
         self.user_repr = Representation(
             config.num_users,
             repr_dim,
-            _check_features("user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"),
+            _check_features(
+                "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
+            ),
             config.user_hybrid,
         )
         self.item_repr = Representation(
             config.num_items,
             repr_dim,
-            _check_features("item_features", item_features, config.num_items, config.item_feature_dim, "item_feature_dim"),
+            _check_features(
+                "item_features", item_features, config.num_items, config.item_feature_dim, "item_feature_dim"
+            ),
             config.item_hybrid,
         )
 
@@ -176,7 +182,9 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     return model_from_bytes(config, weights, device, directory=directory)
 
 
-def model_from_bytes(config: bytes, weights: bytes, device: str | torch.device = "cpu", *, directory="") -> RankingModel:
+def model_from_bytes(
+    config: bytes, weights: bytes, device: str | torch.device = "cpu", *, directory=""
+) -> RankingModel:
     """:func:`load_model` of the contents of ``config.json`` and
     ``model.safetensors`` (``directory`` only names them in errors)."""
     config_path = os.path.join(directory, CONFIG_FILE)
@@ -243,7 +251,9 @@ def _check_state(expected: dict, found: dict, path: str, config: str):
         raise ValueError(f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}")
     for name, tensor in expected.items():
         if tuple(found[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(found[name].shape)}, {config} needs {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(found[name].shape)}, {config} needs {tuple(tensor.shape)}"
+            )
         if found[name].is_floating_point() != tensor.is_floating_point():
             raise ValueError(f"{path}: tensor {name!r} is {found[name].dtype}, the model needs {tensor.dtype}")
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def _gelu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return F.gelu(x)  # torch has no in-place GELU
 
@@ -110,10 +109,12 @@ class MLP(nn.Module):
     terms) and share the rest of the network.
     """
 
-    def __init__(self, in_dim: int, widths: Sequence[int], activation: str, dropout: float, activate_last: bool = False):
+    def __init__(
+        self, in_dim: int, widths: Sequence[int], activation: str, dropout: float, activate_last: bool = False
+    ):
         super().__init__()
         dims = [in_dim, *widths]
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.act = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
         self.activate_last = activate_last

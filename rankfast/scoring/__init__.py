@@ -12,5 +12,13 @@ from rankfast.scoring.api import DEFAULT_MEMORY_BUDGET, score
 from rankfast.scoring.protocol import Footprint, Scorer
 from rankfast.scoring.registry import BACKEND_ENV, BACKENDS, select_scorer, trains_fused
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "DEFAULT_MEMORY_BUDGET", "Footprint", "Scorer", "score", "select_scorer",
-           "trains_fused"]
+__all__ = [
+    "BACKEND_ENV",
+    "BACKENDS",
+    "DEFAULT_MEMORY_BUDGET",
+    "Footprint",
+    "Scorer",
+    "score",
+    "select_scorer",
+    "trains_fused",
+]

@@ -104,9 +104,17 @@ def score(
     scorer = select_scorer(model, device)
     per_user, num_items = items.dim() == 2, items.shape[-1]
     tile_bytes, workers = execution(scorer, device, memory_budget)
-    plan = make_plan(scorer.footprint(model, 0 if history is None else history.shape[1]), num_users, num_items,
-                     per_user=per_user, top_k=k is not None, itemsize=param.element_size(), budget=memory_budget,
-                     tile_bytes=tile_bytes, workers=workers)
+    plan = make_plan(
+        scorer.footprint(model, 0 if history is None else history.shape[1]),
+        num_users,
+        num_items,
+        per_user=per_user,
+        top_k=k is not None,
+        itemsize=param.element_size(),
+        budget=memory_budget,
+        tile_bytes=tile_bytes,
+        workers=workers,
+    )
     if k is None:
         out = torch.empty(num_users, num_items, dtype=dtype, device=device)
     else:
@@ -125,7 +133,9 @@ def score(
             skip = None
             if exclude is not None:
                 skip = excluded_positions(block_items, csr_rows(exclude, rows)) if per_user else csr_rows(exclude, rows)
-            out_ids[rows], out[rows] = _block_top_k(block, rows.stop - rows.start, block_items, k, skip, plan, run, dtype)
+            out_ids[rows], out[rows] = _block_top_k(
+                block, rows.stop - rows.start, block_items, k, skip, plan, run, dtype
+            )
     return out if k is None else (out_ids, out)
 
 

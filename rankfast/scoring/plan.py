@@ -42,8 +42,18 @@ def execution(scorer: type[Scorer], device: torch.device, budget: int) -> tuple[
     return min(budget, CPU_TILE_BYTES), torch.get_num_threads() if scorer.thread_safe else 1
 
 
-def make_plan(fp: Footprint, num_users: int, num_items: int, *, per_user: bool, top_k: bool, itemsize: int,
-              budget: int, tile_bytes: int, workers: int) -> Plan:
+def make_plan(
+    fp: Footprint,
+    num_users: int,
+    num_items: int,
+    *,
+    per_user: bool,
+    top_k: bool,
+    itemsize: int,
+    budget: int,
+    tile_bytes: int,
+    workers: int,
+) -> Plan:
     """Blocks, chunks and tiles for ``num_users`` x ``num_items`` pairs within ``budget`` bytes,
     for a scorer holding ``fp`` and ``workers`` tiles of about ``tile_bytes`` in flight."""
     # Per-user candidates have no shared item-side terms: they are per pair.
@@ -54,7 +64,9 @@ def make_plan(fp: Footprint, num_users: int, num_items: int, *, per_user: bool, 
     # With k each user's row of scores is held until its top-K is taken (plus,
     # for per-user candidates with exclusions, int64 keys and a mask per entry).
     row_bytes = fp.user * itemsize + (num_items * (itemsize + 9) if top_k else 0)
-    in_flight = tile_users * chunk_items * pair_bytes + (0 if per_user else chunk_items * (fp.item + fp.table) * itemsize)
+    in_flight = tile_users * chunk_items * pair_bytes + (
+        0 if per_user else chunk_items * (fp.item + fp.table) * itemsize
+    )
     spare = budget - workers * in_flight
     block_users = max(tile_users, min(num_users, spare // max(1, row_bytes)))
     return Plan(block_users=block_users, chunk_items=chunk_items, tile_users=tile_users, workers=workers)
@@ -77,7 +89,7 @@ def fill(scorer: Scorer, items: torch.Tensor, out: torch.Tensor, plan: Plan, run
     for first in range(0, len(chunks), plan.workers):
         group = chunks[first : first + plan.workers]
         states = run(lambda cols: scorer.items(items[cols]), group) if shared else [None] * len(group)
-        run(tile, [(cols, rows, state) for cols, state in zip(group, states) for rows in user_tiles])
+        run(tile, [(cols, rows, state) for cols, state in zip(group, states, strict=True) for rows in user_tiles])
         del states  # before the next group's are computed: the plan holds one group at a time
 
 

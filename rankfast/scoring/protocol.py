@@ -48,8 +48,9 @@ class Scorer(Protocol):
     #: Whether tiles of one block may be scored on several CPU threads at once.
     thread_safe: ClassVar[bool] = True
 
-    def __init__(self, model: RankingModel, users: torch.Tensor, history: torch.Tensor | None,
-                 lengths: torch.Tensor | None) -> None:
+    def __init__(
+        self, model: RankingModel, users: torch.Tensor, history: torch.Tensor | None, lengths: torch.Tensor | None
+    ) -> None:
         """``users [U]``; ``history [U, L]`` and ``lengths [U]`` for models that read histories."""
 
     def items(self, ids: torch.Tensor) -> Any:
@@ -58,8 +59,9 @@ class Scorer(Protocol):
     def pairs(self, rows: slice, state: Any) -> torch.Tensor:
         """Scores ``[T, Nc]`` of the block's users ``rows`` against the candidates of ``state``."""
 
-    def topk(self, rows: slice, state: Any, k: int, skip: tuple[torch.Tensor, torch.Tensor] | None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(
+        self, rows: slice, state: Any, k: int, skip: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused score + top-K (only when ``max_fused_k`` > 0): ``(positions, values)`` ``[T, k]``
         of each user's best candidates of ``state``, with the rules of :func:`rankfast.topk`;
         ``skip``: CSR ``(indptr, positions)`` over ``rows`` of candidate positions to leave out."""

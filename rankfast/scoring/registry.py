@@ -68,8 +68,10 @@ def trains_fused(model: RankingModel) -> bool:
         return False
     _scorer("fused", model, required=True)
     if model.config.dropout > 0:
-        raise ValueError(f"{BACKEND_ENV}=fused: the fused kernels have no dropout, and this model's "
-                         f"dropout is {model.config.dropout}")
+        raise ValueError(
+            f"{BACKEND_ENV}=fused: the fused kernels have no dropout, and this model's "
+            f"dropout is {model.config.dropout}"
+        )
     return True
 
 
@@ -93,6 +95,7 @@ def _scorer(name: str, model: RankingModel, *, required: bool = False) -> type[S
         return None
     scorer = backend.scorer_for(model)
     if scorer is None and required:
-        raise ValueError(f"{BACKEND_ENV}={name}: the {name} backend does not cover this "
-                         f"{type(model).__name__} ({model.config})")
+        raise ValueError(
+            f"{BACKEND_ENV}={name}: the {name} backend does not cover this {type(model).__name__} ({model.config})"
+        )
     return scorer

@@ -1,9 +1,9 @@
 """Training: the loop, losses, optimizers and schedules, checkpoints, DDP helpers."""
 
+from rankfast.train.catalogue import catalogue_scores
 from rankfast.train.checkpoint import load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context
 from rankfast.train.loop import TrainConfig, fit
-from rankfast.train.catalogue import catalogue_scores
 from rankfast.train.losses import bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
 from rankfast.train.multitask import MultiTask
 from rankfast.train.optim import build_optimizer, build_scheduler

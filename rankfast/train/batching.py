@@ -52,8 +52,17 @@ class Strategy:
     ``fused``: score through the fused kernels (:class:`FusedScores`).
     """
 
-    def __init__(self, model: nn.Module, data: Interactions, examples: Examples, config, context: DistContext,
-                 device: torch.device, *, fused: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Interactions,
+        examples: Examples,
+        config,
+        context: DistContext,
+        device: torch.device,
+        *,
+        fused: bool,
+    ):
         self.model, self.data, self.examples, self.config = model, data, examples, config
         self.context, self.device, self.fused = context, device, fused
 
@@ -85,8 +94,10 @@ class Strategy:
 
     def _batched(self, order: np.ndarray, extra=None) -> list:
         size = self.config.batch_size
-        return [(torch.from_numpy(order[s : s + size]), None if extra is None else extra[s : s + size])
-                for s in range(0, len(order), size)]
+        return [
+            (torch.from_numpy(order[s : s + size]), None if extra is None else extra[s : s + size])
+            for s in range(0, len(order), size)
+        ]
 
 
 class SampledNegatives(Strategy):
@@ -97,8 +108,9 @@ class SampledNegatives(Strategy):
         super().__init__(*args, **kwargs)
         self.sampler = self.log_q = None
         if self.config.loss != "mse":
-            self.sampler = NegativeSampler(self.data, distribution=self.config.negatives,
-                                           alpha=self.config.negative_alpha)
+            self.sampler = NegativeSampler(
+                self.data, distribution=self.config.negatives, alpha=self.config.negative_alpha
+            )
             self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
 
     def module(self):

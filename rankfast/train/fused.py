@@ -20,8 +20,13 @@ class FusedScores(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor | None = None,
-                history: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from rankfast.scoring.backends.fused import training_scores  # Triton is imported only when used
 
         return training_scores(self.model, users, items, history, lengths)

@@ -110,7 +110,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "negatives": ("uniform", "popularity", "all", "partition")}
+        choices = {
+            "loss": LOSSES,
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "negatives": ("uniform", "popularity", "all", "partition"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
@@ -128,7 +133,15 @@ class TrainConfig:
 
 
 class _Trainer:
-    def __init__(self, model, train: Interactions, config: TrainConfig, valid: Interactions | None, context: DistContext, fine_tuning: FineTuning | None):
+    def __init__(
+        self,
+        model,
+        train: Interactions,
+        config: TrainConfig,
+        valid: Interactions | None,
+        context: DistContext,
+        fine_tuning: FineTuning | None,
+    ):
         self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
         self.multitask = isinstance(model, MultiTask)
         self.ranker = model.base if self.multitask else model
@@ -146,13 +159,19 @@ class _Trainer:
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
             fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
-            self.strategy = strategy_for(config.negatives)(model, train, examples, config, context, self.device,
-                                                           fused=fused)
+            self.strategy = strategy_for(config.negatives)(
+                model, train, examples, config, context, self.device, fused=fused
+            )
             module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             self.steps_per_epoch = -(-self.strategy.num_micro_batches() // config.grad_accum)
             self.optimizer = build_optimizer(
-                model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum, module_lrs=module_lrs
+                model,
+                config.optimizer,
+                lr=config.lr,
+                weight_decay=config.weight_decay,
+                momentum=config.momentum,
+                module_lrs=module_lrs,
             )
             self.scheduler = build_scheduler(
                 self.optimizer,
@@ -172,10 +191,21 @@ class _Trainer:
         tuning, config = self.fine_tuning, self.config
         encoder, transfer = tuning.encoder.to(next(self.ranker.parameters()).device), tuning.transfer
         if not tuning.trains_encoder:
-            refresh_features(self.ranker, encoder, tuning.texts, tuning.side, batch_size=transfer.batch_size, progress=config.progress)
+            refresh_features(
+                self.ranker,
+                encoder,
+                tuning.texts,
+                tuning.side,
+                batch_size=transfer.batch_size,
+                progress=config.progress,
+            )
             return None
         apply_strategy(encoder, transfer)
-        scope.enter_context(attach_text_encoder(self.ranker, encoder, tuning.texts, tuning.side, transfer.batch_size, transfer.encoder_dropout))
+        scope.enter_context(
+            attach_text_encoder(
+                self.ranker, encoder, tuning.texts, tuning.side, transfer.batch_size, transfer.encoder_dropout
+            )
+        )
         return None if transfer.encoder_lr is None else {encoder: transfer.encoder_lr}
 
     # --- one epoch ------------------------------------------------------------------
@@ -214,7 +244,9 @@ class _Trainer:
             kwargs = {"max_history": config.max_history}
             metrics = {}
             if config.loss != "mse":
-                metrics.update(evaluate(self.ranker, self.data, self.valid, ks=config.eval_ks, progress=False, **kwargs))
+                metrics.update(
+                    evaluate(self.ranker, self.data, self.valid, ks=config.eval_ks, progress=False, **kwargs)
+                )
             if (config.loss == "mse" or self.multitask) and self.valid.ratings is not None:
                 metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="rating", **kwargs))
             if config.monitor not in metrics:
@@ -248,9 +280,15 @@ class _Trainer:
         mine = dataclasses.asdict(self.config)
         for name, value in mine.items():
             if name not in _RESUMABLE_CHANGES and saved.get(name) != value:
-                raise ValueError(f"config.{name}: {value!r} differs from the checkpoint's {saved.get(name)!r} ({path}); use another checkpoint_dir")
+                raise ValueError(
+                    f"config.{name}: {value!r} differs from the checkpoint's {saved.get(name)!r} ({path}); use "
+                    "another checkpoint_dir"
+                )
         if len(state["torch_rng"]) != self.context.world_size:
-            raise ValueError(f"checkpoint_dir: {path} was written by {len(state['torch_rng'])} processes, this run has {self.context.world_size}")
+            raise ValueError(
+                f"checkpoint_dir: {path} was written by {len(state['torch_rng'])} processes, this run has "
+                f"{self.context.world_size}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -273,7 +311,13 @@ class _Trainer:
 
             tuned = self.fine_tuning is not None and self.fine_tuning.trains_encoder
             encoder = self.fine_tuning.encoder if tuned else None
-            save_model_dir(os.path.join(config.checkpoint_dir, "model"), self.ranker, self.data, max_history=config.max_history, encoder=encoder)
+            save_model_dir(
+                os.path.join(config.checkpoint_dir, "model"),
+                self.ranker,
+                self.data,
+                max_history=config.max_history,
+                encoder=encoder,
+            )
         context.barrier()
         return self.history
 
@@ -287,7 +331,12 @@ class _Trainer:
             self.epoch += 1
             started = time.perf_counter()
             disable = not config.progress or not context.is_main
-            with tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}/{config.epochs}", unit="step", disable=disable or None) as bar:
+            with tqdm(
+                total=self.steps_per_epoch,
+                desc=f"epoch {self.epoch}/{config.epochs}",
+                unit="step",
+                disable=disable or None,
+            ) as bar:
                 record = {"epoch": self.epoch, "loss": self._train_epoch(bar), "lr": self.scheduler.get_last_lr()[0]}
                 if self.valid is not None and (self.epoch % config.eval_every == 0 or self.epoch == config.epochs):
                     record.update(self._validate())
@@ -350,8 +399,13 @@ def fit(
             f"train: has {train.num_users} users and {train.num_items} items, the model was built for "
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
-    if config.negatives in ("all", "partition") and (isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)):
-        raise ValueError(f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got {type(model).__name__}")
+    if config.negatives in ("all", "partition") and (
+        isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)
+    ):
+        raise ValueError(
+            f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got "
+            f"{type(model).__name__}"
+        )
     if valid is None and config.patience is not None:
         raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):

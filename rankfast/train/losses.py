@@ -27,7 +27,9 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(pos[:, None] - neg).mean()
 
 
-def sampled_softmax_loss(pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tensor, log_q_neg: torch.Tensor) -> torch.Tensor:
+def sampled_softmax_loss(
+    pos: torch.Tensor, neg: torch.Tensor, log_q_pos: torch.Tensor, log_q_neg: torch.Tensor
+) -> torch.Tensor:
     """Softmax cross-entropy of each positive against its sampled negatives,
     with logQ correction: every logit minus the log of its item's sampling
     probability, so that popular items (sampled more often) are not

@@ -25,7 +25,9 @@ class MultiTask(nn.Module):
         if not isinstance(base, RankingModel):
             raise TypeError(f"base: expected a rankfast.models.RankingModel, got {type(base).__name__}")
         if click_weight < 0 or rating_weight < 0 or click_weight + rating_weight == 0:
-            raise ValueError(f"click_weight, rating_weight: must be non-negative and not both 0, got {click_weight}, {rating_weight}")
+            raise ValueError(
+                f"click_weight, rating_weight: must be non-negative and not both 0, got {click_weight}, {rating_weight}"
+            )
         self.base = base
         self.click_weight, self.rating_weight = float(click_weight), float(rating_weight)
         dim = base.user_repr.dim + base.item_repr.dim

@@ -53,7 +53,9 @@ def build_optimizer(
     return torch.optim.Adagrad(groups, lr=lr)
 
 
-def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0):
+def build_scheduler(
+    optimizer, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0
+):
     """Linear warmup over ``warmup_steps`` optimizer steps, then cosine or
     linear decay to ``min_lr_ratio * lr`` at ``total_steps`` (or a constant)."""
     if schedule not in SCHEDULES:

@@ -38,8 +38,16 @@ from rankfast.models.neumf import NeuMF
 from rankfast.scoring.positions import excluded_positions, positions_to_ids
 from rankfast.scoring.protocol import Footprint, Scorer
 
-__all__ = ["FusedAttentionScorer", "FusedMLPScorer", "OpCall", "model_scores", "model_topk", "op_call", "scorer_for",
-           "training_scores"]
+__all__ = [
+    "FusedAttentionScorer",
+    "FusedMLPScorer",
+    "OpCall",
+    "model_scores",
+    "model_topk",
+    "op_call",
+    "scorer_for",
+    "training_scores",
+]
 
 
 # --- models as op arguments ---------------------------------------------------------------
@@ -59,8 +67,13 @@ class _MLPAdapter:
             self.first, rest, last = model.tower.linears[0], model.tower.linears[1:-1], model.tower.linears[-1]
             w_out, b_out, self.w_gmf = last.weight[0], last.bias, None
         self.w_user, self.w_item = self.first.weight.chunk(2, dim=1)
-        self.layers = dict(weights=[m.weight for m in rest], biases=[m.bias for m in rest], w_out=w_out, b_out=b_out,
-                           activation=model.config.activation)
+        self.layers = dict(
+            weights=[m.weight for m in rest],
+            biases=[m.bias for m in rest],
+            w_out=w_out,
+            b_out=b_out,
+            activation=model.config.activation,
+        )
 
     @staticmethod
     def covers(model: RankingModel) -> bool:
@@ -98,18 +111,28 @@ class _AttentionAdapter:
         tower = model.tower.linears
         self.first = tower[0]
         self.w_user, self.w_pooled, self.w_item = self.first.weight.chunk(3, dim=1)
-        self.layers = dict(kind=cfg.attention, normalize=cfg.normalize, activation=cfg.activation,
-                           weights=[m.weight for m in tower[1:-1]], biases=[m.bias for m in tower[1:-1]],
-                           w_out=tower[-1].weight[0], b_out=tower[-1].bias)
+        self.layers = dict(
+            kind=cfg.attention,
+            normalize=cfg.normalize,
+            activation=cfg.activation,
+            weights=[m.weight for m in tower[1:-1]],
+            biases=[m.bias for m in tower[1:-1]],
+            w_out=tower[-1].weight[0],
+            b_out=tower[-1].bias,
+        )
         self.unit_first = None
         if cfg.attention == "din":
             unit = model.unit.linears
             self.unit_first = unit[0]
             w_h, w_q, w_d, w_x = self.unit_first.weight.chunk(4, dim=1)
             self.w_h_unit, self.w_q_unit = w_h + w_d, w_q - w_d
-            self.layers.update(wx=w_x, unit_weights=[m.weight for m in unit[1:-1]],
-                               unit_biases=[m.bias for m in unit[1:-1]], unit_w_out=unit[-1].weight[0],
-                               unit_b_out=unit[-1].bias)
+            self.layers.update(
+                wx=w_x,
+                unit_weights=[m.weight for m in unit[1:-1]],
+                unit_biases=[m.bias for m in unit[1:-1]],
+                unit_w_out=unit[-1].weight[0],
+                unit_b_out=unit[-1].bias,
+            )
         else:
             self.layers["scale"] = 1.0 / math.sqrt(cfg.dim)
 
@@ -129,8 +152,12 @@ class _AttentionAdapter:
         the output MLP's user term ``a`` and pooled block ``wp``, and DIN's history term ``ht``."""
         valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
         hist = self.model.item_repr(history.masked_fill(~valid, 0))
-        out = dict(hist=hist, lengths=lengths, a=split_term(self.model.user_repr(users), self.w_user, self.first.bias),
-                   wp=self.w_pooled)
+        out = dict(
+            hist=hist,
+            lengths=lengths,
+            a=split_term(self.model.user_repr(users), self.w_user, self.first.bias),
+            wp=self.w_pooled,
+        )
         if self.unit_first is not None:
             out["ht"] = split_term(hist, self.w_h_unit, self.unit_first.bias)
         return out
@@ -218,7 +245,9 @@ class FusedMLPScorer(_FusedScorer):
     @staticmethod
     def footprint(model, history_len: int):
         cfg = model.config
-        side = (2 * cfg.dim if isinstance(model, NeuMF) else cfg.dim) + _float32_elements(model, cfg.hidden[0]) + cfg.dim
+        side = (
+            (2 * cfg.dim if isinstance(model, NeuMF) else cfg.dim) + _float32_elements(model, cfg.hidden[0]) + cfg.dim
+        )
         return Footprint(user=side, item=side, pair=1)
 
 
@@ -245,8 +274,11 @@ class FusedAttentionScorer(_FusedScorer):
     def footprint(model, history_len: int):
         cfg = model.config
         a1 = cfg.unit_hidden[0] if cfg.attention == "din" else 0
-        return Footprint(user=history_len * cfg.dim + _float32_elements(model, history_len * a1 + cfg.hidden[0]) + 1,
-                         item=cfg.dim + _float32_elements(model, a1 + cfg.hidden[0]), pair=1)
+        return Footprint(
+            user=history_len * cfg.dim + _float32_elements(model, history_len * a1 + cfg.hidden[0]) + 1,
+            item=cfg.dim + _float32_elements(model, a1 + cfg.hidden[0]),
+            pair=1,
+        )
 
 
 # --- a model's scores in one call -----------------------------------------------------------
@@ -304,8 +336,9 @@ def model_scores(model: RankingModel, users, items=None, history=None, lengths=N
     return call.op(**call.kwargs, precision=precision)
 
 
-def model_topk(model: RankingModel, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0,
-               precision=None):
+def model_topk(
+    model: RankingModel, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0, precision=None
+):
     """Fused score + top-K: each user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``,
     the rules of :func:`rankfast.score` with ``k`` (``exclude`` by item id, NaN last, ties to the
     earlier candidate, padding id -1 / score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``).

@@ -42,7 +42,7 @@ class TritonPythonModel:
             # One bad request (an unknown user, k < 1) must not fail the others batched with it:
             # score them one by one, and only the bad ones get an error.
             results = [self._score_one(request) for _, request in parsed]
-        for (n, request), rows in zip(parsed, results):
+        for (n, request), rows in zip(parsed, results, strict=True):
             if isinstance(rows, Exception):
                 error = pb_utils.TritonError(rows.args[0] if rows.args else str(rows))
                 responses[n] = pb_utils.InferenceResponse(output_tensors=[], error=error)
