@@ -1,10 +1,21 @@
 """Pieces shared by the fused kernels: activations and their derivatives,
-weight padding, dtype rules, and the interpreter switch.
+dtype rules, the programs of persistent kernels, owner-only accumulation,
+and the interpreter switch.
 
-Widths are padded to powers of two (at least 16, the smallest ``tl.dot``
-operand dimension) with zeros. That is exact: a padded unit gets a zero
-pre-activation, ``act(0) = 0`` for ReLU, GELU and SiLU, and its outgoing
-weights are zero too.
+Kernels read the layers' weights where they are, in ``nn.Linear`` layout
+(``[out, in]``, contiguous), with masked loads: tiles have power-of-two
+widths (at least 16, the smallest ``tl.dot`` operand dimension) and the
+masked lanes read zeros, which is exact (a zero pre-activation gives
+``act(0) = 0`` for ReLU, GELU and SiLU, and its outgoing weights are zero
+too). Nothing is padded or copied per call, so a call does no work on the
+weights before its kernel starts.
+
+Backward kernels accumulate without atomics: each gradient row belongs to
+one program (weights and biases: the program's own slot; rows shared by
+several programs: the program's slot of a workspace), which adds into it with
+a plain load and store (:func:`accumulate`), in a fixed order; the slots are
+summed afterwards. Gradients are therefore the same, bit for bit, from one
+run to the next on a given GPU.
 """
 
 from __future__ import annotations
@@ -42,24 +53,43 @@ MAX_WIDTH = 512
 
 
 def pad_width(n: int) -> int:
-    """The padded width of a layer: a power of two, at least 16."""
+    """The tile width of a layer: a power of two, at least 16."""
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def padded_t(weight: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """``weight [out, in]`` (nn.Linear layout) transposed to ``[in, out]`` and zero-padded to ``[rows, cols]``."""
-    out = weight.new_zeros(rows, cols, dtype=dtype)
-    out[: weight.shape[1], : weight.shape[0]] = weight.detach().t().to(dtype)
-    return out
+def weight_arg(weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as a kernel reads it: contiguous (a parameter already is: no copy), no autograd."""
+    return weight.detach().contiguous()
 
 
-def padded_vec(vec: torch.Tensor | None, n: int, dtype=torch.float32, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A 1-D vector zero-padded to ``n`` (zeros when ``vec`` is None)."""
-    if vec is None:
-        return like.new_zeros(n, dtype=dtype)
-    out = vec.new_zeros(n, dtype=dtype)
-    out[: vec.numel()] = vec.detach().reshape(-1).to(dtype)
-    return out
+def programs(device: torch.device, per_sm: int = 2) -> int:
+    """Programs of a persistent kernel: ``per_sm`` per SM on a GPU, 4 under the interpreter
+    (so that the tests cover programs taking several tiles and several programs per workspace)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def ownership(
+    num_programs: int,
+    user_bytes: int,
+    cand_bytes: int,
+    user_blocks: int,
+    cand_blocks: int,
+):
+    """``(G, C)``: a backward's programs as ``G`` groups of users x ``C`` groups of candidates.
+
+    Program ``(g, c)`` takes the tiles of user blocks ``g, g + G, ...`` and candidate blocks
+    ``c, c + C, ...``. Rows of users are then shared by the ``C`` programs of a user group, rows of
+    candidates by the ``G`` programs of a candidate group; each program owns one slot of a
+    ``[C, users...]`` and of a ``[G, candidates...]`` workspace. ``user_bytes``, ``cand_bytes``:
+    one slot's size (0 for candidate rows kept per pair, which no two programs share). ``C`` is
+    chosen to minimise the workspaces' size ``C * user_bytes + G * cand_bytes`` at ``G * C``
+    about ``num_programs``."""
+    c = round((num_programs * cand_bytes / max(1, user_bytes)) ** 0.5) if cand_bytes else 1
+    c = max(1, min(c, cand_blocks, num_programs))
+    g = max(1, min(num_programs // c, user_blocks))
+    return g, c
 
 
 def check_activation(activation: str) -> int:
@@ -157,6 +187,15 @@ def dot(a, b, acc=None, PREC: tl.constexpr = "tf32"):
 
 
 @triton.jit
+def accumulate(ptr, val, mask=None):
+    """``*ptr += val`` with a plain load and store: only for memory this program alone writes
+    (a gradient slot or workspace row it owns). A loop that accumulates into the same memory
+    again starts its iteration with ``tl.debug_barrier()``, so that each thread sees what the
+    others stored."""
+    tl.store(ptr, tl.load(ptr, mask=mask) + val, mask=mask)
+
+
+@triton.jit
 def item_rows(IDX, row, n, mask, stride_ib, stride_in, HAS_IDX: tl.constexpr):
     """int64 item-table rows of user ``row``'s candidate positions ``n``: ``IDX[row, n]``
     with a candidate index (``stride_ib`` 0 when all users share it), else ``n`` itself."""
@@ -179,6 +218,17 @@ def cast(x, DT: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DT)
+
+
+@triton.jit
+def mul(a, b):
+    """``a * b`` in the inputs' dtype: for bf16/fp16 one rounding of the exact product, as on a
+    GPU. Triton's interpreter cannot do half-precision arithmetic, so there it multiplies in fp32
+    and rounds with :func:`cast`."""
+    if _INTERP:
+        if a.dtype != tl.float32:
+            return cast(a.to(tl.float32) * b.to(tl.float32), a.dtype)
+    return a * b
 
 
 def default_precision(precision: str | None) -> str:

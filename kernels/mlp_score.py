@@ -2,26 +2,37 @@
 
 The first layer is split (docs/design.md): ``A = E_u W1u^T + b1`` per user
 ``[B, H1]`` and ``C = E_i W1i^T`` per item ``[M, H1]`` are computed outside
-(small). A program takes a tile of ``BLOCK_U`` users x ``BLOCK_N`` candidates
-(``BLOCK_P`` pairs) and, in registers, forms ``act(A_u + C_i)`` in chunks of
+(small). A tile is ``BLOCK_U`` users x ``BLOCK_N`` candidates (``BLOCK_P``
+pairs, one row each); in registers it forms ``act(A_u + C_i)`` in chunks of
 ``BJ`` units, feeding each chunk straight into the next layer's ``tl.dot``;
 later layers follow (up to 3 after the first, widths up to 512), then the
 output layer, NeuMF's GMF term (a per-pair dot of ``g_u * w_gmf`` and
 ``g_i``) and the score write. No per-pair tensor ever reaches global memory.
+The forward is persistent: each program walks tiles ``pid, pid + P, ...``,
+keeping the weights it re-reads for every tile in cache (``evict_last``).
 
 Layer chunking: with hidden widths ``H1..H4`` only ``h2`` (and ``h4``) are
 held at full width; ``h1`` and ``h3`` exist one ``BJ`` chunk at a time, each
 chunk multiplied into the next layer's accumulator (the flash-MLP pattern),
-so weights are read in ``[BJ, H]`` slices.
+so weights are read in ``[BJ, H]`` slices, from the ``nn.Linear`` weights
+themselves (``[out, in]``; no padded copies, see ``_common``).
 
 Backward recomputes the pair activations tile by tile (nothing per pair is
-stored) and accumulates gradients with fp32 atomics: weights and biases per
-tile, ``A`` rows summed over the tile's candidates, ``C`` rows summed over the
-tile's users (shared candidates) or per pair (per-user candidates).
+stored) and accumulates without atomics (``_common.accumulate``): the
+programs form ``G`` user groups x ``C`` candidate groups
+(``_common.ownership``); each adds its tiles' weight and bias gradients into
+its own slot (a split-K reduction over pairs), ``A`` rows (summed over the
+tile's candidates) into its slot of a ``[C, B, H1]`` workspace and ``C`` rows
+(summed over the tile's users) into its slot of a ``[G, M, H1]`` workspace
+(shared candidates) or straight into the pair's row (per-user candidates,
+whose ``[B, N]`` rows are then added into the items' rows by
+``index_put_(accumulate=True)``, deterministic under
+``torch.use_deterministic_algorithms``). The slots are summed in a fixed
+order, so gradients repeat bit for bit.
 
 Public entry points (registered as ``torch.ops.rankfast.*``):
 
-* :func:`mlp_score` - the op on precomputed ``A``, ``C`` and raw layer weights (differentiable);
+* :func:`mlp_score` - the op on precomputed ``A``, ``C`` and the layers' weights (differentiable);
 * :func:`mlp_score_topk` - fused score + top-K (see ``kernels/topk.py``).
 
 Models are turned into these arguments by the fused scoring backend
@@ -38,6 +49,7 @@ from rankfast.kernels import topk as topk_mod
 from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
+    accumulate,
     act_fn,
     act_grad,
     cast,
@@ -51,9 +63,10 @@ from rankfast.kernels._common import (
     default_precision,
     dot,
     item_rows,
+    ownership,
     pad_width,
-    padded_t,
-    padded_vec,
+    programs,
+    weight_arg,
 )
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
@@ -61,24 +74,17 @@ MAX_LAYERS = 4  # hidden layers in all: the split first one plus up to 3
 
 
 def _configs(backward: bool):
-    """``TILE_U``: the fewest users a tile spans (see ``_tile_heuristics``)."""
+    """``TILE_U``: the fewest users a tile spans (see ``_tile_heuristics``); above 1 a tile is
+    a 2-D block of users x candidates, whose A and C rows are each read by several pairs."""
     if INTERPRET:
         return [triton.Config({"BLOCK_P": 32, "BJ": 16, "TILE_U": 1}, num_warps=4, num_stages=1)]
-    if backward:
-        # Several users per tile sum their item-row gradients in registers before the
-        # atomics (shared candidates), at the cost of more user-row atomics: timed, not assumed.
-        out = [
-            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
-            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 4}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 8}, num_warps=8, num_stages=2),
-        ]
+    if backward:  # 64 pairs on 8 warps: 128 pairs, or 64 on 4 warps, spill (bench/kernel_report.py)
+        out = [triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": tu}, num_warps=8, num_stages=2) for tu in (1, 4)]
     else:  # a few candidates: every one is compiled and timed per new shape
         out = [
-            triton.Config({"BLOCK_P": 64, "BJ": 32, "TILE_U": 1}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_P": 64, "BJ": 64, "TILE_U": 1}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_P": 128, "BJ": 32, "TILE_U": 1}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_P": 128, "BJ": 64, "TILE_U": 1}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_P": 128, "BJ": 64, "TILE_U": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_P": 64, "BJ": 64, "TILE_U": 4}, num_warps=4, num_stages=3),
         ]
     return configs(out, out[0])
 
@@ -102,31 +108,86 @@ _KEY = ["N_KEY", "H1P", "H2P", "H3P", "H4P", "GP", "NL", "ACT", "HAS_IDX", "HAS_
 
 
 @triton.jit
-def _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr):
-    """Pair rows of tile ``pid``: user, candidate position, item row, mask (all ``[BLOCK_P]``)."""
+def _tile(
+    tile,
+    B,
+    N,
+    IDX,
+    stride_ib,
+    stride_in,
+    BLOCK_U: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+):
+    """Pair rows of tile ``tile``: user, candidate position, item row, mask (all ``[BLOCK_P]``)."""
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_u = pid // num_n
-    pid_n = pid % num_n
+    return _block(
+        tile // num_n,
+        tile % num_n,
+        B,
+        N,
+        IDX,
+        stride_ib,
+        stride_in,
+        BLOCK_U,
+        BLOCK_N,
+        HAS_IDX,
+    )
+
+
+@triton.jit
+def _block(
+    pid_u,
+    pid_n,
+    B,
+    N,
+    IDX,
+    stride_ib,
+    stride_in,
+    BLOCK_U: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+):
+    """Pair rows of user block ``pid_u`` x candidate block ``pid_n``: user, candidate position,
+    item row, mask (all ``[BLOCK_P]``)."""
     p = tl.arange(0, BLOCK_U * BLOCK_N)
     u = pid_u * BLOCK_U + p // BLOCK_N
     n = pid_n * BLOCK_N + p % BLOCK_N
     rmask = (u < B) & (n < N)
     u64 = u.to(tl.int64)
     item = item_rows(IDX, u64, n, rmask, stride_ib, stride_in, HAS_IDX)
-    return pid_u, pid_n, u64, n, item, rmask
+    return u64, n, item, rmask
 
 
 @triton.jit
-def _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P: tl.constexpr, HAS_POOL: tl.constexpr, PREC: tl.constexpr):
+def _z1(
+    a_row,
+    c_row,
+    rmask,
+    cj,
+    H1,
+    D,
+    WPS,
+    pooled,
+    WP,
+    HAS_POOL: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """First-layer pre-activations of the tile's pairs for units ``cj``: ``A_u + C_i`` in fp32
-    (plus, for target attention, the pooled history's term ``pooled @ WP[:, cj]``)."""
+    (bf16 terms are loaded as bf16, half the bytes, and added exactly), plus,
+    for target attention, the pooled history's term ``pooled @ WP[cj, :]^T`` (fp32; ``WP [H1, D]``,
+    row stride ``WPS``)."""
     m = rmask[:, None] & (cj[None, :] < H1)
-    a = tl.load(a_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
-    c = tl.load(c_row[:, None] + cj[None, :], mask=m, other=0.0).to(tl.float32)
-    z = a + c
+    a = tl.load(a_row[:, None] + cj[None, :], mask=m, other=0.0)
+    c = tl.load(c_row[:, None] + cj[None, :], mask=m, other=0.0)
+    z = a.to(tl.float32) + c.to(tl.float32)
     if HAS_POOL:
         dd = tl.arange(0, pooled.shape[1])
-        wp = tl.load(WP + dd[:, None] * H1P + cj[None, :])
+        wp = tl.load(
+            WP + cj[None, :] * WPS + dd[:, None],
+            mask=(cj[None, :] < H1) & (dd[:, None] < D),
+            other=0.0,
+        )
         z = dot(cast(pooled, wp.dtype), wp, z, PREC=PREC)
     return z
 
@@ -137,12 +198,14 @@ def _h2(
     c_row,
     rmask,
     H1,
+    H2,
+    D,
+    WPS,
     pooled,
     WP,
     HAS_POOL: tl.constexpr,
     W2,
     B2,
-    H1P: tl.constexpr,
     H2P: tl.constexpr,
     BJ1: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -151,14 +214,48 @@ def _h2(
 ):
     """Second hidden layer at full width: ``(z2, act(z2))``, ``[BLOCK_P, H2P]`` fp32."""
     c2 = tl.arange(0, H2P)
+    m2 = c2 < H2
     acc = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
-    for j in range(0, H1P, BJ1):
+    for j in range(0, H1, BJ1):
         cj = j + tl.arange(0, BJ1)
-        a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC), ACT)
-        w = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
+        a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, D, WPS, pooled, WP, HAS_POOL, PREC), ACT)
+        w = tl.load(
+            W2 + c2[None, :] * H1 + cj[:, None],
+            mask=m2[None, :] & (cj[:, None] < H1),
+            other=0.0,
+            eviction_policy="evict_last",
+        )
         acc = dot(cast(a1, w.dtype), w, acc, PREC=PREC)
-    z2 = acc + tl.load(B2 + c2)[None, :]
+    z2 = acc + tl.load(B2 + c2, mask=m2, other=0.0).to(tl.float32)[None, :]
     return z2, act_fn(z2, ACT)
+
+
+@triton.jit
+def _vec(PTR, cols, n):
+    """A bias or output-weight vector as fp32, zero past its width ``n``."""
+    return tl.load(PTR + cols, mask=cols < n, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _w3(W3, c2, cj, H2, H3):
+    """``W3[cj, :]^T``: ``[H2P, BJ3]`` from the ``[H3, H2]`` weight."""
+    return tl.load(
+        W3 + cj[None, :] * H2 + c2[:, None],
+        mask=(cj[None, :] < H3) & (c2[:, None] < H2),
+        other=0.0,
+        eviction_policy="evict_last",
+    )
+
+
+@triton.jit
+def _w4(W4, cj, c4, H3, H4):
+    """``W4[:, cj]^T``: ``[BJ3, H4P]`` from the ``[H4, H3]`` weight."""
+    return tl.load(
+        W4 + c4[None, :] * H3 + cj[:, None],
+        mask=(c4[None, :] < H4) & (cj[:, None] < H3),
+        other=0.0,
+        eviction_policy="evict_last",
+    )
 
 
 @triton.jit
@@ -167,6 +264,11 @@ def _mlp_pairs(
     c_row,
     rmask,
     H1,
+    H2,
+    H3,
+    H4,
+    D,
+    WPS,
     pooled,
     WP,
     HAS_POOL: tl.constexpr,
@@ -178,9 +280,7 @@ def _mlp_pairs(
     B4,
     WO,
     NL: tl.constexpr,
-    H1P: tl.constexpr,
     H2P: tl.constexpr,
-    H3P: tl.constexpr,
     H4P: tl.constexpr,
     BJ1: tl.constexpr,
     BJ3: tl.constexpr,
@@ -191,31 +291,51 @@ def _mlp_pairs(
     """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32."""
     score = tl.zeros([BLOCK_P], dtype=tl.float32)
     if NL == 1:
-        for j in range(0, H1P, BJ1):
+        for j in range(0, H1, BJ1):
             cj = j + tl.arange(0, BJ1)
-            a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC), ACT)
-            score += tl.sum(a1 * tl.load(WO + cj)[None, :], axis=1)
+            a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, D, WPS, pooled, WP, HAS_POOL, PREC), ACT)
+            score += tl.sum(a1 * _vec(WO, cj, H1)[None, :], axis=1)
     else:
-        z2, h2 = _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        z2, h2 = _h2(
+            a_row,
+            c_row,
+            rmask,
+            H1,
+            H2,
+            D,
+            WPS,
+            pooled,
+            WP,
+            HAS_POOL,
+            W2,
+            B2,
+            H2P,
+            BJ1,
+            BLOCK_P,
+            ACT,
+            PREC,
+        )
         c2 = tl.arange(0, H2P)
         if NL == 2:
-            score = tl.sum(h2 * tl.load(WO + c2)[None, :], axis=1)
+            score = tl.sum(h2 * _vec(WO, c2, H2)[None, :], axis=1)
         else:
             h2c = cast(h2, W3.dtype.element_ty)
             c4 = tl.arange(0, H4P)
             acc4 = tl.zeros([BLOCK_P, H4P], dtype=tl.float32)
-            for j in range(0, H3P, BJ3):
+            for j in range(0, H3, BJ3):
                 cj = j + tl.arange(0, BJ3)
-                w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
-                a3 = act_fn(dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :], ACT)
+                a3 = act_fn(
+                    dot(h2c, _w3(W3, c2, cj, H2, H3), PREC=PREC) + _vec(B3, cj, H3)[None, :],
+                    ACT,
+                )
                 if NL == 3:
-                    score += tl.sum(a3 * tl.load(WO + cj)[None, :], axis=1)
+                    score += tl.sum(a3 * _vec(WO, cj, H3)[None, :], axis=1)
                 else:
-                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
+                    w4 = _w4(W4, cj, c4, H3, H4)
                     acc4 = dot(cast(a3, w4.dtype), w4, acc4, PREC=PREC)
             if NL == 4:
-                h4 = act_fn(acc4 + tl.load(B4 + c4)[None, :], ACT)
-                score = tl.sum(h4 * tl.load(WO + c4)[None, :], axis=1)
+                h4 = act_fn(acc4 + _vec(B4, c4, H4)[None, :], ACT)
+                score = tl.sum(h4 * _vec(WO, c4, H4)[None, :], axis=1)
     return score
 
 
@@ -249,6 +369,9 @@ def _mlp_fwd_kernel(
     B,
     N,
     H1,
+    H2,
+    H3,
+    H4,
     G,
     stride_a,
     stride_c,
@@ -276,81 +399,97 @@ def _mlp_fwd_kernel(
     BJ3: tl.constexpr,
     TILE_U: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    _, _, u64, n, item, rmask = _tile(pid, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-    score = _mlp_pairs(
-        A + u64 * stride_a,
-        C + item * stride_c,
-        rmask,
-        H1,
-        0.0,
-        WO,
-        False,
-        W2,
-        B2,
-        W3,
-        B3,
-        W4,
-        B4,
-        WO,
-        NL,
-        H1P,
-        H2P,
-        H3P,
-        H4P,
-        BJ1,
-        BJ3,
-        BLOCK_P,
-        ACT,
-        PREC,
-    )
-    if HAS_GMF:
-        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
-        score += tl.sum(gu * gi, axis=1)
-    score += tl.load(BO).to(tl.float32)
-    tl.store(OUT + u64 * stride_ob + n, cast(score, OUT.dtype.element_ty), mask=rmask)
+    """Persistent: program ``pid`` scores tiles ``pid, pid + P, ...`` (``P`` programs)."""
+    num_tiles = tl.cdiv(B, BLOCK_U) * tl.cdiv(N, BLOCK_N)
+    bo = tl.load(BO).to(tl.float32)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        u64, n, item, rmask = _tile(tile, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
+        score = _mlp_pairs(
+            A + u64 * stride_a,
+            C + item * stride_c,
+            rmask,
+            H1,
+            H2,
+            H3,
+            H4,
+            0,
+            0,
+            0.0,
+            WO,
+            False,
+            W2,
+            B2,
+            W3,
+            B3,
+            W4,
+            B4,
+            WO,
+            NL,
+            H2P,
+            H4P,
+            BJ1,
+            BJ3,
+            BLOCK_P,
+            ACT,
+            PREC,
+        )
+        if HAS_GMF:
+            gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+            score += tl.sum(gu * gi, axis=1)
+        tl.store(
+            OUT + u64 * stride_ob + n,
+            cast(score + bo, OUT.dtype.element_ty),
+            mask=rmask,
+        )
 
 
 @triton.jit
-def _scatter_rows(
-    DST,
-    stride,
-    rmask,
-    item,
-    pid_u,
-    pid_n,
-    B,
-    N,
-    IDX,
-    stride_ib,
-    stride_in,
+def _add_user_rows(WS, width, vals, cols, pid_u, B, BLOCK_U: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds per-pair rows ``vals [BLOCK_P, W]`` (columns ``cols`` of ``width``), summed over the
+    tile's candidates, into its users' rows of ``WS`` (this program's slot, ``[B, width]``)."""
+    v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=1)
+    uu = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+    accumulate(
+        WS + uu.to(tl.int64)[:, None] * width + cols[None, :],
+        v,
+        (uu < B)[:, None] & (cols[None, :] < width),
+    )
+
+
+@triton.jit
+def _add_cand_rows(
+    WS,
+    width,
     vals,
     cols,
-    ncols,
+    u64,
+    n,
+    rmask,
+    pid_n,
+    N,
     BLOCK_U: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    HAS_IDX: tl.constexpr,
     SHARED: tl.constexpr,
-    PER_USER: tl.constexpr,
 ):
-    """Atomically adds per-pair rows ``vals [BLOCK_P, W]`` into ``DST``: summed over the
-    tile's candidates into user rows (``PER_USER``), else into item rows, summed
-    over the tile's users when every user has the same candidates (``SHARED``)."""
-    if PER_USER:
-        v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=1)
-        uu = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
-        m = (uu < B)[:, None] & (cols[None, :] < ncols)
-        tl.atomic_add(DST + uu.to(tl.int64)[:, None] * stride + cols[None, :], v, mask=m)
-    elif SHARED:
+    """Adds per-pair rows ``vals [BLOCK_P, W]`` into the candidates' rows of ``WS`` (this
+    program's slot), by candidate position: ``[N, width]`` summed over the tile's users when
+    every user has the same candidates (``SHARED``), else each pair's own row ``[B, N, width]``.
+    (The host adds positions into item rows, so a candidate listed twice is no race.)"""
+    if SHARED:
         v = tl.sum(tl.reshape(vals, (BLOCK_U, BLOCK_N, vals.shape[1])), axis=0)
         nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = nn < N
-        it = item_rows(IDX, 0, nn, nm, stride_ib, stride_in, HAS_IDX)  # shared: stride_ib is 0
-        m = nm[:, None] & (cols[None, :] < ncols)
-        tl.atomic_add(DST + it[:, None] * stride + cols[None, :], v, mask=m)
+        accumulate(
+            WS + nn.to(tl.int64)[:, None] * width + cols[None, :],
+            v,
+            (nn < N)[:, None] & (cols[None, :] < width),
+        )
     else:
-        m = rmask[:, None] & (cols[None, :] < ncols)
-        tl.atomic_add(DST + item[:, None] * stride + cols[None, :], vals, mask=m)
+        pair = u64 * N + n
+        tl.store(
+            WS + pair[:, None] * width + cols[None, :],
+            vals,
+            mask=rmask[:, None] & (cols[None, :] < width),
+        )
 
 
 @triton.jit
@@ -358,9 +497,16 @@ def _tail_bwd(
     a_row,
     c_row,
     rmask,
+    u64,
+    n,
     item,
     go,
     H1,
+    H2,
+    H3,
+    H4,
+    D,
+    WPS,
     pooled,
     WP,
     DWP,
@@ -389,9 +535,7 @@ def _tail_bwd(
     stride_ib,
     stride_in,
     NL: tl.constexpr,
-    H1P: tl.constexpr,
     H2P: tl.constexpr,
-    H3P: tl.constexpr,
     H4P: tl.constexpr,
     DP: tl.constexpr,
     BJ1: tl.constexpr,
@@ -404,125 +548,149 @@ def _tail_bwd(
     ACT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Backward of the MLP on the tile's pairs given ``go = d score [BLOCK_P]``: atomically adds the
-    gradients of every layer after the first, of ``A`` rows (users) and ``C`` rows (items), and with
-    ``HAS_POOL`` of the pooled block ``WP``; returns ``d pooled [BLOCK_P, DP]`` (zeros without it)."""
+    """Backward of the MLP on the tile's pairs given ``go = d score [BLOCK_P]``: adds (into this
+    program's slots, see ``_add_user_rows`` and ``_add_cand_rows``) the gradients of every layer after the first, in
+    ``nn.Linear`` layout, of ``A`` rows (users) and ``C`` rows (candidates), and with ``HAS_POOL``
+    of the pooled block ``WP [H1, D]``; returns ``d pooled [BLOCK_P, DP]`` (zeros without it).
+    Weight gradients are computed as ``dz^T @ activation`` so that the dot's M is a layer's width."""
     dd = tl.arange(0, DP)
     dpooled = tl.zeros([BLOCK_P, DP], dtype=tl.float32)
     c2 = tl.arange(0, H2P)
+    m2 = c2 < H2
     if NL >= 2:
-        z2, h2 = _h2(a_row, c_row, rmask, H1, pooled, WP, HAS_POOL, W2, B2, H1P, H2P, BJ1, BLOCK_P, ACT, PREC)
+        # Step 1: recompute layer 2 (and the layers after it) and backpropagate to dz2.
+        z2, h2 = _h2(
+            a_row,
+            c_row,
+            rmask,
+            H1,
+            H2,
+            D,
+            WPS,
+            pooled,
+            WP,
+            HAS_POOL,
+            W2,
+            B2,
+            H2P,
+            BJ1,
+            BLOCK_P,
+            ACT,
+            PREC,
+        )
         if NL == 2:
-            wo = tl.load(WO + c2)
-            tl.atomic_add(DWO + c2, tl.sum(h2 * go[:, None], axis=0))
-            dz2 = go[:, None] * wo[None, :] * act_grad(z2, ACT)
+            accumulate(DWO + c2, tl.sum(h2 * go[:, None], axis=0), m2)
+            dz2 = go[:, None] * _vec(WO, c2, H2)[None, :] * act_grad(z2, ACT)
         else:
             h2c = cast(h2, W3.dtype.element_ty)
             c4 = tl.arange(0, H4P)
+            m4 = c4 < H4
             if NL == 4:
                 # Recompute h4, then its gradient.
                 acc4 = tl.zeros([BLOCK_P, H4P], dtype=tl.float32)
-                for j in range(0, H3P, BJ3):
+                for j in range(0, H3, BJ3):
                     cj = j + tl.arange(0, BJ3)
-                    w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
-                    a3 = act_fn(dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :], ACT)
-                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
+                    a3 = act_fn(
+                        dot(h2c, _w3(W3, c2, cj, H2, H3), PREC=PREC) + _vec(B3, cj, H3)[None, :],
+                        ACT,
+                    )
+                    w4 = _w4(W4, cj, c4, H3, H4)
                     acc4 = dot(cast(a3, w4.dtype), w4, acc4, PREC=PREC)
-                z4 = acc4 + tl.load(B4 + c4)[None, :]
+                z4 = acc4 + _vec(B4, c4, H4)[None, :]
                 h4 = act_fn(z4, ACT)
-                tl.atomic_add(DWO + c4, tl.sum(h4 * go[:, None], axis=0))
-                dz4 = go[:, None] * tl.load(WO + c4)[None, :] * act_grad(z4, ACT)
-                tl.atomic_add(DB4 + c4, tl.sum(dz4, axis=0))
+                accumulate(DWO + c4, tl.sum(h4 * go[:, None], axis=0), m4)
+                dz4 = go[:, None] * _vec(WO, c4, H4)[None, :] * act_grad(z4, ACT)
+                accumulate(DB4 + c4, tl.sum(dz4, axis=0), m4)
                 dz4c = cast(dz4, W4.dtype.element_ty)
             dh2 = tl.zeros([BLOCK_P, H2P], dtype=tl.float32)
-            for j in range(0, H3P, BJ3):
+            for j in range(0, H3, BJ3):
                 cj = j + tl.arange(0, BJ3)
-                w3 = tl.load(W3 + c2[:, None] * H3P + cj[None, :])
-                z3 = dot(h2c, w3, PREC=PREC) + tl.load(B3 + cj)[None, :]
+                mj = cj < H3
+                w3 = _w3(W3, c2, cj, H2, H3)
+                z3 = dot(h2c, w3, PREC=PREC) + _vec(B3, cj, H3)[None, :]
                 a3 = act_fn(z3, ACT)
                 if NL == 3:
-                    tl.atomic_add(DWO + cj, tl.sum(a3 * go[:, None], axis=0))
-                    da3 = go[:, None] * tl.load(WO + cj)[None, :]
+                    accumulate(DWO + cj, tl.sum(a3 * go[:, None], axis=0), mj)
+                    da3 = go[:, None] * _vec(WO, cj, H3)[None, :]
                 else:
-                    w4 = tl.load(W4 + cj[:, None] * H4P + c4[None, :])
-                    dw4 = dot(tl.trans(cast(a3, w4.dtype)), dz4c, PREC=PREC)
-                    tl.atomic_add(DW4 + cj[:, None] * H4P + c4[None, :], dw4)
+                    w4 = _w4(W4, cj, c4, H3, H4)
+                    dw4 = dot(tl.trans(dz4c), cast(a3, w4.dtype), PREC=PREC)  # [H4P, BJ3] = DW4[:, cj]
+                    accumulate(
+                        DW4 + c4[:, None] * H3 + cj[None, :],
+                        dw4,
+                        m4[:, None] & mj[None, :],
+                    )
                     da3 = dot(dz4c, tl.trans(w4), PREC=PREC)
                 dz3 = da3 * act_grad(z3, ACT)
-                tl.atomic_add(DB3 + cj, tl.sum(dz3, axis=0))
+                accumulate(DB3 + cj, tl.sum(dz3, axis=0), mj)
                 dz3c = cast(dz3, w3.dtype)
-                tl.atomic_add(DW3 + c2[:, None] * H3P + cj[None, :], dot(tl.trans(h2c), dz3c, PREC=PREC))
+                dw3t = dot(tl.trans(h2c), dz3c, PREC=PREC)  # [H2P, BJ3] = DW3[cj, :]^T
+                accumulate(
+                    DW3 + cj[None, :] * H2 + c2[:, None],
+                    dw3t,
+                    m2[:, None] & mj[None, :],
+                )
                 dh2 = dot(dz3c, tl.trans(w3), dh2, PREC=PREC)
             dz2 = dh2 * act_grad(z2, ACT)
-        tl.atomic_add(DB2 + c2, tl.sum(dz2, axis=0))
+        accumulate(DB2 + c2, tl.sum(dz2, axis=0), m2)
         dz2c = cast(dz2, W2.dtype.element_ty)
 
-    for j in range(0, H1P, BJ1):
+    # Step 2: per chunk of the first layer's units, recompute them, add DW2's columns, and
+    # backpropagate to dz1, whose rows are the A and C gradients.
+    for j in range(0, H1, BJ1):
         cj = j + tl.arange(0, BJ1)
-        z1 = _z1(a_row, c_row, rmask, cj, H1, pooled, WP, H1P, HAS_POOL, PREC)
+        mj = cj < H1
+        z1 = _z1(a_row, c_row, rmask, cj, H1, D, WPS, pooled, WP, HAS_POOL, PREC)
         a1 = act_fn(z1, ACT)
         if NL == 1:
-            tl.atomic_add(DWO + cj, tl.sum(a1 * go[:, None], axis=0))
-            da1 = go[:, None] * tl.load(WO + cj)[None, :]
+            accumulate(DWO + cj, tl.sum(a1 * go[:, None], axis=0), mj)
+            da1 = go[:, None] * _vec(WO, cj, H1)[None, :]
         else:
-            w2 = tl.load(W2 + cj[:, None] * H2P + c2[None, :])
-            tl.atomic_add(DW2 + cj[:, None] * H2P + c2[None, :], dot(tl.trans(cast(a1, w2.dtype)), dz2c, PREC=PREC))
+            w2 = tl.load(
+                W2 + c2[None, :] * H1 + cj[:, None],
+                mask=m2[None, :] & mj[:, None],
+                other=0.0,
+            )
+            dw2 = dot(tl.trans(dz2c), cast(a1, w2.dtype), PREC=PREC)  # [H2P, BJ1] = DW2[:, cj]
+            accumulate(DW2 + c2[:, None] * H1 + cj[None, :], dw2, m2[:, None] & mj[None, :])
             da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
         dz1 = da1 * act_grad(z1, ACT)
         if HAS_POOL:
-            wp = tl.load(WP + dd[:, None] * H1P + cj[None, :])
+            wp = tl.load(
+                WP + cj[None, :] * WPS + dd[:, None],
+                mask=mj[None, :] & (dd[:, None] < D),
+                other=0.0,
+            )
             dz1c = cast(dz1, wp.dtype)
-            tl.atomic_add(DWP + dd[:, None] * H1P + cj[None, :], dot(tl.trans(cast(pooled, wp.dtype)), dz1c, PREC=PREC))
+            dwpt = dot(tl.trans(cast(pooled, wp.dtype)), dz1c, PREC=PREC)  # [DP, BJ1] = DWP[cj, :]^T
+            accumulate(
+                DWP + cj[None, :] * D + dd[:, None],
+                dwpt,
+                mj[None, :] & (dd[:, None] < D),
+            )
             dpooled = dot(dz1c, tl.trans(wp), dpooled, PREC=PREC)
-        _scatter_rows(
-            DA,
-            H1,
-            rmask,
-            item,
-            pid_u,
-            pid_n,
-            B,
-            N,
-            IDX,
-            stride_ib,
-            stride_in,
-            dz1,
-            cj,
-            H1,
-            BLOCK_U,
-            BLOCK_N,
-            HAS_IDX,
-            SHARED,
-            True,
-        )
-        _scatter_rows(
-            DC,
-            H1,
-            rmask,
-            item,
-            pid_u,
-            pid_n,
-            B,
-            N,
-            IDX,
-            stride_ib,
-            stride_in,
-            dz1,
-            cj,
-            H1,
-            BLOCK_U,
-            BLOCK_N,
-            HAS_IDX,
-            SHARED,
-            False,
-        )
+        _add_user_rows(DA, H1, dz1, cj, pid_u, B, BLOCK_U, BLOCK_N)
+        _add_cand_rows(DC, H1, dz1, cj, u64, n, rmask, pid_n, N, BLOCK_U, BLOCK_N, SHARED)
     return dpooled
 
 
 @triton.autotune(
     configs=_configs(True),
     key=_KEY + ["SHARED"],
-    reset_to_zero=["DA", "DC", "DGU", "DGI", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"],
+    reset_to_zero=[
+        "DA",
+        "DC",
+        "DGU",
+        "DGI",
+        "DW2",
+        "DB2",
+        "DW3",
+        "DB3",
+        "DW4",
+        "DB4",
+        "DWO",
+        "DBO",
+    ],
 )
 @triton.heuristics(_tile_heuristics())
 @triton.jit
@@ -555,7 +723,13 @@ def _mlp_bwd_kernel(
     B,
     N,
     H1,
+    H2,
+    H3,
+    H4,
+    HL,
     G,
+    GROUPS_U,
+    GROUPS_N,
     stride_a,
     stride_c,
     stride_ib,
@@ -570,7 +744,6 @@ def _mlp_bwd_kernel(
     H3P: tl.constexpr,
     H4P: tl.constexpr,
     GP: tl.constexpr,
-    HLP: tl.constexpr,
     ACT: tl.constexpr,
     HAS_IDX: tl.constexpr,
     HAS_GMF: tl.constexpr,
@@ -584,142 +757,116 @@ def _mlp_bwd_kernel(
     BJ3: tl.constexpr,
     TILE_U: tl.constexpr,
 ):
-    """Persistent: program ``pid`` takes tiles pid, pid + G, ... and adds its weight and bias
-    gradients into its own slot of ``DW*``/``DB*``/``DWO``/``DBO`` (``[programs, ...]``, summed on
-    the host), so those atomics never contend across programs; ``A``/``C``/GMF row gradients
-    go straight to their rows."""
+    """Program ``(g, c)`` of ``GROUPS_U x GROUPS_N`` takes the tiles of user blocks ``g, g + GROUPS_U,
+    ...`` x candidate blocks ``c, c + GROUPS_N, ...`` in that order, and adds their gradients into
+    its own slots: weights ``DW*``/``DB*``/``DWO``/``DBO`` ``[programs, ...]``, user rows ``DA``,
+    ``DGU`` ``[GROUPS_N, B, .]``, candidate rows ``DC``, ``DGI`` ``[GROUPS_U, N, .]`` (shared
+    candidates) or ``[B, N, .]`` (per pair). No atomics; the host sums the slots."""
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    num_tiles = tl.cdiv(B, BLOCK_U) * tl.cdiv(N, BLOCK_N)
+    g = pid // GROUPS_N
+    c = pid % GROUPS_N
     slot = pid.to(tl.int64)
-    DW2 += slot * (H1P * H2P)
-    DB2 += slot * H2P
-    DW3 += slot * (H2P * H3P)
-    DB3 += slot * H3P
-    DW4 += slot * (H3P * H4P)
-    DB4 += slot * H4P
-    DWO += slot * HLP
+    DW2 += slot * (H2 * H1)
+    DB2 += slot * H2
+    DW3 += slot * (H3 * H2)
+    DB3 += slot * H3
+    DW4 += slot * (H4 * H3)
+    DB4 += slot * H4
+    DWO += slot * HL
     DBO += slot
-    for tile in range(pid, num_tiles, num_programs):
-        pid_u, pid_n, u64, n, item, rmask = _tile(tile, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-        a_row = A + u64 * stride_a
-        c_row = C + item * stride_c
-        go = tl.load(GOUT + u64 * stride_go + n, mask=rmask, other=0.0).to(tl.float32)  # [P]
-        tl.atomic_add(DBO, tl.sum(go, axis=0))
-
-        if HAS_GMF:
-            cg = tl.arange(0, GP)
-            gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
-            _scatter_rows(
-                DGU,
-                G,
+    DA += c.to(tl.int64) * B * H1
+    DGU += c.to(tl.int64) * B * G
+    if SHARED:
+        DC += g.to(tl.int64) * N * H1
+        DGI += g.to(tl.int64) * N * G
+    for pid_u in range(g, tl.cdiv(B, BLOCK_U), GROUPS_U):
+        for pid_n in range(c, tl.cdiv(N, BLOCK_N), GROUPS_N):
+            tl.debug_barrier()  # the previous tile's slot updates are visible to every thread
+            u64, n, item, rmask = _block(pid_u, pid_n, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
+            go = tl.load(GOUT + u64 * stride_go + n, mask=rmask, other=0.0).to(tl.float32)  # [P]
+            accumulate(DBO, tl.sum(go, axis=0))
+            if HAS_GMF:
+                cg = tl.arange(0, GP)
+                gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+                _add_user_rows(DGU, G, go[:, None] * gi, cg, pid_u, B, BLOCK_U, BLOCK_N)
+                _add_cand_rows(
+                    DGI,
+                    G,
+                    go[:, None] * gu,
+                    cg,
+                    u64,
+                    n,
+                    rmask,
+                    pid_n,
+                    N,
+                    BLOCK_U,
+                    BLOCK_N,
+                    SHARED,
+                )
+            _tail_bwd(
+                A + u64 * stride_a,
+                C + item * stride_c,
                 rmask,
+                u64,
+                n,
                 item,
-                pid_u,
-                pid_n,
-                B,
-                N,
-                IDX,
-                stride_ib,
-                stride_in,
-                go[:, None] * gi,
-                cg,
-                G,
-                BLOCK_U,
-                BLOCK_N,
-                HAS_IDX,
-                SHARED,
-                True,
-            )
-            _scatter_rows(
-                DGI,
-                G,
-                rmask,
-                item,
-                pid_u,
-                pid_n,
-                B,
-                N,
-                IDX,
-                stride_ib,
-                stride_in,
-                go[:, None] * gu,
-                cg,
-                G,
-                BLOCK_U,
-                BLOCK_N,
-                HAS_IDX,
-                SHARED,
+                go,
+                H1,
+                H2,
+                H3,
+                H4,
+                0,
+                0,
+                0.0,
+                WO,
+                WO,
                 False,
+                W2,
+                B2,
+                W3,
+                B3,
+                W4,
+                B4,
+                WO,
+                DA,
+                DC,
+                DW2,
+                DB2,
+                DW3,
+                DB3,
+                DW4,
+                DB4,
+                DWO,
+                pid_u,
+                pid_n,
+                B,
+                N,
+                IDX,
+                stride_ib,
+                stride_in,
+                NL,
+                H2P,
+                H4P,
+                16,
+                BJ1,
+                BJ3,
+                BLOCK_P,
+                BLOCK_U,
+                BLOCK_N,
+                HAS_IDX,
+                SHARED,
+                ACT,
+                PREC,
             )
-
-        _tail_bwd(
-            a_row,
-            c_row,
-            rmask,
-            item,
-            go,
-            H1,
-            0.0,
-            WO,
-            WO,
-            False,
-            W2,
-            B2,
-            W3,
-            B3,
-            W4,
-            B4,
-            WO,
-            DA,
-            DC,
-            DW2,
-            DB2,
-            DW3,
-            DB3,
-            DW4,
-            DB4,
-            DWO,
-            pid_u,
-            pid_n,
-            B,
-            N,
-            IDX,
-            stride_ib,
-            stride_in,
-            NL,
-            H1P,
-            H2P,
-            H3P,
-            H4P,
-            16,
-            BJ1,
-            BJ3,
-            BLOCK_P,
-            BLOCK_U,
-            BLOCK_N,
-            HAS_IDX,
-            SHARED,
-            ACT,
-            PREC,
-        )
-
-
-def backward_programs(num_tiles: int, device: torch.device) -> int:
-    """Programs of the persistent MLP backward: 2 per SM on a GPU (each holds a private slot of
-    weight gradients, ~0.13 MB for the 256-128 reference MLP), 3 under the interpreter (so the
-    tests cover programs that take several tiles)."""
-    if device.type == "cuda":
-        cap = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        cap = 3
-    return max(1, min(num_tiles, cap))
 
 
 def _topk_configs():
     if INTERPRET:
         return [triton.Config({"BJ": 16}, num_warps=4, num_stages=1)]
-    out = [triton.Config({"BJ": 32}, num_warps=4, num_stages=2), triton.Config({"BJ": 64}, num_warps=8, num_stages=2)]
+    out = [
+        triton.Config({"BJ": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BJ": 32}, num_warps=8, num_stages=2),
+    ]
     return configs(out, out[0])
 
 
@@ -745,6 +892,9 @@ def _mlp_topk_kernel(
     B,
     N,
     H1,
+    H2,
+    H3,
+    H4,
     G,
     K,
     CHUNK,
@@ -793,6 +943,11 @@ def _mlp_topk_kernel(
             C + item * stride_c,
             nmask,
             H1,
+            H2,
+            H3,
+            H4,
+            0,
+            0,
             0.0,
             WO,
             False,
@@ -804,9 +959,7 @@ def _mlp_topk_kernel(
             B4,
             WO,
             NL,
-            H1P,
             H2P,
-            H3P,
             H4P,
             BJ1,
             BJ3,
@@ -817,7 +970,7 @@ def _mlp_topk_kernel(
         if HAS_GMF:
             gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
             score += tl.sum(gu * gi, axis=1)
-        score = cast(score + bo, W2.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
+        score = cast(score + bo, WO.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))
     store_keys(running, OUT_KEYS, pid, K, R)
@@ -826,30 +979,45 @@ def _mlp_topk_kernel(
 # --- host side -----------------------------------------------------------------------
 
 
-class _Prepared:
-    """Padded, transposed weights and launch constants for one call."""
+class _Layers:
+    """The layers after the split first one as the kernels read them: the ``nn.Linear``
+    weights themselves (contiguous, no copies), their widths ``h`` and tile widths ``pads``;
+    absent layers get a placeholder tensor and width 1 (the kernels never read them)."""
 
-    def __init__(self, a, c, weights, biases, w_out, gu, dtype):
-        nl = len(weights) + 1
-        widths = [a.shape[1]] + [w.shape[0] for w in weights]
-        self.nl = nl
-        self.widths = widths
-        pads = [pad_width(w) for w in widths] + [16] * (MAX_LAYERS - nl)
-        self.h1p, self.h2p, self.h3p, self.h4p = pads
-        wts = []
-        for i, w in enumerate(weights):
-            wts.append(padded_t(w, pads[i], pads[i + 1], dtype))
-        bs = [padded_vec(b, pads[i + 1], like=a) for i, b in enumerate(biases)]
-        dummy = a.new_zeros(16, dtype=torch.float32)
-        dummy_w = a.new_zeros(16, dtype=dtype)
-        self.w = wts + [dummy_w] * (MAX_LAYERS - 1 - len(wts))
-        self.b = bs + [dummy] * (MAX_LAYERS - 1 - len(bs))
-        self.wo = padded_vec(w_out, pads[nl - 1], like=a)
+    def __init__(self, a, weights, biases, w_out, b_out, gu):
+        self.nl = len(weights) + 1
+        self.widths = [a.shape[1]] + [w.shape[0] for w in weights]
+        absent = MAX_LAYERS - self.nl
+        self.wo, self.bo = weight_arg(w_out), weight_arg(b_out).reshape(1)
+        self.w = [weight_arg(w) for w in weights] + [self.wo] * absent
+        self.b = [weight_arg(b) for b in biases] + [self.wo] * absent
+        self.h = self.widths + [1] * absent
+        self.pads = [pad_width(w) for w in self.widths] + [16] * absent
         self.g = 0 if gu is None else gu.shape[1]
         self.gp = pad_width(max(1, self.g))
 
+    def tensors(self):
+        """``W2, B2, W3, B3, W4, B4, WO`` in the kernels' order."""
+        return [t for pair in zip(self.w, self.b, strict=True) for t in pair] + [self.wo]
+
+    def meta(self, act, idx, gu, precision):
+        h1p, h2p, h3p, h4p = self.pads
+        return dict(
+            NL=self.nl,
+            H1P=h1p,
+            H2P=h2p,
+            H3P=h3p,
+            H4P=h4p,
+            GP=self.gp,
+            ACT=act,
+            HAS_IDX=idx is not None,
+            HAS_GMF=gu is not None,
+            PREC=precision,
+        )
+
 
 def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
+    """Shapes, dtypes and devices (no values: those checks need a device sync, see ``mlp_score``)."""
     check_dtype("w_out", w_out)
     dtype, device = w_out.dtype, a.device
     if a.dim() != 2 or c.dim() != 2 or a.shape[1] != c.shape[1]:
@@ -869,6 +1037,8 @@ def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, 
                 f"weights[{i}]: expected [H, {width}] with bias [H], got {tuple(w.shape)}, {tuple(b.shape)}"
             )
         check_device(f"weights[{i}]", w, device)
+        check_dtype(f"weights[{i}]", w, dtype)
+        check_dtype(f"biases[{i}]", b, dtype)
         width = w.shape[0]
     widths = [a.shape[1]] + [w.shape[0] for w in weights]
     if max(widths) > MAX_WIDTH:
@@ -880,8 +1050,9 @@ def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, 
     if idx is not None:
         if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != a.shape[0]):
             raise ValueError(f"idx: expected [N] or [B={a.shape[0]}, N], got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
         check_device("idx", idx, device)
-        check_index("idx", idx, c.shape[0])
     if (gu is None) != (gi is None):
         raise ValueError("gu, gi: give both GMF inputs or neither")
     if gu is not None:
@@ -908,7 +1079,7 @@ def _launch_args(a, c, idx, gu, gi):
     B = a.shape[0]
     if idx is None:
         N, stride_ib, stride_in, shared = c.shape[0], 0, 0, True
-        idx_t = a.new_zeros(1, dtype=torch.int32)
+        idx_t = a
     else:
         idx_t = idx
         N = idx.shape[-1]
@@ -926,15 +1097,15 @@ def _n_key(n):
 
 def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
+    lay = _Layers(a, weights, biases, w_out, b_out, gu)
     a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
     out = torch.empty(B, N, dtype=w_out.dtype, device=a.device)
     if B == 0 or N == 0:
         return out
-    bo = b_out.detach().reshape(1).float()
+    cap = programs(a.device)
 
     def grid(meta):
-        return (triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (min(cap, triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     _mlp_fwd_kernel[grid](
         a,
@@ -942,19 +1113,13 @@ def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activati
         idx_t,
         gu_t,
         gi_t,
-        prep.w[0],
-        prep.b[0],
-        prep.w[1],
-        prep.b[1],
-        prep.w[2],
-        prep.b[2],
-        prep.wo,
-        bo,
+        *lay.tensors(),
+        lay.bo,
         out,
         B,
         N,
-        a.shape[1],
-        prep.g,
+        *lay.h,
+        lay.g,
         a.stride(0),
         c.stride(0),
         sib,
@@ -963,57 +1128,50 @@ def _mlp_forward_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, activati
         gi_t.stride(0),
         out.stride(0),
         _n_key(N),
-        NL=prep.nl,
-        H1P=prep.h1p,
-        H2P=prep.h2p,
-        H3P=prep.h3p,
-        H4P=prep.h4p,
-        GP=prep.gp,
-        ACT=act,
-        HAS_IDX=idx is not None,
-        HAS_GMF=gu is not None,
-        PREC=precision,
+        **lay.meta(act, idx, gu, precision),
     )
     return out
 
 
+def _to_rows(cand, idx, rows):
+    """Candidate-position gradients ``cand [N, W]`` (or ``[B, N, W]``) as item-row gradients
+    ``[rows, W]``: themselves without ``idx``, else added into the rows ``idx`` names
+    (``index_put_(accumulate=True)``: deterministic under ``torch.use_deterministic_algorithms``)."""
+    if idx is None:
+        return cand
+    out = cand.new_zeros(rows, cand.shape[-1])
+    return out.index_put_((idx.reshape(-1),), cand.reshape(-1, cand.shape[-1]), accumulate=True)
+
+
 def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
+    lay = _Layers(a, weights, biases, w_out, b_out, gu)
     a_c, c_c, idx_t, gu_t, gi_t, B, N, sib, sin, shared = _launch_args(a, c, idx, gu, gi)
     f32 = dict(dtype=torch.float32, device=a.device)
-    da = torch.zeros(a.shape, **f32)
-    dc = torch.zeros(c.shape, **f32)
-    g = max(1, prep.g)
-    dgu = torch.zeros(a.shape[0] if gu is not None else 1, g, **f32)
-    dgi = torch.zeros(c.shape[0] if gi is not None else 1, g, **f32)
-    pads = [prep.h1p, prep.h2p, prep.h3p, prep.h4p]
-    hlp = pads[prep.nl - 1]
-    grad = grad.contiguous()
-    # Upper bound on the programs (tiles with the smallest config); the launch uses the first `programs` slots.
-    slots = backward_programs(triton.cdiv(B, 1) * triton.cdiv(N, 16) if B and N else 1, a.device)
-    dws = [torch.zeros(slots, pads[i], pads[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    dbs = [torch.zeros(slots, pads[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    dwo = torch.zeros(slots, hlp, **f32)
+    h1, g = a.shape[1], max(1, lay.g)
+    # Program groups and their slots (see _common.ownership): user rows [C, B, .], candidate rows
+    # [G, N, .] (shared candidates) or one row per pair [B, N, .]; weights one slot per program.
+    cand_bytes = 4 * N * (h1 + lay.g) if shared else 0
+    groups_u, groups_n = ownership(programs(a.device), 4 * B * (h1 + lay.g), cand_bytes, B, triton.cdiv(N, 16))
+    slots = groups_u * groups_n
+    da = torch.zeros(groups_n, B, h1, **f32)
+    dgu = torch.zeros(groups_n, B, g, **f32)
+    dc = torch.zeros(groups_u if shared else B, N, h1, **f32)
+    dgi = torch.zeros(groups_u if shared else B, N, g, **f32)
+    h = lay.h
+    dws = [torch.zeros(slots, h[i + 1], h[i], **f32) for i in range(MAX_LAYERS - 1)]
+    dbs = [torch.zeros(slots, h[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    dwo = torch.zeros(slots, lay.widths[-1], **f32)
     dbo = torch.zeros(slots, **f32)
+    grad = grad.contiguous()
     if B and N:
-
-        def grid(meta):
-            return (backward_programs(triton.cdiv(B, meta["BLOCK_U"]) * triton.cdiv(N, meta["BLOCK_N"]), a.device),)
-
-        _mlp_bwd_kernel[grid](
+        _mlp_bwd_kernel[(slots,)](
             a_c,
             c_c,
             idx_t,
             gu_t,
             gi_t,
-            prep.w[0],
-            prep.b[0],
-            prep.w[1],
-            prep.b[1],
-            prep.w[2],
-            prep.b[2],
-            prep.wo,
+            *lay.tensors(),
             grad,
             da,
             dc,
@@ -1029,8 +1187,11 @@ def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, a
             dbo,
             B,
             N,
-            a.shape[1],
-            prep.g,
+            *h,
+            lay.widths[-1],
+            lay.g,
+            groups_u,
+            groups_n,
             a_c.stride(0),
             c_c.stride(0),
             sib,
@@ -1039,38 +1200,24 @@ def _mlp_backward_impl(grad, a, c, idx, gu, gi, weights, biases, w_out, b_out, a
             gi_t.stride(0),
             grad.stride(0),
             _n_key(N),
-            NL=prep.nl,
-            H1P=prep.h1p,
-            H2P=prep.h2p,
-            H3P=prep.h3p,
-            H4P=prep.h4p,
-            GP=prep.gp,
-            HLP=hlp,
-            ACT=act,
-            HAS_IDX=idx is not None,
-            HAS_GMF=gu is not None,
             SHARED=shared,
-            PREC=precision,
+            **lay.meta(act, idx, gu, precision),
         )
-    dws = [d.sum(0) for d in dws]
-    dbs = [d.sum(0) for d in dbs]
-    dwo, dbo = dwo.sum(0), dbo.sum(0, keepdim=True)
-    widths = prep.widths
-    d_weights = [
-        dws[i][: widths[i], : widths[i + 1]].t().contiguous().to(weights[i].dtype) for i in range(len(weights))
-    ]
-    d_biases = [dbs[i][: widths[i + 1]].to(biases[i].dtype) for i in range(len(biases))]
-    d_gu = None if gu is None else dgu.to(gu.dtype)
-    d_gi = None if gi is None else dgi.to(gi.dtype)
+    # The slots' sums, in a fixed order.
+    dc = _to_rows(dc.sum(0) if shared else dc, idx, c.shape[0])
+    d_weights = [dws[i].sum(0).to(w.dtype) for i, w in enumerate(weights)]
+    d_biases = [dbs[i].sum(0).to(b.dtype) for i, b in enumerate(biases)]
+    d_gu = None if gu is None else dgu.sum(0).to(gu.dtype)
+    d_gi = None if gi is None else _to_rows(dgi.sum(0) if shared else dgi, idx, gi.shape[0]).to(gi.dtype)
     return (
-        da.to(a.dtype),
+        da.sum(0).to(a.dtype),
         dc.to(c.dtype),
         d_gu,
         d_gi,
         d_weights,
         d_biases,
-        dwo[: widths[-1]].to(w_out.dtype),
-        dbo.reshape(b_out.shape).to(b_out.dtype),
+        dwo.sum(0).to(w_out.dtype),
+        dbo.sum(0, keepdim=True).reshape(b_out.shape).to(b_out.dtype),
     )
 
 
@@ -1156,7 +1303,18 @@ def _backward(ctx, grad):
     nw = ctx.num_layers
     weights, biases = rest[:nw], rest[nw:]
     outs = torch.ops.rankfast.mlp_score_backward(
-        grad, a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, ctx.activation, ctx.precision
+        grad,
+        a,
+        c,
+        idx,
+        gu,
+        gi,
+        list(weights),
+        list(biases),
+        w_out,
+        b_out,
+        ctx.activation,
+        ctx.precision,
     )
     da, dc, dgu, dgi, dwo, dbo = outs[:6]
     dws, dbs = outs[6 : 6 + nw], outs[6 + nw :]
@@ -1179,7 +1337,19 @@ _mlp_score_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mlp_score(
-    a, c, idx=None, *, gu=None, gi=None, weights=(), biases=(), w_out, b_out, activation="relu", precision=None
+    a,
+    c,
+    idx=None,
+    *,
+    gu=None,
+    gi=None,
+    weights=(),
+    biases=(),
+    w_out,
+    b_out,
+    activation="relu",
+    precision=None,
+    check_ids=True,
 ):
     """Fused scores ``[B, N]`` of ``act(a_u + c_i)`` through the rest of an MLP.
 
@@ -1197,17 +1367,47 @@ def mlp_score(
         activation: ``"relu"``, ``"gelu"`` or ``"silu"``.
         precision: fp32 dots as ``"tf32"`` (tensor cores) or ``"ieee"``;
             ``None`` follows ``torch.get_float32_matmul_precision()``.
+        check_ids: check that ``idx`` lies in ``[0, M)`` (an id out of range would read out
+            of bounds). The check waits for the GPU (one device sync); a caller that has
+            checked its ids already passes False, as the fused backend does.
 
     Differentiable with respect to every tensor but ``idx``.
     """
+    if check_ids and idx is not None:
+        check_index("idx", idx, c.shape[0])
     return torch.ops.rankfast.mlp_score(
-        a, c, idx, gu, gi, list(weights), list(biases), w_out, b_out, activation, default_precision(precision)
+        a,
+        c,
+        idx,
+        gu,
+        gi,
+        list(weights),
+        list(biases),
+        w_out,
+        b_out,
+        activation,
+        default_precision(precision),
     )
 
 
-def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
+def _mlp_topk_impl(
+    a,
+    c,
+    idx,
+    gu,
+    gi,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    excl,
+    k,
+    splits,
+    activation,
+    precision,
+):
     act = _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, precision)
-    prep = _Prepared(a, c, weights, biases, w_out, gu, w_out.dtype)
+    lay = _Layers(a, weights, biases, w_out, b_out, gu)
     a, c, idx_t, gu_t, gi_t, B, N, sib, sin, _ = _launch_args(a, c, idx, gu, gi)
     k, r, splits, chunk, keys = topk_mod.launch_plan(B, N, k, 16 if INTERPRET else 64, splits, excl, a.device)
     if B and N and k:
@@ -1218,20 +1418,14 @@ def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, sp
             idx_t,
             gu_t,
             gi_t,
-            prep.w[0],
-            prep.b[0],
-            prep.w[1],
-            prep.b[1],
-            prep.w[2],
-            prep.b[2],
-            prep.wo,
-            b_out.detach().reshape(1).float(),
+            *lay.tensors(),
+            lay.bo,
             excl_t,
             keys,
             B,
             N,
-            a.shape[1],
-            prep.g,
+            *lay.h,
+            lay.g,
             k,
             chunk,
             a.stride(0),
@@ -1242,19 +1436,10 @@ def _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, sp
             gi_t.stride(0),
             excl_t.stride(0) if excl is not None else 0,
             _n_key(N),
-            NL=prep.nl,
-            H1P=prep.h1p,
-            H2P=prep.h2p,
-            H3P=prep.h3p,
-            H4P=prep.h4p,
-            GP=prep.gp,
-            ACT=act,
-            HAS_IDX=idx is not None,
-            HAS_GMF=gu is not None,
             HAS_EXCL=excl is not None,
-            PREC=precision,
             R=r,
             SPLITS=splits,
+            **lay.meta(act, idx, gu, precision),
         )
     return topk_mod.decode_keys(keys, k, w_out.dtype)
 
@@ -1276,11 +1461,41 @@ def _mlp_topk_op(
     activation: str,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mlp_topk_impl(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision)
+    return _mlp_topk_impl(
+        a,
+        c,
+        idx,
+        gu,
+        gi,
+        weights,
+        biases,
+        w_out,
+        b_out,
+        excl,
+        k,
+        splits,
+        activation,
+        precision,
+    )
 
 
 @_mlp_topk_op.register_fake
-def _(a, c, idx, gu, gi, weights, biases, w_out, b_out, excl, k, splits, activation, precision):
+def _(
+    a,
+    c,
+    idx,
+    gu,
+    gi,
+    weights,
+    biases,
+    w_out,
+    b_out,
+    excl,
+    k,
+    splits,
+    activation,
+    precision,
+):
     return a.new_empty(a.shape[0], k, dtype=torch.int64), a.new_empty(a.shape[0], k, dtype=w_out.dtype)
 
 
@@ -1300,6 +1515,7 @@ def mlp_score_topk(
     b_out,
     activation="relu",
     precision=None,
+    check_ids=True,
 ):
     """Each user's best ``k`` candidates ``(positions, values)``, ``[B, k]``,
     without the ``[B, N]`` scores: the rules of :func:`rankfast.topk`.
@@ -1310,6 +1526,8 @@ def mlp_score_topk(
     Not differentiable.
     """
     topk_mod.check_k(k)
+    if check_ids and idx is not None:
+        check_index("idx", idx, c.shape[0])
     return torch.ops.rankfast.mlp_score_topk(
         a,
         c,

@@ -2,30 +2,40 @@
 
 Per user row and tile of ``BLOCK_N`` candidates, one program:
 
-1. walks the user's valid history (``lengths[b]`` items) in blocks of
-   ``BLOCK_L``. DIN's activation unit over ``[h, q, h-q, h*q]`` splits as
+1. walks the user's valid history (``lengths[b]`` items) one item per step.
+   DIN's activation unit over ``[h, q, h-q, h*q]`` splits as
    ``(Wh + Wd) h + (Wq - Wd) q + Wx (h*q)``: the history term ``HT [B, L, A1]``
    (unit bias included) and candidate term ``QT [M, A1]`` come precomputed,
-   only ``(h*q) @ Wx^T`` runs per (pair, history item), on ``tl.dot`` over
-   the flattened ``[BLOCK_N * BLOCK_L, D]`` tile, followed by the unit's other
-   layers. The "dot" kind uses ``<h, q> * scale``.
+   only ``(h*q) @ Wx^T`` runs per (pair, history item), on ``tl.dot`` over the
+   tile's ``BLOCK_N`` (<= 128) candidate rows, in chunks of ``UJ`` of the
+   unit's real width (80 units are 5 chunks of 16, not 128 padded ones), each
+   chunk fed straight into the unit's second layer (the flash-MLP pattern), so
+   no ``[rows, A1]`` tile is ever held. The "dot" kind uses ``<h, q> * scale``.
 2. pools the history with a masked softmax computed online (running max,
-   denominator and weighted sum, as in flash attention), or with the raw
-   masked logits as weights (DIN's ``normalize=False``). An empty history
-   pools to zero.
+   denominator and weighted sum, as in flash attention; the weighted sum in
+   fp32), or with the raw logits as weights (DIN's ``normalize=False``). An
+   empty history pools to zero.
 3. runs the output MLP on ``[E_u; pooled; E_q]`` in the same pass, its first
-   layer split as ``A_u + CQ_q + pooled @ Wp^T`` (see ``kernels/mlp_score.py``).
+   layer split as ``A_u + CQ_q + pooled @ Wp^T`` (see ``kernels/mlp_score.py``),
+   on the same ``BLOCK_N`` rows (>= 64 for the benchmark shapes: wgmma).
 
-Nothing per pair or per (pair, history item) reaches global memory.
+Nothing per pair or per (pair, history item) reaches global memory. Weights
+are read where they are (``nn.Linear`` layout; ``WX`` and ``WP`` are column
+blocks of a wider layer, read with their row stride).
 
 Backward (``rankfast::target_attention_backward``, registered as the op's
-autograd): per user x candidate tile it recomputes the forward (keeping the
-softmax's running max and denominator), backpropagates the output MLP to the
-gradient of the pooled history, then walks the history again: softmax
-backward ``ds = p * (dpooled . h - dpooled . pooled)`` (or the raw-weight
-version), the DIN unit's backward (or the dot's), and atomically adds the
-gradients of the history rows ``[B, L, D]``, the history/candidate terms,
-candidates and every weight. Nothing per (pair, history item) is stored.
+autograd), two kernels, each per user x candidate tile: the first
+recomputes the pooled history (keeping the softmax's running max and
+denominator) and backpropagates the output MLP to the gradient of the pooled
+history, which it stores per pair with the softmax's state; the second walks
+the history again: softmax backward ``ds = p * (dpooled . h - dpooled .
+pooled)`` (or the raw-weight version), the DIN unit's backward from the
+forward's second-layer accumulator (or the dot's). (One kernel holding both
+needed more than 255 registers per thread.) Like the MLP backward they use no
+atomics: programs are ``G`` user groups x ``C`` candidate groups
+(``_common.ownership``), each adding into its own slots (weights; user rows
+``[C, B, ...]``; candidate rows ``[G, N, ...]`` or per pair), summed in a
+fixed order afterwards. Nothing per (pair, history item) is stored.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from rankfast.kernels import topk as topk_mod
 from rankfast.kernels._common import (
     INTERPRET,
     MAX_WIDTH,
+    accumulate,
     act_fn,
     act_grad,
     cast,
@@ -51,11 +62,20 @@ from rankfast.kernels._common import (
     default_precision,
     dot,
     item_rows,
+    mul,
+    ownership,
     pad_width,
-    padded_t,
-    padded_vec,
+    programs,
+    weight_arg,
 )
-from rankfast.kernels.mlp_score import MAX_LAYERS, _mlp_pairs, _n_key, _tail_bwd, backward_programs
+from rankfast.kernels.mlp_score import (
+    MAX_LAYERS,
+    _Layers,
+    _mlp_pairs,
+    _n_key,
+    _tail_bwd,
+    _to_rows,
+)
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
 KINDS = {"din": 0, "dot": 1}
@@ -63,23 +83,75 @@ MAX_UNIT_LAYERS = 3
 
 
 def _configs():
+    """``BLOCK_N``: candidate rows per program (the unit's and the output MLP's dot M);
+    ``UJ``: the unit's first-layer chunk."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_N": 16, "UJ": 16, "BJ": 16}, num_warps=4, num_stages=1)]
     out = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl, "BJ": bj}, num_warps=w, num_stages=2)
-        for bn, bl, bj, w in ((16, 16, 32, 4), (32, 16, 64, 8), (16, 32, 64, 8), (32, 32, 64, 8))
+        triton.Config({"BLOCK_N": bn, "UJ": uj, "BJ": bj}, num_warps=w, num_stages=2)
+        for bn, uj, bj, w in ((128, 16, 64, 8), (64, 16, 64, 4), (32, 16, 32, 4), (16, 16, 32, 4))
     ]
     return configs(out, out[0])
 
 
+def _bwd_configs():
+    """The backward's two kernels: 64 candidate rows on 8 warps and the unit in chunks of 16 are
+    what compiles without spills for the benchmark's DIN (bench/kernel_report.py); smaller tiles
+    for fewer candidates."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "UJ": 16, "BJ": 16}, num_warps=4, num_stages=1)]
+    out = [
+        triton.Config({"BLOCK_N": bn, "UJ": 16, "BJ": 16}, num_warps=w, num_stages=2)
+        for bn, w in ((64, 8), (32, 4), (16, 4))
+    ]
+    return configs(out, out[0])
+
+
+def _fitting(configs, named_args, **kwargs):
+    """The candidate tiles worth trying for ``N`` candidates: from ``min(64, N)`` (rounded up to
+    a power of two) to ``max(16, N)``; the smallest config when none fits."""
+    n = triton.next_power_of_2(max(1, int(named_args["N"])))
+    out = [c for c in configs if min(64, n) <= c.kwargs["BLOCK_N"] <= max(16, n)]
+    return out or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+_KEY = ["N_KEY", "KIND", "NORMALIZE", "NU", "DP", "A2P", "A3P", "NL", "H1P", "H2P", "H3P", "H4P", "ACT", "HAS_IDX"]
+
+
 @triton.jit
-def _unit_logits(
-    q32,
+def _ux(WX, cj, dd, A1, D, stride_wx):
+    """``WX[cj, :]^T``: ``[DP, UJ]`` of the unit's h*q block ``[A1, D]`` (row stride ``stride_wx``)."""
+    return tl.load(
+        WX + cj[None, :] * stride_wx + dd[:, None],
+        mask=(cj[None, :] < A1) & (dd[:, None] < D),
+        other=0.0,
+        eviction_policy="evict_last",
+    )
+
+
+@triton.jit
+def _uvec(PTR, cols, n):
+    return tl.load(PTR + cols, mask=cols < n, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _unit_chunk(x, qt_row, ht, nmask, WX, cj, dd, A1, D, stride_wx, PREC: tl.constexpr):
+    """The unit's first layer for units ``cj`` on the tile's rows: ``(z1, Wx chunk)``, z1
+    ``[BLOCK_N, UJ]`` fp32 = ``x @ Wx[cj]^T + QT[item, cj] + HT[b, l, cj]``."""
+    mj = cj < A1
+    wx = _ux(WX, cj, dd, A1, D, stride_wx)
+    qt = tl.load(qt_row[:, None] + cj[None, :], mask=nmask[:, None] & mj[None, :], other=0.0).to(tl.float32)
+    htc = tl.load(ht + cj, mask=mj, other=0.0).to(tl.float32)
+    return dot(x, wx, PREC=PREC) + qt + htc[None, :], wx
+
+
+@triton.jit
+def _unit(
+    q,
     h,
-    HT,
-    ht_row,
-    lmask,
-    QT_tile,
+    qt_row,
+    ht,
+    nmask,
     WX,
     UW2,
     UB2,
@@ -87,46 +159,59 @@ def _unit_logits(
     UB3,
     UWO,
     UBO,
+    D,
     A1,
+    A2,
+    A3,
+    stride_wx,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    UJ: tl.constexpr,
     ACT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """DIN activation unit for every (candidate, history item) of the block: ``[BLOCK_N, BLOCK_L]`` fp32."""
+    """DIN activation unit of one history item ``h [DP]`` against the tile's candidates
+    ``q [BLOCK_N, DP]``: ``(logits [BLOCK_N], acc2)`` fp32, ``acc2`` the second layer's
+    pre-activation without its bias (the backward starts from it). ``ht``: the item's row of
+    the history term."""
     dd = tl.arange(0, DP)
-    ca = tl.arange(0, A1P)
-    wx = tl.load(WX + dd[:, None] * A1P + ca[None, :])
-    x = tl.reshape(q32[:, None, :] * h[None, :, :], (BLOCK_N * BLOCK_L, DP))
-    ht = tl.load(ht_row[:, None] + ca[None, :], mask=lmask[:, None] & (ca[None, :] < A1), other=0.0).to(tl.float32)
-    base = tl.reshape(QT_tile[:, None, :] + ht[None, :, :], (BLOCK_N * BLOCK_L, A1P))
-    a = act_fn(dot(cast(x, wx.dtype), wx, base, PREC=PREC), ACT)
+    x = mul(q, h[None, :])  # in the inputs' dtype, as the model computes h * q
+    c2 = tl.arange(0, A2P)
+    acc2 = tl.zeros([BLOCK_N, A2P], dtype=tl.float32)
+    logit = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(0, A1, UJ):
+        cj = j + tl.arange(0, UJ)
+        z1, _ = _unit_chunk(x, qt_row, ht, nmask, WX, cj, dd, A1, D, stride_wx, PREC)
+        a1 = act_fn(z1, ACT)
+        if NU >= 2:
+            w2 = tl.load(
+                UW2 + c2[None, :] * A1 + cj[:, None],
+                mask=(c2[None, :] < A2) & (cj[:, None] < A1),
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+            acc2 = dot(cast(a1, w2.dtype), w2, acc2, PREC=PREC)
+        else:
+            logit += tl.sum(a1 * _uvec(UWO, cj, A1)[None, :], axis=1)
     if NU >= 2:
-        c2 = tl.arange(0, A2P)
-        w2 = tl.load(UW2 + ca[:, None] * A2P + c2[None, :])
-        a = act_fn(dot(cast(a, w2.dtype), w2, PREC=PREC) + tl.load(UB2 + c2)[None, :], ACT)
+        a2 = act_fn(acc2 + _uvec(UB2, c2, A2)[None, :], ACT)
         if NU == 3:
             c3 = tl.arange(0, A3P)
-            w3 = tl.load(UW3 + c2[:, None] * A3P + c3[None, :])
-            a = act_fn(dot(cast(a, w3.dtype), w3, PREC=PREC) + tl.load(UB3 + c3)[None, :], ACT)
-            wo = tl.load(UWO + c3)
+            w3 = tl.load(UW3 + c3[None, :] * A2 + c2[:, None], mask=(c3[None, :] < A3) & (c2[:, None] < A2), other=0.0)
+            a3 = act_fn(dot(cast(a2, w3.dtype), w3, PREC=PREC) + _uvec(UB3, c3, A3)[None, :], ACT)
+            logit = tl.sum(a3 * _uvec(UWO, c3, A3)[None, :], axis=1)
         else:
-            wo = tl.load(UWO + c2)
-    else:
-        wo = tl.load(UWO + ca)
-    logit = tl.sum(a * wo[None, :], axis=1)
-    return tl.reshape(logit, (BLOCK_N, BLOCK_L)) + tl.load(UBO).to(tl.float32)
+            logit = tl.sum(a2 * _uvec(UWO, c2, A2)[None, :], axis=1)
+    return logit + tl.load(UBO).to(tl.float32), acc2
 
 
 @triton.jit
 def _pool(
-    b,
-    n_item,
+    b64,
+    item,
     nmask,
     LENS,
     HIST,
@@ -142,6 +227,9 @@ def _pool(
     UBO,
     D,
     A1,
+    A2,
+    A3,
+    stride_wx,
     stride_hb,
     stride_hl,
     stride_tb,
@@ -153,55 +241,34 @@ def _pool(
     NORMALIZE: tl.constexpr,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    UJ: tl.constexpr,
     ACT: tl.constexpr,
     PREC: tl.constexpr,
-    EXACT: tl.constexpr = False,
 ):
-    """The pooled history of user ``b`` for each candidate of the tile: ``[BLOCK_N, DP]`` fp32.
-
-    The forward weights the history with probabilities rounded to the input dtype (a tensor-core
-    dot). ``EXACT`` (the backward) weights it in fp32 instead, so that ``d pooled . pooled``
-    equals ``sum_l p_l (d pooled . h_l)`` for the same ``p`` the softmax gradient uses: the
-    gradients of the logits then sum to zero, as they must. With bf16 weights they would not,
-    and that offset, common to every history item, swamps the attention unit's small gradients.
-    The cost is one fp32 ``[BLOCK_N, BLOCK_L] x [BLOCK_L, D]`` product per block."""
+    """The pooled history of user ``b`` for each candidate of the tile: ``([BLOCK_N, DP] fp32,
+    running max, denominator)``. One history item per step; the weighted sum is fp32, so the
+    backward's ``d pooled . pooled`` equals ``sum_l p_l (d pooled . h_l)`` for the softmax
+    gradient's own ``p`` (the logits' gradients then sum to zero, as they must)."""
     dd = tl.arange(0, DP)
     dmask = dd < D
-    q = tl.load(Q + n_item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    q32 = q.to(tl.float32)
-    if KIND == 0:
-        ca = tl.arange(0, A1P)
-        qt = tl.load(
-            QT + n_item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1), other=0.0
-        ).to(tl.float32)
-    length = tl.load(LENS + b).to(tl.int32)
+    q = tl.load(Q + item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    qt_row = QT + item * stride_qt
+    length = tl.load(LENS + b64).to(tl.int32)
     acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_N], dtype=tl.float32)
-    b64 = b.to(tl.int64)
-    for l0 in range(0, length, BLOCK_L):
-        ll = l0 + tl.arange(0, BLOCK_L)
-        lmask = ll < length
-        h_raw = tl.load(
-            HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
-            mask=lmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        h = h_raw.to(tl.float32)
+    for item_l in range(0, length):
+        h = tl.load(HIST + b64 * stride_hb + item_l * stride_hl + dd, mask=dmask, other=0.0)
         if KIND == 0:
-            ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
-            logit = _unit_logits(
-                q32,
+            logit, _ = _unit(
+                q,
                 h,
-                HT,
-                ht_row,
-                lmask,
-                qt,
+                qt_row,
+                HT + b64 * stride_tb + item_l * stride_tl,
+                nmask,
                 WX,
                 UW2,
                 UB2,
@@ -209,58 +276,38 @@ def _pool(
                 UB3,
                 UWO,
                 UBO,
+                D,
                 A1,
+                A2,
+                A3,
+                stride_wx,
                 NU,
                 DP,
-                A1P,
                 A2P,
                 A3P,
                 BLOCK_N,
-                BLOCK_L,
+                UJ,
                 ACT,
                 PREC,
             )
         else:
-            logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
+            logit = tl.sum(q.to(tl.float32) * h.to(tl.float32)[None, :], axis=1) * scale
+        hf = h.to(tl.float32)
         if NORMALIZE:
-            logit = tl.where(lmask[None, :], logit, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logit, axis=1))
+            m_new = tl.maximum(m, logit)
             alpha = tl.exp(m - m_new)
-            p = tl.exp(logit - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, axis=1)
-            if EXACT:
-                acc = dot(p, h, acc * alpha[:, None], PREC="ieee")
-            else:
-                acc = dot(cast(p, h_raw.dtype), h_raw, acc * alpha[:, None], PREC=PREC)
+            p = tl.exp(logit - m_new)
+            denom = denom * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * hf[None, :]
             m = m_new
         else:
-            w = tl.where(lmask[None, :], logit, 0.0)
-            acc = dot(cast(w, h_raw.dtype), h_raw, acc, PREC=PREC)
+            acc += logit[:, None] * hf[None, :]
     if NORMALIZE:
         acc = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
     return acc, m, denom
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=[
-        "N_KEY",
-        "KIND",
-        "NORMALIZE",
-        "NU",
-        "DP",
-        "A1P",
-        "A2P",
-        "A3P",
-        "NL",
-        "H1P",
-        "H2P",
-        "H3P",
-        "H4P",
-        "ACT",
-        "HAS_IDX",
-    ],
-)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _fitting})
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _attn_fwd_kernel(
@@ -293,8 +340,15 @@ def _attn_fwd_kernel(
     N,
     D,
     A1,
+    A2,
+    A3,
     H1,
+    H2,
+    H3,
+    H4,
     scale,
+    stride_wx,
+    stride_wp,
     stride_hb,
     stride_hl,
     stride_tb,
@@ -311,7 +365,6 @@ def _attn_fwd_kernel(
     NORMALIZE: tl.constexpr,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     NL: tl.constexpr,
@@ -323,20 +376,19 @@ def _attn_fwd_kernel(
     HAS_IDX: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    UJ: tl.constexpr,
     BJ: tl.constexpr,
     BJ1: tl.constexpr,
     BJ3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    b = pid // num_n
+    b64 = (pid // num_n).to(tl.int64)
     n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
-    b64 = b.to(tl.int64)
     item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
     pooled, _, _ = _pool(
-        b,
+        b64,
         item,
         nmask,
         LENS,
@@ -353,6 +405,9 @@ def _attn_fwd_kernel(
         UBO,
         D,
         A1,
+        A2,
+        A3,
+        stride_wx,
         stride_hb,
         stride_hl,
         stride_tb,
@@ -364,20 +419,23 @@ def _attn_fwd_kernel(
         NORMALIZE,
         NU,
         DP,
-        A1P,
         A2P,
         A3P,
         BLOCK_N,
-        BLOCK_L,
+        UJ,
         ACT,
         PREC,
     )
-    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
     score = _mlp_pairs(
-        a_row,
+        A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64),
         CQ + item * stride_cq,
         nmask,
         H1,
+        H2,
+        H3,
+        H4,
+        D,
+        stride_wp,
         pooled,
         WP,
         True,
@@ -389,9 +447,7 @@ def _attn_fwd_kernel(
         B4,
         WO,
         NL,
-        H1P,
         H2P,
-        H3P,
         H4P,
         BJ1,
         BJ3,
@@ -404,37 +460,16 @@ def _attn_fwd_kernel(
 
 
 def _topk_configs():
+    """``BLOCK_N``: candidates scored per step, merged into the running list of ``R >= BLOCK_N``
+    (64 rows on 8 warps: spill-free beside the running list; 128 rows or 4 warps spill,
+    bench/kernel_report.py)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_L": 16, "BJ": 16}, num_warps=4, num_stages=1)]
-    out = [
-        triton.Config({"BLOCK_L": 16, "BJ": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_L": 32, "BJ": 64}, num_warps=8, num_stages=2),
-    ]
+        return [triton.Config({"BLOCK_N": 16, "UJ": 16, "BJ": 16}, num_warps=4, num_stages=1)]
+    out = [triton.Config({"BLOCK_N": 64, "UJ": 16, "BJ": 64}, num_warps=8, num_stages=2)]
     return configs(out, out[0])
 
 
-@triton.autotune(
-    configs=_topk_configs(),
-    key=[
-        "N_KEY",
-        "KIND",
-        "NORMALIZE",
-        "NU",
-        "DP",
-        "A1P",
-        "A2P",
-        "A3P",
-        "NL",
-        "H1P",
-        "H2P",
-        "H3P",
-        "H4P",
-        "ACT",
-        "HAS_IDX",
-        "HAS_EXCL",
-        "R",
-    ],
-)
+@triton.autotune(configs=_topk_configs(), key=_KEY + ["HAS_EXCL", "R"])
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
 def _attn_topk_kernel(
@@ -468,10 +503,17 @@ def _attn_topk_kernel(
     N,
     D,
     A1,
+    A2,
+    A3,
     H1,
+    H2,
+    H3,
+    H4,
     K,
     CHUNK,
     scale,
+    stride_wx,
+    stride_wp,
     stride_hb,
     stride_hl,
     stride_tb,
@@ -488,7 +530,6 @@ def _attn_topk_kernel(
     NORMALIZE: tl.constexpr,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     NL: tl.constexpr,
@@ -502,27 +543,27 @@ def _attn_topk_kernel(
     PREC: tl.constexpr,
     R: tl.constexpr,
     SPLITS: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UJ: tl.constexpr,
     BJ: tl.constexpr,
     BJ1: tl.constexpr,
     BJ3: tl.constexpr,
 ):
-    """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in tiles of R."""
+    """Score + top-K: program (user b, split s) scores candidates [s * CHUNK, (s + 1) * CHUNK) in
+    tiles of BLOCK_N, merged into its best R."""
     pid = tl.program_id(0)
-    b = pid // SPLITS
-    split = pid % SPLITS
-    b64 = b.to(tl.int64)
-    start = split * CHUNK
+    b64 = (pid // SPLITS).to(tl.int64)
+    start = (pid % SPLITS) * CHUNK
     end = tl.minimum(start + CHUNK, N)
     bo = tl.load(BO).to(tl.float32)
     running = tl.full([R], -(2**63), dtype=tl.int64)
-    a_row = A + b64 * stride_a + tl.zeros([R], dtype=tl.int64)
-    for n0 in range(start, end, R):
-        n = n0 + tl.arange(0, R)
+    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
         pooled, _, _ = _pool(
-            b,
+            b64,
             item,
             nmask,
             LENS,
@@ -539,6 +580,9 @@ def _attn_topk_kernel(
             UBO,
             D,
             A1,
+            A2,
+            A3,
+            stride_wx,
             stride_hb,
             stride_hl,
             stride_tb,
@@ -550,11 +594,10 @@ def _attn_topk_kernel(
             NORMALIZE,
             NU,
             DP,
-            A1P,
             A2P,
             A3P,
-            R,
-            BLOCK_L,
+            BLOCK_N,
+            UJ,
             ACT,
             PREC,
         )
@@ -563,6 +606,11 @@ def _attn_topk_kernel(
             CQ + item * stride_cq,
             nmask,
             H1,
+            H2,
+            H3,
+            H4,
+            D,
+            stride_wp,
             pooled,
             WP,
             True,
@@ -574,13 +622,11 @@ def _attn_topk_kernel(
             B4,
             WO,
             NL,
-            H1P,
             H2P,
-            H3P,
             H4P,
             BJ1,
             BJ3,
-            R,
+            BLOCK_N,
             ACT,
             PREC,
         )
@@ -592,12 +638,13 @@ def _attn_topk_kernel(
 
 @triton.jit
 def _unit_bwd(
-    q32,
+    q,
     h,
-    ht_row,
-    lmask,
-    qt,
+    qt_row,
+    ht,
+    nmask,
     ds,
+    acc2,
     WX,
     UW2,
     UB2,
@@ -611,117 +658,91 @@ def _unit_bwd(
     DUB3,
     DUWO,
     DUBO,
+    DQT,
+    DHT,
+    D,
     A1,
+    A2,
+    A3,
+    stride_wx,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    UJ: tl.constexpr,
     ACT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Backward of the DIN unit for one history block given ``ds = d logit [BLOCK_N, BLOCK_L]``:
-    adds the unit's weight gradients atomically; returns ``(dq [BLOCK_N, DP], dh [BLOCK_L, DP],
-    dqt [BLOCK_N, A1P], dht [BLOCK_L, A1P])`` (the h*q term's and the split terms' gradients)."""
+    """Backward of the DIN unit for one history item given ``ds = d logit [BLOCK_N]`` and the
+    forward's second-layer accumulator ``acc2`` (see ``_unit``): adds the
+    unit's weight gradients (``nn.Linear`` layout) into this program's slots, the candidate-term
+    gradient into the candidates' rows ``DQT [BLOCK_N] + cols`` and the history-term gradient into
+    ``DHT`` (the item's row); returns ``(dq [BLOCK_N, DP], dh [DP])``, the h*q term's gradients.
+    Weight gradients are ``dz^T @ activation`` (the dot's M is a width: wgmma)."""
     dd = tl.arange(0, DP)
-    ca = tl.arange(0, A1P)
-    wx = tl.load(WX + dd[:, None] * A1P + ca[None, :])
-    x = cast(tl.reshape(q32[:, None, :] * h[None, :, :], (BLOCK_N * BLOCK_L, DP)), wx.dtype)
-    ht = tl.load(ht_row[:, None] + ca[None, :], mask=lmask[:, None] & (ca[None, :] < A1), other=0.0).to(tl.float32)
-    base = tl.reshape(qt[:, None, :] + ht[None, :, :], (BLOCK_N * BLOCK_L, A1P))
-    z1 = dot(x, wx, base, PREC=PREC)
-    a1 = act_fn(z1, ACT)
-    dsf = tl.reshape(ds, (BLOCK_N * BLOCK_L,))
-    tl.atomic_add(DUBO, tl.sum(dsf, axis=0))
+    x = mul(q, h[None, :])
+    c2 = tl.arange(0, A2P)
+    m2 = c2 < A2
+    accumulate(DUBO, tl.sum(ds, axis=0))
     if NU >= 2:
-        c2 = tl.arange(0, A2P)
-        w2 = tl.load(UW2 + ca[:, None] * A2P + c2[None, :])
-        a1c = cast(a1, w2.dtype)
-        z2 = dot(a1c, w2, PREC=PREC) + tl.load(UB2 + c2)[None, :]
+        # Step 1: the layers after the first, from the forward's acc2, backpropagated to dz2.
+        z2 = acc2 + _uvec(UB2, c2, A2)[None, :]
         a2 = act_fn(z2, ACT)
         if NU == 3:
             c3 = tl.arange(0, A3P)
-            w3 = tl.load(UW3 + c2[:, None] * A3P + c3[None, :])
+            m3 = c3 < A3
+            w3 = tl.load(UW3 + c3[None, :] * A2 + c2[:, None], mask=m3[None, :] & m2[:, None], other=0.0)
             a2c = cast(a2, w3.dtype)
-            z3 = dot(a2c, w3, PREC=PREC) + tl.load(UB3 + c3)[None, :]
-            a3 = act_fn(z3, ACT)
-            tl.atomic_add(DUWO + c3, tl.sum(a3 * dsf[:, None], axis=0))
-            dz3 = dsf[:, None] * tl.load(UWO + c3)[None, :] * act_grad(z3, ACT)
-            tl.atomic_add(DUB3 + c3, tl.sum(dz3, axis=0))
+            z3 = dot(a2c, w3, PREC=PREC) + _uvec(UB3, c3, A3)[None, :]
+            accumulate(DUWO + c3, tl.sum(act_fn(z3, ACT) * ds[:, None], axis=0), m3)
+            dz3 = ds[:, None] * _uvec(UWO, c3, A3)[None, :] * act_grad(z3, ACT)
+            accumulate(DUB3 + c3, tl.sum(dz3, axis=0), m3)
             dz3c = cast(dz3, w3.dtype)
-            tl.atomic_add(DUW3 + c2[:, None] * A3P + c3[None, :], dot(tl.trans(a2c), dz3c, PREC=PREC))
+            dw3 = dot(tl.trans(dz3c), a2c, PREC=PREC)  # [A3P, A2P] = DUW3
+            accumulate(DUW3 + c3[:, None] * A2 + c2[None, :], dw3, m3[:, None] & m2[None, :])
             da2 = dot(dz3c, tl.trans(w3), PREC=PREC)
         else:
-            tl.atomic_add(DUWO + c2, tl.sum(a2 * dsf[:, None], axis=0))
-            da2 = dsf[:, None] * tl.load(UWO + c2)[None, :]
+            accumulate(DUWO + c2, tl.sum(a2 * ds[:, None], axis=0), m2)
+            da2 = ds[:, None] * _uvec(UWO, c2, A2)[None, :]
         dz2 = da2 * act_grad(z2, ACT)
-        tl.atomic_add(DUB2 + c2, tl.sum(dz2, axis=0))
-        dz2c = cast(dz2, w2.dtype)
-        tl.atomic_add(DUW2 + ca[:, None] * A2P + c2[None, :], dot(tl.trans(a1c), dz2c, PREC=PREC))
-        da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
-    else:
-        tl.atomic_add(DUWO + ca, tl.sum(a1 * dsf[:, None], axis=0))
-        da1 = dsf[:, None] * tl.load(UWO + ca)[None, :]
-    dz1 = da1 * act_grad(z1, ACT)
-    dz1c = cast(dz1, wx.dtype)
-    tl.atomic_add(DWX + dd[:, None] * A1P + ca[None, :], dot(tl.trans(x), dz1c, PREC=PREC))
-    dx = tl.reshape(dot(dz1c, tl.trans(wx), PREC=PREC), (BLOCK_N, BLOCK_L, DP))
-    dq = tl.sum(dx * h[None, :, :], axis=1)
-    dh = tl.sum(dx * q32[:, None, :], axis=0)
-    dz13 = tl.reshape(dz1, (BLOCK_N, BLOCK_L, A1P))
-    return dq, dh, tl.sum(dz13, axis=1), tl.sum(dz13, axis=0)
+        accumulate(DUB2 + c2, tl.sum(dz2, axis=0), m2)
+        dz2c = cast(dz2, UW2.dtype.element_ty)
+    # Step 2: per chunk of the first layer, recompute it, add DUW2's columns, backpropagate to
+    # dz1: the rows of the candidate term, the row of the history term, DWX and the h*q term.
+    dx = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    for j in range(0, A1, UJ):
+        cj = j + tl.arange(0, UJ)
+        mj = cj < A1
+        z1, wx = _unit_chunk(x, qt_row, ht, nmask, WX, cj, dd, A1, D, stride_wx, PREC)
+        a1 = act_fn(z1, ACT)
+        if NU >= 2:
+            w2 = tl.load(UW2 + c2[None, :] * A1 + cj[:, None], mask=m2[None, :] & mj[:, None], other=0.0)
+            dw2 = dot(tl.trans(dz2c), cast(a1, w2.dtype), PREC=PREC)  # [A2P, UJ] = DUW2[:, cj]
+            accumulate(DUW2 + c2[:, None] * A1 + cj[None, :], dw2, m2[:, None] & mj[None, :])
+            da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
+        else:
+            accumulate(DUWO + cj, tl.sum(a1 * ds[:, None], axis=0), mj)
+            da1 = ds[:, None] * _uvec(UWO, cj, A1)[None, :]
+        dz1 = da1 * act_grad(z1, ACT)
+        dz1c = cast(dz1, wx.dtype)
+        dwx = dot(tl.trans(x), dz1c, PREC=PREC)  # [DP, UJ] = DWX[cj, :]^T
+        accumulate(DWX + cj[None, :] * D + dd[:, None], dwx, mj[None, :] & (dd[:, None] < D))
+        dx = dot(dz1c, tl.trans(wx), dx, PREC=PREC)
+        accumulate(DQT[:, None] + cj[None, :], dz1, nmask[:, None] & mj[None, :])
+        accumulate(DHT + cj, tl.sum(dz1, axis=0), mj)
+    return dx * h.to(tl.float32)[None, :], tl.sum(dx * q.to(tl.float32), axis=0)
 
 
 @triton.autotune(
-    configs=_configs(),
-    key=[
-        "N_KEY",
-        "KIND",
-        "NORMALIZE",
-        "NU",
-        "DP",
-        "A1P",
-        "A2P",
-        "A3P",
-        "NL",
-        "H1P",
-        "H2P",
-        "H3P",
-        "H4P",
-        "ACT",
-        "HAS_IDX",
-        "SHARED",
-    ],
-    reset_to_zero=[
-        "DHIST",
-        "DHT",
-        "DQ",
-        "DQT",
-        "DCQ",
-        "DWX",
-        "DUW2",
-        "DUB2",
-        "DUW3",
-        "DUB3",
-        "DUWO",
-        "DUBO",
-        "DA",
-        "DWP",
-        "DW2",
-        "DB2",
-        "DW3",
-        "DB3",
-        "DW4",
-        "DB4",
-        "DWO",
-        "DBO",
-    ],
+    configs=_bwd_configs(),
+    key=_KEY + ["SHARED"],
+    prune_configs_by={"early_config_prune": _fitting},
+    reset_to_zero=["DA", "DCQ", "DWP", "DW2", "DB2", "DW3", "DB3", "DW4", "DB4", "DWO", "DBO"],
 )
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
-def _attn_bwd_kernel(
+def _attn_bwd_tail_kernel(
     HIST,
     HT,
     LENS,
@@ -747,18 +768,9 @@ def _attn_bwd_kernel(
     WO,
     BO,
     GOUT,
-    DHIST,
-    DHT,
-    DQ,
-    DQT,
+    DPOOLED,
+    STATS,
     DCQ,
-    DWX,
-    DUW2,
-    DUB2,
-    DUW3,
-    DUB3,
-    DUWO,
-    DUBO,
     DA,
     DWP,
     DW2,
@@ -773,8 +785,18 @@ def _attn_bwd_kernel(
     N,
     D,
     A1,
+    A2,
+    A3,
     H1,
+    H2,
+    H3,
+    H4,
+    HL,
+    GROUPS_U,
+    GROUPS_N,
     scale,
+    stride_wx,
+    stride_wp,
     stride_hb,
     stride_hl,
     stride_tb,
@@ -791,151 +813,177 @@ def _attn_bwd_kernel(
     NORMALIZE: tl.constexpr,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
-    AULP: tl.constexpr,
     NL: tl.constexpr,
     H1P: tl.constexpr,
     H2P: tl.constexpr,
     H3P: tl.constexpr,
     H4P: tl.constexpr,
-    HLP: tl.constexpr,
     ACT: tl.constexpr,
     HAS_IDX: tl.constexpr,
     SHARED: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    UJ: tl.constexpr,
     BJ: tl.constexpr,
     BJ1: tl.constexpr,
     BJ3: tl.constexpr,
 ):
-    """Persistent over (user b, candidate tile) work items: recomputes the forward, backpropagates
-    the output MLP (gradient of the pooled history), then walks the history again: softmax (or
-    raw-weight) backward, the DIN unit's or the dot's backward. History, candidate and user-term
-    gradients go atomically to their rows; weight and bias gradients to the program's own slot
-    (``[programs, ...]`` buffers, summed on the host)."""
+    """The backward's first half. Program ``(g, c)`` of ``GROUPS_U x GROUPS_N`` takes the (user b,
+    candidate tile t) work items with b in ``g, g + GROUPS_U, ...`` and t in ``c, c + GROUPS_N,
+    ...``: recomputes the pooled history, backpropagates the output MLP (its weights into this
+    program's slots, the user term's rows into ``DA [GROUPS_N, B, H1]``, the candidate term's into
+    ``DCQ``: ``[GROUPS_U, N, H1]`` or per pair), and stores, per pair, the gradient of the pooled
+    history ``DPOOLED [B, N, DP]`` and ``STATS [B, N, 3]``: the softmax's running max, its
+    denominator's inverse and ``d pooled . pooled``, which the history walk
+    (``_attn_bwd_hist_kernel``) starts from. No atomics; the host sums the slots."""
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
+    g = pid // GROUPS_N
+    c = pid % GROUPS_N
     slot = pid.to(tl.int64)
-    DWX += slot * (DP * A1P)
-    DUW2 += slot * (A1P * A2P)
-    DUB2 += slot * A2P
-    DUW3 += slot * (A2P * A3P)
-    DUB3 += slot * A3P
-    DUWO += slot * AULP
-    DUBO += slot
-    DWP += slot * (DP * H1P)
-    DW2 += slot * (H1P * H2P)
-    DB2 += slot * H2P
-    DW3 += slot * (H2P * H3P)
-    DB3 += slot * H3P
-    DW4 += slot * (H3P * H4P)
-    DB4 += slot * H4P
-    DWO += slot * HLP
+    DWP += slot * (H1 * D)
+    DW2 += slot * (H2 * H1)
+    DB2 += slot * H2
+    DW3 += slot * (H3 * H2)
+    DB3 += slot * H3
+    DW4 += slot * (H4 * H3)
+    DB4 += slot * H4
+    DWO += slot * HL
     DBO += slot
-    num_n = tl.cdiv(N, BLOCK_N)
-    for work in range(pid, B * num_n, num_programs):
-        _attn_bwd_item(
-            work // num_n,
-            work % num_n,
-            HIST,
-            HT,
-            LENS,
-            Q,
-            QT,
-            CQ,
-            IDX,
-            WX,
-            UW2,
-            UB2,
-            UW3,
-            UB3,
-            UWO,
-            UBO,
-            A,
-            WP,
-            W2,
-            B2,
-            W3,
-            B3,
-            W4,
-            B4,
-            WO,
-            GOUT,
-            DHIST,
-            DHT,
-            DQ,
-            DQT,
-            DCQ,
-            DWX,
-            DUW2,
-            DUB2,
-            DUW3,
-            DUB3,
-            DUWO,
-            DUBO,
-            DA,
-            DWP,
-            DW2,
-            DB2,
-            DW3,
-            DB3,
-            DW4,
-            DB4,
-            DWO,
-            DBO,
-            B,
-            N,
-            D,
-            A1,
-            H1,
-            scale,
-            stride_hb,
-            stride_hl,
-            stride_tb,
-            stride_tl,
-            stride_q,
-            stride_qt,
-            stride_cq,
-            stride_a,
-            stride_ib,
-            stride_in,
-            stride_go,
-            KIND,
-            NORMALIZE,
-            NU,
-            DP,
-            A1P,
-            A2P,
-            A3P,
-            NL,
-            H1P,
-            H2P,
-            H3P,
-            H4P,
-            ACT,
-            HAS_IDX,
-            SHARED,
-            PREC,
-            BLOCK_N,
-            BLOCK_L,
-            BJ1,
-            BJ3,
-        )
+    DA += c.to(tl.int64) * B * H1
+    if SHARED:
+        DCQ += g.to(tl.int64) * N * H1
+    dd = tl.arange(0, DP)
+    for b in range(g, B, GROUPS_U):
+        for t in range(c, tl.cdiv(N, BLOCK_N), GROUPS_N):
+            tl.debug_barrier()  # the previous work item's slot updates are visible to every thread
+            # Step 1: recompute the pooled history (and the softmax's max and denominator).
+            b64 = tl.cast(b, tl.int64)
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
+            pooled, m, denom = _pool(
+                b64,
+                item,
+                nmask,
+                LENS,
+                HIST,
+                HT,
+                Q,
+                QT,
+                WX,
+                UW2,
+                UB2,
+                UW3,
+                UB3,
+                UWO,
+                UBO,
+                D,
+                A1,
+                A2,
+                A3,
+                stride_wx,
+                stride_hb,
+                stride_hl,
+                stride_tb,
+                stride_tl,
+                stride_q,
+                stride_qt,
+                scale,
+                KIND,
+                NORMALIZE,
+                NU,
+                DP,
+                A2P,
+                A3P,
+                BLOCK_N,
+                UJ,
+                ACT,
+                PREC,
+            )
+            # Step 2: the output MLP's backward: its weights, the user term's row, the candidate
+            # term's rows, and the gradient of the pooled history.
+            go = tl.load(GOUT + b64 * stride_go + n, mask=nmask, other=0.0).to(tl.float32)
+            accumulate(DBO, tl.sum(go, axis=0))
+            u64 = b64 + tl.zeros([BLOCK_N], dtype=tl.int64)
+            dpooled = _tail_bwd(
+                A + u64 * stride_a,
+                CQ + item * stride_cq,
+                nmask,
+                u64,
+                n,
+                item,
+                go,
+                H1,
+                H2,
+                H3,
+                H4,
+                D,
+                stride_wp,
+                pooled,
+                WP,
+                DWP,
+                True,
+                W2,
+                B2,
+                W3,
+                B3,
+                W4,
+                B4,
+                WO,
+                DA,
+                DCQ,
+                DW2,
+                DB2,
+                DW3,
+                DB3,
+                DW4,
+                DB4,
+                DWO,
+                b,
+                t,
+                B,
+                N,
+                IDX,
+                stride_ib,
+                stride_in,
+                NL,
+                H2P,
+                H4P,
+                DP,
+                BJ1,
+                BJ3,
+                BLOCK_N,
+                1,
+                BLOCK_N,
+                HAS_IDX,
+                SHARED,
+                ACT,
+                PREC,
+            )
+            # Step 3: what the history walk needs, per pair.
+            pair = b64 * N + n
+            tl.store(DPOOLED + pair[:, None] * DP + dd[None, :], dpooled, mask=nmask[:, None])
+            inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)
+            tl.store(STATS + pair * 3, m, mask=nmask)
+            tl.store(STATS + pair * 3 + 1, inv, mask=nmask)
+            tl.store(STATS + pair * 3 + 2, tl.sum(dpooled * pooled, axis=1), mask=nmask)
 
 
+@triton.autotune(
+    configs=_bwd_configs(),
+    key=_KEY + ["SHARED"],
+    prune_configs_by={"early_config_prune": _fitting},
+    reset_to_zero=["DHIST", "DHT", "DQ", "DQT", "DWX", "DUW2", "DUB2", "DUW3", "DUB3", "DUWO", "DUBO"],
+)
 @triton.jit
-def _attn_bwd_item(
-    b,
-    tile,
+def _attn_bwd_hist_kernel(
     HIST,
     HT,
     LENS,
     Q,
     QT,
-    CQ,
     IDX,
     WX,
     UW2,
@@ -944,21 +992,12 @@ def _attn_bwd_item(
     UB3,
     UWO,
     UBO,
-    A,
-    WP,
-    W2,
-    B2,
-    W3,
-    B3,
-    W4,
-    B4,
-    WO,
-    GOUT,
+    DPOOLED,
+    STATS,
     DHIST,
     DHT,
     DQ,
     DQT,
-    DCQ,
     DWX,
     DUW2,
     DUB2,
@@ -966,38 +1005,31 @@ def _attn_bwd_item(
     DUB3,
     DUWO,
     DUBO,
-    DA,
-    DWP,
-    DW2,
-    DB2,
-    DW3,
-    DB3,
-    DW4,
-    DB4,
-    DWO,
-    DBO,
     B,
     N,
+    L,
     D,
     A1,
-    H1,
+    A2,
+    A3,
+    AL,
+    GROUPS_U,
+    GROUPS_N,
     scale,
+    stride_wx,
     stride_hb,
     stride_hl,
     stride_tb,
     stride_tl,
     stride_q,
     stride_qt,
-    stride_cq,
-    stride_a,
     stride_ib,
     stride_in,
-    stride_go,
+    N_KEY,
     KIND: tl.constexpr,
     NORMALIZE: tl.constexpr,
     NU: tl.constexpr,
     DP: tl.constexpr,
-    A1P: tl.constexpr,
     A2P: tl.constexpr,
     A3P: tl.constexpr,
     NL: tl.constexpr,
@@ -1010,221 +1042,141 @@ def _attn_bwd_item(
     SHARED: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BJ1: tl.constexpr,
-    BJ3: tl.constexpr,
+    UJ: tl.constexpr,
+    BJ: tl.constexpr,
 ):
-    """The backward of user ``b`` x candidate tile ``tile`` (see ``_attn_bwd_kernel``)."""
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    b64 = b.to(tl.int64)
-    item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-    pooled, m, denom = _pool(
-        b,
-        item,
-        nmask,
-        LENS,
-        HIST,
-        HT,
-        Q,
-        QT,
-        WX,
-        UW2,
-        UB2,
-        UW3,
-        UB3,
-        UWO,
-        UBO,
-        D,
-        A1,
-        stride_hb,
-        stride_hl,
-        stride_tb,
-        stride_tl,
-        stride_q,
-        stride_qt,
-        scale,
-        KIND,
-        NORMALIZE,
-        NU,
-        DP,
-        A1P,
-        A2P,
-        A3P,
-        BLOCK_N,
-        BLOCK_L,
-        ACT,
-        PREC,
-        EXACT=True,
-    )
-    go = tl.load(GOUT + b64 * stride_go + n, mask=nmask, other=0.0).to(tl.float32)
-    tl.atomic_add(DBO, tl.sum(go, axis=0))
-    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
-    dpooled = _tail_bwd(
-        a_row,
-        CQ + item * stride_cq,
-        nmask,
-        item,
-        go,
-        H1,
-        pooled,
-        WP,
-        DWP,
-        True,
-        W2,
-        B2,
-        W3,
-        B3,
-        W4,
-        B4,
-        WO,
-        DA,
-        DCQ,
-        DW2,
-        DB2,
-        DW3,
-        DB3,
-        DW4,
-        DB4,
-        DWO,
-        b,
-        tile,
-        B,
-        N,
-        IDX,
-        stride_ib,
-        stride_in,
-        NL,
-        H1P,
-        H2P,
-        H3P,
-        H4P,
-        DP,
-        BJ1,
-        BJ3,
-        BLOCK_N,
-        1,
-        BLOCK_N,
-        HAS_IDX,
-        SHARED,
-        ACT,
-        PREC,
-    )
-
+    """The backward's second half: per work item (as ``_attn_bwd_tail_kernel``), walks the history
+    again from ``DPOOLED`` and ``STATS``: the softmax's (or raw weights') backward to the logits,
+    then the DIN unit's (or the dot's) backward. Adds the unit's weight gradients into this
+    program's slots, the history rows ``DHIST``, ``DHT`` ``[GROUPS_N, B, L, .]`` and the candidate
+    rows ``DQ``, ``DQT`` (``[GROUPS_U, N, .]`` or per pair). No atomics."""
+    pid = tl.program_id(0)
+    g = pid // GROUPS_N
+    c = pid % GROUPS_N
+    slot = pid.to(tl.int64)
+    DWX += slot * (A1 * D)
+    DUW2 += slot * (A2 * A1)
+    DUB2 += slot * A2
+    DUW3 += slot * (A3 * A2)
+    DUB3 += slot * A3
+    DUWO += slot * AL
+    DUBO += slot
+    user_slot = c.to(tl.int64) * B
+    DHIST += user_slot * (L * D)
+    DHT += user_slot * (L * A1)
+    if SHARED:
+        DQ += g.to(tl.int64) * N * D
+        DQT += g.to(tl.int64) * N * A1
     dd = tl.arange(0, DP)
     dmask = dd < D
-    q = tl.load(Q + item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    q32 = q.to(tl.float32)
-    ca = tl.arange(0, A1P)
-    if KIND == 0:
-        qt = tl.load(
-            QT + item[:, None] * stride_qt + ca[None, :], mask=nmask[:, None] & (ca[None, :] < A1), other=0.0
-        ).to(tl.float32)
-    dq = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
-    dqt = tl.zeros([BLOCK_N, A1P], dtype=tl.float32)
-    if NORMALIZE:
-        delta = tl.sum(dpooled * pooled, axis=1)
-        inv = 1.0 / tl.where(denom > 0.0, denom, 1.0)
-    length = tl.load(LENS + b).to(tl.int32)
-    for l0 in range(0, length, BLOCK_L):
-        ll = l0 + tl.arange(0, BLOCK_L)
-        lmask = ll < length
-        h_raw = tl.load(
-            HIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
-            mask=lmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        h = h_raw.to(tl.float32)
-        ht_row = HT + b64 * stride_tb + ll.to(tl.int64) * stride_tl
-        if KIND == 0:
-            logit = _unit_logits(
-                q32,
-                h,
-                HT,
-                ht_row,
-                lmask,
-                qt,
-                WX,
-                UW2,
-                UB2,
-                UW3,
-                UB3,
-                UWO,
-                UBO,
-                A1,
-                NU,
-                DP,
-                A1P,
-                A2P,
-                A3P,
-                BLOCK_N,
-                BLOCK_L,
-                ACT,
-                PREC,
-            )
-        else:
-            logit = dot(q, tl.trans(h_raw), PREC=PREC) * scale
-        dp = dot(dpooled, tl.trans(h), PREC=PREC)  # d pooled . h_l, [BLOCK_N, BLOCK_L]
-        valid = lmask[None, :] & nmask[:, None]
-        if NORMALIZE:
-            p = tl.where(valid, tl.exp(logit - m[:, None]) * inv[:, None], 0.0)
-            ds = p * (dp - delta[:, None])
-            dh = dot(tl.trans(p), dpooled, PREC=PREC)
-        else:
-            w = tl.where(valid, logit, 0.0)
-            ds = tl.where(valid, dp, 0.0)
-            dh = dot(tl.trans(w), dpooled, PREC=PREC)
-        if KIND == 0:
-            dq_b, dh_b, dqt_b, dht_b = _unit_bwd(
-                q32,
-                h,
-                ht_row,
-                lmask,
-                qt,
-                ds,
-                WX,
-                UW2,
-                UB2,
-                UW3,
-                UB3,
-                UWO,
-                DWX,
-                DUW2,
-                DUB2,
-                DUW3,
-                DUB3,
-                DUWO,
-                DUBO,
-                A1,
-                NU,
-                DP,
-                A1P,
-                A2P,
-                A3P,
-                BLOCK_N,
-                BLOCK_L,
-                ACT,
-                PREC,
-            )
-            dq += dq_b
-            dh += dh_b
-            dqt += dqt_b
-            tl.atomic_add(
-                DHT + b64 * stride_tb + ll[:, None].to(tl.int64) * stride_tl + ca[None, :],
-                dht_b,
-                mask=lmask[:, None] & (ca[None, :] < A1),
-            )
-        else:
-            dq += dot(ds, h, PREC=PREC) * scale
-            dh += dot(tl.trans(ds), q32, PREC=PREC) * scale
-        tl.atomic_add(
-            DHIST + b64 * stride_hb + ll[:, None].to(tl.int64) * stride_hl + dd[None, :],
-            dh,
-            mask=lmask[:, None] & dmask[None, :],
-        )
-    tl.atomic_add(DQ + item[:, None] * stride_q + dd[None, :], dq, mask=nmask[:, None] & dmask[None, :])
-    if KIND == 0:
-        tl.atomic_add(DQT + item[:, None] * stride_qt + ca[None, :], dqt, mask=nmask[:, None] & (ca[None, :] < A1))
+    for b in range(g, B, GROUPS_U):
+        for t in range(c, tl.cdiv(N, BLOCK_N), GROUPS_N):
+            tl.debug_barrier()  # the previous work item's slot updates are visible to every thread
+            b64 = tl.cast(b, tl.int64)
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
+            pair = b64 * N + n
+            dpooled = tl.load(DPOOLED + pair[:, None] * DP + dd[None, :], mask=nmask[:, None], other=0.0)
+            m = tl.load(STATS + pair * 3, mask=nmask, other=0.0)
+            inv = tl.load(STATS + pair * 3 + 1, mask=nmask, other=0.0)
+            delta = tl.load(STATS + pair * 3 + 2, mask=nmask, other=0.0)
+            q = tl.load(Q + item[:, None] * stride_q + dd[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+            q32 = q.to(tl.float32)
+            cand = n.to(tl.int64) if SHARED else pair
+            dq = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+            length = tl.load(LENS + b64).to(tl.int32)
+            for item_l in range(0, length):
+                tl.debug_barrier()  # the previous item's slot updates are visible to every thread
+                # Step 1: the item's logits (the unit recomputed), the softmax's backward to them.
+                h = tl.load(HIST + b64 * stride_hb + item_l * stride_hl + dd, mask=dmask, other=0.0)
+                hf = h.to(tl.float32)
+                ht = HT + b64 * stride_tb + item_l * stride_tl
+                if KIND == 0:
+                    logit, acc2 = _unit(
+                        q,
+                        h,
+                        QT + item * stride_qt,
+                        ht,
+                        nmask,
+                        WX,
+                        UW2,
+                        UB2,
+                        UW3,
+                        UB3,
+                        UWO,
+                        UBO,
+                        D,
+                        A1,
+                        A2,
+                        A3,
+                        stride_wx,
+                        NU,
+                        DP,
+                        A2P,
+                        A3P,
+                        BLOCK_N,
+                        UJ,
+                        ACT,
+                        PREC,
+                    )
+                else:
+                    logit = tl.sum(q32 * hf[None, :], axis=1) * scale
+                dp = tl.sum(dpooled * hf[None, :], axis=1)  # d pooled . h_l, [BLOCK_N]
+                if NORMALIZE:
+                    p = tl.where(nmask, tl.exp(logit - m) * inv, 0.0)
+                    ds = p * (dp - delta)
+                    dh = tl.sum(p[:, None] * dpooled, axis=0)
+                else:
+                    w = tl.where(nmask, logit, 0.0)
+                    ds = tl.where(nmask, dp, 0.0)
+                    dh = tl.sum(w[:, None] * dpooled, axis=0)
+                # Step 2: the unit's (or the dot's) backward; the history row's gradient.
+                if KIND == 0:
+                    dq_l, dh_l = _unit_bwd(
+                        q,
+                        h,
+                        QT + item * stride_qt,
+                        ht,
+                        nmask,
+                        ds,
+                        acc2,
+                        WX,
+                        UW2,
+                        UB2,
+                        UW3,
+                        UB3,
+                        UWO,
+                        DWX,
+                        DUW2,
+                        DUB2,
+                        DUW3,
+                        DUB3,
+                        DUWO,
+                        DUBO,
+                        DQT + cand * A1,
+                        DHT + (b64 * L + item_l) * A1,
+                        D,
+                        A1,
+                        A2,
+                        A3,
+                        stride_wx,
+                        NU,
+                        DP,
+                        A2P,
+                        A3P,
+                        BLOCK_N,
+                        UJ,
+                        ACT,
+                        PREC,
+                    )
+                    dq += dq_l
+                    dh += dh_l
+                else:
+                    dq += ds[:, None] * hf[None, :] * scale
+                    dh += tl.sum(ds[:, None] * q32, axis=0) * scale
+                accumulate(DHIST + (b64 * L + item_l) * D + dd, dh, dmask)
+            accumulate(DQ + cand[:, None] * D + dd[None, :], dq, nmask[:, None] & dmask[None, :])
 
 
 # --- host side -----------------------------------------------------------------------
@@ -1253,7 +1205,8 @@ def _prepare(
     activation,
     precision,
 ):
-    """Checks the op's inputs; returns the launch constants and padded weights."""
+    """Checks the op's inputs (shapes, dtypes, devices: no values, which would need a device
+    sync; see ``target_attention_score``); returns the launch constants and weight arguments."""
     act = check_activation(activation)
     check_precision(precision)
     if kind not in KINDS:
@@ -1266,26 +1219,25 @@ def _prepare(
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"lengths: expected int [B={B}], got {tuple(lengths.shape)} {lengths.dtype}")
     check_device("lengths", lengths, device)
-    if not torch.compiler.is_compiling() and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
-        raise ValueError(f"lengths: each must lie in [0, L={L}], got [{int(lengths.min())}, {int(lengths.max())}]")
     if q.dim() != 2 or q.shape[1] != D:
         raise ValueError(f"q: expected [M, D={D}], got {tuple(q.shape)}")
     if a.dim() != 2 or cq.dim() != 2 or a.shape[0] != B or cq.shape[0] != q.shape[0] or a.shape[1] != cq.shape[1]:
         raise ValueError(
             f"a, cq: expected [B={B}, H1] and [M={q.shape[0]}, H1], got {tuple(a.shape)}, {tuple(cq.shape)}"
         )
-    if wp.shape != (a.shape[1], D):
-        raise ValueError(f"wp: expected [H1={a.shape[1]}, D={D}], got {tuple(wp.shape)}")
+    if wp.shape != (a.shape[1], D) or wp.stride(-1) != 1:
+        raise ValueError(f"wp: expected [H1={a.shape[1]}, D={D}] with unit column stride, got {tuple(wp.shape)}")
     check_dtype("q", q, dtype)
     for name, t in (("cq", cq), ("a", a)):
         check_split_term(name, t, dtype)
-    for name, t in (("q", q), ("cq", cq), ("a", a)):
+    for name, t in (("q", q), ("cq", cq), ("a", a), ("wp", wp)):
         check_device(name, t, device)
     if idx is not None:
         if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != B):
             raise ValueError(f"idx: expected [N] or [B={B}, N], got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
         check_device("idx", idx, device)
-        check_index("idx", idx, q.shape[0])
     if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
         raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} output-MLP layers after the first, one bias each")
     widths = [a.shape[1]]
@@ -1299,27 +1251,15 @@ def _prepare(
         raise ValueError(
             f"w_out, b_out: expected [{widths[-1]}] and one element, got {tuple(w_out.shape)}, {tuple(b_out.shape)}"
         )
-
-    k = {}
-    k["dp"] = pad_width(D)
-    pads = [pad_width(w) for w in widths] + [16] * (MAX_LAYERS - len(widths))
-    k["pads"] = pads
-    k["nl"] = len(widths)
-    dummy_w = hist.new_zeros(16, dtype=dtype)
-    dummy = hist.new_zeros(16, dtype=torch.float32)
-    tail_w = [padded_t(w, pads[i], pads[i + 1], dtype) for i, w in enumerate(weights)]
-    tail_b = [padded_vec(bb, pads[i + 1], like=hist) for i, bb in enumerate(biases)]
-    k["w"] = tail_w + [dummy_w] * (MAX_LAYERS - 1 - len(tail_w))
-    k["b"] = tail_b + [dummy] * (MAX_LAYERS - 1 - len(tail_b))
-    k["wo"] = padded_vec(w_out, pads[len(widths) - 1], like=hist)
-    k["wp"] = padded_t(wp, k["dp"], pads[0], dtype)
+    k = {"act": act, "dp": pad_width(D), "tail": _Layers(a, weights, biases, w_out, b_out, None)}
+    k["wp"] = wp.detach()
     if kind == "din":
         if wx is None or qt is None or ht is None or unit_w_out is None or unit_b_out is None:
             raise ValueError("wx, ht, qt, unit_w_out, unit_b_out: required for kind='din'")
         a1 = wx.shape[0]
-        if wx.shape != (a1, D) or ht.shape != (B, L, a1) or qt.shape != (q.shape[0], a1):
+        if wx.shape != (a1, D) or wx.stride(-1) != 1 or ht.shape != (B, L, a1) or qt.shape != (q.shape[0], a1):
             raise ValueError(
-                f"wx, ht, qt: expected [A1, D={D}], [B, L, A1], [M, A1], got "
+                f"wx, ht, qt: expected [A1, D={D}] (unit column stride), [B, L, A1], [M, A1], got "
                 f"{tuple(wx.shape)}, {tuple(ht.shape)}, {tuple(qt.shape)}"
             )
         check_split_term("ht", ht, dtype)
@@ -1335,28 +1275,24 @@ def _prepare(
             raise ValueError(f"unit_weights: 1..{MAX_UNIT_LAYERS} unit layers of width <= {MAX_WIDTH}, got {uwidths}")
         if unit_w_out.shape != (uwidths[-1],):
             raise ValueError(f"unit_w_out: expected [{uwidths[-1]}], got {tuple(unit_w_out.shape)}")
-        upads = [pad_width(w) for w in uwidths] + [16] * (MAX_UNIT_LAYERS - len(uwidths))
-        uw = [padded_t(w, upads[i], upads[i + 1], dtype) for i, w in enumerate(unit_weights)]
-        ub = [padded_vec(bb, upads[i + 1], like=hist) for i, bb in enumerate(unit_biases)]
-        k["uw"] = uw + [dummy_w] * (MAX_UNIT_LAYERS - 1 - len(uw))
-        k["ub"] = ub + [dummy] * (MAX_UNIT_LAYERS - 1 - len(ub))
-        k["uwo"] = padded_vec(unit_w_out, upads[len(uwidths) - 1], like=hist)
-        k["ubo"] = unit_b_out.detach().reshape(1).float()
-        k["wx"] = padded_t(wx, k["dp"], upads[0], dtype)
-        k["a1"], k["nu"], k["upads"] = a1, len(uwidths), upads
+        absent = MAX_UNIT_LAYERS - len(uwidths)
+        uwo = weight_arg(unit_w_out)
+        k["uw"] = [weight_arg(w) for w in unit_weights] + [uwo] * absent
+        k["ub"] = [weight_arg(bb) for bb in unit_biases] + [uwo] * absent
+        k["uwo"], k["ubo"], k["wx"] = uwo, weight_arg(unit_b_out).reshape(1), wx.detach()
+        k["uwidths"], k["nu"] = uwidths + [1] * absent, len(uwidths)
     else:
-        k["uw"], k["ub"], k["uwo"], k["ubo"], k["wx"] = [dummy_w] * 2, [dummy] * 2, dummy, dummy, dummy_w
-        k["a1"], k["nu"], k["upads"] = 0, 1, [16] * MAX_UNIT_LAYERS
-    k["act"] = act
+        k["uw"], k["ub"], k["uwo"], k["ubo"], k["wx"] = [hist] * 2, [hist] * 2, hist, hist, hist
+        k["uwidths"], k["nu"] = [0, 1, 1], 1
     return k
 
 
-def _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k):
-    """Contiguous tensors, candidate strides and shape constants shared by both kernels."""
+def _launch(hist, ht, lengths, q, qt, cq, idx, a, k):
+    """Contiguous tensors, candidate strides and shape constants shared by the kernels."""
     B, L, D = hist.shape
     hist = hist.contiguous() if L else hist.new_zeros(B, 1, D)
-    if k["a1"]:
-        ht = ht.contiguous() if L else ht.new_zeros(B, 1, k["a1"])
+    if k["uwidths"][0]:
+        ht = ht.contiguous() if L else ht.new_zeros(B, 1, k["uwidths"][0])
         qt = qt.contiguous()
     else:
         ht, qt = hist, q
@@ -1365,63 +1301,39 @@ def _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k):
         idx_t, sib, sin = lengths, 0, 0
     else:
         idx_t, sib, sin = idx, (0 if idx.dim() == 1 else idx.stride(0)), idx.stride(-1)
-    tensors = [
-        hist,
-        ht,
-        lengths,
-        q,
-        qt,
-        cq,
-        idx_t,
-        k["wx"],
-        k["uw"][0],
-        k["ub"][0],
-        k["uw"][1],
-        k["ub"][1],
-        k["uwo"],
-        k["ubo"],
-        a,
-        k["wp"],
-        k["w"][0],
-        k["b"][0],
-        k["w"][1],
-        k["b"][1],
-        k["w"][2],
-        k["b"][2],
-        k["wo"],
-        b_out.detach().reshape(1).float(),
-    ]
-    strides = [
-        hist.stride(0),
-        hist.stride(1),
-        ht.stride(0),
-        ht.stride(1),
-        q.stride(0),
-        qt.stride(0),
-        cq.stride(0),
-        a.stride(0),
-        sib,
-        sin,
-    ]
-    p, up = k["pads"], k["upads"]
+    tail = k["tail"]
+    tensors = [hist, ht, lengths, q, qt, cq, idx_t, k["wx"], k["uw"][0], k["ub"][0], k["uw"][1], k["ub"][1]]
+    tensors += [k["uwo"], k["ubo"], a, k["wp"], *tail.tensors(), tail.bo]
+    a1, a2, a3 = k["uwidths"]
+    sizes = [D, a1, a2, a3, *tail.h]
+    wx_stride = k["wx"].stride(0) if a1 else 0
+    strides = [wx_stride, k["wp"].stride(0), hist.stride(0), hist.stride(1), ht.stride(0), ht.stride(1)]
+    strides += [q.stride(0), qt.stride(0), cq.stride(0), a.stride(0), sib, sin]
+    h1p, h2p, h3p, h4p = tail.pads
     meta = dict(
         KIND=k["kind"],
         NORMALIZE=k["normalize"],
         NU=k["nu"],
         DP=k["dp"],
-        A1P=up[0],
-        A2P=up[1],
-        A3P=up[2],
-        NL=k["nl"],
-        H1P=p[0],
-        H2P=p[1],
-        H3P=p[2],
-        H4P=p[3],
+        A2P=pad_width(a2),
+        A3P=pad_width(a3),
+        NL=tail.nl,
+        H1P=h1p,
+        H2P=h2p,
+        H3P=h3p,
+        H4P=h4p,
         ACT=k["act"],
         HAS_IDX=idx is not None,
         PREC=k["precision"],
     )
-    return tensors, strides, meta
+    return tensors, sizes, strides, meta
+
+
+def _prepared(args, kind, normalize, activation, precision):
+    """``_prepare`` of the op's arguments ``args`` (up to ``b_out``), with the kernels' constants."""
+    k = _prepare(*args, kind, activation, precision)
+    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
+    return k
 
 
 def _target_attention_impl(
@@ -1449,43 +1361,19 @@ def _target_attention_impl(
     activation,
     precision,
 ):
-    k = _prepare(
-        hist,
-        ht,
-        lengths,
-        q,
-        qt,
-        cq,
-        idx,
-        wx,
-        unit_weights,
-        unit_biases,
-        unit_w_out,
-        unit_b_out,
-        a,
-        wp,
-        weights,
-        biases,
-        w_out,
-        b_out,
-        kind,
-        activation,
-        precision,
-    )
-    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
-    B, L, D = hist.shape
+    args = (hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out)
+    k = _prepared((*args, a, wp, weights, biases, w_out, b_out), kind, normalize, activation, precision)
+    B = hist.shape[0]
     N = q.shape[0] if idx is None else idx.shape[-1]
     out = torch.empty(B, N, dtype=hist.dtype, device=hist.device)
     if B == 0 or N == 0:
         return out
-    tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+    tensors, sizes, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, k)
 
     def grid(m):
         return (B * triton.cdiv(N, m["BLOCK_N"]),)
 
-    _attn_fwd_kernel[grid](
-        *tensors, out, B, N, D, k["a1"], a.shape[1], float(scale), *strides, out.stride(0), _n_key(N), **meta
-    )
+    _attn_fwd_kernel[grid](*tensors, out, B, N, *sizes, float(scale), *strides, out.stride(0), _n_key(N), **meta)
     return out
 
 
@@ -1517,35 +1405,13 @@ def _target_attention_topk_impl(
     topk,
     splits,
 ):
-    k = _prepare(
-        hist,
-        ht,
-        lengths,
-        q,
-        qt,
-        cq,
-        idx,
-        wx,
-        unit_weights,
-        unit_biases,
-        unit_w_out,
-        unit_b_out,
-        a,
-        wp,
-        weights,
-        biases,
-        w_out,
-        b_out,
-        kind,
-        activation,
-        precision,
-    )
-    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
-    B, L, D = hist.shape
+    args = (hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out)
+    k = _prepared((*args, a, wp, weights, biases, w_out, b_out), kind, normalize, activation, precision)
+    B = hist.shape[0]
     N = q.shape[0] if idx is None else idx.shape[-1]
-    topk, r, splits, chunk, keys = topk_mod.launch_plan(B, N, topk, 16 if INTERPRET else 32, splits, excl, hist.device)
+    topk, r, splits, chunk, keys = topk_mod.launch_plan(B, N, topk, 16 if INTERPRET else 64, splits, excl, hist.device)
     if B and N and topk:
-        tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+        tensors, sizes, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, k)
         excl_t = excl.contiguous() if excl is not None else lengths
         _attn_topk_kernel[(B * splits,)](
             *tensors,
@@ -1553,9 +1419,7 @@ def _target_attention_topk_impl(
             keys,
             B,
             N,
-            D,
-            k["a1"],
-            a.shape[1],
+            *sizes,
             topk,
             chunk,
             float(scale),
@@ -1596,81 +1460,53 @@ def _target_attention_backward_impl(
     activation,
     precision,
 ):
-    k = _prepare(
-        hist,
-        ht,
-        lengths,
-        q,
-        qt,
-        cq,
-        idx,
-        wx,
-        unit_weights,
-        unit_biases,
-        unit_w_out,
-        unit_b_out,
-        a,
-        wp,
-        weights,
-        biases,
-        w_out,
-        b_out,
-        kind,
-        activation,
-        precision,
-    )
-    k.update(kind=KINDS[kind], normalize=bool(normalize), precision=precision)
+    args = (hist, ht, lengths, q, qt, cq, idx, wx, unit_weights, unit_biases, unit_w_out, unit_b_out)
+    k = _prepared((*args, a, wp, weights, biases, w_out, b_out), kind, normalize, activation, precision)
     B, L, D = hist.shape
-    N = q.shape[0] if idx is None else idx.shape[-1]
+    M = q.shape[0]
+    N = M if idx is None else idx.shape[-1]
+    shared = idx is None or idx.dim() == 1
     f32 = dict(dtype=torch.float32, device=hist.device)
-    p, up, dp = k["pads"], k["upads"], k["dp"]
-    a1 = k["a1"]
-    d_hist = torch.zeros(B, max(L, 1), D, **f32)
-    d_ht = torch.zeros(B, max(L, 1), max(a1, 1), **f32)
-    d_q = torch.zeros(q.shape, **f32)
-    d_qt = torch.zeros(q.shape[0], max(a1, 1), **f32)
-    d_cq = torch.zeros(cq.shape, **f32)
-    d_a = torch.zeros(a.shape, **f32)
-    # Weight and bias gradients: one private slot per program of the persistent kernel.
-    slots = backward_programs(B * triton.cdiv(N, 16) if B and N else 1, hist.device)
-    aulp, hlp = up[k["nu"] - 1], p[k["nl"] - 1]
-    d_wx = torch.zeros(slots, dp, up[0], **f32)
-    d_uw = [torch.zeros(slots, up[i], up[i + 1], **f32) for i in range(2)]
-    d_ub = [torch.zeros(slots, up[i + 1], **f32) for i in range(2)]
-    d_uwo = torch.zeros(slots, aulp, **f32)
+    tail = k["tail"]
+    h1, (a1, a2, a3), lw = a.shape[1], k["uwidths"], max(L, 1)
+    al = k["uwidths"][k["nu"] - 1] if kind == "din" else 1
+    # Program groups and their slots (see _common.ownership): user rows [C, B, ...], candidate
+    # rows [G, N, ...] (shared candidates) or one row per pair [B, N, ...]; weights per program.
+    user_bytes = 4 * B * (lw * (D + a1) + h1)
+    cand_bytes = 4 * N * (D + a1 + h1) if shared else 0
+    groups_u, groups_n = ownership(programs(hist.device), user_bytes, cand_bytes, B, triton.cdiv(N, 16))
+    slots = groups_u * groups_n
+    d_hist = torch.zeros(groups_n, B, lw, D, **f32)
+    d_ht = torch.zeros(groups_n, B, lw, max(a1, 1), **f32)
+    d_a = torch.zeros(groups_n, B, h1, **f32)
+    rows = groups_u if shared else B
+    d_q = torch.zeros(rows, N, D, **f32)
+    d_qt = torch.zeros(rows, N, max(a1, 1), **f32)
+    d_cq = torch.zeros(rows, N, h1, **f32)
+    d_wx = torch.zeros(slots, max(a1, 1), D, **f32)
+    d_uw = [torch.zeros(slots, a2, a1, **f32), torch.zeros(slots, a3, a2, **f32)]
+    d_ub = [torch.zeros(slots, a2, **f32), torch.zeros(slots, a3, **f32)]
+    d_uwo = torch.zeros(slots, al, **f32)
     d_ubo = torch.zeros(slots, **f32)
-    d_wp = torch.zeros(slots, dp, p[0], **f32)
-    d_w = [torch.zeros(slots, p[i], p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    d_b = [torch.zeros(slots, p[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
-    d_wo = torch.zeros(slots, hlp, **f32)
+    d_wp = torch.zeros(slots, h1, D, **f32)
+    hs = tail.h
+    d_w = [torch.zeros(slots, hs[i + 1], hs[i], **f32) for i in range(MAX_LAYERS - 1)]
+    d_b = [torch.zeros(slots, hs[i + 1], **f32) for i in range(MAX_LAYERS - 1)]
+    d_wo = torch.zeros(slots, tail.widths[-1], **f32)
     d_bo = torch.zeros(slots, **f32)
     if B and N:
-        tensors, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, b_out, k)
+        tensors, sizes, strides, meta = _launch(hist, ht, lengths, q, qt, cq, idx, a, k)
         grad = grad.contiguous()
-        h_c, ht_c, q_c, qt_c = tensors[0], tensors[1], tensors[3], tensors[4]
-        # The gradient buffers share the strides of the tensors the kernel reads.
-        assert d_hist.stride() == h_c.stride() and d_q.stride() == q_c.stride() and d_cq.stride() == tensors[5].stride()
-        if a1:
-            assert d_ht.stride() == ht_c.stride() and d_qt.stride() == qt_c.stride()
-
-        def grid(m):
-            return (backward_programs(B * triton.cdiv(N, m["BLOCK_N"]), hist.device),)
-
-        _attn_bwd_kernel[grid](
+        # Per pair, between the two halves: the pooled history's gradient and the softmax's state.
+        d_pooled = torch.empty(B, N, k["dp"], **f32)
+        stats = torch.empty(B, N, 3, **f32)
+        head = (slots,)
+        _attn_bwd_tail_kernel[head](
             *tensors,
             grad,
-            d_hist,
-            d_ht,
-            d_q,
-            d_qt,
+            d_pooled,
+            stats,
             d_cq,
-            d_wx,
-            d_uw[0],
-            d_ub[0],
-            d_uw[1],
-            d_ub[1],
-            d_uwo,
-            d_ubo,
             d_a,
             d_wp,
             d_w[0],
@@ -1683,50 +1519,82 @@ def _target_attention_backward_impl(
             d_bo,
             B,
             N,
-            D,
-            a1,
-            a.shape[1],
+            *sizes,
+            tail.widths[-1],
+            groups_u,
+            groups_n,
             float(scale),
             *strides,
             grad.stride(0),
             _n_key(N),
-            SHARED=idx is None or idx.dim() == 1,
-            AULP=aulp,
-            HLP=hlp,
+            SHARED=shared,
             **meta,
         )
-    d_wx, d_uwo, d_wp, d_wo = d_wx.sum(0), d_uwo.sum(0), d_wp.sum(0), d_wo.sum(0)
-    d_uw, d_ub = [t.sum(0) for t in d_uw], [t.sum(0) for t in d_ub]
-    d_w, d_b = [t.sum(0) for t in d_w], [t.sum(0) for t in d_b]
-    d_ubo, d_bo = d_ubo.sum(0, keepdim=True), d_bo.sum(0, keepdim=True)
+        hist_c, ht_c, lens_c, q_c, qt_c, _, idx_c = tensors[:7]
+        _attn_bwd_hist_kernel[head](
+            hist_c,
+            ht_c,
+            lens_c,
+            q_c,
+            qt_c,
+            idx_c,
+            *tensors[7:14],
+            d_pooled,
+            stats,
+            d_hist,
+            d_ht,
+            d_q,
+            d_qt,
+            d_wx,
+            d_uw[0],
+            d_ub[0],
+            d_uw[1],
+            d_ub[1],
+            d_uwo,
+            d_ubo,
+            B,
+            N,
+            lw,
+            *sizes[:4],
+            al,
+            groups_u,
+            groups_n,
+            float(scale),
+            strides[0],
+            *strides[2:8],
+            *strides[10:12],
+            _n_key(N),
+            SHARED=shared,
+            **meta,
+        )
+
+    # The slots' sums, in a fixed order; candidate positions into candidate rows.
+    def cand_rows(t):
+        return _to_rows(t.sum(0) if shared else t, idx, M)
 
     def back(t, like):
         return t.to(like.dtype)
 
-    widths = [a.shape[1]] + [w.shape[0] for w in weights]
     out = {
-        "hist": back(d_hist[:, :L], hist),
-        "q": back(d_q, q),
-        "cq": back(d_cq, cq),
-        "a": back(d_a, a),
-        "wp": back(d_wp[:D, : widths[0]].t().contiguous(), wp),
-        "weights": [back(d_w[i][: widths[i], : widths[i + 1]].t().contiguous(), w) for i, w in enumerate(weights)],
-        "biases": [back(d_b[i][: widths[i + 1]], bb) for i, bb in enumerate(biases)],
-        "w_out": back(d_wo[: widths[-1]], w_out),
-        "b_out": back(d_bo.reshape(b_out.shape), b_out),
+        "hist": back(d_hist.sum(0)[:, :L], hist),
+        "q": back(cand_rows(d_q), q),
+        "cq": back(cand_rows(d_cq), cq),
+        "a": back(d_a.sum(0), a),
+        "wp": back(d_wp.sum(0), wp),
+        "weights": [back(d_w[i].sum(0), w) for i, w in enumerate(weights)],
+        "biases": [back(d_b[i].sum(0), bb) for i, bb in enumerate(biases)],
+        "w_out": back(d_wo.sum(0), w_out),
+        "b_out": back(d_bo.sum(0, keepdim=True).reshape(b_out.shape), b_out),
     }
     if kind == "din":
-        uwidths = [a1] + [w.shape[0] for w in unit_weights]
         out.update(
-            ht=back(d_ht[:, :L], ht),
-            qt=back(d_qt, qt),
-            wx=back(d_wx[:D, :a1].t().contiguous(), wx),
-            unit_weights=[
-                back(d_uw[i][: uwidths[i], : uwidths[i + 1]].t().contiguous(), w) for i, w in enumerate(unit_weights)
-            ],
-            unit_biases=[back(d_ub[i][: uwidths[i + 1]], bb) for i, bb in enumerate(unit_biases)],
-            unit_w_out=back(d_uwo[: uwidths[-1]], unit_w_out),
-            unit_b_out=back(d_ubo.reshape(unit_b_out.shape), unit_b_out),
+            ht=back(d_ht.sum(0)[:, :L], ht),
+            qt=back(cand_rows(d_qt), qt),
+            wx=back(d_wx.sum(0), wx),
+            unit_weights=[back(d_uw[i].sum(0), w) for i, w in enumerate(unit_weights)],
+            unit_biases=[back(d_ub[i].sum(0), bb) for i, bb in enumerate(unit_biases)],
+            unit_w_out=back(d_uwo.sum(0), unit_w_out),
+            unit_b_out=back(d_ubo.sum(0, keepdim=True).reshape(unit_b_out.shape), unit_b_out),
         )
     return out
 
@@ -2217,10 +2085,13 @@ def target_attention_topk(
     b_out,
     activation="relu",
     precision=None,
+    check_ids=True,
 ):
     """Fused score + top-K: each user's best ``k`` candidate ``(positions, values)`` ``[B, k]``
     (rules of :func:`rankfast.topk`); arguments as :func:`target_attention_score`, plus
     ``exclude_mask`` and ``splits`` as in :func:`rankfast.kernels.mlp_score.mlp_score_topk`."""
+    if check_ids:
+        _check_values(hist, lengths, q, idx)
     args = _op_args(
         hist,
         lengths,
@@ -2275,6 +2146,7 @@ def target_attention_score(
     b_out,
     activation="relu",
     precision=None,
+    check_ids=True,
 ):
     """Fused target-attention scores ``[B, N]``; differentiable with respect to every tensor but
     ``lengths`` and ``idx``.
@@ -2294,7 +2166,11 @@ def target_attention_score(
         normalize: softmax over the valid history (True) or raw masked logits.
         weights, biases, w_out, b_out, activation, precision: the output MLP
             after its first layer, as in ``mlp_score``.
+        check_ids: check that ``lengths`` lie in ``[0, L]`` and ``idx`` in ``[0, M)`` (one
+            device sync); a caller that has checked them passes False, as the fused backend does.
     """
+    if check_ids:
+        _check_values(hist, lengths, q, idx)
     return torch.ops.rankfast.target_attention_score(
         *_op_args(
             hist,
@@ -2322,3 +2198,16 @@ def target_attention_score(
             default_precision(precision),
         )
     )
+
+
+def _check_values(hist, lengths, q, idx):
+    """The value checks the kernels rely on (a length past L or an id out of range would read out
+    of bounds): one device sync; skipped while tracing."""
+    if torch.compiler.is_compiling() or not lengths.numel():
+        return
+    length = hist.shape[1]
+    bad = torch.stack([(lengths < 0).any(), (lengths > length).any()])
+    if bool(bad.any()):
+        raise ValueError(f"lengths: each must lie in [0, L={length}], got [{int(lengths.min())}, {int(lengths.max())}]")
+    if idx is not None:
+        check_index("idx", idx, q.shape[0])

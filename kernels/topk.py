@@ -33,6 +33,11 @@ MAX_K = 256
 _SENTINEL = tl.constexpr(-(2**63))
 
 
+@triton.constexpr_function
+def _log2(n):
+    return int(n).bit_length() - 1
+
+
 @triton.jit
 def tile_keys(score, pos, eligible):
     """int64 keys of fp32 ``score`` at candidate positions ``pos`` (``INT64_MIN`` where not ``eligible``)."""
@@ -47,7 +52,10 @@ def tile_keys(score, pos, eligible):
 
 @triton.jit
 def merge(running, keys):
-    """Best ``R`` of ``running`` (sorted descending) and ``keys`` (any order), sorted descending."""
+    """Best ``R`` of ``running`` (sorted descending) and ``keys`` (any order, ``R`` of them or a
+    power of two fewer: padded with ``INT64_MIN``), sorted descending."""
+    for _ in tl.static_range(_log2(running.shape[0] // keys.shape[0])):
+        keys = tl.reshape(tl.join(keys, tl.full(keys.shape, _SENTINEL, tl.int64)), (2 * keys.shape[0],))
     tile = tl.sort(keys, descending=False)
     return tl.sort(tl.maximum(running, tile), descending=True)
 

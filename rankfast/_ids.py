@@ -70,11 +70,13 @@ def history_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(-1)
 
 
-def check_history(history, lengths, *, num_items: int, rows: int | None = None, device=None):
+def check_history(history, lengths, *, num_items: int, rows: int | None = None, device=None, check_values=True):
     """Padded histories ``[B, L]`` and their valid lengths ``[B]`` as int64 tensors.
 
     Lengths lie in ``[0, L]``; valid slots hold item ids in ``[0, num_items)``
     (padding values are ignored); with ``rows`` there must be that many rows.
+    ``check_values=False`` checks only types and shapes (the values need a device sync;
+    a caller that checks them another way passes False).
     """
     history = as_ids("history", history, ndims=(2,), device=device)
     lengths = as_ids("lengths", lengths, ndims=(1,), device=history.device)
@@ -83,7 +85,7 @@ def check_history(history, lengths, *, num_items: int, rows: int | None = None, 
     if lengths.shape[0] != history.shape[0]:
         raise ValueError(f"lengths: expected [B={history.shape[0]}], got {tuple(lengths.shape)}")
     max_len = history.shape[1]
-    if lengths.numel() and not torch.compiler.is_compiling():  # value checks sync a GPU; skipped while tracing
+    if check_values and lengths.numel() and not torch.compiler.is_compiling():  # a GPU sync; not while tracing
         if int(lengths.min()) < 0 or int(lengths.max()) > max_len:
             raise ValueError(
                 f"lengths: each must lie in [0, L={max_len}], got [{int(lengths.min())}, {int(lengths.max())}]"

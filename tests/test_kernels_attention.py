@@ -154,6 +154,29 @@ def test_gradients_of_every_parameter(cfg):
         assert grad_err(p, p64, scale) < 1e-4, name
 
 
+@pytest.mark.parametrize("per_user", [False, True])
+def test_backward_workspaces_and_bitwise_repeatability(per_user, monkeypatch):
+    """The backward's programs forced into 2 user groups x 2 candidate groups, each adding into its
+    own slots of the workspaces (no atomics), summed afterwards: gradients against float64, and the
+    same bit for bit on a second run (on a GPU the programs run concurrently)."""
+    from rankfast.kernels import target_attention as ta
+
+    monkeypatch.setattr(ta, "ownership", lambda *args: (2, 2))
+    model = make(hidden=(40, 24), unit_hidden=(20, 10)).train()
+    users, items, history, lengths = inputs(b=4, n=13, per_user=per_user, lengths=(0, 21, 5, 16))
+    run, model64, got, expected, scale = backward_both(model, users, items, history, lengths)
+    for (name, p), p64 in zip(run.named_parameters(), model64.parameters(), strict=True):
+        assert grad_err(p, p64, scale) < 1e-4, name
+    weight = torch.randn(got.shape, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        run.zero_grad()
+        (fused_backend.model_scores(run, users, items, history, lengths, precision="ieee") * weight).sum().backward()
+        runs.append([p.grad.clone() for p in run.parameters()])
+    for (name, _), first, second in zip(run.named_parameters(), *runs, strict=True):
+        assert torch.equal(first, second), name
+
+
 def test_gradients_with_empty_histories_and_feature_items():
     torch.manual_seed(4)
     features = torch.randn(NUM_ITEMS, 5)

@@ -10,8 +10,10 @@ import copy
 import pytest
 import torch
 
+import rankfast
 from rankfast.kernels import mlp_score as ms
 from rankfast.models import MLPConfig, MLPModel, NeuMF, NeuMFConfig
+from rankfast.scoring import BACKEND_ENV
 from rankfast.scoring.backends import fused as fused_backend
 
 from helpers import pair_forward, rel_err
@@ -93,6 +95,49 @@ def test_gradients_with_tiles_spanning_several_users(kind, hidden, activation, c
         assert rel_err(p.grad, p64.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("cand", ["shared", "per_user"])
+def test_backward_workspaces_and_bitwise_repeatability(cand, monkeypatch):
+    """The backward's programs forced into 2 user groups x 2 candidate groups, each adding into its
+    own slots of the workspaces (no atomics), summed afterwards: gradients against float64, and the
+    same bit for bit on a second run (on a GPU the programs run concurrently)."""
+    monkeypatch.setattr(ms, "ownership", lambda *args: (2, 2))
+    model = make("neumf", (30, 20), "relu")
+    model64 = copy.deepcopy(model).double()
+    users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
+    items = candidates(cand, 5, 37 if cand == "shared" else 13)
+    weight = torch.randn(5, items.shape[-1], dtype=torch.float64, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        model.zero_grad()
+        (fused_backend.model_scores(model, users, items, precision="ieee") * weight.float()).sum().backward()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    (pair_forward(model64, users, items) * weight).sum().backward()
+    for first, second, (name, p64) in zip(*runs, model64.named_parameters(), strict=True):
+        assert torch.equal(first, second), name
+        assert rel_err(first, p64.grad) < 1e-4, name
+
+
+def test_deterministic_algorithms_mode_is_honoured():
+    """Under torch.use_deterministic_algorithms(True) the fused backward runs (its kernels have no
+    atomics; per-user candidates reach the item rows through index_put_(accumulate=True), which
+    PyTorch then makes deterministic) and gives the same gradients."""
+    model = make("mlp", (40, 24), "relu")
+    users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
+    items = candidates("per_user", 5, 13)  # 65 >= 41 items: indexes the item table, with repeats
+    grads = []
+    for deterministic in (False, True):
+        model.zero_grad()
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            fused_backend.training_scores(model, users, items).square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(before)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("b,n", [(1, 1), (3, 1), (1, 5)])
 def test_tiny_shapes(b, n):
     model = make("mlp", (20, 18), "gelu")
@@ -142,7 +187,7 @@ def test_aligned_pairs_with_feature_representations():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["mlp", "neumf"])
-def test_half_precision_within_design_tolerance(dtype, kind):
+def test_half_precision_within_design_tolerance(dtype, kind, monkeypatch):
     """Scores within 2e-2 of float64. Gradients: the eager model in the same
     dtype is itself off by up to ~4e-2 here (its embedding gradients sum many
     low-precision products), so each gradient must be within 2e-2 or within
@@ -153,7 +198,14 @@ def test_half_precision_within_design_tolerance(dtype, kind):
     eager = copy.deepcopy(low)
     users = torch.tensor([0, 3, 8, 2, 1], device=DEVICE)
     items = candidates("shared", 5, 37)
-    got = fused_backend.model_scores(low, users, items)
+    monkeypatch.setenv(BACKEND_ENV, "fused")
+    with torch.no_grad():  # scoring: the split terms in the model's dtype (half-precision operands)
+        scored = fused_backend.model_scores(low, users, items)
+        _, top = rankfast.score(low, users, items, k=5)
+    assert scored.dtype == dtype
+    assert rel_err(scored, pair_forward(model64, users, items)) < 2e-2
+    assert rel_err(top, pair_forward(model64, users, items).topk(5, dim=1).values) < 2e-2
+    got = fused_backend.model_scores(low, users, items)  # with autograd: float32 terms
     assert got.dtype == dtype
     assert rel_err(got, pair_forward(model64, users, items)) < 2e-2
     got.float().sum().backward()

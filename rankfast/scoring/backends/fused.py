@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch.utils._pytree import tree_map
 
-from rankfast._ids import as_ids, check_history, exclude_csr
+from rankfast._ids import as_ids, check_history, check_range, exclude_csr, history_mask
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as kernel_topk
@@ -198,6 +198,24 @@ def _candidate_rows(items: torch.Tensor, num_items: int):
 # --- rankfast.score's scorers ---------------------------------------------------------------
 
 
+_SPLIT_TERMS = ("a", "cq", "ht", "qt")
+
+
+def scoring_terms(model, term):
+    """A split first layer's term as scoring passes it: float32 (see ``split_term``) when gradients
+    are being recorded (training), the model's dtype otherwise, so a bf16 model's scores run on
+    bf16 operands end to end (half the bytes to read per pair). Each term is then rounded before
+    the kernel adds them, an error of about one bf16 ulp of the larger term, inside the 2e-2
+    tolerance of bf16 scoring; gradients keep float32 terms."""
+    dtype = next(model.parameters()).dtype
+    return term if torch.is_grad_enabled() or dtype == torch.float32 else term.to(dtype)
+
+
+def _scoring_side(model, args: dict) -> dict:
+    """The split terms among an attention op's arguments, as :func:`scoring_terms` passes them."""
+    return {k: scoring_terms(model, v) if k in _SPLIT_TERMS else v for k, v in args.items()}
+
+
 def _float32_elements(model, count: int) -> int:
     """``count`` float32 values (the split first-layer terms) in elements of the model's dtype."""
     return count * max(1, 4 // next(model.parameters()).element_size())
@@ -213,13 +231,13 @@ class _FusedScorer(Scorer):
     op_topk: ClassVar[Callable]
 
     def pairs(self, rows: slice, state):
-        return self.op(**self._op_args(rows, state))
+        return self.op(**self._op_args(rows, state), check_ids=False)  # rankfast.score checked them
 
     def topk(self, rows: slice, state, k, skip=None):
         mask = None
         if skip is not None:
             mask = kernel_topk.positions_bitmask(*skip, rows.stop - rows.start, state[-1], self.device)
-        return self.op_topk(**self._op_args(rows, state), k=k, exclude_mask=mask)
+        return self.op_topk(**self._op_args(rows, state), k=k, exclude_mask=mask, check_ids=False)
 
 
 class FusedMLPScorer(_FusedScorer):
@@ -230,12 +248,13 @@ class FusedMLPScorer(_FusedScorer):
     def __init__(self, model, users, history=None, lengths=None):
         self.model, self.device = model, users.device
         self.adapter = _MLPAdapter(model)
-        self.a, self.gu = self.adapter.users(users)
+        a, self.gu = self.adapter.users(users)
+        self.a = scoring_terms(model, a)
 
     def items(self, ids):
         rows, idx = _candidate_rows(ids, self.model.config.num_items)
         c, gi = self.adapter.items(rows)
-        return dict(c=c, gi=gi), idx, ids.shape[-1]
+        return dict(c=scoring_terms(self.model, c), gi=gi), idx, ids.shape[-1]
 
     def _op_args(self, rows, state):
         item_side, idx, _ = state
@@ -259,11 +278,11 @@ class FusedAttentionScorer(_FusedScorer):
     def __init__(self, model, users, history, lengths):
         self.model, self.device = model, users.device
         self.adapter = _AttentionAdapter(model)
-        self.user_side = self.adapter.users(users, history, lengths)
+        self.user_side = _scoring_side(model, self.adapter.users(users, history, lengths))
 
     def items(self, ids):
         rows, idx = _candidate_rows(ids, self.model.config.num_items)
-        return self.adapter.items(rows), idx, ids.shape[-1]
+        return _scoring_side(self.model, self.adapter.items(rows)), idx, ids.shape[-1]
 
     def _op_args(self, rows, state):
         item_side, idx, _ = state
@@ -295,10 +314,29 @@ class OpCall:
     candidates: torch.Tensor
 
 
-def op_call(model: RankingModel, users, items=None, history=None, lengths=None) -> OpCall:
+def _check_ids(cfg, users, items, history=None, lengths=None):
+    """Every id in range and every length in ``[0, L]``, at the cost of one device sync for all of
+    them (the separate checks of ``rankfast._ids`` only run, for their message, when one fails)."""
+    if torch.compiler.is_compiling():
+        return
+    flags = [((users < 0) | (users >= cfg.num_users)).any(), ((items < 0) | (items >= cfg.num_items)).any()]
+    if history is not None:
+        max_len = history.shape[1]
+        flags.append(((lengths < 0) | (lengths > max_len)).any())
+        valid = history_mask(lengths, max_len)
+        flags.append((((history < 0) | (history >= cfg.num_items)) & valid).any())
+    if bool(torch.stack(flags).any()):
+        check_range("users", users, cfg.num_users)
+        check_range("items", items, cfg.num_items)
+        check_history(history, lengths, num_items=cfg.num_items)
+
+
+def op_call(model: RankingModel, users, items=None, history=None, lengths=None, *, validate=True) -> OpCall:
     """``model``'s scores for ``users [B]`` against ``items`` (``None``: every item, ``[N]``
     shared, ``[B, N]`` per user) as an :class:`OpCall`, arguments checked as
-    :func:`rankfast.score` checks them."""
+    :func:`rankfast.score` checks them: ids and lengths with one device sync, or not at all
+    with ``validate=False`` (ids the caller has checked, such as ``rankfast.fit``'s batches).
+    The op is called without its own id checks (``check_ids=False``)."""
     if not isinstance(model, RankingModel):
         raise TypeError(f"model: expected a rankfast.models.RankingModel, got {type(model).__name__}")
     scorer = scorer_for(model)
@@ -308,24 +346,32 @@ def op_call(model: RankingModel, users, items=None, history=None, lengths=None) 
     if model.training and cfg.dropout > 0 and torch.is_grad_enabled():
         raise ValueError("model: the fused kernels have no dropout; call model.eval() or use another backend")
     device = next(model.parameters()).device
-    users = as_ids("users", users, device=device, high=cfg.num_users)
+    users = as_ids("users", users, device=device)
     if items is None:
         items = torch.arange(cfg.num_items, device=device)
-    items = as_ids("items", items, ndims=(1, 2), device=device, high=cfg.num_items)
+    items = as_ids("items", items, ndims=(1, 2), device=device)
     if items.dim() == 2 and items.shape[0] != users.shape[0]:
         raise ValueError(f"items: per-user candidates must be [B={users.shape[0]}, N], got {tuple(items.shape)}")
     rows, idx = _candidate_rows(items, cfg.num_items)
     if scorer is FusedMLPScorer:
+        if validate:
+            _check_ids(cfg, users, items)
         adapter = _MLPAdapter(model)
         (a, gu), (c, gi) = adapter.users(users), adapter.items(rows)
-        return OpCall(ms.mlp_score, dict(a=a, c=c, idx=idx, gu=gu, gi=gi, **adapter.layers), (a, c), items)
+        a, c = scoring_terms(model, a), scoring_terms(model, c)
+        kw = dict(a=a, c=c, idx=idx, gu=gu, gi=gi, check_ids=False, **adapter.layers)
+        return OpCall(ms.mlp_score, kw, (a, c), items)
     if history is None or lengths is None:
         raise ValueError("history, lengths: required by AttentionModel ([B, L] and [B])")
-    history, lengths = check_history(history, lengths, num_items=cfg.num_items, rows=users.shape[0], device=device)
+    history, lengths = check_history(
+        history, lengths, num_items=cfg.num_items, rows=users.shape[0], device=device, check_values=False
+    )
+    if validate:
+        _check_ids(cfg, users, items, history, lengths)
     adapter = _AttentionAdapter(model)
-    user_side, item_side = adapter.users(users, history, lengths), adapter.items(rows)
-    kw = dict(user_side, **item_side, idx=idx, **adapter.layers)
-    return OpCall(ta.target_attention_score, kw, tuple(kw.get(name) for name in ("a", "cq", "ht", "qt")), items)
+    user_side = _scoring_side(model, adapter.users(users, history, lengths))
+    kw = dict(user_side, **_scoring_side(model, adapter.items(rows)), idx=idx, check_ids=False, **adapter.layers)
+    return OpCall(ta.target_attention_score, kw, tuple(kw.get(name) for name in _SPLIT_TERMS), items)
 
 
 def model_scores(model: RankingModel, users, items=None, history=None, lengths=None, *, precision=None):
@@ -355,17 +401,18 @@ def model_topk(
         return positions_to_ids(positions, candidates), values
 
 
-def training_scores(model: RankingModel, users, items=None, history=None, lengths=None):
+def training_scores(model: RankingModel, users, items=None, history=None, lengths=None, *, validate=True):
     """Differentiable scores ``[B, W]`` of ``users [B]`` against per-user candidates
     ``items [B, W]``, shared ones ``[W]``, or every item (``None``) through the fused forward
     and backward kernels: what :func:`rankfast.fit` trains on when
-    :func:`rankfast.scoring.trains_fused` says so.
+    :func:`rankfast.scoring.trains_fused` says so. ``validate=False`` skips the id checks and
+    their device sync (``fit`` passes its own batches, checked when the data was loaded).
 
     Under autocast (``TrainConfig.bf16``) the kernels' inputs are cast to the autocast dtype,
     as autocast would cast a matmul's, except the split first layers' terms, which stay
     float32 (see ``split_term``); gradients flow back to the parameters in their own dtype.
     """
-    call = op_call(model, users, items, history, lengths)
+    call = op_call(model, users, items, history, lengths, validate=validate)
     kw, device = call.kwargs, call.kwargs["a"].device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
