@@ -108,7 +108,8 @@ def evaluate(
             else:
                 history, lengths = histories(batch_t)
                 ids, _ = score(model, batch_t, k=k, exclude=exclude, history=history, lengths=lengths)
-            ranked[start : start + len(batch)] = torch.as_tensor(ids).cpu().numpy()
+            ids = torch.as_tensor(ids).cpu().numpy()  # [B, min(k, items)]
+            ranked[start : start + len(batch), : ids.shape[1]] = ids
     return metrics.ranking_metrics(ranked, _rows(test_ptr, test_items, users), ks)
 
 

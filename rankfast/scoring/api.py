@@ -43,9 +43,10 @@ def score(
         items: candidate item ids: ``None`` (every item), one shared set
             ``[N]``, or one set per user ``[B, N]``.
         k: return each user's top ``k`` instead of all scores (through
-            :func:`rankfast.topk`: NaN last, ties to the earlier candidate,
-            rows with fewer than ``k`` eligible candidates padded with id
-            ``-1`` and score ``-inf``).
+            :func:`rankfast.topk`: NaN last, ties to the earlier candidate).
+            ``k`` is clamped to the number of candidates ``N``; rows with
+            fewer than ``min(k, N)`` eligible candidates (some excluded) are
+            padded with id ``-1`` and score ``-inf``.
         exclude: with ``k``, item ids each user must not get back (e.g.
             already-seen items): a list of ``B`` id sequences or CSR
             ``(indptr, indices)``. Every candidate position holding an
@@ -66,7 +67,7 @@ def score(
 
     Returns:
         Scores ``[B, N]`` in the model's dtype, or with ``k`` the pair
-        ``(ids, scores)``, both ``[B, k]``: int64 item ids, best first.
+        ``(ids, scores)``, both ``[B, min(k, N)]``: int64 item ids, best first.
 
     The backend is picked in one place, :func:`rankfast.scoring.select_scorer`:
     CUDA models go through the fused Triton kernels (``rankfast.kernels``;
@@ -91,7 +92,7 @@ def score(
             raise ValueError(f"items: per-user candidates must be [B={num_users}, N], got {tuple(items.shape)}")
     history, lengths = _check_history(model, history, lengths, num_users, device)
     if k is not None:
-        k = check_k(k)
+        k = check_k(k, items.shape[-1])
     if exclude is not None:
         if k is None:
             raise ValueError("exclude: only used with k (top-K results)")
