@@ -60,20 +60,37 @@ class IdMap:
         """Raw ids, indexed by contiguous id."""
         return self._raw
 
-    def index(self, values, *, name: str = "ids") -> np.ndarray:
-        """Contiguous ids (int64) of raw ids; an unknown id raises ``KeyError``."""
-        values = _as_numpy(values, name).reshape(-1)
+    def find(self, values) -> np.ndarray:
+        """Contiguous ids (int64) of raw ids, ``-1`` for each one the map does not hold
+        (whatever its type: ``None``, an int too large for int64 or a string among
+        integer ids is not found, never an error)."""
+        values = _as_numpy(values, "values").reshape(-1)
+        if values.dtype == object:  # mixed types, or ints beyond int64: one at a time
+            return np.array([self._find_one(v) for v in values.tolist()], dtype=np.int64)
+        if not len(self._raw) or not len(values):
+            return np.full(len(values), -1, dtype=np.int64)
         try:
-            pos = np.searchsorted(self._raw, values)
-        except TypeError:
-            raise KeyError(
-                f"{name}: ids of type {values.dtype} cannot match raw ids of type {self._raw.dtype}"
-            ) from None
-        pos = np.minimum(pos, max(len(self._raw) - 1, 0))
-        found = self._raw[pos] == values if len(self._raw) else np.zeros(len(values), dtype=bool)
-        if not np.all(found):
-            raise KeyError(f"{name}: unknown raw id {values[~found][0].item()!r}")
-        return pos.astype(np.int64)
+            pos = np.minimum(np.searchsorted(self._raw, values), len(self._raw) - 1)
+            found = self._raw[pos] == values
+        except TypeError:  # e.g. strings against integer ids: nothing matches
+            return np.full(len(values), -1, dtype=np.int64)
+        return np.where(found, pos, -1).astype(np.int64)
+
+    def _find_one(self, value) -> int:
+        try:
+            pos = min(int(np.searchsorted(self._raw, value)), len(self._raw) - 1)
+            return pos if len(self._raw) and bool(self._raw[pos] == value) else -1
+        except (TypeError, ValueError, OverflowError):
+            return -1
+
+    def index(self, values, *, name: str = "ids") -> np.ndarray:
+        """Contiguous ids (int64) of raw ids; an unknown id raises ``KeyError`` naming it."""
+        values = _as_numpy(values, name).reshape(-1)
+        pos = self.find(values)
+        unknown = np.flatnonzero(pos < 0)
+        if unknown.size:
+            raise KeyError(f"{name}: unknown raw id {values[unknown[:1]].tolist()[0]!r}")
+        return pos
 
     def to_raw(self, index) -> np.ndarray:
         """Raw ids of contiguous ids."""
