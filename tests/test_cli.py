@@ -284,6 +284,89 @@ def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
         assert code == EXIT_FAILED and message in err and err.count("\n") == 1
 
 
+def _config(out, *, top="", data="synthetic = {num_users = 60, num_items = 40, seed = 1}", model=None, train=None):
+    """A train config file's text: a valid one, but for the parts given (None leaves a table out)."""
+    model = 'type = "dot"\ndim = 4' if model is None else model
+    train = "epochs = 1\nbatch_size = 256" if train is None else train
+    tables = [("data", data), ("model", model), ("train", train)]
+    return f'out = "{out}"\n{top}\n' + "".join(f"[{name}]\n{body}\n" for name, body in tables if body != "-")
+
+
+# Every train config of the reliability probe (docs: shared/reviews/reliability.md, the CLI table):
+# 14 printed a traceback, 6 exited 1 and one trained. Each is one line and exit 2 (a bad config).
+BAD_CONFIGS = {
+    "not UTF-8": (None, "is not UTF-8 (byte"),
+    "model = 5": ({"top": "model = 5", "model": "-"}, "[model]: expected a table, got 5"),
+    "train = 'x'": ({"top": "train = 'x'", "train": "-"}, "[train]: expected a table, got 'x'"),
+    "data = 5": ({"top": "data = 5", "data": "-"}, "[data]: expected movielens = NAME or DIR"),
+    "unknown top-level key": ({"top": "colour = 1"}, "--config: unknown keys ['colour']"),
+    "synthetic = 5": ({"data": "synthetic = 5"}, "[data] synthetic: expected a table of num_users"),
+    "synthetic bogus key": ({"data": "synthetic = {bogus = 1}"}, "[data] synthetic: expected a table of"),
+    "num_users = 'abc'": ({"data": "synthetic = {num_users = 'abc'}"}, "num_users: expected an int, got 'abc'"),
+    "num_users = 0": ({"data": "synthetic = {num_users = 0}"}, "[data] synthetic: num_users: must be at least 1"),
+    "movielens = 5": ({"data": "movielens = 5"}, "[data] movielens: '5' is neither a data set name"),
+    "movielens missing": ({"data": "movielens = '/nonexistent'"}, "'/nonexistent' is neither a data set name"),
+    "type = 5": ({"model": "type = 5"}, "model type: expected one of"),
+    "type = []": ({"model": "type = []"}, "model type: expected one of ['attention', 'dot', 'mlp', 'neumf'], got []"),
+    "dim = '32'": ({"model": "dim = '32'"}, "[model]: DotConfig.dim: expected a positive int, got '32'"),
+    "dim = 10**12": ({"model": "dim = 1000000000000"}, "[model]: a DotModel of these sizes holds 372,529 GiB"),
+    "model bogus key": ({"model": "bogus = 1"}, "unexpected keyword argument 'bogus'"),
+    "hidden = 'abc'": ({"model": "type = 'mlp'\nhidden = 'abc'"}, "MLPConfig.hidden: expected a sequence"),
+    "epochs = '3'": ({"train": "epochs = '3'"}, "[train]: epochs: expected int, got '3'"),
+    "epochs = 1.7": ({"train": "epochs = 1.7"}, "[train]: epochs: expected int, got 1.7"),
+    "lr = 'fast'": ({"train": "lr = 'fast'"}, "[train]: lr: expected float, got 'fast'"),
+    "lr = -1": ({"train": "lr = -1.0"}, "[train]: lr: must be positive, got -1.0"),
+    "weight_decay = 'x'": ({"train": "weight_decay = 'x'"}, "[train]: weight_decay: expected float, got 'x'"),
+    "batch_size = 0": ({"train": "batch_size = 0"}, "[train]: batch_size: must be at least 1, got 0"),
+    "train bogus key": ({"train": "bogus = 1"}, "unexpected keyword argument 'bogus'"),
+    "checkpoint_dir = 5": ({"train": "checkpoint_dir = 5"}, "checkpoint_dir: expected str or os.PathLike, got 5"),
+    "seed = 'abc'": ({"train": "seed = 'abc'"}, "[train]: seed: expected int, got 'abc'"),
+    "eval_ks = 'abc'": ({"train": "eval_ks = 'abc'"}, "[train]: invalid literal for int()"),
+    "all + bce": ({"train": "negatives = 'all'\nloss = 'bce'"}, "negatives: 'all' (full softmax) needs loss='softmax'"),
+    "grad_clip = 'x'": ({"train": "grad_clip = 'x'"}, "[train]: grad_clip: expected float, got 'x'"),
+    "test_ratio = 1.5": ({"top": "test_ratio = 1.5"}, "test_ratio: expected a number in (0, 1), got 1.5"),
+    "threads = 0": ({"top": "threads = 0"}, "threads: expected a positive int, got 0"),
+    "out = 5": ("out = 5\n", "out: expected a path, got 5"),
+    "out = ''": ("out = ''\n", "--out: where to write the model directory"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_bad_config_files_are_one_line_and_exit_2(name, tmp_path, capsys):
+    parts, message = BAD_CONFIGS[name]
+    config = tmp_path / "train.toml"
+    if parts is None:
+        config.write_bytes(_config(tmp_path / "m").encode() + b"\xff = 1\n")
+    else:
+        config.write_text(parts if isinstance(parts, str) else _config(tmp_path / "m", **parts))
+    code, _, err = run(["train", "--config", config], capsys)
+    assert code == EXIT_USAGE and err.count("\n") == 1 and err.startswith("rankfast: error: "), err
+    assert message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_valid_config_base_trains(tmp_path, capsys):
+    """The base of the bad configs above is valid: each case is bad for its own reason."""
+    (tmp_path / "train.toml").write_text(_config(tmp_path / "m"))
+    code, _, err = run(["train", "--config", tmp_path / "train.toml"], capsys)
+    assert code == 0 and Ranker.load(tmp_path / "m").model.config.dim == 4, err
+
+
+def test_score_extreme_arguments(model_dir, tmp_path, capsys):
+    """-k 10**12 and 10**8 were an allocator traceback: k is clamped to the items. A user id
+    beyond int64 was an AttributeError: it is an unknown id."""
+    (tmp_path / "users.txt").write_text("5\n7\n")
+    for k in ("1000000000000", "100000000"):
+        code, out, err = run(["score", model_dir, "-i", tmp_path / "users.txt", "-k", k, "--include-seen"], capsys)
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and [len(row["items"]) for row in rows] == [40, 40], err
+    (tmp_path / "users.txt").write_text("5\n1180591620717411303424\n")
+    code, out, err = run(["score", model_dir, "-i", tmp_path / "users.txt"], capsys)
+    assert code == EXIT_FAILED and err == "rankfast: error: users: unknown user id 1180591620717411303424 " + (
+        "(load the Ranker with cold_start=True to score new users)\n"
+    )
+
+
 def test_corrupted_model_directory(model_dir, tmp_path, capsys):
     import shutil
 

@@ -105,6 +105,8 @@ def _read_toml(path: str) -> dict:
         raise CLIError(f"--config: cannot read {path} ({err.strerror})", EXIT_USAGE) from None
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"--config: {path} is not valid TOML ({err})", EXIT_USAGE) from None
+    except UnicodeDecodeError as err:
+        raise CLIError(f"--config: {path} is not UTF-8 (byte {err.start}: {err.reason})", EXIT_USAGE) from None
 
 
 def train_settings(args) -> dict:
@@ -116,8 +118,11 @@ def train_settings(args) -> dict:
             f"--config: unknown keys {unknown} (allowed: out, test_ratio, threads, [data], [model], [train])",
             EXIT_USAGE,
         )
+    for table in ("model", "train"):
+        if not isinstance(file.get(table, {}), dict):
+            raise CLIError(f"[{table}]: expected a table, got {file[table]!r}", EXIT_USAGE)
     # The seed: --seed, else the file's [train] seed, else 0 (an unset flag must not hide the file's).
-    seed = args.seed if args.seed is not None else (file.get("train") or {}).get("seed", 0)
+    seed = args.seed if args.seed is not None else file.get("train", {}).get("seed", 0)
     data = _data_source(args, seed) or file.get("data") or {"synthetic": {"seed": seed}}
     if not isinstance(data, dict) or len(data) != 1 or not set(data) <= {"movielens", "synthetic"}:
         raise CLIError(f"[data]: expected movielens = NAME or DIR, or synthetic = {{...}}, got {data!r}", EXIT_USAGE)
@@ -126,8 +131,10 @@ def train_settings(args) -> dict:
             data = {"movielens": data_argument(str(data["movielens"]))}
         except argparse.ArgumentTypeError as err:
             raise CLIError(f"[data] movielens: {err}", EXIT_USAGE) from None
+    else:
+        check_synthetic(data["synthetic"])
     model_type = args.model or file.get("model", {}).get("type", "dot")
-    if model_type not in MODELS:
+    if not isinstance(model_type, str) or model_type not in MODELS:
         raise CLIError(f"model type: expected one of {sorted(MODELS)}, got {model_type!r}", EXIT_USAGE)
     settings = defaults(data, model_type)
     for key in ("out", "test_ratio", "threads"):
@@ -151,10 +158,23 @@ def train_settings(args) -> dict:
     ratio = settings["test_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise CLIError(f"test_ratio: expected a number in (0, 1), got {ratio!r}", EXIT_USAGE)
-    if not settings.get("out") or not isinstance(settings["out"], str):
+    if settings.get("out") is not None and not isinstance(settings["out"], str):
+        raise CLIError(f"out: expected a path, got {settings['out']!r}", EXIT_USAGE)
+    if not settings.get("out"):
         raise CLIError("--out: where to write the model directory (or out = ... in the config file)", EXIT_USAGE)
     check_out(settings["out"])
     return settings
+
+
+def check_synthetic(table) -> None:
+    """``[data] synthetic``: a table of :func:`rankfast.data.synthetic_interactions`'s int
+    arguments (their values are checked when the data is made: :func:`split`)."""
+    allowed = ("num_users", "num_items", "per_user", "topics", "seed")
+    if not isinstance(table, dict) or set(table) - set(allowed):
+        raise CLIError(f"[data] synthetic: expected a table of {', '.join(allowed)}, got {table!r}", EXIT_USAGE)
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CLIError(f"[data] synthetic: {key}: expected an int, got {value!r}", EXIT_USAGE)
 
 
 def check_out(path: str):
@@ -178,11 +198,16 @@ def split(source: dict, test_ratio: float):
     if "movielens" in source:
         data = datasets.load(source["movielens"])
     else:
-        data = synthetic_interactions(**source["synthetic"])
+        try:
+            data = synthetic_interactions(**source["synthetic"])
+        except ValueError as err:  # sizes that cannot make a data set (num_users = 0, ...)
+            raise CLIError(f"[data] synthetic: {err}", EXIT_USAGE) from None
     return temporal_split(data, test_ratio)
 
 
 def build_model(model_settings: dict, train):
+    import torch
+
     from rankfast import models
 
     fields = dict(model_settings)
@@ -191,6 +216,15 @@ def build_model(model_settings: dict, train):
         config = config_cls(num_users=train.num_users, num_items=train.num_items, **fields)
     except (TypeError, ValueError) as err:  # unknown or invalid fields of the config file
         raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
+    with torch.device("meta"):  # sized before anything is allocated
+        size = sum(p.numel() * p.element_size() for p in cls(config).parameters())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise CLIError(
+            f"[model]: a {cls.__name__} of these sizes holds {size / 2**30:,.0f} GiB of weights, "
+            f"more than this machine's {memory / 2**30:,.0f} GiB of memory",
+            EXIT_USAGE,
+        )
     return cls(config)
 
 
@@ -199,11 +233,11 @@ def train_model(settings: dict):
     import torch
 
     torch.set_num_threads(int(settings["threads"]))
-    train, test = split(settings["data"], settings["test_ratio"])
-    try:
+    try:  # before the data: a bad [train] value is reported at once
         config = rankfast.TrainConfig(**settings["train"])
     except (TypeError, ValueError) as err:
         raise CLIError(f"[train]: {err}", EXIT_USAGE) from None
+    train, test = split(settings["data"], settings["test_ratio"])
     torch.manual_seed(config.seed)
     model = build_model(settings["model"], train)
     print(

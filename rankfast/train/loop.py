@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_che
 from rankfast.train.distributed import DistContext, distributed_context
 from rankfast.train.losses import LOSSES
 from rankfast.train.multitask import MultiTask
-from rankfast.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from rankfast.train.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule
 
 __all__ = ["TrainConfig", "fit"]
 
@@ -78,6 +79,11 @@ class TrainConfig:
     the model, the data's id mappings, each user's seen items and histories)
     is written to ``checkpoint_dir/model``, which must be absent, empty or an
     earlier model directory.
+
+    Every field is checked when the config is made: a value not of the
+    field's type (``epochs=1.7``, ``lr="fast"``; a bool is not a number) is a
+    ``TypeError`` naming the field, a value out of range (``lr=-1``) a
+    ``ValueError``.
     """
 
     epochs: int = 10
@@ -101,24 +107,21 @@ class TrainConfig:
     eval_ks: tuple[int, ...] = (10, 20)
     eval_every: int = 1
     patience: int | None = None
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | os.PathLike | None = None
     resume: bool = True
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
+        _check_field_types(self)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        choices = {
-            "loss": LOSSES,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "negatives": ("uniform", "popularity", "all", "partition"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in (("loss", LOSSES), ("negatives", ("uniform", "popularity", "all", "partition"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        check_optimizer(self.optimizer, lr=self.lr, weight_decay=self.weight_decay)
+        check_schedule(self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio)
         if self.negatives in ("all", "partition") and self.loss != "softmax":
             raise ValueError(f"negatives: {self.negatives!r} (full softmax) needs loss='softmax', got {self.loss!r}")
         if self.loss != "mse" and self.negatives != "all" and int(self.num_negatives) < 1:
@@ -130,6 +133,24 @@ class TrainConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         if self.monitor is None:
             self.monitor = "rmse" if self.loss == "mse" else f"ndcg@{max(self.eval_ks)}"
+
+
+#: The annotations of TrainConfig's fields, as types (``tuple`` fields convert themselves).
+_FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool, "os.PathLike": os.PathLike}
+
+
+def _check_field_types(config) -> None:
+    """Raises ``TypeError`` naming the first field of ``config`` whose value is not of its
+    annotated type (an int is a float; a bool is neither; ``None`` where the type allows)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kinds = [kind.strip() for kind in field.type.split("|")]
+        if kinds[0].startswith("tuple") or (value is None and "None" in kinds):
+            continue
+        types = tuple(_FIELD_TYPES[kind] for kind in kinds if kind != "None")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(kind for kind in kinds if kind != "None")
+            raise TypeError(f"{field.name}: expected {want}, got {value!r}")
 
 
 class _Trainer:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["build_optimizer", "build_scheduler", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["build_optimizer", "build_scheduler", "check_optimizer", "check_schedule", "OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("adamw", "sgd", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -29,17 +29,12 @@ def build_optimizer(
     ``module_lrs`` gives the parameters of some submodules their own
     learning rate (e.g. a fine-tuned text encoder beside the ranking head).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay: must be non-negative, got {weight_decay}")
     rates = {}
     for module, module_lr in (module_lrs or {}).items():
         for p in module.parameters():
             rates[id(p)] = module_lr
-    for rate in (lr, *rates.values()):
-        if not rate > 0:
-            raise ValueError(f"lr: must be positive, got {rate}")
+    for rate in {lr, *rates.values()}:
+        check_optimizer(name, lr=rate, weight_decay=weight_decay)
     groups = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -53,17 +48,32 @@ def build_optimizer(
     return torch.optim.Adagrad(groups, lr=lr)
 
 
-def build_scheduler(
-    optimizer, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0
-):
-    """Linear warmup over ``warmup_steps`` optimizer steps, then cosine or
-    linear decay to ``min_lr_ratio * lr`` at ``total_steps`` (or a constant)."""
+def check_optimizer(name: str, *, lr: float, weight_decay: float) -> None:
+    """Raises ``ValueError`` naming the first bad argument of :func:`build_optimizer`."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {name!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay: must be non-negative, got {weight_decay}")
+    if not lr > 0:
+        raise ValueError(f"lr: must be positive, got {lr}")
+
+
+def check_schedule(schedule: str, *, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Raises ``ValueError`` naming the first bad argument of :func:`build_scheduler`."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps: must be non-negative, got {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {min_lr_ratio}")
+
+
+def build_scheduler(
+    optimizer, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0
+):
+    """Linear warmup over ``warmup_steps`` optimizer steps, then cosine or
+    linear decay to ``min_lr_ratio * lr`` at ``total_steps`` (or a constant)."""
+    check_schedule(schedule, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
