@@ -1,7 +1,11 @@
 """Readers for MovieLens, NCF split files and generic CSV/Parquet tables.
 
 Every text reader goes through :func:`_read_records`, which reports a
-malformed line as ``DataFormatError("path:line: what is wrong")``.
+malformed line (wrong fields, bytes that are not in the file's encoding, a CSV
+field over the csv module's limit) as ``DataFormatError("path:line: what is
+wrong")``, and every value through :func:`_convert` (an int beyond 64 bits, a
+rating that is not a finite float32). A file with no data lines is an error
+too. A UTF-8 byte order mark (as Excel writes) is skipped.
 """
 
 from __future__ import annotations
@@ -40,30 +44,57 @@ def _read_records(
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: {path} does not exist")
-    with open(path, encoding=encoding, newline="") as f:
+    lineno = 0
+    with open(path, encoding="utf-8-sig" if encoding == "utf-8" else encoding, newline="") as f:
         lines = csv.reader(f) if sep == "," else (line.rstrip("\r\n").split(sep) for line in f)
         lines = tqdm(lines, desc=os.path.basename(path), unit=" lines", leave=False, mininterval=1.0, disable=None)
-        for lineno, parts in enumerate(lines, start=1):
-            if not parts or parts == [""]:
-                continue
-            if header is not None and lineno == 1:
-                if parts[: len(header)] != list(header):
-                    raise DataFormatError(f"{path}:1: expected header {','.join(header)}, got {','.join(parts)}")
-                continue
-            ok = len(parts) >= min_fields if min_fields is not None else len(parts) == fields
-            if not ok:
-                expected = f"at least {min_fields}" if min_fields is not None else str(fields)
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected {expected} fields separated by {sep!r}, got {len(parts)}"
-                )
-            yield lineno, parts
+        try:
+            for lineno, parts in enumerate(lines, start=1):
+                if not parts or parts == [""]:
+                    continue
+                if header is not None and lineno == 1:
+                    if parts[: len(header)] != list(header):
+                        raise DataFormatError(f"{path}:1: expected header {','.join(header)}, got {','.join(parts)}")
+                    continue
+                ok = len(parts) >= min_fields if min_fields is not None else len(parts) == fields
+                if not ok:
+                    expected = f"at least {min_fields}" if min_fields is not None else str(fields)
+                    raise DataFormatError(
+                        f"{path}:{lineno}: expected {expected} fields separated by {sep!r}, got {len(parts)}"
+                    )
+                yield lineno, parts
+        except UnicodeDecodeError:  # the decoder reads ahead of the lines: find the line in the bytes
+            raise DataFormatError(_undecodable(path, encoding)) from None
+        except csv.Error as err:
+            raise DataFormatError(f"{path}:{lineno + 1}: {err}") from None
+
+
+def _undecodable(path, encoding) -> str:
+    """``"path:line: ..."`` of the first line of ``path`` that is not ``encoding`` text."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as err:
+                return f"{path}:{lineno}: not {encoding} text (byte {err.start + 1} of the line: {err.reason})"
+    return f"{path}: not {encoding} text"
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _convert(path, lineno, value, kind: Callable, what: str):
+    """``value`` as ``kind``: ints within int64, floats finite in float32 (as they are stored)."""
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise DataFormatError(f"{path}:{lineno}: {what} {value!r} is not a valid {kind.__name__}") from None
+    if kind is int and not _INT64[0] <= number <= _INT64[1]:
+        raise DataFormatError(f"{path}:{lineno}: {what} {value!r} does not fit in 64 bits")
+    if kind is float and not abs(number) <= _FLOAT32_MAX:  # NaN fails this too
+        raise DataFormatError(f"{path}:{lineno}: {what} {value!r} is not a finite float32")
+    return number
 
 
 def _read_ratings(path, *, sep, encoding="utf-8", header=None):
@@ -74,6 +105,8 @@ def _read_ratings(path, *, sep, encoding="utf-8", header=None):
         items.append(_convert(path, lineno, i, int, "item id"))
         ratings.append(_convert(path, lineno, r, float, "rating"))
         stamps.append(_convert(path, lineno, t, int, "timestamp"))
+    if not users:
+        raise DataFormatError(f"{path}: no interactions (the file has no data lines)")
     return (
         np.array(users, dtype=np.int64),
         np.array(items, dtype=np.int64),
@@ -227,13 +260,15 @@ def _read_csv_columns(path, wanted, sep):
             )
         for arg, pos in position.items():
             raw[arg].append((lineno, parts[pos]))
+    if not raw["user"]:
+        raise DataFormatError(f"{path}: no interactions (no lines after the header)")
     out = {}
     for arg, values in raw.items():
         if arg in ("user", "item"):
             strings = np.array([v for _, v in values])
             try:
                 out[arg] = strings.astype(np.int64)
-            except ValueError:
+            except (ValueError, OverflowError):  # not all integers, or not all within int64
                 out[arg] = strings
         else:
             kind = float if arg == "rating" else int
