@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch.utils._pytree import tree_map
 
-from rankfast._ids import as_ids, check_history, exclude_csr
+from rankfast._ids import as_ids, check_history, check_k, exclude_csr
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as kernel_topk
@@ -339,13 +339,14 @@ def model_scores(model: RankingModel, users, items=None, history=None, lengths=N
 def model_topk(
     model: RankingModel, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0, precision=None
 ):
-    """Fused score + top-K: each user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``,
-    the rules of :func:`rankfast.score` with ``k`` (``exclude`` by item id, NaN last, ties to the
-    earlier candidate, padding id -1 / score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``).
-    ``splits``: programs per user (0: automatic)."""
+    """Fused score + top-K: each user's best ``k`` candidates as ``(item ids, scores)``
+    ``[B, min(k, N)]``, the rules of :func:`rankfast.score` with ``k`` (``k`` clamped to the ``N``
+    candidates, ``exclude`` by item id, NaN last, ties to the earlier candidate, padding id -1 /
+    score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``). ``splits``: programs per user (0: automatic)."""
     with torch.no_grad():
         call = op_call(model, users, items, history, lengths)
         candidates, num_users = call.candidates, call.kwargs["a"].shape[0]
+        k = check_k(k, candidates.shape[-1])
         mask = None
         if exclude is not None:
             skip = excluded_positions(candidates, exclude_csr(exclude, num_users, model.config.num_items))
