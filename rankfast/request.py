@@ -123,7 +123,7 @@ class Limits:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k: expected a positive int, got {shown(k)}")
         if self.max_k is not None and k > self.max_k:
-            raise ValueError(f"k: {k} is more than this Ranker's limit max_k={self.max_k}")
+            raise ValueError(f"k: {shown(k)} is more than this Ranker's limit max_k={self.max_k}")
         return int(k)
 
     def check_ids(self, name: str, values) -> list:
