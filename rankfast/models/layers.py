@@ -55,6 +55,11 @@ class Representation(nn.Module):
             return self.project(self.features[ids], ids)
         return self.embedding(ids)
 
+    def per_field(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[..., 1, dim]``: the rows of ``ids`` as the one field of this side (a side with
+        feature fields, :class:`rankfast.models.fields.FieldRepresentation`, has more)."""
+        return self(ids).unsqueeze(-2)
+
     def all(self) -> torch.Tensor:
         """Every row, ``[num, dim]``."""
         if self.uses_features:
