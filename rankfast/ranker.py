@@ -19,6 +19,7 @@ from rankfast.data import IdMap
 from rankfast.encoders import pool_history
 from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
 from rankfast.models import RankingModel, Representation
+from rankfast.models.fields import default_context
 from rankfast.scoring import score
 
 __all__ = ["Ranker", "Request", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
@@ -36,6 +37,7 @@ class Request:
     k: int = 10
     exclude_seen: bool = True
     histories: Mapping | None = None
+    context: Mapping | None = None
 
 
 class Ranker:
@@ -105,7 +107,14 @@ class Ranker:
     # --- scoring ------------------------------------------------------------------------
 
     def score(
-        self, users, candidates=None, k: int = 10, exclude_seen: bool = True, *, histories: Mapping | None = None
+        self,
+        users,
+        candidates=None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        histories: Mapping | None = None,
+        context: Mapping | None = None,
     ) -> list[dict]:
         """Each user's top ``k`` items, best first.
 
@@ -118,11 +127,18 @@ class Ranker:
                 cold-start user, the items of its history).
             histories: ``{raw user id: [raw item ids, oldest first]}`` for
                 cold-start users (see :meth:`load`).
+            context: for a model that reads context fields (``model.uses_context``),
+                the request's raw context, the same for every user of the call:
+                ``{field name: value}`` (a category, a list of categories for a
+                multi-valued field, numbers for a dense one), encoded with the
+                vocabularies saved with the model: an unknown category reads the
+                out-of-vocabulary row. None: every context field unknown.
+                Ignored by other models.
 
         Returns:
             One ``{"user": id, "items": [ids], "scores": [floats]}`` per user, in order.
         """
-        return self.score_many([Request(users, candidates, k, exclude_seen, histories)])[0]
+        return self.score_many([Request(users, candidates, k, exclude_seen, histories, context)])[0]
 
     def score_many(self, requests: Iterable[Request | Mapping]) -> list[list[dict]]:
         """The results of many :meth:`score` calls (``Request`` objects or dicts
@@ -144,7 +160,8 @@ class Ranker:
             batch = [requests[n] for n in members]
             users = [u for r in batch for u in _as_list(r.users, "users")]
             histories = [(r.histories or {}).get(u) for r in batch for u in _as_list(r.users, "users")]
-            ranked = self._score_rows(users, histories, candidates, max(r.k for r in batch), exclude_seen)
+            context = self._context([(r.context, len(_as_list(r.users, "users"))) for r in batch])
+            ranked = self._score_rows(users, histories, candidates, max(r.k for r in batch), exclude_seen, context)
             start = 0
             for n, request in zip(members, batch, strict=True):
                 rows = ranked[start : start + len(request.users)]
@@ -155,8 +172,34 @@ class Ranker:
                 start += len(request.users)
         return results
 
-    def _score_rows(self, users: list, histories: list, candidates, k: int, exclude_seen: bool) -> list[dict]:
-        """Top ``k`` of each raw user id (``histories[j]``: cold-start history of ``users[j]`` or None)."""
+    def _context(self, requests: list) -> dict | None:
+        """The encoded context rows of ``(raw context or None, number of users)`` requests, one row
+        per user (None for a model without context fields)."""
+        fields = self.model.context_fields
+        if not fields:
+            return None
+        rows = {f.name: [] for f in fields}
+        for raw, n in requests:
+            if raw is not None and not isinstance(raw, Mapping):
+                raise TypeError(f"context: expected a mapping of field name to value, got {type(raw).__name__}")
+            raw = {} if raw is None else raw
+            unknown = sorted(set(raw) - set(rows))
+            if unknown:
+                raise ValueError(f"context: {unknown} are not context fields of the model (it reads {sorted(rows)})")
+            known = default_context(fields, n, "cpu")
+            for f in fields:
+                if f.name in raw:
+                    value = raw[f.name]
+                    values = np.tile(np.asarray(value, dtype=np.float32), (n, 1)) if f.kind == "dense" else [value] * n
+                    known[f.name] = torch.from_numpy(f.encode(values, lambda j: "context"))
+                rows[f.name].append(known[f.name])
+        return {name: torch.cat(parts) for name, parts in rows.items()}
+
+    def _score_rows(
+        self, users: list, histories: list, candidates, k: int, exclude_seen: bool, context: dict | None = None
+    ) -> list[dict]:
+        """Top ``k`` of each raw user id (``histories[j]``: cold-start history of ``users[j]`` or None;
+        ``context``: each user's encoded context rows)."""
         items = (
             None
             if candidates is None
@@ -174,7 +217,10 @@ class Ranker:
             rows = torch.from_numpy(self.user_ids.index(np.asarray(users)[known], name="users"))
             history, lengths = self._stored_history(rows)
             exclude = self._seen(rows) if exclude_seen else None
-            got_ids, got_scores = score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
+            known_context = None if context is None else {n: v[torch.from_numpy(known)] for n, v in context.items()}
+            got_ids, got_scores = score(
+                self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths, context=known_context
+            )
             ids[known], scores[known] = got_ids.cpu().numpy(), got_scores.cpu().numpy()
         if not known.all():
             cold = np.flatnonzero(~known)
