@@ -180,24 +180,28 @@ class RankingModel(nn.Module):
         """Whether the model reads context fields (``forward(..., context=)``)."""
         return bool(self.context_fields)
 
-    def context_vectors(self, context, like: torch.Tensor) -> torch.Tensor:
-        """``[*like.shape, C, repr_dim]``: the vectors of the context fields, from ``context``
+    def context_vectors(self, context, like: torch.Tensor) -> list[torch.Tensor]:
+        """The vectors of the context fields, each ``[*like.shape, repr_dim]``, from ``context``
         (``{name: encoded values}`` with ``like``'s leading shape) or, when None, the
         out-of-vocabulary values (:func:`rankfast.models.fields.default_context`)."""
         if not self.context_fields:
-            dtype = next(self.parameters()).dtype
-            return torch.zeros(*like.shape, 0, self.user_repr.dim, dtype=dtype, device=like.device)
+            return []
         if context is None:
             flat = default_context(self.context_fields, like.numel(), like.device)
             context = {k: v.view(*like.shape, *v.shape[1:]) for k, v in flat.items()}
-        return self.context_repr(context)
+        return self.context_repr.vectors(context)
+
+    def request_fields(self, users, context=None) -> torch.Tensor:
+        """``[U, Fu + Fc, repr_dim]``: the user side's field vectors then the context's, the part
+        of :meth:`field_vectors` that is the same for all of a request's candidates."""
+        return torch.stack([*self.user_repr.vectors(users), *self.context_vectors(context, users)], dim=-2)
 
     def field_vectors(self, users, items, context=None) -> torch.Tensor:
         """``[B, F, repr_dim]``: every field's vector for aligned pairs, in the order the
         field models concatenate them: the user side (the user id first, then the user
         fields), the context fields, the item side (the item id first, then the item fields)."""
-        return torch.cat(
-            [self.user_repr.per_field(users), self.context_vectors(context, users), self.item_repr.per_field(items)],
+        return torch.stack(
+            [*self.user_repr.vectors(users), *self.context_vectors(context, users), *self.item_repr.vectors(items)],
             dim=-2,
         )
 

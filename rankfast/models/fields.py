@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankfast.data.fields import OOV, PAD, Field, FieldTable, check_values
@@ -44,7 +45,8 @@ FACTOR_INIT_STD = 0.01
 class FieldEmbedding(nn.Module):
     """One ``dim``-wide vector per field of ``fields``; ``forward(values) -> [..., F, dim]``
     where ``values[name]`` is the field's encoded values ``[...]`` (categorical),
-    ``[..., max_len]`` (multi) or ``[..., dim_f]`` (dense)."""
+    ``[..., max_len]`` (multi) or ``[..., dim_f]`` (dense). A multi-valued field's table
+    has a last row more, the padding's, which pooling leaves out (``F.embedding_bag``)."""
 
     def __init__(self, fields: Iterable[Field], dim: int):
         super().__init__()
@@ -54,25 +56,28 @@ class FieldEmbedding(nn.Module):
             if f.kind == "dense":
                 self.embeddings[f.name] = nn.Linear(f.dim, dim, bias=False)
             else:
-                table = nn.Embedding(f.rows, dim)
+                # A bag's padding reads one more row, which embedding_bag leaves out of the pooling.
+                table = nn.Embedding(f.rows + (f.kind == "multi"), dim)
                 nn.init.normal_(table.weight, std=dim**-0.5)
                 self.embeddings[f.name] = table
 
-    def forward(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def vectors(self, values: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each field's vectors ``[..., dim]``, in order."""
         out = []
         for f in self.fields:
-            module, v = self.embeddings[f.name], values[f.name]
+            weight, v = self.embeddings[f.name].weight, values[f.name]
             if f.kind == "dense":
-                out.append(module(v.to(module.weight.dtype)))
+                out.append(F.linear(v.to(weight.dtype), weight))
             elif f.kind == "categorical":
-                out.append(module(v))
-            else:
-                valid = v != PAD
-                pooled = (module(v.clamp(min=0)) * valid.unsqueeze(-1)).sum(-2)
-                if f.pooling == "mean":
-                    pooled = pooled / valid.sum(-1, keepdim=True).clamp(min=1)
-                out.append(pooled)
-        return torch.stack(out, dim=-2)
+                out.append(F.embedding(v, weight))
+            else:  # one fused gather-and-pool; an empty bag pools to zero
+                bags = torch.where(v == PAD, f.rows, v).reshape(-1, v.shape[-1])
+                pooled = F.embedding_bag(bags, weight, mode=f.pooling, padding_idx=f.rows)
+                out.append(pooled.view(*v.shape[:-1], -1))
+        return out
+
+    def forward(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(self.vectors(values), dim=-2)
 
 
 class _Table(nn.Module):
@@ -120,8 +125,9 @@ class FieldRepresentation(Representation):
         """The fields' vectors alone, ``[..., F, dim]``."""
         return self.fields(self.tables.lookup(self.field_list, ids))
 
-    def per_field(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([super().forward(ids).unsqueeze(-2), self.field_vectors(ids)], dim=-2)
+    def vectors(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The id's vector, then each field's, ``[..., dim]`` each."""
+        return [super().forward(ids), *self.fields.vectors(self.tables.lookup(self.field_list, ids))]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids) + self.field_vectors(ids).sum(-2)

@@ -167,9 +167,11 @@ class SampledNegatives(Strategy):
         width = items.shape[1]
         pair_items = items
         if not self.fused:  # the model's forward takes aligned (user, item) pairs
-            pair_items, users = items.reshape(-1), users.repeat_interleave(width)
-            if history is not None:
-                history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
+            pair_items = items.reshape(-1)
+            if width > 1:
+                users = users.repeat_interleave(width)
+                if history is not None:
+                    history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
         with self._autocast():
             out = net(
                 *(self._to_device(t) for t in (users, pair_items, history, lengths)), **self._impressions(idx, width)
@@ -256,8 +258,10 @@ class Pointwise(SampledNegatives):
         scores = out.float().view(len(idx), -1)
         if self.config.loss == "mse":
             return mse_loss(scores[:, 0], self._to_device(self.labels[idx]))
-        labels = torch.zeros_like(scores)
-        labels[:, 0] = 1.0 if self.labels is None else self._to_device(self.labels[idx])
+        if negatives is None:
+            return F.binary_cross_entropy_with_logits(scores[:, 0], self._to_device(self.labels[idx]))
+        labels = torch.zeros_like(scores)  # each row's item, then its sampled negatives
+        labels[:, 0] = 1.0
         return F.binary_cross_entropy_with_logits(scores, labels)
 
 

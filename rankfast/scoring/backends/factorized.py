@@ -256,12 +256,6 @@ def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def request_fields(model: RankingModel, users: torch.Tensor, context) -> torch.Tensor:
-    """``[U, Fu + Fc, width]``: the fields of each user's request, the user side then the
-    context fields (one row per user), in the order of ``model.field_vectors``."""
-    return torch.cat([model.user_repr.per_field(users), model.context_vectors(context, users)], dim=-2)
-
-
 class FMScorer(Scorer):
     """FMModel: per user (with its context) the factor sum ``S_u`` and scalar ``s_u`` (global
     bias, weights, pairs within the request's fields), per item ``S_i`` and ``s_i``; a pair is
@@ -269,7 +263,7 @@ class FMScorer(Scorer):
 
     def __init__(self, model: FMModel, users, history=None, lengths=None, context=None):
         self.model = model
-        self.x_user = request_fields(model, users, context)
+        self.x_user = model.request_fields(users, context)
         self.s_user, self.sum_user = fm_terms(self.x_user)
         self.s_user = self.s_user + model.bias
 
@@ -321,7 +315,7 @@ class DCNScorer(Scorer):
 
     def __init__(self, model: DCNv2, users, history=None, lengths=None, context=None):
         self.model = model
-        self.x_user = request_fields(model, users, context).flatten(-2)  # [U, Du]
+        self.x_user = model.request_fields(users, context).flatten(-2)  # [U, Du]
         split = self.x_user.shape[-1]
         first = model.cross[0]
         self.w_cross_item = first.weight[:, split:]

@@ -330,7 +330,7 @@ class _FMAdapter:
 
     def users(self, users, context):
         """``(a, gu)``: the MLP's user term (its first bias included) and ``[S_u, 1, s_u + bias]``."""
-        x = torch.cat([self.model.user_repr.per_field(users), self.model.context_vectors(context, users)], dim=-2)
+        x = self.model.request_fields(users, context)
         weight = self.first.weight[:, : x.shape[-2] * self.model.config.dim] if self.deep else None
         a, total, s = self._side(x, weight, self.first.bias if self.deep else None)
         return a, torch.cat([total, torch.ones_like(s)[:, None], (s + self.model.bias)[:, None]], dim=-1)
