@@ -36,6 +36,7 @@ import datetime
 import io
 import os
 import platform
+import subprocess
 import tempfile
 import time
 
@@ -201,20 +202,38 @@ def main():
     print(f"wrote {out}")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def report(results, args, deepctr_version, n_train, n_test, schema) -> str:
     base = results["deepctr-torch DeepFM"]
     base_seconds = np.mean([r["seconds"] for r in base])
     lines = [
         f"# CTR on {args.data}: rankfast vs deepctr-torch",
         "",
-        f"- date: {datetime.date.today()}; machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{os.cpu_count()} cores shared with other jobs; {platform.platform()}",
+        f"- date: {datetime.date.today()}; CPU: {_cpu_name()}, {os.cpu_count()} logical cores shared with other "
+        f"jobs (load average {os.getloadavg()[0]:.1f} at the end); {platform.platform()}",
+        f"- rankfast commit: {_commit()}",
         f"- versions: rankfast {rankfast.__version__}, deepctr-torch {deepctr_version}, torch {torch.__version__}, "
         f"numpy {np.__version__}, python {platform.python_version()}; torch threads 1",
         f"- task: click = rating >= 4, point-wise log-loss; random 80/20 split (seed {SEED}): {n_train} training, "
         f"{n_test} test ratings",
         f"- fields: user, item, {', '.join(schema.names)}; dim {DIM}, deep {HIDDEN}, batch {BATCH}, Adam {LR}, "
-        f"{args.epochs} epochs; models alternate epoch by epoch; seconds are the wall time of training one epoch",
+        f"{args.epochs} epochs; models alternate epoch by epoch; seconds: deepctr-torch's `fit(epochs=1)` call, "
+        "rankfast's epoch as `fit` times it (the whole resuming call in parentheses below)",
         "- command: `python bench/bench_ctr.py`",
         "",
         "| model | test AUC | test log-loss | best AUC (epoch) | s / epoch | vs deepctr-torch DeepFM | "
