@@ -19,7 +19,9 @@ with ``torch.set_num_threads(1)`` for all. An epoch's seconds are deepctr-torch'
 whole ``fit`` call and rankfast's epoch as ``fit`` times it (its history's
 ``seconds``: the epoch's micro-batches, steps and losses); the wall time of
 rankfast's call, which also reads and writes the checkpoint and the model
-directory that the epoch-by-epoch resumption needs, is listed beside it. After each epoch the test AUC and
+directory that the epoch-by-epoch resumption needs, is listed beside it. The
+process's CPU time of each call (``time.process_time``, one thread: what the
+epoch cost, whatever else ran on the machine) is reported too. After each epoch the test AUC and
 log-loss are computed the same way for every model (``rankfast.metrics``, from
 the model's logits or probabilities).
 
@@ -71,9 +73,9 @@ def rankfast_runner(name, model, train, test, workdir):
             checkpoint_dir=checkpoints,
             progress=False,
         )
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         history = rankfast.fit(model, train, config)
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         model.eval()
         with torch.no_grad():
             logits = torch.cat(
@@ -86,7 +88,7 @@ def rankfast_runner(name, model, train, test, workdir):
                     for s in range(0, len(users), 8192)
                 ]
             )
-        return history[-1]["seconds"], wall, logits.double().numpy()
+        return history[-1]["seconds"], wall, cpu, logits.double().numpy()
 
     return epoch
 
@@ -138,14 +140,14 @@ def deepctr_runner(kind, train, test):
     labels = train.ratings.astype(np.float32)
 
     def epoch():
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
             model.fit(inputs, labels, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         with contextlib.redirect_stdout(io.StringIO()):
             probs = model.predict(test_inputs, batch_size=8192).reshape(-1).astype(np.float64)
         probs = np.clip(probs, 1e-12, 1 - 1e-12)
-        return seconds, seconds, np.log(probs) - np.log1p(-probs)  # logits, so both are scored alike
+        return seconds, seconds, cpu, np.log(probs) - np.log1p(-probs)  # logits, so both are scored alike
 
     return epoch
 
@@ -179,17 +181,20 @@ def main():
         results = {name: [] for name in runners}
         for epoch in range(1, args.epochs + 1):
             for name, run in runners.items():
-                seconds, wall, logits = run()
+                seconds, wall, cpu, logits = run()
                 row = {
                     "epoch": epoch,
                     "seconds": seconds,
                     "wall": wall,
+                    "cpu": cpu,
                     "auc": metrics.auc(logits, test.ratings),
                     "logloss": metrics.log_loss(logits, test.ratings),
                 }
                 results[name].append(row)
                 print(
-                    f"{name:22s} epoch {epoch}: {seconds:6.1f} s  AUC {row['auc']:.4f}  log-loss {row['logloss']:.4f}"
+                    f"{name:22s} epoch {epoch}: {seconds:5.2f} s ({wall:5.2f} s the call, {cpu:5.2f} s CPU)  "
+                    f"AUC {row['auc']:.4f}  log-loss {row['logloss']:.4f}",
+                    flush=True,
                 )
 
     table = report(results, args, deepctr_torch.__version__, len(train), len(test), schema)
@@ -237,20 +242,26 @@ def report(results, args, deepctr_version, n_train, n_test, schema) -> str:
         "- command: `python bench/bench_ctr.py`",
         "",
         "| model | test AUC | test log-loss | best AUC (epoch) | s / epoch | vs deepctr-torch DeepFM | "
-        "vs deepctr-torch's same model |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "vs deepctr-torch's same model | CPU s / epoch | CPU time vs deepctr-torch DeepFM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     twin = {"rankfast DeepFM": "deepctr-torch DeepFM", "rankfast DCN-v2": "deepctr-torch DCN-M"}
     mean = {name: np.mean([r["seconds"] for r in rows]) for name, rows in results.items()}
+    cpu = {name: np.mean([r["cpu"] for r in rows]) for name, rows in results.items()}
     for name, rows in results.items():
         last = rows[-1]
         best = max(rows, key=lambda r: r["auc"])
         same = f"{mean[twin[name]] / mean[name]:.2f}x" if name in twin else "-"
         lines.append(
             f"| {name} | {last['auc']:.4f} | {last['logloss']:.4f} | {best['auc']:.4f} ({best['epoch']}) | "
-            f"{mean[name]:.2f} | {base_seconds / mean[name]:.2f}x | {same} |"
+            f"{mean[name]:.2f} | {base_seconds / mean[name]:.2f}x | {same} | {cpu[name]:.2f} | "
+            f"{cpu['deepctr-torch DeepFM'] / cpu[name]:.2f}x |"
         )
-    lines += ["", "Per epoch: test AUC / log-loss / seconds (rankfast: the epoch, then its whole resuming call):", ""]
+    lines += [
+        "",
+        "Per epoch: test AUC / log-loss / seconds (rankfast: the epoch, then its whole resuming call) / CPU seconds:",
+        "",
+    ]
     names = list(results)
     lines.append("| epoch | " + " | ".join(names) + " |")
     lines.append("| --- |" + " --- |" * len(names))
@@ -259,7 +270,7 @@ def report(results, args, deepctr_version, n_train, n_test, schema) -> str:
         for n in names:
             r = results[n][e]
             call = f" ({r['wall']:.2f})" if r["wall"] != r["seconds"] else ""
-            cells.append(f"{r['auc']:.4f} / {r['logloss']:.4f} / {r['seconds']:.2f}{call}")
+            cells.append(f"{r['auc']:.4f} / {r['logloss']:.4f} / {r['seconds']:.2f}{call} / {r['cpu']:.2f}")
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
