@@ -19,6 +19,7 @@ from rankfast.data import IdMap
 from rankfast.encoders import pool_history
 from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
 from rankfast.models import RankingModel, Representation
+from rankfast.models.fields import default_context
 from rankfast.request import Limits, Request, check_flag, shown
 from rankfast.scoring import score
 
@@ -29,7 +30,8 @@ __all__ = ["Ranker", "Request", "Limits", "ModelDirError", "save_model_dir", "RA
 class _Checked:
     """A request checked against a Ranker: ``rows`` are the users' contiguous ids (-1 for a
     cold-start user), ``items`` the distinct candidates' (None: every item), ``k`` clamped
-    to the candidates."""
+    to the candidates, ``context`` the users' encoded context rows (None for a model
+    without context fields)."""
 
     users: list
     rows: np.ndarray
@@ -37,6 +39,7 @@ class _Checked:
     items: np.ndarray | None
     k: int
     exclude_seen: bool
+    context: dict | None
 
     @property
     def group(self) -> tuple:
@@ -125,7 +128,14 @@ class Ranker:
     # --- scoring ------------------------------------------------------------------------
 
     def score(
-        self, users, candidates=None, k: int = 10, exclude_seen: bool = True, *, histories: Mapping | None = None
+        self,
+        users,
+        candidates=None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        histories: Mapping | None = None,
+        context: Mapping | None = None,
     ) -> list[dict]:
         """Each user's top ``k`` items, best first.
 
@@ -139,6 +149,13 @@ class Ranker:
                 items (for a cold-start user, the items of its history).
             histories: ``{raw user id: [raw item ids, oldest first]}`` for
                 cold-start users (see :meth:`load`).
+            context: for a model that reads context fields (``model.uses_context``),
+                the request's raw context, the same for every user of the call:
+                ``{field name: value}`` (a category, a list of categories for a
+                multi-valued field, numbers for a dense one), encoded with the
+                vocabularies saved with the model: an unknown category reads the
+                out-of-vocabulary row. None: every context field unknown.
+                Ignored by other models.
 
         Returns:
             One ``{"user": id, "items": [ids], "scores": [floats]}`` per user, in order.
@@ -147,7 +164,7 @@ class Ranker:
         for an argument of the wrong type (a bool or ``None`` as an id, say)
         and ``ValueError`` for a bad ``k`` or a request over the limits.
         """
-        return self.score_many([Request(users, candidates, k, exclude_seen, histories)])[0]
+        return self.score_many([Request(users, candidates, k, exclude_seen, histories, context)])[0]
 
     def score_many(self, requests: Iterable[Request | Mapping], *, return_errors: bool = False) -> list:
         """The results of many :meth:`score` calls (``Request`` objects or dicts
@@ -220,7 +237,33 @@ class Ranker:
                 "(load the Ranker with cold_start=True to score new users)"
             )
         k = min(k, len(self.item_ids) if items is None else len(items))
-        return _Checked(users, rows, request.histories, items, k, exclude_seen)
+        context = self._context(request.context, len(users))
+        return _Checked(users, rows, request.histories, items, k, exclude_seen, context)
+
+    def _context(self, raw, num_users: int) -> dict | None:
+        """A request's raw context encoded as one row per user (None for a model without
+        context fields; a field the request does not give reads the out-of-vocabulary row)."""
+        fields = self.model.context_fields
+        if not fields:
+            return None
+        if raw is not None and not isinstance(raw, Mapping):
+            raise TypeError(f"context: expected a mapping of field name to value, got {type(raw).__name__}")
+        raw = {} if raw is None else raw
+        unknown = sorted(set(raw) - {f.name for f in fields})
+        if unknown:
+            raise ValueError(
+                f"context: {unknown} are not context fields of the model (it reads {sorted(f.name for f in fields)})"
+            )
+        rows = default_context(fields, num_users, "cpu")
+        for f in fields:
+            if f.name in raw:
+                value = raw[f.name]
+                if f.kind == "dense":
+                    values = np.tile(np.asarray(value, dtype=np.float32), (num_users, 1))
+                else:
+                    values = [value] * num_users
+                rows[f.name] = torch.from_numpy(f.encode(values, lambda j: "context"))
+        return rows
 
     def _score_group(self, batch: list[_Checked]) -> list[list[dict]]:
         """The rows of checked requests of one group, scored together."""
@@ -228,14 +271,18 @@ class Ranker:
         users = [u for request in batch for u in request.users]
         rows = np.concatenate([request.rows for request in batch])
         histories = [(request.histories or {}).get(u) for request in batch for u in request.users]
-        ids, scores = self._top_k(rows, histories, first.items, first.k, first.exclude_seen)
+        context = None
+        if first.context is not None:
+            context = {name: torch.cat([request.context[name] for request in batch]) for name in first.context}
+        ids, scores = self._top_k(rows, histories, first.items, first.k, first.exclude_seen, context)
         ranked = [self._row(user, ids[j], scores[j]) for j, user in enumerate(users)]
         bounds = np.cumsum([0, *(len(request.users) for request in batch)])
         return [ranked[start:stop] for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _top_k(self, rows: np.ndarray, histories: list, items, k: int, exclude_seen: bool):
+    def _top_k(self, rows: np.ndarray, histories: list, items, k: int, exclude_seen: bool, context=None):
         """``(ids, scores)`` ``[len(rows), k]`` (``k`` at most the candidates) of contiguous user
-        ids ``rows``; a row of -1 is a cold-start user scored from ``histories[j]``."""
+        ids ``rows``; a row of -1 is a cold-start user scored from ``histories[j]``; ``context``:
+        each row's encoded context (None without context fields)."""
         items = None if items is None else torch.from_numpy(items)
         ids = np.full((len(rows), k), -1, dtype=np.int64)
         scores = np.full((len(rows), k), -np.inf, dtype=np.float64)
@@ -244,8 +291,9 @@ class Ranker:
             users = torch.from_numpy(rows[known])
             history, lengths = self._stored_history(users)
             exclude = self._seen(users) if exclude_seen else None
+            known_context = None if context is None else {n: v[torch.from_numpy(known)] for n, v in context.items()}
             got_ids, got_scores = score(
-                self.model, users, items, k=k, exclude=exclude, history=history, lengths=lengths
+                self.model, users, items, k=k, exclude=exclude, history=history, lengths=lengths, context=known_context
             )
             ids[known], scores[known] = got_ids.cpu().numpy(), got_scores.cpu().numpy()
         if not known.all():

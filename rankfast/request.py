@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["Request", "Limits", "SERVING_LIMITS", "JSON_FIELDS", "describe"]
 
 #: The fields of a request body in JSON (cold-start ``histories`` are for Python callers).
-JSON_FIELDS = ("users", "candidates", "k", "exclude_seen")
+JSON_FIELDS = ("users", "candidates", "k", "exclude_seen", "context")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Request:
     k: int = 10
     exclude_seen: bool = True
     histories: Mapping | None = None
+    context: Mapping | None = None
 
     @classmethod
     def of(cls, value) -> Request:
@@ -48,7 +49,7 @@ class Request:
     @classmethod
     def from_json(cls, data: bytes | str) -> Request:
         """A request from a JSON object with ``users`` and optionally ``candidates``,
-        ``k`` and ``exclude_seen`` (:data:`JSON_FIELDS`), as the serving examples
+        ``k``, ``exclude_seen`` and ``context`` (:data:`JSON_FIELDS`), as the serving examples
         receive it.
 
         Raises ``ValueError`` with a one-line reason for bytes that are not UTF-8,

@@ -11,7 +11,7 @@ def test_from_json_takes_the_fields_of_score():
     body = {"users": [0, "a"], "candidates": None, "k": 5, "exclude_seen": False}
     assert Request.from_json(json.dumps(body).encode()) == Request(**body)
     assert Request.from_json('{"users": []}') == Request([])
-    assert set(JSON_FIELDS) == {"users", "candidates", "k", "exclude_seen"}
+    assert set(JSON_FIELDS) == {"users", "candidates", "k", "exclude_seen", "context"}
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ def test_from_json_takes_the_fields_of_score():
         (b"[" * 100_000, "body: JSON nested too deeply"),
         (b'{"users": [NaN]}', "body: NaN is not JSON"),
         (b'{"users": [0], "k": Infinity}', "body: Infinity is not JSON"),
-        (b"[0]", "body: expected a JSON object with users and optionally candidates, k, exclude_seen"),
+        (b"[0]", "body: expected a JSON object with users and optionally candidates, k, exclude_seen, context"),
         (b'"users"', "body: expected a JSON object"),
         (b'{"k": 3}', "body: expected a JSON object"),
         (b'{"users": [0], "histories": {"0": [1]}}', "body: expected a JSON object"),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rankfast._io import atomic_file
+from rankfast.data.fields import Features
 
 __all__ = ["IdMap", "Interactions", "MAPPINGS_FILE"]
 
@@ -112,6 +113,9 @@ class Interactions:
     int64 (optional). ``user_ids``/``item_ids`` map back to the raw ids, and
     ``item_text`` (optional) holds one string per contiguous item id for text
     encoders. Splits share the maps, so every part has the same id space.
+    ``features`` (optional, :class:`rankfast.data.fields.Features`) holds the
+    encoded feature fields: a row per user, per item and per interaction
+    (context); subsets keep their interactions' context rows.
     """
 
     users: np.ndarray
@@ -121,6 +125,7 @@ class Interactions:
     user_ids: IdMap
     item_ids: IdMap
     item_text: list[str] | None = None
+    features: Features | None = None
 
     def __post_init__(self):
         n = len(self.users)
@@ -133,6 +138,13 @@ class Interactions:
                 raise ValueError(f"{name}: contiguous ids must lie in [0, {size})")
         if self.item_text is not None and len(self.item_text) != len(self.item_ids):
             raise ValueError(f"item_text: {len(self.item_text)} entries for {len(self.item_ids)} items")
+        if self.features is not None:
+            sizes = {"user": len(self.user_ids), "item": len(self.item_ids), "context": n}
+            for side, size in sizes.items():
+                if len(getattr(self.features, side)) != size:
+                    raise ValueError(
+                        f"features: the {side} table has {len(getattr(self.features, side))} rows for {size}"
+                    )
 
     # --- construction ---------------------------------------------------------------
 
@@ -205,7 +217,15 @@ class Interactions:
             items=self.items[index],
             ratings=pick(self.ratings),
             timestamps=pick(self.timestamps),
+            features=None if self.features is None else self.features.subset(index),
         )
+
+    def clicks(self, threshold: float) -> Interactions:
+        """The same interactions with 0/1 labels: 1 where the rating is at least
+        ``threshold`` (e.g. click = rating >= 4 on MovieLens), else 0."""
+        if self.ratings is None:
+            raise ValueError("data: clicks from ratings need ratings, and the interactions have none")
+        return replace(self, ratings=(self.ratings >= float(threshold)).astype(np.float32))
 
     def chronological_order(self) -> np.ndarray:
         """Positions sorted by user, then timestamp, then item id (the tie rule)."""

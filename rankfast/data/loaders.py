@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from rankfast.data.fields import Field, build_features
 from rankfast.data.interactions import IdMap, Interactions
 
-__all__ = ["DataFormatError", "NCFData", "load_movielens", "load_ncf", "load_table"]
+__all__ = ["DataFormatError", "NCFData", "MOVIELENS_FIELDS", "load_movielens", "load_ncf", "load_table"]
+
+#: The feature fields :func:`load_movielens` provides (``tags`` where the directory has
+#: ``tags.csv``): each movie's genres and release year (from the title), its tags
+#: (lower-cased, most applied first), and each rating's hour and weekday (UTC).
+MOVIELENS_FIELDS = (
+    Field("genres", "item", "multi"),
+    Field("year", "item"),
+    Field("tags", "item", "multi", max_len=10),
+    Field("hour", "context"),
+    Field("weekday", "context"),
+)
 
 # ml-100k's u.item genre flags, in file order (u.genre lists the same names).
 _ML100K_GENRES = (
@@ -120,17 +134,20 @@ def _item_text(title: str, genres: list[str]) -> str:
     return f"{title}. Genres: {', '.join(genres)}" if genres else title
 
 
-def load_movielens(path) -> Interactions:
+def load_movielens(path, *, fields: Sequence[Field] | None = None) -> Interactions:
     """Loads a MovieLens directory: ml-100k, ml-1m, ml-10m, ml-latest or ml-latest-small.
 
     The format is detected from the files present (``u.data``, ``ratings.dat``
     or ``ratings.csv``). Items are those that appear in the ratings; their
     ``item_text`` is ``"<title>. Genres: <g1>, <g2>"`` from the movie file.
+    ``features`` holds the feature ``fields`` (:class:`rankfast.data.fields.Field`
+    declarations, fitted on this data unless fitted already), by default those of
+    :data:`MOVIELENS_FIELDS` the directory provides; ``fields=()`` loads none.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
     join = lambda name: os.path.join(path, name)  # noqa: E731
-    text = {}
+    text, movies = {}, {}
     if os.path.exists(join("u.data")):
         ratings = _read_ratings(join("u.data"), sep="\t")
         if os.path.exists(join("u.item")):
@@ -139,23 +156,67 @@ def load_movielens(path) -> Interactions:
             ):
                 flags = [_convert(join("u.item"), lineno, v, int, "genre flag") for v in parts[5:]]
                 genres = [g for g, on in zip(_ML100K_GENRES, flags, strict=True) if on]
-                text[_convert(join("u.item"), lineno, parts[0], int, "movie id")] = _item_text(parts[1], genres)
+                movie = _convert(join("u.item"), lineno, parts[0], int, "movie id")
+                text[movie], movies[movie] = _item_text(parts[1], genres), (parts[1], genres)
     elif os.path.exists(join("ratings.dat")):
         ratings = _read_ratings(join("ratings.dat"), sep="::", encoding="latin-1")
         if os.path.exists(join("movies.dat")):
             for lineno, (mid, title, genres) in _read_records(
                 join("movies.dat"), sep="::", fields=3, encoding="latin-1"
             ):
-                text[_convert(join("movies.dat"), lineno, mid, int, "movie id")] = _item_text(title, genres.split("|"))
+                movie = _convert(join("movies.dat"), lineno, mid, int, "movie id")
+                text[movie], movies[movie] = _item_text(title, genres.split("|")), (title, genres.split("|"))
     elif os.path.exists(join("ratings.csv")):
         ratings = _read_ratings(join("ratings.csv"), sep=",", header=["userId", "movieId", "rating", "timestamp"])
         if os.path.exists(join("movies.csv")):
             records = _read_records(join("movies.csv"), sep=",", fields=3, header=["movieId", "title", "genres"])
             for lineno, (mid, title, genres) in records:
-                text[_convert(join("movies.csv"), lineno, mid, int, "movie id")] = _item_text(title, genres.split("|"))
+                movie = _convert(join("movies.csv"), lineno, mid, int, "movie id")
+                text[movie], movies[movie] = _item_text(title, genres.split("|")), (title, genres.split("|"))
     else:
         raise FileNotFoundError(f"path: {path} has none of u.data, ratings.dat, ratings.csv")
-    return Interactions.from_raw(*ratings, item_text=text or None)
+    data = Interactions.from_raw(*ratings, item_text=text or None)
+    return _movielens_features(data, path, movies, fields)
+
+
+_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _movielens_features(data: Interactions, path, movies: dict, fields) -> Interactions:
+    """``data`` with the MovieLens feature fields asked for (see :data:`MOVIELENS_FIELDS`)."""
+    items = data.item_ids.raw.tolist()
+    item = {}
+    if movies:
+        info = [movies.get(m, ("", [])) for m in items]
+        item["genres"] = [[g for g in genres if g and g not in ("(no genres listed)", "unknown")] for _, genres in info]
+        item["year"] = [m.group(1) if (m := _YEAR.search(title.strip())) else None for title, _ in info]
+    tags_path = os.path.join(path, "tags.csv")
+    if os.path.exists(tags_path):
+        counts = {m: Counter() for m in items}
+        for lineno, (_, mid, tag, _) in _read_records(
+            tags_path, sep=",", fields=4, header=["userId", "movieId", "tag", "timestamp"]
+        ):
+            tag = tag.strip().lower()
+            movie = _convert(tags_path, lineno, mid, int, "movie id")
+            if tag and movie in counts:
+                counts[movie][tag] += 1
+        item["tags"] = [[t for t, _ in sorted(counts[m].items(), key=lambda kv: (-kv[1], kv[0]))] for m in items]
+    hours, days = np.divmod(data.timestamps, 3600)[0], np.divmod(data.timestamps, 86400)[0]
+    context = {"hour": hours % 24, "weekday": (days + 3) % 7}  # 1970-01-01 was a Thursday; Monday is 0
+    if fields is None:
+        fields = [f for f in MOVIELENS_FIELDS if f.name in item or f.name in context]
+    if not fields:
+        return data
+    features = build_features(
+        fields,
+        num_users=data.num_users,
+        num_items=data.num_items,
+        num_rows=len(data),
+        item=item,
+        context=context,
+        where={"item": lambda j: f"{path}: movie {items[j]}", "context": lambda j: f"{path}: rating {j + 1}"},
+    )
+    return replace(data, features=features)
 
 
 @dataclass(frozen=True)
@@ -205,19 +266,102 @@ def load_ncf(prefix) -> NCFData:
     )
 
 
-def load_table(path, *, user="user_id", item="item_id", rating=None, timestamp=None, sep=",") -> Interactions:
+def load_table(
+    path,
+    *,
+    user="user_id",
+    item="item_id",
+    rating=None,
+    timestamp=None,
+    sep=",",
+    fields: Sequence[Field] = (),
+    columns: dict | None = None,
+    multi_sep: str = "|",
+) -> Interactions:
     """Loads any CSV (with a header line) or Parquet file, given its column names.
 
     Ids that are all integers are kept as integers, otherwise as strings.
     ``rating`` and ``timestamp`` columns are optional. Parquet needs pyarrow.
+
+    ``fields``: feature fields (:class:`rankfast.data.fields.Field`), each read from
+    the column of its name (``columns`` maps a field name to another column), fitted
+    on this file unless fitted already, into ``features``. A user-side field must have
+    one value per user and an item-side field one per item (rows that disagree are an
+    error naming both); a context field is read per row. An empty cell is a missing
+    category (the out-of-vocabulary row) or an empty bag; multi-valued cells are split
+    on ``multi_sep``; dense cells must be finite numbers.
     """
-    columns = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
-    wanted = {arg: col for arg, col in columns.items() if col is not None}
+    named = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
+    wanted = {arg: col for arg, col in named.items() if col is not None}
+    fields = tuple(fields)
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"columns: {unknown} are not among the fields {[f.name for f in fields]}")
+    for f in fields:
+        wanted[f"field {f.name!r}"] = columns.get(f.name, f.name)
     if str(path).endswith((".parquet", ".pq")):
         data = _read_parquet(path, wanted)
     else:
         data = _read_csv_columns(path, wanted, sep)
-    return Interactions.from_raw(data["user"], data["item"], data.get("rating"), data.get("timestamp"))
+    out = Interactions.from_raw(data["user"], data["item"], data.get("rating"), data.get("timestamp"))
+    if not fields:
+        return out
+    lines = data.get("lines")
+    where_row = (lambda j: f"{path}:{lines[j]}") if lines is not None else (lambda j: f"{path}: row {j + 1}")
+    raw = {"user": {}, "item": {}, "context": {}}
+    for f in fields:
+        values = [_cell(f, v, multi_sep, where_row, j) for j, v in enumerate(data[f"field {f.name!r}"])]
+        if f.side == "context":
+            raw["context"][f.name] = values
+        else:
+            ids, id_map = (out.users, out.user_ids) if f.side == "user" else (out.items, out.item_ids)
+            raw[f.side][f.name] = _per_id(f, ids, len(id_map), values, where_row, id_map)
+    features = build_features(
+        fields,
+        num_users=out.num_users,
+        num_items=out.num_items,
+        num_rows=len(out),
+        **raw,
+        where={
+            "user": lambda j: f"{path}: user {out.user_ids.raw[j].item()!r}",
+            "item": lambda j: f"{path}: item {out.item_ids.raw[j].item()!r}",
+            "context": where_row,
+        },
+    )
+    return replace(out, features=features)
+
+
+def _cell(field: Field, value, multi_sep: str, where_row, row: int):
+    """A table cell as :meth:`Field.encode` takes it: a category (None when empty), a bag or a number."""
+    if field.kind == "dense":
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise DataFormatError(f"{where_row(row)}: field {field.name!r}: {value!r} is not a number") from None
+        return float("nan") if value is None else value
+    if field.kind == "multi":
+        if value is None or value == "":
+            return []
+        return value.split(multi_sep) if isinstance(value, str) else list(value)
+    return None if value is None or value == "" else value
+
+
+def _per_id(field: Field, ids: np.ndarray, num: int, values: list, where_row, id_map: IdMap) -> list:
+    """One value per user or item id from per-row ``values``: the rows of an id must agree."""
+    first = np.full(num, -1, dtype=np.int64)
+    out = [None] * num
+    for row, (i, value) in enumerate(zip(ids.tolist(), values, strict=True)):
+        if first[i] < 0:
+            first[i], out[i] = row, value
+        elif out[i] != value and not (value != value and out[i] != out[i]):  # NaN == NaN here
+            raise ValueError(
+                f"field {field.name!r}: {field.side} {id_map.raw[i].item()!r} has two values, {out[i]!r} "
+                f"({where_row(int(first[i]))}) and {value!r} ({where_row(row)}); a {field.side}-side field has one "
+                f"value per {field.side}"
+            )
+    return out
 
 
 def _read_parquet(path, wanted):
@@ -235,6 +379,9 @@ def _read_parquet(path, wanted):
     out = {}
     for arg, col in wanted.items():
         column = table.column(col)
+        if arg.startswith("field "):  # feature cells: None (missing) allowed, lists for multi-valued fields
+            out[arg] = column.to_pylist()
+            continue
         if column.null_count:
             raise DataFormatError(f"{path}: column {col!r} has {column.null_count} missing values")
         out[arg] = column.to_numpy()
@@ -253,6 +400,7 @@ def _read_csv_columns(path, wanted, sep):
             raise KeyError(f"{arg}: column {col!r} not in the header of {path} (columns: {header})")
         position[arg] = header.index(col)
     raw = {arg: [] for arg in wanted}
+    lines = []
     for lineno, parts in records:
         if len(parts) != len(header):
             raise DataFormatError(
@@ -260,9 +408,10 @@ def _read_csv_columns(path, wanted, sep):
             )
         for arg, pos in position.items():
             raw[arg].append((lineno, parts[pos]))
+        lines.append(lineno)
     if not raw["user"]:
         raise DataFormatError(f"{path}: no interactions (no lines after the header)")
-    out = {}
+    out = {"lines": lines}
     for arg, values in raw.items():
         if arg in ("user", "item"):
             strings = np.array([v for _, v in values])
@@ -270,6 +419,8 @@ def _read_csv_columns(path, wanted, sep):
                 out[arg] = strings.astype(np.int64)
             except (ValueError, OverflowError):  # not all integers, or not all within int64
                 out[arg] = strings
+        elif arg.startswith("field "):  # feature cells stay strings
+            out[arg] = [v for _, v in values]
         else:
             kind = float if arg == "rating" else int
             out[arg] = np.array([_convert(path, n, v, kind, wanted[arg]) for n, v in values])

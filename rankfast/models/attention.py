@@ -54,8 +54,8 @@ class AttentionModel(RankingModel):
     config_class = AttentionConfig
     uses_history = True
 
-    def __init__(self, config: AttentionConfig, *, user_features=None, item_features=None):
-        super().__init__(config, config.dim, user_features, item_features)
+    def __init__(self, config: AttentionConfig, *, user_features=None, item_features=None, features=None):
+        super().__init__(config, config.dim, user_features, item_features, features)
         d = config.dim
         if config.attention == "din":
             self.unit = MLP(4 * d, (*config.unit_hidden, 1), config.activation, dropout=0.0)

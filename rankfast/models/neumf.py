@@ -34,8 +34,8 @@ class NeuMF(RankingModel):
 
     config_class = NeuMFConfig
 
-    def __init__(self, config: NeuMFConfig, *, user_features=None, item_features=None):
-        super().__init__(config, 2 * config.dim, user_features, item_features)
+    def __init__(self, config: NeuMFConfig, *, user_features=None, item_features=None, features=None):
+        super().__init__(config, 2 * config.dim, user_features, item_features, features)
         self.branch = MLP(2 * config.dim, config.hidden, config.activation, config.dropout, activate_last=True)
         self.output = nn.Linear(config.dim + config.hidden[-1], 1)
 

@@ -66,7 +66,12 @@ def trains_fused(model: RankingModel) -> bool:
     kernels lack), is then an error."""
     if backend_name() != "fused":
         return False
-    _scorer("fused", model, required=True)
+    scorer = _scorer("fused", model, required=True)
+    if not getattr(scorer, "trains", True):
+        raise ValueError(
+            f"{BACKEND_ENV}=fused: the fused kernels score this {type(model).__name__} but do not train it; "
+            f"unset {BACKEND_ENV} to train it eagerly"
+        )
     if model.config.dropout > 0:
         raise ValueError(
             f"{BACKEND_ENV}=fused: the fused kernels have no dropout, and this model's "

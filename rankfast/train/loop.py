@@ -21,14 +21,14 @@ from rankfast.scoring import trains_fused
 from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context
-from rankfast.train.losses import LOSSES
 from rankfast.train.multitask import MultiTask
 from rankfast.train.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule
+from rankfast.train.tasks import resolve_task
 
 __all__ = ["TrainConfig", "fit"]
 
 #: Validation metrics where lower is better; all others are maximised.
-_LOWER_IS_BETTER = ("mae", "rmse")
+_LOWER_IS_BETTER = ("mae", "mse", "rmse", "logloss")
 
 #: Fields that may change between a checkpointed run and its resumption.
 _RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_dir", "resume")
@@ -37,6 +37,13 @@ _RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_dir", "resume")
 @dataclass
 class TrainConfig:
     """How :func:`fit` trains.
+
+    ``task``: ``"ranking"`` (implicit feedback), ``"click"`` (0/1 labels,
+    point-wise log-loss on exactly the labelled rows) or ``"rating"`` (``"mse"``
+    regression or ``"ce"``, cross-entropy over a :class:`RecommenderNet`'s rating
+    classes); see :mod:`rankfast.train.tasks` for the losses and negatives each
+    takes (a mix that does not fit is a ``ValueError``). Unset, it follows the
+    loss; unset ``loss`` and ``negatives`` take the task's defaults.
 
     Loss: ``"mse"`` regresses ``data.ratings``; ``"bce"``, ``"bpr"`` and
     ``"softmax"`` (sampled softmax with logQ correction) rank each
@@ -89,9 +96,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
     grad_accum: int = 1
-    loss: str = "bce"
+    task: str | None = None
+    loss: str | None = None
     num_negatives: int = 4
-    negatives: str = "uniform"
+    negatives: str | None = None
     negative_alpha: float = 0.75
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -117,22 +125,18 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name, allowed in (("loss", LOSSES), ("negatives", ("uniform", "popularity", "all", "partition"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        resolve_task(self)  # task, loss, negatives and monitor: filled in and checked together
         check_optimizer(self.optimizer, lr=self.lr, weight_decay=self.weight_decay)
         check_schedule(self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio)
         if self.negatives in ("all", "partition") and self.loss != "softmax":
             raise ValueError(f"negatives: {self.negatives!r} (full softmax) needs loss='softmax', got {self.loss!r}")
-        if self.loss != "mse" and self.negatives != "all" and int(self.num_negatives) < 1:
+        if self.negatives not in ("all", "none") and int(self.num_negatives) < 1:
             raise ValueError(f"num_negatives: must be at least 1 for loss {self.loss!r}, got {self.num_negatives}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: must be positive or None, got {self.grad_clip}")
         if self.patience is not None and int(self.patience) < 1:
             raise ValueError(f"patience: must be at least 1 or None, got {self.patience}")
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
-        if self.monitor is None:
-            self.monitor = "rmse" if self.loss == "mse" else f"ndcg@{max(self.eval_ks)}"
 
 
 #: The annotations of TrainConfig's fields, as types (``tuple`` fields convert themselves).
@@ -166,10 +170,10 @@ class _Trainer:
         self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
         self.multitask = isinstance(model, MultiTask)
         self.ranker = model.base if self.multitask else model
-        needs_ratings = config.loss == "mse" or self.multitask
+        needs_ratings = config.task == "rating" or self.multitask
         if needs_ratings and train.ratings is None:
             raise ValueError(f"train: loss {config.loss!r} (or a MultiTask model) needs ratings, and the data has none")
-        if self.multitask and config.loss == "mse":
+        if self.multitask and config.task != "ranking":
             raise ValueError("loss: a MultiTask model trains ratings itself; pick a ranking loss (bce, bpr, softmax)")
         self.fine_tuning = fine_tuning
         # While training, the encoder lives inside the model; if setting up fails, it leaves again.
@@ -180,9 +184,7 @@ class _Trainer:
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
             fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
-            self.strategy = strategy_for(config.negatives)(
-                model, train, examples, config, context, self.device, fused=fused
-            )
+            self.strategy = strategy_for(config)(model, train, examples, config, context, self.device, fused=fused)
             module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             self.steps_per_epoch = -(-self.strategy.num_micro_batches() // config.grad_accum)
@@ -264,11 +266,13 @@ class _Trainer:
             config = self.config
             kwargs = {"max_history": config.max_history}
             metrics = {}
-            if config.loss != "mse":
+            if config.task == "ranking":
                 metrics.update(
                     evaluate(self.ranker, self.data, self.valid, ks=config.eval_ks, progress=False, **kwargs)
                 )
-            if (config.loss == "mse" or self.multitask) and self.valid.ratings is not None:
+            if config.task == "click":
+                metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="click", **kwargs))
+            if (config.task == "rating" or self.multitask) and self.valid.ratings is not None:
                 metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="rating", **kwargs))
             if config.monitor not in metrics:
                 raise ValueError(f"monitor: {config.monitor!r} is not among the validation metrics {sorted(metrics)}")

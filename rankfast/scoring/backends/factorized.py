@@ -11,6 +11,13 @@ only the history item and the candidate, not the user, so when a block's
 users share history items and candidates, it runs once per (candidate,
 distinct history item) and each user gathers its logits from that table.
 
+The field models split the same way, with a user's request context on the user
+side (it is the same for all the user's candidates): a factorization machine's
+pairs are ``scalar_u + scalar_i + <S_u, S_i>`` (each side's weights and
+within-side pairs, and the dot of the sides' factor sums); DeepFM adds the split
+MLP; DCN-v2's cross layers mix the sides per pair, so after the split first
+cross layer they run on the tile.
+
 The scorers follow :class:`rankfast.scoring.protocol.Scorer`; the models'
 ``forward`` is the reference they are tested against.
 """
@@ -25,12 +32,25 @@ import torch.nn.functional as F
 from rankfast._ids import history_mask
 from rankfast.models.attention import AttentionModel
 from rankfast.models.base import RankingModel
+from rankfast.models.dcn import DCNv2
 from rankfast.models.dot import DotModel
+from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
+from rankfast.models.rating import RecommenderNet
 from rankfast.scoring.protocol import Footprint, Scorer
 
-__all__ = ["AttentionScorer", "DotScorer", "MLPScorer", "NeuMFScorer", "scorer_for"]
+__all__ = [
+    "AttentionScorer",
+    "DCNScorer",
+    "DeepFMScorer",
+    "DotScorer",
+    "FMScorer",
+    "MLPScorer",
+    "NeuMFScorer",
+    "RecommenderNetScorer",
+    "scorer_for",
+]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
@@ -236,7 +256,137 @@ def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-_SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
+class FMScorer(Scorer):
+    """FMModel: per user (with its context) the factor sum ``S_u`` and scalar ``s_u`` (global
+    bias, weights, pairs within the request's fields), per item ``S_i`` and ``s_i``; a pair is
+    ``s_u + s_i + <S_u, S_i>`` (:func:`rankfast.models.fm.fm_terms`)."""
+
+    def __init__(self, model: FMModel, users, history=None, lengths=None, context=None):
+        self.model = model
+        self.x_user = model.request_fields(users, context)
+        self.s_user, self.sum_user = fm_terms(self.x_user)
+        self.s_user = self.s_user + model.bias
+
+    def items(self, ids):
+        x = self.model.item_repr.per_field(ids)
+        s, total = fm_terms(x)
+        return total, s, x
+
+    def pairs(self, rows: slice, state):
+        total, s, _ = state
+        return _pair_dot(self.sum_user[rows], total) + self.s_user[rows, None] + s
+
+    @staticmethod
+    def footprint(model: FMModel, history_len: int) -> Footprint:
+        side = (model.num_fields + 2) * (model.config.dim + 1)
+        return Footprint(user=side, item=side, pair=2)
+
+
+class DeepFMScorer(FMScorer):
+    """DeepFM: the FM terms plus the MLP, its first layer split like :class:`MLPScorer`'s
+    (request fields' columns per user, item fields' per item)."""
+
+    def __init__(self, model: DeepFM, users, history=None, lengths=None, context=None):
+        super().__init__(model, users, history, lengths, context)
+        first = model.tower.linears[0]
+        split = self.x_user.shape[-2] * model.config.dim
+        self.w_item = first.weight[:, split:]
+        self.a = F.linear(self.x_user[..., :-1].flatten(-2), first.weight[:, :split], first.bias)
+
+    def items(self, ids):
+        total, s, x = super().items(ids)
+        return total, s, F.linear(x[..., :-1].flatten(-2), self.w_item)
+
+    def pairs(self, rows: slice, state):
+        deep = self.model.tower.from_first(self.a[rows, None] + state[2], inplace=True).squeeze(-1)
+        return super().pairs(rows, state) + deep
+
+    @staticmethod
+    def footprint(model: DeepFM, history_len: int) -> Footprint:
+        fm = FMScorer.footprint(model, history_len)
+        width = model.config.hidden[0] if model.config.hidden else 1
+        return Footprint(user=fm.user + width, item=fm.item + width, pair=2 * sum(model.config.hidden) + 3)
+
+
+class DCNScorer(Scorer):
+    """DCN-v2: the first cross layer and the deep network's first layer split into a per-user
+    term (request fields' columns, the bias) and a per-item term; ``x0`` and the later cross
+    layers are per pair, on the tile."""
+
+    def __init__(self, model: DCNv2, users, history=None, lengths=None, context=None):
+        self.model = model
+        self.x_user = model.request_fields(users, context).flatten(-2)  # [U, Du]
+        split = self.x_user.shape[-1]
+        first = model.cross[0]
+        self.w_cross_item = first.weight[:, split:]
+        self.cross_user = F.linear(self.x_user, first.weight[:, :split], first.bias)
+        if model.tower is not None:
+            deep_first = model.tower.linears[0]
+            self.w_deep_item = deep_first.weight[:, split:]
+            self.deep_user = F.linear(self.x_user, deep_first.weight[:, :split], deep_first.bias)
+        width = first.weight.shape[0]
+        self.w_out_cross, self.w_out_deep = model.output.weight[:, :width], model.output.weight[:, width:]
+
+    def items(self, ids):
+        x = self.model.item_repr.per_field(ids).flatten(-2)  # [Nc, Di] or [T, Nc, Di]
+        deep = None if self.model.tower is None else F.linear(x, self.w_deep_item)
+        return x, F.linear(x, self.w_cross_item), deep
+
+    def pairs(self, rows: slice, state):
+        x_item, cross_item, deep_item = state
+        t, n = self.x_user[rows].shape[0], x_item.shape[-2]
+        x0 = torch.cat(
+            [self.x_user[rows, None].expand(t, n, -1), x_item.expand(t, n, -1)], dim=-1
+        )  # [T, Nc, D]: the per-pair input the cross layers mix
+        x = x0 * (self.cross_user[rows, None] + cross_item) + x0
+        for layer in self.model.cross[1:]:
+            x = x0 * layer(x) + x
+        out = F.linear(x, self.w_out_cross, self.model.output.bias)
+        if deep_item is not None:
+            deep = self.model.tower.from_first(self.deep_user[rows, None] + deep_item, inplace=True)
+            out = out + F.linear(deep, self.w_out_deep)
+        return out.squeeze(-1)
+
+    @staticmethod
+    def footprint(model: DCNv2, history_len: int) -> Footprint:
+        cfg = model.config
+        width = (2 + len(cfg.fields)) * cfg.dim
+        h1 = cfg.hidden[0] if cfg.hidden else 0
+        return Footprint(user=2 * width + h1, item=2 * width + h1, pair=4 * width + 2 * sum(cfg.hidden) + 2)
+
+
+class RecommenderNetScorer(Scorer):
+    """RecommenderNet: the class MLP's first layer split like :class:`MLPScorer`'s, then the
+    softmax over the classes and the expected rating per pair."""
+
+    def __init__(self, model: RecommenderNet, users, history=None, lengths=None):
+        self.model = model
+        w_u, self.w_i = model.tower.linears[0].weight.chunk(2, dim=1)
+        self.a = F.linear(model.user_repr(users), w_u)
+
+    def items(self, ids):
+        return F.linear(self.model.item_repr(ids), self.w_i, self.model.tower.linears[0].bias)
+
+    def pairs(self, rows: slice, c):
+        return self.model.expected(self.model.tower.from_first(self.a[rows, None] + c, inplace=True))
+
+    @staticmethod
+    def footprint(model: RecommenderNet, history_len: int) -> Footprint:
+        cfg = model.config
+        width = cfg.hidden[0] if cfg.hidden else len(cfg.classes)
+        return Footprint(user=cfg.dim + width, item=cfg.dim + width, pair=2 * sum(cfg.hidden) + 3 * len(cfg.classes))
+
+
+_SCORERS = {
+    DotModel: DotScorer,
+    MLPModel: MLPScorer,
+    NeuMF: NeuMFScorer,
+    AttentionModel: AttentionScorer,
+    FMModel: FMScorer,
+    DeepFM: DeepFMScorer,
+    DCNv2: DCNScorer,
+    RecommenderNet: RecommenderNetScorer,
+}
 
 
 def scorer_for(model: RankingModel) -> type[Scorer] | None:

@@ -33,6 +33,7 @@ from rankfast.kernels import topk as kernel_topk
 from rankfast.kernels._common import COMPUTE_DTYPES, MAX_WIDTH, split_term
 from rankfast.models.attention import AttentionModel
 from rankfast.models.base import RankingModel
+from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
 from rankfast.scoring.positions import excluded_positions, positions_to_ids
@@ -40,6 +41,7 @@ from rankfast.scoring.protocol import Footprint, Scorer
 
 __all__ = [
     "FusedAttentionScorer",
+    "FusedFMScorer",
     "FusedMLPScorer",
     "OpCall",
     "model_scores",
@@ -180,6 +182,8 @@ def scorer_for(model: RankingModel) -> type[Scorer] | None:
         return FusedMLPScorer
     if _AttentionAdapter.covers(model):
         return FusedAttentionScorer
+    if _FMAdapter.covers(model):
+        return FusedFMScorer
     return None
 
 
@@ -279,6 +283,94 @@ class FusedAttentionScorer(_FusedScorer):
             item=cfg.dim + _float32_elements(model, a1 + cfg.hidden[0]),
             pair=1,
         )
+
+
+class _FMAdapter:
+    """An :class:`FMModel` or :class:`DeepFM` as arguments of ``rankfast::mlp_score``, no kernel
+    of its own: the GMF slot carries the factorization machine. A pair's FM score is
+    ``s_u + s_i + <S_u, S_i>`` (:func:`rankfast.models.fm.fm_terms`, the user's context on the
+    user side), so ``gu = [S_u, 1, s_u]`` and ``gi = [S_i, s_i, 1]`` give it as one dot product.
+    DeepFM's MLP is the op's MLP, its first layer split into the request fields' term ``a``
+    and the item fields' term ``c``; a plain FM runs a zero MLP of width 1 (``act(0) = 0``)."""
+
+    def __init__(self, model: FMModel):
+        self.model = model
+        self.deep = isinstance(model, DeepFM)
+        if self.deep:
+            linears = model.tower.linears
+            self.first = linears[0]
+            self.layers = dict(
+                weights=[m.weight for m in linears[1:-1]],
+                biases=[m.bias for m in linears[1:-1]],
+                w_out=linears[-1].weight[0],
+                b_out=linears[-1].bias,
+                activation=model.config.activation,
+            )
+        else:
+            zero = model.bias.new_zeros(1)
+            self.layers = dict(weights=[], biases=[], w_out=zero, b_out=zero, activation="relu")
+
+    @staticmethod
+    def covers(model: RankingModel) -> bool:
+        if not isinstance(model, FMModel) or model.config.dim + 2 > MAX_WIDTH:
+            return False
+        if isinstance(model, DeepFM):
+            hidden = model.config.hidden
+            return 1 <= len(hidden) <= ms.MAX_LAYERS and max(hidden) <= MAX_WIDTH
+        return True
+
+    def _side(self, x: torch.Tensor, weight: torch.Tensor | None, bias=None):
+        """``(mlp term, S, s)`` of fields ``x [..., F, dim + 1]`` (the term: float32, zeros for an FM)."""
+        s, total = fm_terms(x)
+        if self.deep:
+            term = split_term(x[..., :-1].flatten(-2), weight, bias)
+        else:
+            term = x.new_zeros(*x.shape[:-2], 1, dtype=torch.float32)
+        return term, total, s
+
+    def users(self, users, context):
+        """``(a, gu)``: the MLP's user term (its first bias included) and ``[S_u, 1, s_u + bias]``."""
+        x = self.model.request_fields(users, context)
+        weight = self.first.weight[:, : x.shape[-2] * self.model.config.dim] if self.deep else None
+        a, total, s = self._side(x, weight, self.first.bias if self.deep else None)
+        return a, torch.cat([total, torch.ones_like(s)[:, None], (s + self.model.bias)[:, None]], dim=-1)
+
+    def items(self, ids):
+        """``(c, gi)``: the MLP's item term and ``[S_i, s_i, 1]``."""
+        x = self.model.item_repr.per_field(ids)
+        weight = self.first.weight[:, -x.shape[-2] * self.model.config.dim :] if self.deep else None
+        c, total, s = self._side(x, weight)
+        return c, torch.cat([total, s[..., None], torch.ones_like(s)[..., None]], dim=-1)
+
+
+class FusedFMScorer(_FusedScorer):
+    """FMModel and DeepFM through ``rankfast::mlp_score`` (and ``mlp_score_topk``), see
+    :class:`_FMAdapter`. Training through the kernels does not cover them (``trains``)."""
+
+    op, op_topk = staticmethod(ms.mlp_score), staticmethod(ms.mlp_score_topk)
+    #: :func:`rankfast.scoring.trains_fused` refuses these models: they train eagerly.
+    trains = False
+
+    def __init__(self, model, users, history=None, lengths=None, context=None):
+        self.model, self.device = model, users.device
+        self.adapter = _FMAdapter(model)
+        self.a, self.gu = self.adapter.users(users, context)
+
+    def items(self, ids):
+        rows, idx = _candidate_rows(ids, self.model.config.num_items)
+        c, gi = self.adapter.items(rows)
+        return dict(c=c, gi=gi), idx, ids.shape[-1]
+
+    def _op_args(self, rows, state):
+        item_side, idx, _ = state
+        return dict(a=self.a[rows], gu=self.gu[rows], **item_side, idx=idx, **self.adapter.layers)
+
+    @staticmethod
+    def footprint(model, history_len: int):
+        cfg = model.config
+        width = cfg.hidden[0] if isinstance(model, DeepFM) else 1
+        side = (model.num_fields + 3) * (cfg.dim + 1) + _float32_elements(model, width)
+        return Footprint(user=side, item=side, pair=1)
 
 
 # --- a model's scores in one call -----------------------------------------------------------
