@@ -26,7 +26,14 @@ from rankfast.models.base import RankingModel
 from rankfast.scoring.backends import factorized, reference
 from rankfast.scoring.protocol import Scorer
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "backend_name", "select_scorer", "trains_fused"]
+__all__ = [
+    "BACKEND_ENV",
+    "BACKENDS",
+    "backend_name",
+    "select_scorer",
+    "training_backend",
+    "trains_fused",
+]
 
 BACKEND_ENV = "RANKFAST_BACKEND"
 #: Accepted values of ``RANKFAST_BACKEND`` (``triton`` is an alias of ``fused``).
@@ -73,6 +80,20 @@ def trains_fused(model: RankingModel) -> bool:
             f"dropout is {model.config.dropout}"
         )
     return True
+
+
+def training_backend(model: RankingModel) -> str | None:
+    """The backend whose ``training_scores`` :func:`rankfast.fit` scores ``model`` through
+    when each user is ranked against its own sampled candidates: ``"fused"`` when
+    :func:`trains_fused`; ``"factorized"`` by default (``auto`` or ``factorized``) for the
+    models it covers (AttentionModel: the unit once per distinct candidate and history
+    item); None for the model's own forward over expanded pairs (other models, or
+    ``RANKFAST_BACKEND=reference``)."""
+    if trains_fused(model):
+        return "fused"
+    if backend_name() in ("auto", "factorized") and factorized.trains(model):
+        return "factorized"
+    return None
 
 
 def _fused_backend():

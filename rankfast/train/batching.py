@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from rankfast.data import Interactions, NegativeSampler, event_histories
+from rankfast.train.candidates import CandidateScores
 from rankfast.train.catalogue import CatalogueScores
 from rankfast.train.distributed import DistContext, shard
-from rankfast.train.fused import FusedScores
 from rankfast.train.losses import bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
 from rankfast.train.multitask import MultiTask
 
@@ -49,7 +49,9 @@ class Strategy:
     """How micro-batches are formed and scored (see the module docstring).
 
     ``model`` is what trains (a :class:`RankingModel` or :class:`MultiTask`);
-    ``fused``: score through the fused kernels (:class:`FusedScores`).
+    ``backend``: score each user against its candidates through that scoring
+    backend (:class:`CandidateScores`: ``"fused"`` or ``"factorized"``), or
+    None for the model's own forward.
     """
 
     def __init__(
@@ -61,10 +63,10 @@ class Strategy:
         context: DistContext,
         device: torch.device,
         *,
-        fused: bool,
+        backend: str | None,
     ):
         self.model, self.data, self.examples, self.config = model, data, examples, config
-        self.context, self.device, self.fused = context, device, fused
+        self.context, self.device, self.backend = context, device, backend
 
     def module(self) -> nn.Module:
         """The module a step calls (and DistributedDataParallel wraps)."""
@@ -114,7 +116,7 @@ class SampledNegatives(Strategy):
             self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
 
     def module(self):
-        return FusedScores(self.model) if self.fused else self.model
+        return self.model if self.backend is None else CandidateScores(self.model, self.backend)
 
     def num_micro_batches(self):
         return -(-len(shard(np.arange(len(self.examples)), self.context)) // self.config.batch_size)
@@ -134,7 +136,7 @@ class SampledNegatives(Strategy):
         lengths = None if ex.lengths is None else ex.lengths[idx]
         if negatives is not None:
             items = torch.cat([items, negatives], dim=1)  # [B, 1 + negatives]: the positive first
-        if not self.fused:  # the model's forward takes aligned (user, item) pairs
+        if self.backend is None:  # the model's forward takes aligned (user, item) pairs
             width = items.shape[1]
             items, users = items.reshape(-1), users.repeat_interleave(width)
             if history is not None:
@@ -165,7 +167,7 @@ class FullSoftmax(Strategy):
     against the catalogue once, and that row serves all its interactions."""
 
     def module(self):
-        return FusedScores(self.model) if self.fused else CatalogueScores(self.model)
+        return CatalogueScores(self.model) if self.backend is None else CandidateScores(self.model, self.backend)
 
     def num_micro_batches(self):
         return -(-len(shard(np.arange(len(self.examples)), self.context)) // self.config.batch_size)

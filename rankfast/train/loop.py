@@ -16,7 +16,7 @@ from rankfast.data import Interactions
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import RankingModel
-from rankfast.scoring import trains_fused
+from rankfast.scoring.registry import training_backend
 from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context
@@ -158,9 +158,9 @@ class _Trainer:
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
-            fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
+            backend = None if self.multitask or config.negatives == "partition" else training_backend(model)
             self.strategy = strategy_for(config.negatives)(
-                model, train, examples, config, context, self.device, fused=fused
+                model, train, examples, config, context, self.device, backend=backend
             )
             module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module

@@ -12,7 +12,9 @@ users share history items and candidates, it runs once per (candidate,
 distinct history item) and each user gathers its logits from that table.
 
 The scorers follow :class:`rankfast.scoring.protocol.Scorer`; the models'
-``forward`` is the reference they are tested against.
+``forward`` is the reference they are tested against. :func:`training_scores` is
+the same restructuring with gradients, for training an AttentionModel (each user
+against its own candidates).
 """
 
 from __future__ import annotations
@@ -23,19 +25,29 @@ import torch
 import torch.nn.functional as F
 
 from rankfast._ids import history_mask
-from rankfast.models.attention import AttentionModel
+from rankfast.models.attention import AttentionModel, attention_weights
 from rankfast.models.base import RankingModel
 from rankfast.models.dot import DotModel
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
 from rankfast.scoring.protocol import Footprint, Scorer
 
-__all__ = ["AttentionScorer", "DotScorer", "MLPScorer", "NeuMFScorer", "scorer_for"]
+__all__ = [
+    "AttentionScorer",
+    "DotScorer",
+    "MLPScorer",
+    "NeuMFScorer",
+    "scorer_for",
+    "trains",
+    "training_scores",
+]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
-#: The DIN unit is tabled over distinct history items (shared candidates only) when a
-#: block's valid history slots are at least this many times its distinct items.
+#: The DIN unit is tabled over distinct history items when that saves this factor of work:
+#: in scoring (shared candidates only) when a block's valid history slots are at least this
+#: many times its distinct items; in training when a batch's (pair, history slot)s are at
+#: least this many times its distinct candidates times distinct history items.
 UNIT_TABLE_MIN_REUSE = 1.5
 
 
@@ -139,10 +151,7 @@ class AttentionScorer(Scorer):
         self.block = max(1, math.ceil(history.shape[1] / n_blocks))
         self.distinct = None  # the unit table's columns: distinct history items' h and h-terms
         if cfg.attention == "din":
-            unit_first = model.unit.linears[0]
-            w_h, w_q, w_d, self.w_x = unit_first.weight.chunk(4, dim=1)
-            self.w_h_unit, self.b_unit = w_h + w_d, unit_first.bias
-            self.w_q_unit = w_q - w_d
+            self.w_h_unit, self.w_q_unit, self.w_x, self.b_unit = _split_unit(model)
             self.h_term = F.linear(self.h, self.w_h_unit, self.b_unit)  # [U, L, A1]
             self._plan_unit_table(history, self.footprint(model, history.shape[1]).table)
 
@@ -165,7 +174,9 @@ class AttentionScorer(Scorer):
             h, h_term = self.distinct
             table = q.new_empty(len(ids), len(h))  # [Nc, H]
             for b in _blocks(len(h), self.block):
-                table[:, b] = self._unit_logits(h[None, b], h_term[None, b], q, q_term)[0]
+                table[:, b] = _unit_logits(self.model, self.w_x, h[None, b], h_term[None, b], q, q_term, inplace=True)[
+                    0
+                ]
         return q, q_term, F.linear(q, self.w_item), table
 
     def pairs(self, rows: slice, state):
@@ -206,15 +217,7 @@ class AttentionScorer(Scorer):
         """Attention scores of history items ``h_b [T, Lb, D]`` for each candidate: ``[T, Nc, Lb]``."""
         if self.model.config.attention == "dot":
             return torch.matmul(q, h_b.transpose(1, 2)) / math.sqrt(self.model.config.dim)
-        return self._unit_logits(h_b, self.h_term[rows, block], q, q_term)
-
-    def _unit_logits(self, h_b, h_term, q, q_term):
-        """The DIN unit on history items ``h_b [T, Lb, D]`` (first-layer terms
-        ``h_term [T, Lb, A1]``) and candidates ``q`` (``q_term``): ``[T, Nc, Lb]``."""
-        z = F.linear(h_b.unsqueeze(1) * q.unsqueeze(-2), self.w_x)  # the h*q term: [T, Nc, Lb, A1]
-        z += h_term.unsqueeze(1)
-        z += q_term.unsqueeze(-2)
-        return self.model.unit.from_first(z, inplace=True).squeeze(-1)
+        return _unit_logits(self.model, self.w_x, h_b, self.h_term[rows, block], q, q_term, inplace=True)
 
     @staticmethod
     def footprint(model: AttentionModel, history_len: int) -> Footprint:
@@ -232,11 +235,76 @@ class AttentionScorer(Scorer):
         )
 
 
+def _split_unit(model: AttentionModel):
+    """The DIN unit's first layer over ``[h, q, h-q, h*q]`` as ``(w_h, w_q, w_x, bias)``:
+    ``W [h; q; h-q; h*q] + b = (Wh + Wd) h + (Wq - Wd) q + Wx (h*q) + b``."""
+    first = model.unit.linears[0]
+    w_h, w_q, w_d, w_x = first.weight.chunk(4, dim=1)
+    return w_h + w_d, w_q - w_d, w_x, first.bias
+
+
+def _unit_logits(model: AttentionModel, w_x, h, h_term, q, q_term, *, inplace: bool) -> torch.Tensor:
+    """The DIN unit on history items ``h [T, L, D]`` (first-layer terms ``h_term [T, L, A1]``)
+    and candidates ``q [Nc, D]`` (shared) or ``[T, Nc, D]`` (first-layer terms ``q_term``):
+    ``[T, Nc, L]``. ``inplace`` (no gradients) lets the activations overwrite their inputs."""
+    z = F.linear(h.unsqueeze(1) * q.unsqueeze(-2), w_x)  # the h*q term: [T, Nc, L, A1]
+    z += h_term.unsqueeze(1)  # in place is safe with gradients too: linear's backward never reads z
+    z += q_term.unsqueeze(-2)
+    return model.unit.from_first(z, inplace=inplace).squeeze(-1)
+
+
+def trains(model: RankingModel) -> bool:
+    """Whether :func:`training_scores` covers ``model`` (an AttentionModel)."""
+    return isinstance(model, AttentionModel)
+
+
+def training_scores(model: AttentionModel, users, items, history, lengths) -> torch.Tensor:
+    """``[B, W]`` scores of users ``[B]`` against their own candidates ``items [B, W]``
+    (a positive and its negatives), with gradients: the model's forward restructured.
+
+    Every distinct item's representation is computed once; the output MLP's first layer
+    splits into user, candidate and pooled-history terms; the history is read once per
+    user, not once per candidate. DIN's unit sees only (candidate, history item): when
+    the batch has :data:`UNIT_TABLE_MIN_REUSE` times more (pair, history slot)s than
+    (distinct candidate, distinct history item) pairs, it runs once per such pair into a
+    table ``[Nc, Nh]`` that the pairs gather from; otherwise once per (pair, slot), with
+    only the ``h*q`` term of its first layer computed there.
+    """
+    cfg = model.config
+    mask = history_mask(lengths, history.shape[1])
+    candidates, cand_col = torch.unique(items, return_inverse=True)
+    distinct, hist_col = torch.unique(history.masked_fill(~mask, 0), return_inverse=True)
+    e_cand, e_hist = model.item_repr(candidates), model.item_repr(distinct)
+    h = e_hist[hist_col]  # [B, L, D]
+    if cfg.attention == "dot":
+        logits = torch.matmul(e_cand[cand_col], h.transpose(1, 2)) / math.sqrt(cfg.dim)
+    else:
+        w_h, w_q, w_x, bias = _split_unit(model)
+        if UNIT_TABLE_MIN_REUSE * len(candidates) * len(distinct) <= items.numel() * history.shape[1]:
+            h_term, q_term = F.linear(e_hist, w_h, bias), F.linear(e_cand, w_q)
+            table = _unit_logits(model, w_x, e_hist[None], h_term[None], e_cand, q_term, inplace=False)[0]
+            logits = table[cand_col.unsqueeze(-1), hist_col.unsqueeze(1)]  # [B, W, L]
+        else:
+            q = e_cand[cand_col]  # [B, W, D]
+            logits = _unit_logits(model, w_x, h, F.linear(h, w_h, bias), q, F.linear(q, w_q), inplace=False)
+    pooled = torch.matmul(attention_weights(logits, mask.unsqueeze(1), cfg.normalize), h)  # [B, W, D]
+    first = model.tower.linears[0]
+    w_user, w_pooled, w_item = first.weight.chunk(3, dim=1)
+    pre = F.linear(model.user_repr(users), w_user, first.bias).unsqueeze(1)
+    pre = pre + F.linear(e_cand, w_item)[cand_col] + F.linear(pooled, w_pooled)
+    return model.tower.from_first(pre).squeeze(-1)
+
+
 def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-_SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
+_SCORERS = {
+    DotModel: DotScorer,
+    MLPModel: MLPScorer,
+    NeuMF: NeuMFScorer,
+    AttentionModel: AttentionScorer,
+}
 
 
 def scorer_for(model: RankingModel) -> type[Scorer] | None:
