@@ -14,13 +14,15 @@ from rankfast.models.base import ModelConfig, RankingModel, load_model
 from rankfast.models.dot import DotConfig, DotModel
 from rankfast.models.layers import MLP, Representation
 from rankfast.models.mlp import MLPConfig, MLPModel
-from rankfast.models.neumf import NeuMF, NeuMFConfig
+from rankfast.models.neumf import GMF, GMFConfig, NeuMF, NeuMFConfig
 
 __all__ = [
     "AttentionConfig",
     "AttentionModel",
     "DotConfig",
     "DotModel",
+    "GMF",
+    "GMFConfig",
     "MLP",
     "MLPConfig",
     "MLPModel",

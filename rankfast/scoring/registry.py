@@ -23,6 +23,7 @@ import os
 import torch
 
 from rankfast.models.base import RankingModel
+from rankfast.models.neumf import NeuMF
 from rankfast.scoring.backends import factorized, reference
 from rankfast.scoring.protocol import Scorer
 
@@ -30,6 +31,7 @@ __all__ = [
     "BACKEND_ENV",
     "BACKENDS",
     "backend_name",
+    "backend_scorer",
     "select_scorer",
     "training_backend",
     "trains_fused",
@@ -54,11 +56,11 @@ def select_scorer(model: RankingModel, device: torch.device) -> type[Scorer]:
     if name == "auto":
         order = ("fused", "factorized") if device.type == "cuda" else ("factorized",)
         for candidate in order:
-            scorer = _scorer(candidate, model)
+            scorer = backend_scorer(candidate, model)
             if scorer is not None:
                 return scorer
         return reference.ReferenceScorer
-    return _scorer(name, model, required=True)
+    return backend_scorer(name, model, required=True)
 
 
 def trains_fused(model: RankingModel) -> bool:
@@ -73,7 +75,7 @@ def trains_fused(model: RankingModel) -> bool:
     kernels lack), is then an error."""
     if backend_name() != "fused":
         return False
-    _scorer("fused", model, required=True)
+    backend_scorer("fused", model, required=True)
     if model.config.dropout > 0:
         raise ValueError(
             f"{BACKEND_ENV}=fused: the fused kernels have no dropout, and this model's "
@@ -102,11 +104,19 @@ def _fused_backend():
     return fused
 
 
+def _fused_misreads(model: RankingModel) -> bool:
+    """A model the fused backend's adapter would take but read wrongly: a NeuMF whose GMF
+    or MLP width is not ``dim`` (the adapter halves the representations and splits the
+    output layer at ``config.dim``); such a model takes the factorized path."""
+    cfg = model.config
+    return isinstance(model, NeuMF) and not cfg.gmf_dim == cfg.mlp_dim == cfg.dim
+
+
 #: Each backend module has ``scorer_for(model) -> Scorer class | None``.
 _BACKEND_MODULES = {"reference": lambda: reference, "factorized": lambda: factorized, "fused": _fused_backend}
 
 
-def _scorer(name: str, model: RankingModel, *, required: bool = False) -> type[Scorer] | None:
+def backend_scorer(name: str, model: RankingModel, *, required: bool = False) -> type[Scorer] | None:
     """Backend ``name``'s scorer class for ``model``, or None where it has none (an error with ``required``)."""
     try:
         backend = _BACKEND_MODULES[name]()
@@ -114,7 +124,7 @@ def _scorer(name: str, model: RankingModel, *, required: bool = False) -> type[S
         if required:
             raise ValueError(f"{BACKEND_ENV}={name}: the {name} backend cannot be imported ({err})") from err
         return None
-    scorer = backend.scorer_for(model)
+    scorer = None if name == "fused" and _fused_misreads(model) else backend.scorer_for(model)
     if scorer is None and required:
         raise ValueError(
             f"{BACKEND_ENV}={name}: the {name} backend does not cover this {type(model).__name__} ({model.config})"

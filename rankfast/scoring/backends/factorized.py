@@ -29,12 +29,13 @@ from rankfast.models.attention import AttentionModel, attention_weights
 from rankfast.models.base import RankingModel
 from rankfast.models.dot import DotModel
 from rankfast.models.mlp import MLPModel
-from rankfast.models.neumf import NeuMF
+from rankfast.models.neumf import GMF, NeuMF
 from rankfast.scoring.protocol import Footprint, Scorer
 
 __all__ = [
     "AttentionScorer",
     "DotScorer",
+    "GMFScorer",
     "MLPScorer",
     "NeuMFScorer",
     "scorer_for",
@@ -96,22 +97,39 @@ class MLPScorer(Scorer):
         return Footprint(user=cfg.dim + width, item=cfg.dim + width, pair=2 * sum(cfg.hidden) + 1)
 
 
+class GMFScorer(Scorer):
+    """The output layer's weights fold into the user side: one dot product per pair."""
+
+    def __init__(self, model: GMF, users, history=None, lengths=None):
+        self.model = model
+        self.u = model.user_repr(users) * model.output.weight[0]
+
+    def items(self, ids):
+        return self.model.item_repr(ids)
+
+    def pairs(self, rows: slice, e_i):
+        return _pair_dot(self.u[rows], e_i) + self.model.output.bias
+
+    @staticmethod
+    def footprint(model: GMF, history_len: int) -> Footprint:
+        return Footprint(user=model.config.dim, item=model.config.dim, pair=1)
+
+
 class NeuMFScorer(Scorer):
     """The GMF term folds the output layer's GMF weights into the user side,
     so it is one dot product per pair."""
 
     def __init__(self, model: NeuMF, users, history=None, lengths=None):
         self.model = model
-        d = model.config.dim
-        w_out = model.output.weight[0]
-        self.w_mlp_out = w_out[d:].unsqueeze(0)
+        w_gmf, w_mlp = model.output.weight[0].split([model.config.gmf_dim, model.config.hidden[-1]])
+        self.w_mlp_out = w_mlp.unsqueeze(0)
         w_u, self.w_i = model.branch.linears[0].weight.chunk(2, dim=1)
-        gmf_u, mlp_u = model.user_repr(users).chunk(2, dim=-1)
-        self.gmf_u = gmf_u * w_out[:d]
+        gmf_u, mlp_u = model.split(model.user_repr(users))
+        self.gmf_u = gmf_u * w_gmf
         self.a = F.linear(mlp_u, w_u)
 
     def items(self, ids):
-        gmf_i, mlp_i = self.model.item_repr(ids).chunk(2, dim=-1)
+        gmf_i, mlp_i = self.model.split(self.model.item_repr(ids))
         return gmf_i, F.linear(mlp_i, self.w_i, self.model.branch.linears[0].bias)
 
     def pairs(self, rows: slice, state):
@@ -122,7 +140,7 @@ class NeuMFScorer(Scorer):
     @staticmethod
     def footprint(model: NeuMF, history_len: int) -> Footprint:
         cfg = model.config
-        per_side = 2 * cfg.dim + cfg.hidden[0]
+        per_side = 2 * cfg.gmf_dim + cfg.mlp_dim + cfg.hidden[0]
         return Footprint(user=per_side, item=per_side, pair=2 * sum(cfg.hidden) + 2)
 
 
@@ -301,6 +319,7 @@ def _blocks(length: int, size: int) -> list[slice]:
 
 _SCORERS = {
     DotModel: DotScorer,
+    GMF: GMFScorer,
     MLPModel: MLPScorer,
     NeuMF: NeuMFScorer,
     AttentionModel: AttentionScorer,
