@@ -139,12 +139,13 @@ def load_ncf(prefix) -> NCFData:
     """Loads ``<prefix>.train.rating``, ``<prefix>.test.rating`` and
     ``<prefix>.test.negative`` (e.g. ``prefix="Data/ml-1m"``).
 
-    ``.rating`` lines are ``user\\titem\\trating\\ttimestamp``; ``.negative``
-    lines are ``(user,item)\\tneg1\\tneg2...``, in the order of the test file.
+    ``.rating`` lines are ``user\\titem\\trating\\ttimestamp`` or, as NCF's own
+    loader reads them, ``user\\titem\\trating`` (no timestamps then);
+    ``.negative`` lines are ``(user,item)\\tneg1\\tneg2...``, in the order of the test file.
     """
     train_path, test_path, neg_path = (f"{prefix}.{s}" for s in ("train.rating", "test.rating", "test.negative"))
-    train = _read_ratings(train_path, sep="\t")
-    test = _read_ratings(test_path, sep="\t")
+    train = _read_ncf_ratings(train_path)
+    test = _read_ncf_ratings(test_path)
     negatives = []
     for lineno, parts in _read_records(neg_path, sep="\t", fields=None, min_fields=2):
         pair = parts[0].strip("()").split(",")
@@ -170,6 +171,25 @@ def load_ncf(prefix) -> NCFData:
         Interactions.from_raw(*test, **maps),
         item_ids.index(negatives, name="negatives").reshape(negatives.shape),
     )
+
+
+def _read_ncf_ratings(path):
+    """``(users, items, ratings, timestamps)`` of ``user\\titem\\trating[\\ttimestamp]`` lines
+    (timestamps None when the file has three fields a line, all lines alike)."""
+    records = list(_read_records(path, sep="\t", fields=None, min_fields=3))
+    width = len(records[0][1]) if records else 3
+    for lineno, parts in records:
+        if len(parts) != width or width > 4:
+            raise DataFormatError(
+                f"{path}:{lineno}: expected {min(width, 4)} fields separated by '\\t', got {len(parts)}"
+            )
+    kinds = ((int, "user id", np.int64), (int, "item id", np.int64), (float, "rating", np.float32))
+    kinds += ((int, "timestamp", np.int64),) if width == 4 else ()
+    columns = [
+        np.array([_convert(path, lineno, parts[j], kind, what) for lineno, parts in records], dtype=dtype)
+        for j, (kind, what, dtype) in enumerate(kinds)
+    ]
+    return (*columns, None) if width == 3 else tuple(columns)
 
 
 def load_table(path, *, user="user_id", item="item_id", rating=None, timestamp=None, sep=",") -> Interactions:
