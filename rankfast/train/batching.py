@@ -136,14 +136,16 @@ class SampledNegatives(Strategy):
         lengths = None if ex.lengths is None else ex.lengths[idx]
         if negatives is not None:
             items = torch.cat([items, negatives], dim=1)  # [B, 1 + negatives]: the positive first
+        width = items.shape[1]
         if self.backend is None:  # the model's forward takes aligned (user, item) pairs
-            width = items.shape[1]
             items, users = items.reshape(-1), users.repeat_interleave(width)
             if history is not None:
                 history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
-        with self._autocast():
-            out = net(*(self._to_device(t) for t in (users, items, history, lengths)))
         multitask = isinstance(self.model, MultiTask)
+        # A MultiTask rates the positives only: the first of each row's pairs.
+        rated = {"rated": torch.arange(0, len(idx) * width, width, device=self.device)} if multitask else {}
+        with self._autocast():
+            out = net(*(self._to_device(t) for t in (users, items, history, lengths)), **rated)
         clicks, ratings = out if multitask else (out, None)
         scores = clicks.float().view(len(idx), -1)
         if config.loss == "mse":
@@ -157,7 +159,7 @@ class SampledNegatives(Strategy):
             log_q = self.log_q[items].view(len(idx), -1).to(self.device)
             loss = sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
         if multitask:
-            rating_loss = mse_loss(ratings.float().view(len(idx), -1)[:, 0], self._to_device(ex.ratings[idx]))
+            rating_loss = self.model.rating_loss(ratings.float(), self._to_device(ex.ratings[idx]))
             loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
         return loss
 

@@ -174,6 +174,8 @@ class _Trainer:
             raise ValueError(f"train: loss {config.loss!r} (or a MultiTask model) needs ratings, and the data has none")
         if self.multitask and config.loss == "mse":
             raise ValueError("loss: a MultiTask model trains ratings itself; pick a ranking loss (bce, bpr, softmax)")
+        if self.multitask:  # a resumed run reads the same values back from its checkpoint
+            model.set_rating_scale(train.ratings)
         self.fine_tuning = fine_tuning
         # While training, the encoder lives inside the model; if setting up fails, it leaves again.
         with contextlib.ExitStack() as scope:
