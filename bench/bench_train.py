@@ -8,7 +8,9 @@ over 32 popularity negatives, batch 1024, histories of up to 50 items) on the
 built-in synthetic data, one torch thread. "before" trains through the model's
 own forward over expanded (user, candidate) pairs (``RANKFAST_BACKEND=reference``);
 "after" through ``rankfast.scoring.backends.factorized.training_scores`` (the
-default). Both start from the same weights and see the same batches.
+default). Both start from the same weights and see the same batches. The
+"after" path is timed before and after the "before" one and averaged, so that a
+change in the machine's load during the long "before" run biases the ratio less.
 
     python bench/bench_train.py [--users 500 --items 300] [--epochs 1] [--out bench/results/FILE.md]
 """
@@ -19,7 +21,6 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 from pathlib import Path
 
 import torch
@@ -28,8 +29,12 @@ import rankfast
 from rankfast.cli.workflow import build_model, defaults, split
 from rankfast.train import TrainConfig, fit
 
+from memory import peak_memory
+
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = {"before (model forward, expanded pairs)": "reference", "after (factorized training scores)": "auto"}
+BEFORE, AFTER = "before (model forward, expanded pairs)", "after (factorized training scores)"
+#: The order of the timed runs: "after" on either side of "before".
+RUNS = ((AFTER, "auto"), (BEFORE, "reference"), (AFTER, "auto"))
 
 
 def run(settings, backend: str, epochs: int):
@@ -55,12 +60,17 @@ def main():
     torch.set_num_threads(1)
     settings = defaults({"synthetic": {"num_users": args.users, "num_items": args.items, "seed": 0}}, "attention")
     load = os.getloadavg()
-    rows = []
-    for name, backend in BACKENDS.items():
-        seconds, loss, interactions = run(settings, backend, args.epochs)
-        rows.append((name, seconds, loss))
-        print(f"{name}: {seconds:.1f} s an epoch, loss {loss:.4f}", flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed = {BEFORE: [], AFTER: []}
+    for name, backend in RUNS:
+        (seconds, loss, interactions), peak = peak_memory(
+            lambda backend=backend: run(settings, backend, args.epochs), "cpu"
+        )
+        timed[name].append((seconds, loss, peak / 2**20))
+        print(f"{name}: {seconds:.1f} s an epoch, loss {loss:.4f}, peak {peak / 2**20:.0f} MiB", flush=True)
+    rows = [
+        (name, sum(t[0] for t in runs) / len(runs), " / ".join(f"{t[0]:.1f}" for t in runs), runs[-1][1], runs[-1][2])
+        for name, runs in timed.items()
+    ]
     speedup = rows[0][1] / rows[1][1]
     today = datetime.date.today().isoformat()
     out = Path(args.out or REPO / "bench" / "results" / f"{today}-cpu-train-attention.md")
@@ -75,11 +85,11 @@ def main():
         f"{args.epochs} epoch(s) timed per path, same initial weights and batches. "
         "`python bench/bench_train.py` reruns it.",
         "",
-        "| path | seconds / epoch | loss after the last epoch |",
-        "| --- | --- | --- |",
-        *(f"| {name} | {seconds:.1f} | {loss:.4f} |" for name, seconds, loss in rows),
+        "| path | seconds / epoch | runs | loss after the last epoch | peak MiB |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {mean:.1f} | {each} | {loss:.4f} | {peak:.0f} |" for name, mean, each, loss, peak in rows),
         "",
-        f"Speedup: {speedup:.1f}x. Peak resident memory of the whole run: {peak:.0f} MiB.",
+        f"Speedup: {speedup:.1f}x. Peak MiB: the process's peak resident memory above its size before the run.",
         "",
     ]
     out.write_text("\n".join(lines))
