@@ -2,7 +2,9 @@
 
 A ``model`` is either a rankfast model (``rankfast.models``), scored through
 :func:`rankfast.score`, or any object with ``recommend(users, k, exclude=)``
-and ``model(users, items)`` pair scores, such as :mod:`rankfast.baselines`.
+and ``model(users, items)`` pair scores; the baselines of
+:mod:`rankfast.baselines` also give whole rows, ``score(users)``, which the
+sampled protocol gathers its candidates from.
 Models that read a user history (``model.uses_history``, the attention
 model) get each user's last ``max_history`` items of ``train``. A model
 whose forward returns a tuple (:class:`rankfast.train.MultiTask`) is read
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from rankfast import metrics
 from rankfast._ids import as_ids
 from rankfast.data import Interactions, NegativeSampler, user_histories
+from rankfast.models import RankingModel
 from rankfast.scoring import score
 
 __all__ = ["evaluate", "evaluate_sampled", "evaluate_pointwise"]
@@ -175,7 +178,7 @@ def evaluate_sampled(
     num_negatives: int = 100,
     ks=(10,),
     seed: int = 0,
-    batch_size: int = 4096,
+    batch_size: int = 1024,
     max_history: int = 50,
 ):
     """Sampled ranking: each test interaction's item ranked among negatives.
@@ -185,6 +188,12 @@ def evaluate_sampled(
     has in neither ``train`` nor ``test``. A target's rank counts only the
     negatives scored strictly higher, and a negative equal to the target is
     dropped. Returns HR@K, NDCG@K, MRR and the sampled AUC.
+
+    Each test row's user is scored once against its ``n + 1`` candidates, ``batch_size``
+    rows at a time: a rankfast model through :func:`rankfast.score` with per-user
+    candidates, a model with whole rows (``score(users)``, the baselines) once per
+    distinct user with the candidates gathered from its row; other models by their
+    pair scores.
     """
     _check_same_space(train, test, "test")
     batch_size = _check_batch_size(batch_size)
@@ -197,17 +206,38 @@ def evaluate_sampled(
     negatives = as_ids("negatives", negatives, ndims=(2,), high=train.num_items, device="cpu").numpy()
     if negatives.shape[0] != len(test):
         raise ValueError(f"negatives: expected shape ({len(test)}, n), got {negatives.shape}")
+    candidates = np.concatenate([test.items[:, None], negatives], axis=1)
     histories = _Histories(model, train, max_history)
-    n = negatives.shape[1]
-    users = np.repeat(test.users, n + 1)
-    items = np.concatenate([test.items[:, None], negatives], axis=1).reshape(-1)
-    context = _context_rows(model, test)
-    if context is not None:
-        context = {name: v.repeat_interleave(n + 1, dim=0) for name, v in context.items()}
-    scores = _pair_scores(model, users, items, histories, batch_size, context=context).reshape(len(test), n + 1)
+    scores = _candidate_scores(model, test.users, candidates, histories, batch_size, _context_rows(model, test))
     valid = negatives != test.items[:, None]
     ranks = metrics.sampled_ranks(scores[:, 0], scores[:, 1:], valid)
     return metrics.rank_metrics(ranks, ks, num_negatives=valid.sum(axis=1))
+
+
+def _candidate_scores(
+    model, users: np.ndarray, candidates: np.ndarray, histories, batch_size: int, context=None
+) -> np.ndarray:
+    """float64 scores ``[R, C]`` of ``users[r]`` against ``candidates[r]``, ``batch_size`` rows at a
+    time; ``context``: each row's context fields (models that read them)."""
+    out = np.empty(candidates.shape, dtype=np.float64)
+    if not isinstance(model, RankingModel) and not hasattr(model, "score"):
+        pairs = _pair_scores(
+            model, np.repeat(users, candidates.shape[1]), candidates.reshape(-1), histories, batch_size
+        )
+        return pairs.reshape(candidates.shape)
+    with _inference(model):
+        for start in range(0, len(users), batch_size):
+            rows = slice(start, start + batch_size)
+            batch, items = torch.from_numpy(users[rows]), torch.from_numpy(candidates[rows])
+            if isinstance(model, RankingModel):
+                history, lengths = histories(batch)
+                row_context = None if context is None else {n: v[rows] for n, v in context.items()}
+                got = score(model, batch, items, history=history, lengths=lengths, context=row_context)
+            else:
+                distinct, inverse = torch.unique(batch, return_inverse=True)
+                got = torch.as_tensor(model.score(distinct)).cpu()[inverse].gather(1, items)  # each user once
+            out[rows] = got.double().cpu().numpy()
+    return out
 
 
 def evaluate_pointwise(

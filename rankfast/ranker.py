@@ -314,6 +314,59 @@ class Ranker:
             return None, None
         return self._users["history"][rows], self._users["lengths"][rows]
 
+    # --- explanations -------------------------------------------------------------------
+
+    def explain(self, user, item, top: int = 5) -> list[dict]:
+        """The history items that weighed most in ``user``'s score of ``item``.
+
+        For a model that pools the user's history with attention (it has
+        ``history_weights(users, items, history, lengths) -> [B, L]``, as
+        :class:`~rankfast.models.AttentionModel` does): the weight each item of
+        the user's stored history gets in the pooled history for this
+        candidate (the softmax over the history, or DIN's raw weights with
+        ``normalize=False``; an item that appears several times gets the sum).
+
+        Returns up to ``top`` ``{"item": raw id, "weight": float}``, largest
+        weight first (ties: the more recent item first); fewer when the
+        history is shorter. Raises ``KeyError`` for an unknown user or item
+        and ``TypeError`` for a model without attention over a history.
+        """
+        return self.explain_items(user, [item], top)[0]
+
+    def explain_items(self, user, items, top: int = 5) -> list[list[dict]]:
+        """:meth:`explain` of each of ``items`` (raw ids) for one ``user``, in one model call."""
+        if not hasattr(self.model, "history_weights"):
+            raise TypeError(
+                f"explain: this {type(self.model).__name__} does not weigh history items "
+                "(models with history_weights do, e.g. AttentionModel)"
+            )
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"top: expected a positive int, got {top!r}")
+        if user not in self.user_ids.raw:
+            raise KeyError(f"user: unknown user id {user!r}")
+        row = torch.from_numpy(self.user_ids.index(np.asarray([user]), name="user"))
+        candidates = torch.from_numpy(self.item_ids.index(np.asarray(_as_list(items, "items")), name="items"))
+        history, lengths = self._stored_history(row)
+        n, valid = len(candidates), int(lengths[0])
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            weights = self.model.history_weights(
+                *(t.to(device) for t in (row.expand(n), candidates, history.expand(n, -1), lengths.expand(n)))
+            )
+        recent_first = history[0, :valid].flip(0)
+        return [self._top_items(w[:valid].flip(0).double().cpu(), recent_first, top) for w in weights]
+
+    def _top_items(self, weights: torch.Tensor, history: torch.Tensor, top: int) -> list[dict]:
+        """``weights`` of ``history`` slots (most recent first), summed per item; the ``top`` largest."""
+        ids, column = torch.unique(history, return_inverse=True)
+        totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, column, weights)
+        latest = torch.full((len(ids),), len(history), dtype=torch.int64).scatter_reduce_(
+            0, column, torch.arange(len(history)), reduce="amin"
+        )
+        order = sorted(range(len(ids)), key=lambda j: (-float(totals[j]), int(latest[j])))[:top]
+        raw = self.item_ids.to_raw(ids[order].numpy()).tolist()
+        return [{"item": item, "weight": float(totals[j])} for item, j in zip(raw, order, strict=True)]
+
     # --- cold start ---------------------------------------------------------------------
 
     def _score_cold(self, histories: list, items, k: int, exclude_seen: bool):

@@ -11,6 +11,7 @@ import torch
 
 from rankfast.data import Field, Interactions
 from rankfast.models import (
+    GMF,
     AttentionConfig,
     AttentionModel,
     DCNConfig,
@@ -21,6 +22,7 @@ from rankfast.models import (
     DotModel,
     FMConfig,
     FMModel,
+    GMFConfig,
     MLPConfig,
     MLPModel,
     NeuMF,
@@ -48,9 +50,11 @@ SIDE_FIELDS = tuple(f for f in FIELDS if f.side != "context")
 # (it must be off whenever scores are compared).
 CASES = {
     "dot": (DotModel, DotConfig, {}),
+    "gmf": (GMF, GMFConfig, {}),
     "mlp": (MLPModel, MLPConfig, dict(hidden=(9, 5), activation="gelu", dropout=0.3)),
     "mlp-linear": (MLPModel, MLPConfig, dict(hidden=())),
     "neumf": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), activation="silu", dropout=0.2)),
+    "neumf-sizes": (NeuMF, NeuMFConfig, dict(hidden=(9, 4), gmf_dim=3, mlp_dim=5)),
     "din": (AttentionModel, AttentionConfig, dict(hidden=(8,), unit_hidden=(7, 3), dropout=0.25)),
     "din-raw": (AttentionModel, AttentionConfig, dict(unit_hidden=(5,), normalize=False, activation="gelu")),
     "dot-attention": (AttentionModel, AttentionConfig, dict(attention="dot", hidden=(8, 3), dropout=0.1)),

@@ -202,6 +202,42 @@ def test_score_writes_json_lines(model_dir, tmp_path, capsys):
     assert all(len(r["items"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
 
 
+def test_train_logs_epochs_and_score_explains(model_dir, tmp_path, capsys):
+    """`rankfast train` reports each epoch on stderr (through logging, terminal or not);
+    `rankfast score --explain N` adds each item's most weighed history items."""
+    out = tmp_path / "att"
+    code, _, err = run(
+        [
+            "train",
+            "--model",
+            "attention",
+            "--users",
+            "60",
+            "--items",
+            "40",
+            "--dim",
+            "4",
+            "--epochs",
+            "2",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ") and ": loss " in line]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    (tmp_path / "users.txt").write_text("3\n17\n")
+    code, stdout, _ = run(["score", out, "-i", tmp_path / "users.txt", "-k", "3", "--explain", "2"], capsys)
+    assert code == 0
+    ranker = Ranker.load(out)
+    for line, user in zip(stdout.splitlines(), (3, 17), strict=True):
+        row = json.loads(line)
+        assert row["explanations"] == [ranker.explain(user, item, top=2) for item in row["items"]]
+    code, _, err = run(["score", model_dir, "--explain", "2"], capsys)
+    assert code == 2 and "--explain: this MLPModel does not weigh history items" in err
+
+
 def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
     """An unknown id in a later batch: the output file keeps its old content, or is not created."""
     (tmp_path / "users.txt").write_text("3\n17\n999\n")

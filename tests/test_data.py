@@ -207,6 +207,26 @@ def test_ncf_files(tmp_path):
     assert ncf.negatives.tolist() == [[3, 4], [1, 3]]
 
 
+def test_ncf_files_without_timestamps(tmp_path):
+    """NCF's own loader reads three columns; some of its files have only those."""
+    prefix = _ncf_files(tmp_path, "(0,2)\t3\t4\n(1,0)\t1\t3\n")
+    with_stamps = load_ncf(prefix)
+    _write(tmp_path / "t.train.rating", "0\t0\t5\n0\t1\t4\n1\t2\t3\n")
+    _write(tmp_path / "t.test.rating", "0\t2\t5\n1\t0\t4\n")
+    ncf = load_ncf(prefix)
+    assert ncf.train.timestamps is None and ncf.test.timestamps is None
+    for got, want in ((ncf.train, with_stamps.train), (ncf.test, with_stamps.test)):
+        assert (got.users.tolist(), got.items.tolist()) == (want.users.tolist(), want.items.tolist())
+        assert got.ratings.tolist() == want.ratings.tolist()
+    assert ncf.negatives.tolist() == with_stamps.negatives.tolist()
+    _write(tmp_path / "t.train.rating", "0\t0\t5\n0\t1\t4\t7\n")
+    with pytest.raises(DataFormatError, match=r"t.train.rating:2: expected 3 fields separated by '\\t', got 4"):
+        load_ncf(prefix)
+    _write(tmp_path / "t.train.rating", "0\t0\t5\t1\t2\n")
+    with pytest.raises(DataFormatError, match=r"t.train.rating:1: expected 4 fields separated by '\\t', got 5"):
+        load_ncf(prefix)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

@@ -809,3 +809,52 @@ def test_export_failure_is_clear(int_train, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="torch.export cannot trace this MLPModel"):
         ranker.export(tmp_path / "x.pt2")
     assert os.listdir(tmp_path) == ["model"]
+
+
+@pytest.mark.parametrize(
+    "fields", [{}, {"normalize": False}, {"attention": "dot"}], ids=["din", "din-raw-weights", "dot-attention"]
+)
+def test_explain_reports_the_models_attention_weights(train, tmp_path, fields):
+    """Against a hand computation: the unit's logits (or scaled dot products) over the user's
+    stored history, their softmax (or the raw logits), summed per item, largest first."""
+    users = np.concatenate([train.user_ids.raw[train.users], [100, 100]])  # user 100 sees two items again
+    items = np.concatenate([train.item_ids.raw[train.items], ["i004", "i004"]])
+    stamps = np.concatenate([train.timestamps, [10**10, 10**10 + 1]])
+    data = Interactions.from_raw(users, items, timestamps=stamps)
+    torch.manual_seed(4)
+    config = AttentionConfig(data.num_users, data.num_items, 8, hidden=(8,), unit_hidden=(6,), **fields)
+    model = AttentionModel(config).double()
+    ranker = Ranker.load(save_model_dir(tmp_path / "att", model, data, max_history=5))
+    user, item = 100, "i017"
+    history, lengths = user_histories(data, 5)
+    row = int(data.user_ids.index(np.array([user]))[0])
+    past = history[row, : lengths[row]]
+    assert (data.item_ids.to_raw(past)[-2:] == "i004").all()  # the repeated item, twice in the history
+    with torch.no_grad():
+        q = model.item_repr(torch.tensor(data.item_ids.index(np.array([item]))))[0]
+        h = model.item_repr(torch.from_numpy(past))
+        if config.attention == "din":
+            logits = model.unit(torch.cat([h, q.expand_as(h), h - q, h * q], dim=1))[:, 0]
+        else:
+            logits = h @ q / np.sqrt(8)
+        weights = torch.softmax(logits, 0) if config.normalize else logits
+    expected = {}
+    for item_id, weight in zip(data.item_ids.to_raw(past).tolist(), weights.tolist(), strict=True):
+        expected[item_id] = expected.get(item_id, 0.0) + weight
+    got = ranker.explain(user, item, top=10)
+    assert [g["item"] for g in got] == sorted(expected, key=lambda i: -expected[i])
+    assert [g["weight"] for g in got] == pytest.approx([expected[g["item"]] for g in got], rel=1e-6, abs=1e-9)
+    assert ranker.explain(user, item, top=2) == got[:2]
+    assert ranker.explain_items(user, [item, "i003"], top=3)[0] == got[:3]
+
+
+def test_explain_errors(train, saved, tmp_path):
+    with pytest.raises(TypeError, match="explain: this MLPModel does not weigh history items"):
+        Ranker.load(saved[1]).explain(100, "i001")
+    ranker = Ranker.load(save_model_dir(tmp_path / "att", attention(train), train, max_history=4))
+    with pytest.raises(KeyError, match="user: unknown user id 5"):
+        ranker.explain(5, "i001")
+    with pytest.raises(KeyError, match="items"):
+        ranker.explain(100, "nope")
+    with pytest.raises(ValueError, match="top: expected a positive int"):
+        ranker.explain(100, "i001", top=0)

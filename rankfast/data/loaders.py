@@ -111,21 +111,32 @@ def _convert(path, lineno, value, kind: Callable, what: str):
     return number
 
 
-def _read_ratings(path, *, sep, encoding="utf-8", header=None):
-    """Reads ``user, item, rating, timestamp`` lines into four numpy columns."""
-    users, items, ratings, stamps = [], [], [], []
-    for lineno, (u, i, r, t) in _read_records(path, sep=sep, fields=4, encoding=encoding, header=header):
-        users.append(_convert(path, lineno, u, int, "user id"))
-        items.append(_convert(path, lineno, i, int, "item id"))
-        ratings.append(_convert(path, lineno, r, float, "rating"))
-        stamps.append(_convert(path, lineno, t, int, "timestamp"))
+def _read_ratings(path, *, sep, encoding="utf-8", header=None, optional_timestamp=False):
+    """Reads ``user, item, rating, timestamp`` lines into four numpy columns. With
+    ``optional_timestamp`` the lines may have three fields instead (all alike, as NCF's
+    ``.rating`` files), and the timestamps are then None."""
+    records = _read_records(
+        path, sep=sep, fields=4, encoding=encoding, header=header, min_fields=3 if optional_timestamp else None
+    )
+    users, items, ratings, stamps, width = [], [], [], [], None
+    for lineno, parts in records:
+        width = len(parts) if width is None else width
+        if len(parts) != width or width > 4:
+            raise DataFormatError(
+                f"{path}:{lineno}: expected {min(width, 4)} fields separated by {sep!r}, got {len(parts)}"
+            )
+        users.append(_convert(path, lineno, parts[0], int, "user id"))
+        items.append(_convert(path, lineno, parts[1], int, "item id"))
+        ratings.append(_convert(path, lineno, parts[2], float, "rating"))
+        if width == 4:
+            stamps.append(_convert(path, lineno, parts[3], int, "timestamp"))
     if not users:
         raise DataFormatError(f"{path}: no interactions (the file has no data lines)")
     return (
         np.array(users, dtype=np.int64),
         np.array(items, dtype=np.int64),
         np.array(ratings, dtype=np.float32),
-        np.array(stamps, dtype=np.int64),
+        np.array(stamps, dtype=np.int64) if width == 4 else None,
     )
 
 
@@ -233,12 +244,13 @@ def load_ncf(prefix) -> NCFData:
     """Loads ``<prefix>.train.rating``, ``<prefix>.test.rating`` and
     ``<prefix>.test.negative`` (e.g. ``prefix="Data/ml-1m"``).
 
-    ``.rating`` lines are ``user\\titem\\trating\\ttimestamp``; ``.negative``
-    lines are ``(user,item)\\tneg1\\tneg2...``, in the order of the test file.
+    ``.rating`` lines are ``user\\titem\\trating\\ttimestamp`` or, as NCF's own
+    loader reads them, ``user\\titem\\trating`` (no timestamps then);
+    ``.negative`` lines are ``(user,item)\\tneg1\\tneg2...``, in the order of the test file.
     """
     train_path, test_path, neg_path = (f"{prefix}.{s}" for s in ("train.rating", "test.rating", "test.negative"))
-    train = _read_ratings(train_path, sep="\t")
-    test = _read_ratings(test_path, sep="\t")
+    train = _read_ratings(train_path, sep="\t", optional_timestamp=True)
+    test = _read_ratings(test_path, sep="\t", optional_timestamp=True)
     negatives = []
     for lineno, parts in _read_records(neg_path, sep="\t", fields=None, min_fields=2):
         pair = parts[0].strip("()").split(",")

@@ -19,7 +19,7 @@ from rankfast.models.fields import FieldEmbedding, FieldRepresentation
 from rankfast.models.fm import DeepFM, DeepFMConfig, FMConfig, FMModel
 from rankfast.models.layers import MLP, Representation
 from rankfast.models.mlp import MLPConfig, MLPModel
-from rankfast.models.neumf import NeuMF, NeuMFConfig
+from rankfast.models.neumf import GMF, GMFConfig, NeuMF, NeuMFConfig
 from rankfast.models.rating import RecommenderNet, RecommenderNetConfig
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "FMModel",
     "FieldEmbedding",
     "FieldRepresentation",
+    "GMF",
+    "GMFConfig",
     "MLP",
     "MLPConfig",
     "MLPModel",

@@ -26,9 +26,9 @@ from torch import nn
 
 from rankfast.data import Interactions, NegativeSampler, event_histories
 from rankfast.models import RecommenderNet
+from rankfast.train.candidates import CandidateScores
 from rankfast.train.catalogue import CatalogueScores
 from rankfast.train.distributed import DistContext, shard
-from rankfast.train.fused import FusedScores
 from rankfast.train.losses import bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
 from rankfast.train.multitask import MultiTask
 
@@ -55,7 +55,9 @@ class Strategy:
     """How micro-batches are formed and scored (see the module docstring).
 
     ``model`` is what trains (a :class:`RankingModel` or :class:`MultiTask`);
-    ``fused``: score through the fused kernels (:class:`FusedScores`).
+    ``backend``: score each user against its candidates through that scoring
+    backend (:class:`CandidateScores`: ``"fused"`` or ``"factorized"``), or
+    None for the model's own forward.
     """
 
     def __init__(
@@ -67,10 +69,10 @@ class Strategy:
         context: DistContext,
         device: torch.device,
         *,
-        fused: bool,
+        backend: str | None,
     ):
         self.model, self.data, self.examples, self.config = model, data, examples, config
-        self.context, self.device, self.fused = context, device, fused
+        self.context, self.device, self.backend = context, device, backend
         ranker = model.base if isinstance(model, MultiTask) else model
         #: The interactions' context fields (encoded tensors) for models that read them, else None.
         self.impressions = field_context(ranker, data)
@@ -142,7 +144,7 @@ class SampledNegatives(Strategy):
             self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
 
     def module(self):
-        return FusedScores(self.model) if self.fused else self.model
+        return self.model if self.backend is None else CandidateScores(self.model, self.backend)
 
     def num_micro_batches(self):
         return -(-len(shard(np.arange(len(self.examples)), self.context)) // self.config.batch_size)
@@ -166,15 +168,21 @@ class SampledNegatives(Strategy):
             items = torch.cat([items, negatives], dim=1)  # [B, 1 + negatives]: the positive first
         width = items.shape[1]
         pair_items = items
-        if not self.fused:  # the model's forward takes aligned (user, item) pairs
+        if self.backend is None:  # the model's forward takes aligned (user, item) pairs
             pair_items = items.reshape(-1)
             if width > 1:
                 users = users.repeat_interleave(width)
                 if history is not None:
                     history, lengths = history.repeat_interleave(width, dim=0), lengths.repeat_interleave(width)
+        # A MultiTask rates the positives only: the first of each row's pairs.
+        rated = {}
+        if isinstance(self.model, MultiTask):
+            rated = {"rated": torch.arange(0, len(idx) * width, width, device=self.device)}
         with self._autocast():
             out = net(
-                *(self._to_device(t) for t in (users, pair_items, history, lengths)), **self._impressions(idx, width)
+                *(self._to_device(t) for t in (users, pair_items, history, lengths)),
+                **self._impressions(idx, width),
+                **rated,
             )
         return items, out
 
@@ -192,9 +200,7 @@ class SampledNegatives(Strategy):
             log_q = self.log_q[items].view(len(idx), -1).to(self.device)
             loss = sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
         if multitask:
-            rating_loss = mse_loss(
-                ratings.float().view(len(idx), -1)[:, 0], self._to_device(self.examples.ratings[idx])
-            )
+            rating_loss = self.model.rating_loss(ratings.float(), self._to_device(self.examples.ratings[idx]))
             loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
         return loss
 
@@ -284,7 +290,7 @@ class FullSoftmax(_Catalogue):
     against the catalogue once, and that row serves all its interactions."""
 
     def module(self):
-        return FusedScores(self.model) if self.fused else CatalogueScores(self.model)
+        return CatalogueScores(self.model) if self.backend is None else CandidateScores(self.model, self.backend)
 
     def num_micro_batches(self):
         return -(-len(shard(np.arange(len(self.examples)), self.context)) // self.config.batch_size)

@@ -19,7 +19,9 @@ MLP; DCN-v2's cross layers mix the sides per pair, so after the split first
 cross layer they run on the tile.
 
 The scorers follow :class:`rankfast.scoring.protocol.Scorer`; the models'
-``forward`` is the reference they are tested against.
+``forward`` is the reference they are tested against. :func:`training_scores` is
+the same restructuring with gradients, for training an AttentionModel (each user
+against its own candidates).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from rankfast._ids import history_mask
-from rankfast.models.attention import AttentionModel
+from rankfast.models.attention import AttentionModel, attention_weights
 from rankfast.models.base import RankingModel
 from rankfast.models.dcn import DCNv2
 from rankfast.models.dot import DotModel
 from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
-from rankfast.models.neumf import NeuMF
+from rankfast.models.neumf import GMF, NeuMF
 from rankfast.models.rating import RecommenderNet
 from rankfast.scoring.protocol import Footprint, Scorer
 
@@ -46,16 +48,21 @@ __all__ = [
     "DeepFMScorer",
     "DotScorer",
     "FMScorer",
+    "GMFScorer",
     "MLPScorer",
     "NeuMFScorer",
     "RecommenderNetScorer",
     "scorer_for",
+    "trains",
+    "training_scores",
 ]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
-#: The DIN unit is tabled over distinct history items (shared candidates only) when a
-#: block's valid history slots are at least this many times its distinct items.
+#: The DIN unit is tabled over distinct history items when that saves this factor of work:
+#: in scoring (shared candidates only) when a block's valid history slots are at least this
+#: many times its distinct items; in training when a batch's (pair, history slot)s are at
+#: least this many times its distinct candidates times distinct history items.
 UNIT_TABLE_MIN_REUSE = 1.5
 
 
@@ -104,22 +111,39 @@ class MLPScorer(Scorer):
         return Footprint(user=cfg.dim + width, item=cfg.dim + width, pair=2 * sum(cfg.hidden) + 1)
 
 
+class GMFScorer(Scorer):
+    """The output layer's weights fold into the user side: one dot product per pair."""
+
+    def __init__(self, model: GMF, users, history=None, lengths=None):
+        self.model = model
+        self.u = model.user_repr(users) * model.output.weight[0]
+
+    def items(self, ids):
+        return self.model.item_repr(ids)
+
+    def pairs(self, rows: slice, e_i):
+        return _pair_dot(self.u[rows], e_i) + self.model.output.bias
+
+    @staticmethod
+    def footprint(model: GMF, history_len: int) -> Footprint:
+        return Footprint(user=model.config.dim, item=model.config.dim, pair=1)
+
+
 class NeuMFScorer(Scorer):
     """The GMF term folds the output layer's GMF weights into the user side,
     so it is one dot product per pair."""
 
     def __init__(self, model: NeuMF, users, history=None, lengths=None):
         self.model = model
-        d = model.config.dim
-        w_out = model.output.weight[0]
-        self.w_mlp_out = w_out[d:].unsqueeze(0)
+        w_gmf, w_mlp = model.output.weight[0].split([model.config.gmf_dim, model.config.hidden[-1]])
+        self.w_mlp_out = w_mlp.unsqueeze(0)
         w_u, self.w_i = model.branch.linears[0].weight.chunk(2, dim=1)
-        gmf_u, mlp_u = model.user_repr(users).chunk(2, dim=-1)
-        self.gmf_u = gmf_u * w_out[:d]
+        gmf_u, mlp_u = model.split(model.user_repr(users))
+        self.gmf_u = gmf_u * w_gmf
         self.a = F.linear(mlp_u, w_u)
 
     def items(self, ids):
-        gmf_i, mlp_i = self.model.item_repr(ids).chunk(2, dim=-1)
+        gmf_i, mlp_i = self.model.split(self.model.item_repr(ids))
         return gmf_i, F.linear(mlp_i, self.w_i, self.model.branch.linears[0].bias)
 
     def pairs(self, rows: slice, state):
@@ -130,7 +154,7 @@ class NeuMFScorer(Scorer):
     @staticmethod
     def footprint(model: NeuMF, history_len: int) -> Footprint:
         cfg = model.config
-        per_side = 2 * cfg.dim + cfg.hidden[0]
+        per_side = 2 * cfg.gmf_dim + cfg.mlp_dim + cfg.hidden[0]
         return Footprint(user=per_side, item=per_side, pair=2 * sum(cfg.hidden) + 2)
 
 
@@ -159,10 +183,7 @@ class AttentionScorer(Scorer):
         self.block = max(1, math.ceil(history.shape[1] / n_blocks))
         self.distinct = None  # the unit table's columns: distinct history items' h and h-terms
         if cfg.attention == "din":
-            unit_first = model.unit.linears[0]
-            w_h, w_q, w_d, self.w_x = unit_first.weight.chunk(4, dim=1)
-            self.w_h_unit, self.b_unit = w_h + w_d, unit_first.bias
-            self.w_q_unit = w_q - w_d
+            self.w_h_unit, self.w_q_unit, self.w_x, self.b_unit = _split_unit(model)
             self.h_term = F.linear(self.h, self.w_h_unit, self.b_unit)  # [U, L, A1]
             self._plan_unit_table(history, self.footprint(model, history.shape[1]).table)
 
@@ -185,7 +206,9 @@ class AttentionScorer(Scorer):
             h, h_term = self.distinct
             table = q.new_empty(len(ids), len(h))  # [Nc, H]
             for b in _blocks(len(h), self.block):
-                table[:, b] = self._unit_logits(h[None, b], h_term[None, b], q, q_term)[0]
+                table[:, b] = _unit_logits(self.model, self.w_x, h[None, b], h_term[None, b], q, q_term, inplace=True)[
+                    0
+                ]
         return q, q_term, F.linear(q, self.w_item), table
 
     def pairs(self, rows: slice, state):
@@ -226,15 +249,7 @@ class AttentionScorer(Scorer):
         """Attention scores of history items ``h_b [T, Lb, D]`` for each candidate: ``[T, Nc, Lb]``."""
         if self.model.config.attention == "dot":
             return torch.matmul(q, h_b.transpose(1, 2)) / math.sqrt(self.model.config.dim)
-        return self._unit_logits(h_b, self.h_term[rows, block], q, q_term)
-
-    def _unit_logits(self, h_b, h_term, q, q_term):
-        """The DIN unit on history items ``h_b [T, Lb, D]`` (first-layer terms
-        ``h_term [T, Lb, A1]``) and candidates ``q`` (``q_term``): ``[T, Nc, Lb]``."""
-        z = F.linear(h_b.unsqueeze(1) * q.unsqueeze(-2), self.w_x)  # the h*q term: [T, Nc, Lb, A1]
-        z += h_term.unsqueeze(1)
-        z += q_term.unsqueeze(-2)
-        return self.model.unit.from_first(z, inplace=True).squeeze(-1)
+        return _unit_logits(self.model, self.w_x, h_b, self.h_term[rows, block], q, q_term, inplace=True)
 
     @staticmethod
     def footprint(model: AttentionModel, history_len: int) -> Footprint:
@@ -250,6 +265,66 @@ class AttentionScorer(Scorer):
             pair=pair,
             table=pair if cfg.attention == "din" else 0,  # the unit table: as large as one pair's intermediates
         )
+
+
+def _split_unit(model: AttentionModel):
+    """The DIN unit's first layer over ``[h, q, h-q, h*q]`` as ``(w_h, w_q, w_x, bias)``:
+    ``W [h; q; h-q; h*q] + b = (Wh + Wd) h + (Wq - Wd) q + Wx (h*q) + b``."""
+    first = model.unit.linears[0]
+    w_h, w_q, w_d, w_x = first.weight.chunk(4, dim=1)
+    return w_h + w_d, w_q - w_d, w_x, first.bias
+
+
+def _unit_logits(model: AttentionModel, w_x, h, h_term, q, q_term, *, inplace: bool) -> torch.Tensor:
+    """The DIN unit on history items ``h [T, L, D]`` (first-layer terms ``h_term [T, L, A1]``)
+    and candidates ``q [Nc, D]`` (shared) or ``[T, Nc, D]`` (first-layer terms ``q_term``):
+    ``[T, Nc, L]``. ``inplace`` (no gradients) lets the activations overwrite their inputs."""
+    z = F.linear(h.unsqueeze(1) * q.unsqueeze(-2), w_x)  # the h*q term: [T, Nc, L, A1]
+    z += h_term.unsqueeze(1)  # in place is safe with gradients too: linear's backward never reads z
+    z += q_term.unsqueeze(-2)
+    return model.unit.from_first(z, inplace=inplace).squeeze(-1)
+
+
+def trains(model: RankingModel) -> bool:
+    """Whether :func:`training_scores` covers ``model`` (an AttentionModel)."""
+    return isinstance(model, AttentionModel)
+
+
+def training_scores(model: AttentionModel, users, items, history, lengths) -> torch.Tensor:
+    """``[B, W]`` scores of users ``[B]`` against their own candidates ``items [B, W]``
+    (a positive and its negatives), with gradients: the model's forward restructured.
+
+    Every distinct item's representation is computed once; the output MLP's first layer
+    splits into user, candidate and pooled-history terms; the history is read once per
+    user, not once per candidate. DIN's unit sees only (candidate, history item): when
+    the batch has :data:`UNIT_TABLE_MIN_REUSE` times more (pair, history slot)s than
+    (distinct candidate, distinct history item) pairs, it runs once per such pair into a
+    table ``[Nc, Nh]`` that the pairs gather from; otherwise once per (pair, slot), with
+    only the ``h*q`` term of its first layer computed there.
+    """
+    cfg = model.config
+    mask = history_mask(lengths, history.shape[1])
+    candidates, cand_col = torch.unique(items, return_inverse=True)
+    distinct, hist_col = torch.unique(history.masked_fill(~mask, 0), return_inverse=True)
+    e_cand, e_hist = model.item_repr(candidates), model.item_repr(distinct)
+    h = e_hist[hist_col]  # [B, L, D]
+    if cfg.attention == "dot":
+        logits = torch.matmul(e_cand[cand_col], h.transpose(1, 2)) / math.sqrt(cfg.dim)
+    else:
+        w_h, w_q, w_x, bias = _split_unit(model)
+        if UNIT_TABLE_MIN_REUSE * len(candidates) * len(distinct) <= items.numel() * history.shape[1]:
+            h_term, q_term = F.linear(e_hist, w_h, bias), F.linear(e_cand, w_q)
+            table = _unit_logits(model, w_x, e_hist[None], h_term[None], e_cand, q_term, inplace=False)[0]
+            logits = table[cand_col.unsqueeze(-1), hist_col.unsqueeze(1)]  # [B, W, L]
+        else:
+            q = e_cand[cand_col]  # [B, W, D]
+            logits = _unit_logits(model, w_x, h, F.linear(h, w_h, bias), q, F.linear(q, w_q), inplace=False)
+    pooled = torch.matmul(attention_weights(logits, mask.unsqueeze(1), cfg.normalize), h)  # [B, W, D]
+    first = model.tower.linears[0]
+    w_user, w_pooled, w_item = first.weight.chunk(3, dim=1)
+    pre = F.linear(model.user_repr(users), w_user, first.bias).unsqueeze(1)
+    pre = pre + F.linear(e_cand, w_item)[cand_col] + F.linear(pooled, w_pooled)
+    return model.tower.from_first(pre).squeeze(-1)
 
 
 def _blocks(length: int, size: int) -> list[slice]:
@@ -379,6 +454,7 @@ class RecommenderNetScorer(Scorer):
 
 _SCORERS = {
     DotModel: DotScorer,
+    GMF: GMFScorer,
     MLPModel: MLPScorer,
     NeuMF: NeuMFScorer,
     AttentionModel: AttentionScorer,

@@ -61,7 +61,7 @@ class _MLPAdapter:
     def __init__(self, model: MLPModel | NeuMF):
         self.model = model
         if isinstance(model, NeuMF):
-            d = model.config.dim
+            d = model.config.gmf_dim
             self.first, rest = model.branch.linears[0], model.branch.linears[1:]
             w_out, self.w_gmf = model.output.weight[0, d:], model.output.weight[0, :d]
             b_out = model.output.bias
@@ -81,7 +81,7 @@ class _MLPAdapter:
     def covers(model: RankingModel) -> bool:
         cfg = model.config
         if isinstance(model, NeuMF):
-            return len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.dim,)) <= MAX_WIDTH
+            return len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.gmf_dim, cfg.mlp_dim)) <= MAX_WIDTH
         if isinstance(model, MLPModel):  # without hidden layers there are no pair activations to fuse
             return 1 <= len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.dim,)) <= MAX_WIDTH
         return False
@@ -92,7 +92,7 @@ class _MLPAdapter:
         e = self.model.user_repr(users)
         if self.w_gmf is None:
             return split_term(e, self.w_user, self.first.bias), None
-        gmf, mlp = e.chunk(2, dim=-1)
+        gmf, mlp = self.model.split(e)
         return split_term(mlp, self.w_user, self.first.bias), gmf * self.w_gmf
 
     def items(self, ids):
@@ -100,7 +100,7 @@ class _MLPAdapter:
         e = self.model.item_repr(ids)
         if self.w_gmf is None:
             return split_term(e, self.w_item), None
-        gmf, mlp = e.chunk(2, dim=-1)
+        gmf, mlp = self.model.split(e)
         return split_term(mlp, self.w_item), gmf
 
 
@@ -249,9 +249,8 @@ class FusedMLPScorer(_FusedScorer):
     @staticmethod
     def footprint(model, history_len: int):
         cfg = model.config
-        side = (
-            (2 * cfg.dim if isinstance(model, NeuMF) else cfg.dim) + _float32_elements(model, cfg.hidden[0]) + cfg.dim
-        )
+        rep = cfg.gmf_dim + cfg.mlp_dim if isinstance(model, NeuMF) else cfg.dim
+        side = rep + _float32_elements(model, cfg.hidden[0]) + cfg.dim
         return Footprint(user=side, item=side, pair=1)
 
 
