@@ -19,6 +19,8 @@ from rankfast.models import (
     MLPModel,
     NeuMF,
     NeuMFConfig,
+    SASRec,
+    SASRecConfig,
 )
 
 NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
@@ -53,6 +55,9 @@ CASES = {
         AttentionConfig,
         dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True),
     ),
+    # max_len 4 is below the tests' history lengths, so histories are cut to their last items.
+    "sasrec": (SASRec, SASRecConfig, dict(max_len=4, num_layers=2, num_heads=2, dropout=0.2)),
+    "sasrec-features": (SASRec, SASRecConfig, dict(max_len=8, num_layers=1, item_feature_dim=3, item_hybrid=True)),
 }
 
 

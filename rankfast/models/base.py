@@ -107,6 +107,9 @@ class RankingModel(nn.Module):
     config_class: ClassVar[type[ModelConfig]]
     #: Whether ``forward`` needs the users' histories (``history`` and ``lengths``).
     uses_history: ClassVar[bool] = False
+    #: Whether the model has a user representation ``user_repr`` (a model that
+    #: represents a user by their history alone, such as SASRec, has none).
+    has_user_repr: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -119,14 +122,17 @@ class RankingModel(nn.Module):
                 f"config: {type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
-        self.user_repr = Representation(
-            config.num_users,
-            repr_dim,
-            _check_features(
-                "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
-            ),
-            config.user_hybrid,
-        )
+        if self.has_user_repr:
+            self.user_repr = Representation(
+                config.num_users,
+                repr_dim,
+                _check_features(
+                    "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
+                ),
+                config.user_hybrid,
+            )
+        elif user_features is not None:
+            raise ValueError(f"user_features: {type(self).__name__} represents users by their history; it takes none")
         self.item_repr = Representation(
             config.num_items,
             repr_dim,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from rankfast.data import Interactions
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
 from rankfast.evaluate import evaluate, evaluate_pointwise
-from rankfast.models import RankingModel
+from rankfast.models import RankingModel, SASRec
 from rankfast.scoring import trains_fused
 from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -47,7 +47,8 @@ class TrainConfig:
     that row is shared by the user's interactions, so a step costs
     ``[users in batch, num_items]`` scores (one matrix product for a
     :class:`DotModel`); models that read histories, and :class:`MultiTask`,
-    need sampled negatives.
+    need sampled negatives, except :class:`rankfast.models.SASRec`, which
+    trains on next-item targets with either (``rankfast.train.batching.NextItem``).
 
     ``negatives="partition"`` (with ``loss="softmax"`` only) is the full
     softmax over a random part of the catalogue: each epoch the items are
@@ -159,7 +160,7 @@ class _Trainer:
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
             fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
-            self.strategy = strategy_for(config.negatives)(
+            self.strategy = strategy_for(config.negatives, model)(
                 model, train, examples, config, context, self.device, fused=fused
             )
             module = self.strategy.module()
@@ -400,7 +401,7 @@ def fit(
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
     if config.negatives in ("all", "partition") and (
-        isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)
+        isinstance(model, MultiTask) or (getattr(ranker, "uses_history", False) and not isinstance(ranker, SASRec))
     ):
         raise ValueError(
             f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got "

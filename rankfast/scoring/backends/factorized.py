@@ -28,9 +28,10 @@ from rankfast.models.base import RankingModel
 from rankfast.models.dot import DotModel
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
+from rankfast.models.sequential import SASRec
 from rankfast.scoring.protocol import Footprint, Scorer
 
-__all__ = ["AttentionScorer", "DotScorer", "MLPScorer", "NeuMFScorer", "scorer_for"]
+__all__ = ["AttentionScorer", "DotScorer", "MLPScorer", "NeuMFScorer", "SASRecScorer", "scorer_for"]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
 HISTORY_BLOCK = 64
@@ -63,6 +64,24 @@ class DotScorer(Scorer):
     def footprint(model: DotModel, history_len: int) -> Footprint:
         d = model.config.dim
         return Footprint(user=d + 1, item=d + 1, pair=1)
+
+
+class SASRecScorer(DotScorer):
+    """The user vector from the history once per user of the block, then :class:`DotScorer`'s
+    dot product with each candidate plus its bias."""
+
+    def __init__(self, model: SASRec, users, history, lengths):
+        self.model = model
+        self.u = model.user_vectors(history, lengths)
+        self.u_bias = self.u.new_zeros(len(self.u))
+
+    @staticmethod
+    def footprint(model: SASRec, history_len: int) -> Footprint:
+        cfg = model.config
+        length = min(history_len, cfg.max_len)
+        # The transformer's activations while a block's user vectors are computed: the
+        # residual stream, q/k/v, attention weights and the feed-forward hidden layer.
+        return Footprint(user=length * (8 * cfg.dim + cfg.num_heads * length) + cfg.dim + 1, item=cfg.dim + 1, pair=1)
 
 
 class MLPScorer(Scorer):
@@ -236,7 +255,13 @@ def _blocks(length: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-_SCORERS = {DotModel: DotScorer, MLPModel: MLPScorer, NeuMF: NeuMFScorer, AttentionModel: AttentionScorer}
+_SCORERS = {
+    DotModel: DotScorer,
+    MLPModel: MLPScorer,
+    NeuMF: NeuMFScorer,
+    AttentionModel: AttentionScorer,
+    SASRec: SASRecScorer,
+}
 
 
 def scorer_for(model: RankingModel) -> type[Scorer] | None:
