@@ -17,7 +17,7 @@ from rankfast._ids import as_ids
 from rankfast.data import Interactions
 from rankfast.selection import topk
 
-__all__ = ["ALS", "EASE", "Popularity", "als_half_step"]
+__all__ = ["ALS", "EASE", "Popularity", "als_half_step", "training_pattern"]
 
 
 class _Baseline:
@@ -143,11 +143,6 @@ class EASE(_Baseline):
         return x
 
 
-#: An ALS half step solves exactly (:func:`als_half_step` with ``cg_steps=None``) when the
-#: other side has at most this many rows, and by conjugate gradient otherwise.
-ALS_EXACT_MAX = 4096
-
-
 class ALS(_Baseline):
     """Implicit-feedback matrix factorization by alternating least squares (Hu,
     Koren and Volinsky, 2008): user factors ``X [users, factors]`` and item
@@ -159,13 +154,11 @@ class ALS(_Baseline):
     ``x_u . y_i``.
 
     Each of ``iterations`` rounds solves for all users given the items, then
-    for all items given the users (:func:`als_half_step`, vectorised over rows
-    in torch on the CPU, float32). A side is solved exactly when the other
-    side has at most :data:`ALS_EXACT_MAX` rows (through that side's
-    ``[rows, rows]`` Gram matrix: on MovieLens' few hundred users, the item
-    step), otherwise by ``cg_steps`` steps of conjugate gradient from the
-    previous factors, as the implicit library does. Factors start uniform in
-    ``[0, 0.01)`` from ``seed``.
+    for all items given the users (:func:`als_half_step`): ``cg_steps`` steps
+    of conjugate gradient from the previous factors, as the implicit library
+    does, vectorised over rows in torch on the CPU (float32, sparse products
+    over the training pairs). Factors start uniform in ``[0, 0.01)`` from
+    ``seed``.
     """
 
     def __init__(
@@ -189,16 +182,14 @@ class ALS(_Baseline):
         self.num_users, self.num_items = train.num_users, train.num_items
         self.factors, self.reg, self.alpha = int(factors), float(reg), float(alpha)
         indptr, items = (torch.from_numpy(a.astype(np.int64)) for a in train.user_items())
-        by_user = (indptr, items)
-        by_item = _transpose(indptr, items, self.num_items)
+        by_user = training_pattern(indptr, items, self.num_items)
+        by_item = training_pattern(*_transpose(indptr, items, self.num_items), self.num_users)
         gen = torch.Generator().manual_seed(int(seed))
         x = torch.rand(self.num_users, self.factors, generator=gen) * 0.01
         y = torch.rand(self.num_items, self.factors, generator=gen) * 0.01
-        user_steps = None if self.num_items <= ALS_EXACT_MAX else int(cg_steps)
-        item_steps = None if self.num_users <= ALS_EXACT_MAX else int(cg_steps)
         for _ in range(int(iterations)):
-            als_half_step(x, y, *by_user, self.reg, self.alpha, user_steps)
-            als_half_step(y, x, *by_item, self.reg, self.alpha, item_steps)
+            als_half_step(x, y, by_user, self.reg, self.alpha, int(cg_steps))
+            als_half_step(y, x, by_item, self.reg, self.alpha, int(cg_steps))
         self.user_factors, self.item_factors = x, y
 
     def score(self, users) -> torch.Tensor:
@@ -216,41 +207,40 @@ def _transpose(indptr: torch.Tensor, indices: torch.Tensor, num_cols: int) -> tu
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]), rows[order]
 
 
+def training_pattern(
+    indptr: torch.Tensor, indices: torch.Tensor, num_cols: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The 0/1 matrix ``[len(indptr) - 1, num_cols]`` with ones at the CSR structure
+    ``(indptr, indices)`` (int64, columns distinct within a row), as a sparse CSR tensor."""
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta
+        warnings.simplefilter("ignore", UserWarning)
+        shape = (len(indptr) - 1, num_cols)
+        return torch.sparse_csr_tensor(indptr, indices, torch.ones(len(indices), dtype=dtype), shape)
+
+
 def als_half_step(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    reg: float,
-    alpha: float,
-    cg_steps: int | None,
+    x: torch.Tensor, y: torch.Tensor, pattern: torch.Tensor, reg: float, alpha: float, cg_steps: int
 ) -> torch.Tensor:
     """One half step of implicit-feedback ALS, in place on ``x [n, f]``: each row
-    ``x_r`` is set to (``cg_steps=None``), or moved toward by ``cg_steps`` steps
-    of conjugate gradient from its current value,
-    ``argmin_x sum_j c_rj (p_rj - x . y_j)^2 + reg |x|^2`` over all rows ``j``
-    of ``y [m, f]``, where ``p_rj = 1`` and ``c_rj = 1 + alpha`` for the
-    columns ``indices[indptr[r]:indptr[r + 1]]`` of row ``r`` (CSR, int64) and
-    ``p_rj = 0``, ``c_rj = 1`` elsewhere: the solution of
-    ``(G + alpha Y_r^T Y_r) x_r = (1 + alpha) Y_r^T 1`` with
-    ``G = Y^T Y + reg I`` and ``Y_r`` the rows of ``y`` in row ``r``.
-
-    The exact solve goes through the ``[m, m]`` matrix ``Q = Y G^-1 Y^T``
-    (Woodbury: ``x_r = (1 + alpha) (Y G^-1)_r^T (I + alpha Q_rr)^-1 1``, with
-    ``Q_rr`` the block of row ``r``'s columns), so it suits a small ``m``; it
-    needs ``reg > 0`` or a full-rank ``y``. Returns ``x``.
+    ``x_r`` moves toward ``argmin_x sum_j c_rj (p_rj - x . y_j)^2 + reg |x|^2``
+    over all rows ``j`` of ``y [m, f]`` by ``cg_steps`` steps of conjugate
+    gradient from its current value, where ``p_rj = 1`` and
+    ``c_rj = 1 + alpha`` where ``pattern [n, m]`` (:func:`training_pattern`)
+    has a one and ``p_rj = 0``, ``c_rj = 1`` elsewhere. That is the linear
+    system ``(Y^T Y + reg I + alpha Y_r^T Y_r) x_r = (1 + alpha) Y_r^T 1``
+    (``Y_r`` the rows of ``y`` in row ``r`` of the pattern), solved for every
+    row at once without forming it; with ``cg_steps >= f`` the solution is
+    exact up to rounding. Returns ``x``.
     """
-    n, f = x.shape
+    f = x.shape[1]
     gram = y.T @ y + reg * torch.eye(f, dtype=y.dtype)
-    if cg_steps is None:
-        return _exact_half_step(x, y, indptr, indices, gram, alpha)
-    with warnings.catch_warnings():  # torch calls sparse CSR support beta
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(indptr, indices, torch.ones(len(indices), dtype=x.dtype), (n, len(y)))
 
-    def apply(v):  # the systems' matrices times the rows of v: v G + alpha Y_r^T (Y_r v_r)
-        overlap = torch.sparse.sampled_addmm(pattern, v, y.T, beta=0.0)  # v_r . y_j on the pattern
-        return v @ gram + alpha * (overlap @ y)
+    def apply(v):  # the systems' matrices times the rows of v: v (Y^T Y + reg I) + alpha Y_r^T (Y_r v_r)
+        out = v @ gram
+        if alpha:
+            overlap = torch.sparse.sampled_addmm(pattern, v, y.T, beta=0.0)  # v_r . y_j on the pattern
+            out += alpha * (overlap @ y)
+        return out
 
     r = (1.0 + alpha) * (pattern @ y) - apply(x)
     p = r.clone()
@@ -265,27 +255,4 @@ def als_half_step(
         rs_new = (r * r).sum(1)
         p = r + torch.where(rs > 0, rs_new / rs.clamp(min=tiny), 0.0)[:, None] * p
         rs = rs_new
-    return x
-
-
-def _exact_half_step(x, y, indptr, indices, gram, alpha):
-    """:func:`als_half_step`'s exact solve, rows batched by their count of columns rounded
-    up to a power of two (padding slots are decoupled identity rows)."""
-    z = torch.linalg.solve(gram, y.T).T  # Y G^-1, [m, f]
-    q = y @ z.T  # [m, m]
-    counts = torch.diff(indptr)
-    x.zero_()  # rows without columns: the solution is 0
-    size, largest = 1, int(counts.max()) if len(counts) else 0
-    while size // 2 < largest:  # rows with (size / 2, size] columns
-        rows = torch.nonzero((counts > size // 2) & (counts <= size)).squeeze(1)
-        if len(rows):
-            slot = torch.arange(size)
-            valid = slot < counts[rows, None]  # [R, size]
-            cols = indices[(indptr[rows, None] + slot).clamp(max=len(indices) - 1)].masked_fill(~valid, 0)
-            pair = valid[:, :, None] & valid[:, None, :]
-            system = (alpha * q[cols[:, :, None], cols[:, None, :]]).masked_fill(~pair, 0.0)
-            system.diagonal(dim1=1, dim2=2).add_(1.0)
-            weights = torch.cholesky_solve(valid[:, :, None].to(q.dtype), torch.linalg.cholesky(system))[:, :, 0]
-            x[rows] = (1.0 + alpha) * torch.einsum("rs,rsf->rf", weights * valid, z[cols])
-        size *= 2
     return x
