@@ -148,10 +148,10 @@ MODELS = {
         SASRecConfig,
         {"dim": 64, "max_len": 50, "num_layers": 2, "num_heads": 1, "dropout": 0.2},
         {
-            "epochs": 12,
+            "epochs": 10,
             "loss": "softmax",
             "negatives": "all",
-            "lr": 2e-3,
+            "lr": 3e-3,
             "batch_size": 1024,
             "max_history": 50,
         },
