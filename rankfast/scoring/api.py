@@ -53,7 +53,8 @@ def score(
             ignored.
         history, lengths: the users' past items ``[B, L]`` (padded; padding
             values are ignored) and valid counts ``[B]``; required by models
-            with ``uses_history`` (:class:`AttentionModel`), ignored by others.
+            with ``uses_history`` (:class:`AttentionModel`, :class:`SASRec`), ignored by
+            others.
         memory_budget: bytes the scoring may hold besides the model and the
             returned scores; candidates (and users, if needed) are processed
             in chunks that fit.

@@ -10,6 +10,8 @@ over the history runs online in blocks (as in flash attention). The unit sees
 only the history item and the candidate, not the user, so when a block's
 users share history items and candidates, it runs once per (candidate,
 distinct history item) and each user gathers its logits from that table.
+SASRec's user vector is computed once per user from the history, then it is
+scored as a dot-product model.
 
 The scorers follow :class:`rankfast.scoring.protocol.Scorer`; the models'
 ``forward`` is the reference they are tested against.
