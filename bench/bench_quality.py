@@ -168,7 +168,7 @@ HISTORY_USERS = {"DotModel (history)": {"half_life": 5.0, "floor": 0.1}}
 YARDSTICK = "EASE^R l=100"
 RECENCY_YARDSTICK = f"{YARDSTICK}, recency-weighted history"
 #: implicit-feedback ALS, with the settings bench_peers.py chose on the validation split.
-ALS_SETTINGS = {"factors": 128, "reg": 1.0, "alpha": 0.0, "iterations": 15}
+ALS_SETTINGS = {"factors": 256, "reg": 10.0, "alpha": 0.0, "iterations": 15}
 #: A blend of two trained models (``rankfast.ensemble.Blend``): the first's scores plus a
 #: weight, chosen on the validation split from BLEND_WEIGHTS, times the second's.
 BLEND = ("DotModel (history)", "SASRec")
