@@ -29,6 +29,8 @@ from rankfast.models import (
     NeuMFConfig,
     RecommenderNet,
     RecommenderNetConfig,
+    SASRec,
+    SASRecConfig,
 )
 
 NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
@@ -85,6 +87,9 @@ CASES = {
     "dcn": (DCNv2, DCNConfig, dict(fields=FIELDS, cross_layers=2, hidden=(7,), dropout=0.1)),
     "din-fields": (AttentionModel, AttentionConfig, dict(fields=SIDE_FIELDS, hidden=(5,), unit_hidden=(4,))),
     "recnet": (RecommenderNet, RecommenderNetConfig, dict(fields=SIDE_FIELDS, classes=(1, 2, 3, 4.5), hidden=(6,))),
+    # max_len 4 is below the tests' history lengths, so histories are cut to their last items.
+    "sasrec": (SASRec, SASRecConfig, dict(max_len=4, num_layers=2, num_heads=2, dropout=0.2)),
+    "sasrec-features": (SASRec, SASRecConfig, dict(max_len=8, num_layers=1, item_feature_dim=3, item_hybrid=True)),
 }
 
 

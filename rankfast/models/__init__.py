@@ -5,7 +5,7 @@ Every model is built from its config dataclass, ``Model(config)`` (plus
 represented by precomputed feature vectors, and ``features=`` the data's
 encoded feature fields when ``config.fields`` names some), and scores aligned pairs:
 ``model(users [B], items [B], history [B, L] = None, lengths [B] = None) -> [B]``
-raw scores (logits). Only :class:`AttentionModel` uses ``history`` and
+raw scores (logits). Only :class:`AttentionModel` and :class:`SASRec` use ``history`` and
 ``lengths``; the models with ``reads_context`` (:class:`FMModel`, :class:`DeepFM`,
 :class:`DCNv2`) take ``context=`` too. ``model.save(dir)`` / :func:`load_model` round-trip a model
 through ``config.json`` + ``model.safetensors``.
@@ -21,6 +21,7 @@ from rankfast.models.layers import MLP, Representation
 from rankfast.models.mlp import MLPConfig, MLPModel
 from rankfast.models.neumf import GMF, GMFConfig, NeuMF, NeuMFConfig
 from rankfast.models.rating import RecommenderNet, RecommenderNetConfig
+from rankfast.models.sequential import SASRec, SASRecConfig
 
 __all__ = [
     "AttentionConfig",
@@ -47,5 +48,7 @@ __all__ = [
     "RecommenderNet",
     "RecommenderNetConfig",
     "Representation",
+    "SASRec",
+    "SASRecConfig",
     "load_model",
 ]

@@ -127,6 +127,9 @@ class RankingModel(nn.Module):
     uses_history: ClassVar[bool] = False
     #: Whether ``forward`` takes ``context=`` (the context fields of an impression).
     reads_context: ClassVar[bool] = False
+    #: Whether the model has a user representation ``user_repr`` (a model that
+    #: represents a user by their history alone, such as SASRec, has none).
+    has_user_repr: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -154,15 +157,21 @@ class RankingModel(nn.Module):
             if not schema:
                 raise ValueError("features: given, but config.fields is empty (the model reads no feature fields)")
             features = features.select(schema)
-        self.user_repr = _representation(
-            "user",
-            config,
-            repr_dim,
-            features,
-            _check_features(
-                "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
-            ),
-        )
+        if self.has_user_repr:
+            self.user_repr = _representation(
+                "user",
+                config,
+                repr_dim,
+                features,
+                _check_features(
+                    "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
+                ),
+            )
+        elif user_features is not None or schema.side("user"):
+            raise ValueError(
+                f"user_features, config.fields: {type(self).__name__} represents users by their history alone; "
+                "it takes no user features or user-side fields"
+            )
         self.item_repr = _representation(
             "item",
             config,

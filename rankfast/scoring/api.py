@@ -56,7 +56,8 @@ def score(
             ignored.
         history, lengths: the users' past items ``[B, L]`` (padded; padding
             values are ignored) and valid counts ``[B]``; required by models
-            with ``uses_history`` (:class:`AttentionModel`), ignored by others.
+            with ``uses_history`` (:class:`AttentionModel`, :class:`SASRec`), ignored by
+            others.
         context: for models that read context fields (``model.uses_context``:
             :class:`FMModel`, :class:`DeepFM`, :class:`DCNv2`), each user's
             request context, the same for all its candidates: ``{field name:

@@ -14,7 +14,11 @@ DistributedDataParallel wraps) and the loss of one micro-batch:
   ``negatives`` asks for them;
 - :class:`FullSoftmax` (``"all"``): each interaction against every item;
 - :class:`Partition` (``"partition"``): the full softmax over random parts of
-  the catalogue, a micro-batch being one part with its items' interactions.
+  the catalogue, a micro-batch being one part with its items' interactions;
+- :class:`NextItem` (any of them but ``"partition"``, for :class:`SASRec`):
+  windows of users' item sequences, one causal pass giving the user vector
+  before each item, each interaction ranked against every item (``"all"``)
+  or against sampled negatives.
 """
 
 from __future__ import annotations
@@ -24,15 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankfast.data import Interactions, NegativeSampler, event_histories
-from rankfast.models import RecommenderNet
+from rankfast.data import Interactions, NegativeSampler, event_histories, sequence_windows
+from rankfast.models import RecommenderNet, SASRec
 from rankfast.train.candidates import CandidateScores
-from rankfast.train.catalogue import CatalogueScores
+from rankfast.train.catalogue import CatalogueScores, SequenceScores
 from rankfast.train.distributed import DistContext, shard
 from rankfast.train.losses import bce_loss, bpr_loss, full_softmax_loss, mse_loss, sampled_softmax_loss
 from rankfast.train.multitask import MultiTask
 
-__all__ = ["Examples", "FullSoftmax", "Partition", "Pointwise", "SampledNegatives", "Strategy", "strategy_for"]
+__all__ = [
+    "Examples",
+    "FullSoftmax",
+    "NextItem",
+    "Partition",
+    "Pointwise",
+    "SampledNegatives",
+    "Strategy",
+    "strategy_for",
+]
 
 
 class Examples:
@@ -138,10 +151,7 @@ class SampledNegatives(Strategy):
         super().__init__(*args, **kwargs)
         self.sampler = self.log_q = None
         if self.config.negatives in ("uniform", "popularity"):
-            self.sampler = NegativeSampler(
-                self.data, distribution=self.config.negatives, alpha=self.config.negative_alpha
-            )
-            self.log_q = torch.from_numpy(np.log(np.maximum(self.sampler.probs, 1e-30))).float()
+            self.sampler, self.log_q = _negative_sampler(self.data, self.config)
 
     def module(self):
         return self.model if self.backend is None else CandidateScores(self.model, self.backend)
@@ -191,18 +201,29 @@ class SampledNegatives(Strategy):
         multitask = isinstance(self.model, MultiTask)
         clicks, ratings = out if multitask else (out, None)
         scores = clicks.float().view(len(idx), -1)
-        pos, neg = scores[:, 0], scores[:, 1:]
-        if self.config.loss == "bce":
-            loss = bce_loss(pos, neg)
-        elif self.config.loss == "bpr":
-            loss = bpr_loss(pos, neg)
-        else:
-            log_q = self.log_q[items].view(len(idx), -1).to(self.device)
-            loss = sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
+        loss = _ranking_loss(self.config.loss, scores, items.view(len(idx), -1), self.log_q, self.device)
         if multitask:
             rating_loss = self.model.rating_loss(ratings.float(), self._to_device(self.examples.ratings[idx]))
             loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
         return loss
+
+
+def _negative_sampler(data: Interactions, config) -> tuple[NegativeSampler, torch.Tensor]:
+    """The sampler of ``config.negatives`` and the log of its probabilities (for logQ)."""
+    sampler = NegativeSampler(data, distribution=config.negatives, alpha=config.negative_alpha)
+    return sampler, torch.from_numpy(np.log(np.maximum(sampler.probs, 1e-30))).float()
+
+
+def _ranking_loss(loss: str, scores: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor, device) -> torch.Tensor:
+    """``bce``, ``bpr`` or the logQ-corrected sampled softmax of ``scores [B, 1 + n]`` of
+    ``items [B, 1 + n]`` (the positive first)."""
+    pos, neg = scores[:, 0], scores[:, 1:]
+    if loss == "bce":
+        return bce_loss(pos, neg)
+    if loss == "bpr":
+        return bpr_loss(pos, neg)
+    log_q = log_q[items].to(device)
+    return sampled_softmax_loss(pos, neg, log_q[:, 0], log_q[:, 1:])
 
 
 class _ClassLogits(nn.Module):
@@ -343,9 +364,74 @@ class Partition(_Catalogue):
         return full_softmax_loss(logits.float(), inverse.to(self.device), targets.to(self.device))
 
 
-def strategy_for(config) -> type[Strategy]:
-    """The strategy class of a :class:`TrainConfig`: :class:`Pointwise` for the tasks ``click``
-    and ``rating``, else the one of its ``negatives``."""
+class NextItem(Strategy):
+    """Next-item training of a sequence model (:class:`SASRec`): each user's items in time
+    order are cut into windows of ``min(model.config.max_len, config.max_history)`` items
+    (:func:`rankfast.data.sequence_windows`), and one causal pass over a window gives the user
+    vector before each of its items, which is ranked against every item (``negatives="all"``,
+    the full softmax) or against ``num_negatives`` sampled ones (``bce``, ``bpr``, the
+    logQ-corrected sampled softmax). Every interaction but a user's first is a target once an
+    epoch; its history is the user's earlier items in its window, as the model's ``forward``
+    would read them. A micro-batch is a fixed number of windows, chosen so that micro-batches
+    hold about ``batch_size`` targets."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.loss == "mse":
+            raise ValueError(f"loss: {type(self.model).__name__} trains on next-item targets; 'mse' does not apply")
+        length = min(self.model.config.max_len, self.config.max_history)
+        windows = sequence_windows(self.data, length)
+        self.windows, self.lengths, self.targets, self.users, _ = (torch.from_numpy(a) for a in windows)
+        self.sampler = self.log_q = None
+        if self.config.negatives != "all":
+            self.sampler, self.log_q = _negative_sampler(self.data, self.config)
+        num_targets = int((self.targets >= 0).sum())
+        self.per_batch = max(1, round(self.config.batch_size * len(self.windows) / max(num_targets, 1)))
+
+    def module(self):
+        return SequenceScores(self.model)
+
+    def num_micro_batches(self):
+        return -(-len(shard(np.arange(len(self.windows)), self.context)) // self.per_batch)
+
+    def micro_batches(self, epoch):
+        order = shard(np.random.default_rng([self.config.seed, epoch]).permutation(len(self.windows)), self.context)
+        rng = np.random.default_rng([self.config.seed, epoch, self.context.rank, 1])
+        batches = []
+        for s in range(0, len(order), self.per_batch):
+            idx = torch.from_numpy(order[s : s + self.per_batch])
+            negatives = None
+            if self.sampler is not None:  # for each target, in row-major order of the windows' positions
+                counts = (self.targets[idx] >= 0).sum(1)
+                owners = self.users[idx].repeat_interleave(counts).numpy()
+                negatives = torch.from_numpy(self.sampler.sample(owners, self.config.num_negatives, rng))
+            batches.append((idx, negatives))
+        return batches
+
+    def loss(self, net, idx, negatives):
+        targets = self.targets[idx]
+        select = targets >= 0
+        positives = targets[select]
+        items = None if negatives is None else torch.cat([positives[:, None], negatives], dim=1)
+        args = (self.windows[idx], self.lengths[idx], select, items)
+        with self._autocast():
+            scores = net(*(self._to_device(t) for t in args)).float()
+        if items is None:
+            rows = torch.arange(len(positives), device=self.device)
+            return full_softmax_loss(scores, rows, positives.to(self.device))
+        return _ranking_loss(self.config.loss, scores, items, self.log_q, self.device)
+
+
+def strategy_for(config, model=None) -> type[Strategy]:
+    """The strategy class of a :class:`TrainConfig` (and ``model``): :class:`NextItem` for a
+    sequence model (:class:`SASRec`, whatever the negatives but ``"partition"``),
+    :class:`Pointwise` for the tasks ``click`` and ``rating``, else the one of its ``negatives``."""
+    if isinstance(model, SASRec):
+        if config.negatives == "partition":
+            raise ValueError(
+                "negatives: 'partition' does not train SASRec; use 'all' (the full softmax) or sampled negatives"
+            )
+        return NextItem
     if config.task != "ranking":
         return Pointwise
     return {"all": FullSoftmax, "partition": Partition}.get(config.negatives, SampledNegatives)

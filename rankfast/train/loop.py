@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from rankfast.data import Interactions
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
 from rankfast.evaluate import evaluate, evaluate_pointwise, evaluate_sampled
-from rankfast.models import RankingModel
+from rankfast.models import RankingModel, SASRec
 from rankfast.scoring.registry import training_backend
 from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -61,7 +61,8 @@ class TrainConfig:
     that row is shared by the user's interactions, so a step costs
     ``[users in batch, num_items]`` scores (one matrix product for a
     :class:`DotModel`); models that read histories, and :class:`MultiTask`,
-    need sampled negatives.
+    need sampled negatives, except :class:`rankfast.models.SASRec`, which
+    trains on next-item targets with either (``rankfast.train.batching.NextItem``).
 
     ``negatives="partition"`` (with ``loss="softmax"`` only) is the full
     softmax over a random part of the catalogue: each epoch the items are
@@ -211,7 +212,9 @@ class _Trainer:
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
             backend = None if self.multitask or config.negatives == "partition" else training_backend(model)
-            self.strategy = strategy_for(config)(model, train, examples, config, context, self.device, backend=backend)
+            self.strategy = strategy_for(config, model)(
+                model, train, examples, config, context, self.device, backend=backend
+            )
             module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
             self.steps_per_epoch = -(-self.strategy.num_micro_batches() // config.grad_accum)
@@ -507,7 +510,7 @@ def fit(
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
     if config.negatives in ("all", "partition") and (
-        isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)
+        isinstance(model, MultiTask) or (getattr(ranker, "uses_history", False) and not isinstance(ranker, SASRec))
     ):
         raise ValueError(
             f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got "

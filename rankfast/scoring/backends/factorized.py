@@ -10,6 +10,8 @@ over the history runs online in blocks (as in flash attention). The unit sees
 only the history item and the candidate, not the user, so when a block's
 users share history items and candidates, it runs once per (candidate,
 distinct history item) and each user gathers its logits from that table.
+SASRec's user vector is computed once per user from the history, then it is
+scored as a dot-product model.
 
 The field models split the same way, with a user's request context on the user
 side (it is the same for all the user's candidates): a factorization machine's
@@ -40,6 +42,7 @@ from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import GMF, NeuMF
 from rankfast.models.rating import RecommenderNet
+from rankfast.models.sequential import SASRec
 from rankfast.scoring.protocol import Footprint, Scorer
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "MLPScorer",
     "NeuMFScorer",
     "RecommenderNetScorer",
+    "SASRecScorer",
     "scorer_for",
     "trains",
     "training_scores",
@@ -90,6 +94,24 @@ class DotScorer(Scorer):
     def footprint(model: DotModel, history_len: int) -> Footprint:
         d = model.config.dim
         return Footprint(user=d + 1, item=d + 1, pair=1)
+
+
+class SASRecScorer(DotScorer):
+    """The user vector from the history once per user of the block, then :class:`DotScorer`'s
+    dot product with each candidate plus its bias."""
+
+    def __init__(self, model: SASRec, users, history, lengths):
+        self.model = model
+        self.u = model.user_vectors(history, lengths)
+        self.u_bias = self.u.new_zeros(len(self.u))
+
+    @staticmethod
+    def footprint(model: SASRec, history_len: int) -> Footprint:
+        cfg = model.config
+        length = min(history_len, cfg.max_len)
+        # The transformer's activations while a block's user vectors are computed: the
+        # residual stream, q/k/v, attention weights and the feed-forward hidden layer.
+        return Footprint(user=length * (8 * cfg.dim + cfg.num_heads * length) + cfg.dim + 1, item=cfg.dim + 1, pair=1)
 
 
 class MLPScorer(Scorer):
@@ -462,6 +484,7 @@ _SCORERS = {
     DeepFM: DeepFMScorer,
     DCNv2: DCNScorer,
     RecommenderNet: RecommenderNetScorer,
+    SASRec: SASRecScorer,
 }
 
 
