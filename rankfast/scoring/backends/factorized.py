@@ -452,17 +452,9 @@ class DCNScorer(Scorer):
         return Footprint(user=2 * width + h1, item=2 * width + h1, pair=4 * width + 2 * sum(cfg.hidden) + 2)
 
 
-class RecommenderNetScorer(Scorer):
-    """RecommenderNet: the class MLP's first layer split like :class:`MLPScorer`'s, then the
-    softmax over the classes and the expected rating per pair."""
-
-    def __init__(self, model: RecommenderNet, users, history=None, lengths=None):
-        self.model = model
-        w_u, self.w_i = model.tower.linears[0].weight.chunk(2, dim=1)
-        self.a = F.linear(model.user_repr(users), w_u)
-
-    def items(self, ids):
-        return F.linear(self.model.item_repr(ids), self.w_i, self.model.tower.linears[0].bias)
+class RecommenderNetScorer(MLPScorer):
+    """RecommenderNet: the class MLP's first layer split as :class:`MLPScorer` splits it, then
+    the softmax over the classes and the expected rating per pair."""
 
     def pairs(self, rows: slice, c):
         return self.model.expected(self.model.tower.from_first(self.a[rows, None] + c, inplace=True))
