@@ -845,7 +845,10 @@ def test_explain_reports_the_models_attention_weights(train, tmp_path, fields):
     assert [g["item"] for g in got] == sorted(expected, key=lambda i: -expected[i])
     assert [g["weight"] for g in got] == pytest.approx([expected[g["item"]] for g in got], rel=1e-6, abs=1e-9)
     assert ranker.explain(user, item, top=2) == got[:2]
-    assert ranker.explain_items(user, [item, "i003"], top=3)[0] == got[:3]
+    # Two items in one call: another batch shape, so the weights may differ in the last bits.
+    batched = ranker.explain_items(user, [item, "i003"], top=3)[0]
+    assert [g["item"] for g in batched] == [g["item"] for g in got[:3]]
+    assert [g["weight"] for g in batched] == pytest.approx([g["weight"] for g in got[:3]], rel=1e-9, abs=1e-12)
 
 
 def test_explain_errors(train, saved, tmp_path):
