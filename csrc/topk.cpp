@@ -5,6 +5,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -54,7 +55,8 @@ struct Order {
     return (b & kSign) ? Bits(~b) : Bits(b | kSign);
   }
 
-  // Inverse of score_bits (NaN comes back as a quiet NaN, -0.0 as +0.0).
+  // Inverse of score_bits (NaN comes back as a quiet NaN, -0.0 as +0.0): a threshold for the
+  // numeric pre-filter, never a returned value (those are read from the input).
   static T score_of_bits(Bits b) {
     if (b == 0) return std::numeric_limits<T>::quiet_NaN();
     Bits raw = (b & kSign) ? Bits(b & ~kSign) : Bits(~b);
@@ -145,17 +147,34 @@ class RowSelector {
     return int64_t(keys_.size());
   }
 
-  template <typename Ids>
-  void write(const T* x, const Ids& ids, int64_t count, T* out_values, int64_t* out_ids) const {
+  void write(const T* x, const PositionIds&, int64_t count, T* out_values, int64_t* out_ids) const {
     for (int64_t i = 0; i < count; ++i) {
       out_ids[i] = O::id_of(keys_[i]);
-      out_values[i] = value_of(x, ids, keys_[i]);
+      out_values[i] = x[out_ids[i]];
     }
   }
 
+  // A key holds an id, not a position, and its score bits lose a zero's sign and a NaN's
+  // payload: the values come from one more pass over x[0:m], each selected key found again.
+  void write(const T* x, const GivenIds& ids, int64_t m, int64_t count, T* out_values, int64_t* out_ids) {
+    if (count == 0) return;
+    by_key_.resize(count);
+    std::iota(by_key_.begin(), by_key_.end(), int64_t(0));
+    std::sort(by_key_.begin(), by_key_.end(), [&](int64_t a, int64_t b) { return keys_[a] < keys_[b]; });
+    const Key lowest = keys_[by_key_[0]];
+    for (int64_t j = 0; j < m; ++j) {
+      if (!ids.eligible(j)) continue;
+      const Key key = O::make(x[j], ids.id(j));
+      if (key < lowest) continue;
+      const auto at = std::lower_bound(by_key_.begin(), by_key_.end(), key,
+                                       [&](int64_t i, Key k) { return keys_[i] < k; });
+      // Equal keys (an id repeated across shards, with one score) all get this entry's value.
+      for (auto i = at; i != by_key_.end() && keys_[*i] == key; ++i) out_values[*i] = x[j];
+    }
+    for (int64_t i = 0; i < count; ++i) out_ids[i] = O::id_of(keys_[i]);
+  }
+
  private:
-  static T value_of(const T* x, const PositionIds&, Key key) { return x[O::id_of(key)]; }
-  static T value_of(const T*, const GivenIds&, Key key) { return O::score_of_bits(O::bits_of(key)); }
 
   // Calls on_key(j, key) for each eligible entry of x[j:n] whose key exceeds
   // bound(), skipping blocks that cannot. on_key may raise the bound, and
@@ -262,6 +281,7 @@ class RowSelector {
   int64_t capacity_;
   std::vector<Key> keys_;
   std::vector<Key> sample_;
+  std::vector<int64_t> by_key_;  // merge: positions in keys_, by key
 };
 
 int default_threads(int64_t rows, int64_t n, int requested) {
@@ -345,7 +365,7 @@ void merge_rows(const T* values, const int64_t* ids, int64_t rows, int64_t m, in
       const T* x = values + r * m;
       const GivenIds row_ids{ids + r * m};
       const int64_t count = selector.select(x, m, row_ids, sorted);
-      selector.write(x, row_ids, count, out_values + r * k, out_ids + r * k);
+      selector.write(x, row_ids, m, count, out_values + r * k, out_ids + r * k);
       pad(count, k, Largest, out_values + r * k, out_ids + r * k);
     }
   }

@@ -18,7 +18,7 @@ _ATTRIBUTES = {
     "fit": "rankfast.train",
     "Ranker": "rankfast.ranker",
 }
-_SUBMODULES = ("models", "data", "datasets", "baselines", "evaluate", "metrics", "train")
+_SUBMODULES = ("models", "data", "datasets", "baselines", "ensemble", "evaluate", "metrics", "train")
 
 __all__ = ["__version__", *_ATTRIBUTES, *_SUBMODULES]
 

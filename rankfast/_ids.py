@@ -94,13 +94,15 @@ def check_history(history, lengths, *, num_items: int, rows: int | None = None, 
     return history, lengths
 
 
-def check_k(k) -> int:
-    """``k`` of a top-K request: an int (not a bool), at least 0."""
+def check_k(k, n: int | None = None) -> int:
+    """``k`` of a top-K request: an int (not a bool), at least 0; with ``n``, the
+    number of candidates, clamped to ``n``: nothing is sized by a ``k`` larger
+    than what can come back."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    return int(k)
+    return int(k) if n is None else min(int(k), n)
 
 
 def exclude_csr(exclude, rows: int, n: int, *, one_row: bool = False):

@@ -30,8 +30,11 @@ __all__ = [
     "auc",
     "gauc",
     "mae",
+    "mse",
     "rmse",
     "accuracy",
+    "log_loss",
+    "cross_entropy",
 ]
 
 
@@ -263,6 +266,12 @@ def mae(predictions, targets) -> float:
     return float(np.abs(pred - target).mean())
 
 
+def mse(predictions, targets) -> float:
+    """Mean squared error."""
+    pred, target = _pair(predictions, targets)
+    return float(((pred - target) ** 2).mean())
+
+
 def rmse(predictions, targets) -> float:
     """Root mean squared error."""
     pred, target = _pair(predictions, targets)
@@ -273,3 +282,26 @@ def accuracy(predictions, labels, threshold=0.5) -> float:
     """Share of predictions on the right side of ``threshold`` (use 0.0 for logits)."""
     pred, target = _pair(predictions, labels, "predictions", "labels")
     return float(((pred >= threshold) == (target > 0.5)).mean())
+
+
+def log_loss(logits, labels) -> float:
+    """Binary log-loss (cross-entropy) of logits against 0/1 labels, in nats per row:
+    ``-mean(y log p + (1 - y) log(1 - p))`` with ``p = sigmoid(logit)``, computed
+    from the logits (no clipping)."""
+    z, y = _pair(logits, labels, "logits", "labels")
+    # log(1 + exp(-|z|)) + max(z, 0) - y z  ==  -y log p - (1 - y) log(1 - p)
+    return float((np.logaddexp(0.0, -np.abs(z)) + np.maximum(z, 0.0) - y * z).mean())
+
+
+def cross_entropy(logits, targets) -> float:
+    """Multi-class log-loss: ``-mean(log softmax(logits)[target])`` of logits ``[n, C]``
+    against class indices ``[n]``."""
+    logits = _array(logits, "logits", np.float64)
+    targets = _array(targets, "targets").reshape(-1)
+    if logits.ndim != 2 or len(logits) != len(targets) or not len(targets):
+        raise ValueError(f"logits: expected [n, C] with n = {len(targets)} targets, got shape {logits.shape}")
+    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= logits.shape[1]:
+        raise ValueError(f"targets: expected class indices in [0, {logits.shape[1]})")
+    top = logits.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float((log_norm - logits[np.arange(len(targets)), targets]).mean())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,23 +19,32 @@ from rankfast.data import IdMap
 from rankfast.encoders import pool_history
 from rankfast.model_dir import RANKER_FILE, USERS_FILE, ModelDirError, read_model_dir, save_model_dir
 from rankfast.models import RankingModel, Representation
+from rankfast.models.fields import default_context
+from rankfast.request import Limits, Request, check_flag, shown
 from rankfast.scoring import score
 
-__all__ = ["Ranker", "Request", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
-
-
-# --- requests -------------------------------------------------------------------------------
+__all__ = ["Ranker", "Request", "Limits", "ModelDirError", "save_model_dir", "RANKER_FILE", "USERS_FILE"]
 
 
 @dataclass(frozen=True)
-class Request:
-    """One call's worth of :meth:`Ranker.score` arguments, for :meth:`Ranker.score_many`."""
+class _Checked:
+    """A request checked against a Ranker: ``rows`` are the users' contiguous ids (-1 for a
+    cold-start user), ``items`` the distinct candidates' (None: every item), ``k`` clamped
+    to the candidates, ``context`` the users' encoded context rows (None for a model
+    without context fields)."""
 
-    users: Sequence
-    candidates: Sequence | None = None
-    k: int = 10
-    exclude_seen: bool = True
-    histories: Mapping | None = None
+    users: list
+    rows: np.ndarray
+    histories: Mapping | None
+    items: np.ndarray | None
+    k: int
+    exclude_seen: bool
+    context: dict | None
+
+    @property
+    def group(self) -> tuple:
+        """Requests with the same group are scored in one call, none inflating another's cost."""
+        return (None if self.items is None else self.items.tobytes(), self.exclude_seen, self.k)
 
 
 class Ranker:
@@ -57,6 +66,7 @@ class Ranker:
         *,
         directory=None,
         cold_start=False,
+        limits: Limits | None = None,
     ):
         self.model = model.eval()
         self.user_ids, self.item_ids = user_ids, item_ids
@@ -64,11 +74,19 @@ class Ranker:
         self.meta = meta
         self.directory = directory
         self.cold_start = cold_start
+        self.limits = Limits() if limits is None else limits
 
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, directory, *, device: str | torch.device = "cpu", cold_start: bool = False) -> Ranker:
+    def load(
+        cls,
+        directory,
+        *,
+        device: str | torch.device = "cpu",
+        cold_start: bool = False,
+        limits: Limits | None = None,
+    ) -> Ranker:
         """Reads a model directory (:mod:`rankfast.model_dir`; written by
         :func:`save_model_dir` or ``fit(checkpoint_dir=...)``), one save's files
         even while another save replaces it.
@@ -80,6 +98,10 @@ class Ranker:
         feature vectors as wide as its item features (e.g. text vectors)
         gets the mean of the history items' vectors (:func:`rankfast.encoders.pool_history`).
         Other models raise ``ValueError`` on an unknown id.
+
+        ``limits``: what one request may ask (:class:`rankfast.request.Limits`:
+        ``max_k``, ``max_users``, ``max_candidates``; default none); a request
+        over a limit raises ``ValueError`` naming it, before any scoring.
 
         Raises :class:`ModelDirError` for a missing directory or a missing,
         unreadable or inconsistent file (a plain ``model.save`` directory
@@ -94,6 +116,7 @@ class Ranker:
             parts.meta,
             directory=os.fspath(directory),
             cold_start=cold_start,
+            limits=limits,
         )
 
     @property
@@ -105,85 +128,181 @@ class Ranker:
     # --- scoring ------------------------------------------------------------------------
 
     def score(
-        self, users, candidates=None, k: int = 10, exclude_seen: bool = True, *, histories: Mapping | None = None
+        self,
+        users,
+        candidates=None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        histories: Mapping | None = None,
+        context: Mapping | None = None,
     ) -> list[dict]:
         """Each user's top ``k`` items, best first.
 
         Args:
             users: raw user ids.
             candidates: raw item ids to rank, shared by all users (default:
-                every item).
-            k: items per user; fewer come back when fewer are eligible.
-            exclude_seen: leave out each user's training items (for a
-                cold-start user, the items of its history).
+                every item); a repeated id counts once.
+            k: items per user (a positive int); fewer come back when fewer
+                candidates are eligible.
+            exclude_seen: ``True`` or ``False``: leave out each user's training
+                items (for a cold-start user, the items of its history).
             histories: ``{raw user id: [raw item ids, oldest first]}`` for
                 cold-start users (see :meth:`load`).
+            context: for a model that reads context fields (``model.uses_context``),
+                the request's raw context, the same for every user of the call:
+                ``{field name: value}`` (a category, a list of categories for a
+                multi-valued field, numbers for a dense one), encoded with the
+                vocabularies saved with the model: an unknown category reads the
+                out-of-vocabulary row. None: every context field unknown.
+                Ignored by other models.
 
         Returns:
             One ``{"user": id, "items": [ids], "scores": [floats]}`` per user, in order.
-        """
-        return self.score_many([Request(users, candidates, k, exclude_seen, histories)])[0]
 
-    def score_many(self, requests: Iterable[Request | Mapping]) -> list[list[dict]]:
+        Raises ``KeyError`` for an unknown user or candidate id, ``TypeError``
+        for an argument of the wrong type (a bool or ``None`` as an id, say)
+        and ``ValueError`` for a bad ``k`` or a request over the limits.
+        """
+        return self.score_many([Request(users, candidates, k, exclude_seen, histories, context)])[0]
+
+    def score_many(self, requests: Iterable[Request | Mapping], *, return_errors: bool = False) -> list:
         """The results of many :meth:`score` calls (``Request`` objects or dicts
-        of its arguments), in order. Requests with the same candidates and
-        ``exclude_seen`` are scored together in one :func:`rankfast.score`
-        call (with the largest ``k``; each request keeps its own top ``k``),
-        so many small requests cost about as much as one large one. A score
+        of its arguments), in order.
+
+        Every request is checked (its arguments, ids and the limits) before any
+        is scored. A bad one raises; with ``return_errors=True`` its exception
+        takes its place in the results instead and the others are answered,
+        and a request whose scoring fails (e.g. ``MemoryError``) fails alone
+        too. Requests with the same candidates, ``exclude_seen`` and ``k``
+        (clamped to the candidates) are scored together in one
+        :func:`rankfast.score` call, so many small requests cost about as much
+        as one large one, and no request is scored at another's ``k``. A score
         may differ from a separate call's in the last bit (another batch shape
-        rounds differently); the thread safety promise is about equal calls."""
-        requests = [r if isinstance(r, Request) else Request(**r) for r in requests]
-        groups: dict[tuple, list[int]] = {}
+        rounds differently); the thread safety promise is about equal calls.
+        """
+        results: list = []
+        checked: dict[int, _Checked] = {}
         for n, request in enumerate(requests):
-            if isinstance(request.k, bool) or not isinstance(request.k, (int, np.integer)) or request.k < 1:
-                raise ValueError(f"k: expected a positive int, got {request.k!r}")
-            key = (None if request.candidates is None else tuple(request.candidates), bool(request.exclude_seen))
-            groups.setdefault(key, []).append(n)
-        results: list = [None] * len(requests)
-        for (candidates, exclude_seen), members in groups.items():
-            batch = [requests[n] for n in members]
-            users = [u for r in batch for u in _as_list(r.users, "users")]
-            histories = [(r.histories or {}).get(u) for r in batch for u in _as_list(r.users, "users")]
-            ranked = self._score_rows(users, histories, candidates, max(r.k for r in batch), exclude_seen)
-            start = 0
-            for n, request in zip(members, batch, strict=True):
-                rows = ranked[start : start + len(request.users)]
-                results[n] = [
-                    {"user": row["user"], "items": row["items"][: request.k], "scores": row["scores"][: request.k]}
-                    for row in rows
-                ]
-                start += len(request.users)
+            results.append(None)
+            try:
+                checked[n] = self._check(request)
+            except Exception as err:  # with return_errors, whatever a request's check raises is its answer
+                if not return_errors:
+                    raise
+                results[n] = err
+        groups: dict[tuple, list[int]] = {}
+        for n, request in checked.items():
+            groups.setdefault(request.group, []).append(n)
+        for members in groups.values():
+            try:
+                answers = self._score_group([checked[n] for n in members])
+            except Exception as err:
+                if not return_errors:
+                    raise
+                answers = [err] if len(members) == 1 else [self._score_alone(checked[n]) for n in members]
+            for n, answer in zip(members, answers, strict=True):
+                results[n] = answer
         return results
 
-    def _score_rows(self, users: list, histories: list, candidates, k: int, exclude_seen: bool) -> list[dict]:
-        """Top ``k`` of each raw user id (``histories[j]``: cold-start history of ``users[j]`` or None)."""
-        items = (
-            None
-            if candidates is None
-            else torch.from_numpy(self.item_ids.index(np.asarray(candidates), name="candidates"))
-        )
-        known = np.isin(np.asarray(users), self.user_ids.raw) if users else np.zeros(0, dtype=bool)
-        if not known.all() and not self.cold_start:
-            unknown = np.asarray(users)[~known][0]
-            raise KeyError(
-                f"users: unknown user id {unknown.item()!r} (load the Ranker with cold_start=True to score new users)"
+    def _score_alone(self, request: _Checked):
+        """One request's rows, or the exception its scoring raised (it failed in a group)."""
+        try:
+            return self._score_group([request])[0]
+        except Exception as err:
+            return err
+
+    def _check(self, request) -> _Checked:
+        """``request`` checked against the limits and id maps, before any scoring."""
+        request = Request.of(request)
+        users = self.limits.check_ids("users", request.users)
+        k = self.limits.check_k(request.k)
+        exclude_seen = check_flag("exclude_seen", request.exclude_seen)
+        items = None
+        if request.candidates is not None:
+            raw = self.limits.check_ids("candidates", request.candidates)
+            items = self.item_ids.find(np.asarray(raw))
+            if (items < 0).any():
+                raise KeyError(f"candidates: unknown raw id {shown(raw[int(np.argmax(items < 0))])}")
+            _, first = np.unique(items, return_index=True)
+            items = items[np.sort(first)]  # each candidate once, in the order given (ties go to the earlier)
+        if request.histories is not None and not isinstance(request.histories, Mapping):
+            raise TypeError(
+                f"histories: expected a mapping of user id to items, got {type(request.histories).__name__}"
             )
-        ids = np.full((len(users), k), -1, dtype=np.int64)
-        scores = np.full((len(users), k), -np.inf, dtype=np.float64)
+        rows = self.user_ids.find(np.asarray(users))
+        if (rows < 0).any() and not self.cold_start:
+            raise KeyError(
+                f"users: unknown user id {shown(users[int(np.argmax(rows < 0))])} "
+                "(load the Ranker with cold_start=True to score new users)"
+            )
+        k = min(k, len(self.item_ids) if items is None else len(items))
+        context = self._context(request.context, len(users))
+        return _Checked(users, rows, request.histories, items, k, exclude_seen, context)
+
+    def _context(self, raw, num_users: int) -> dict | None:
+        """A request's raw context encoded as one row per user (None for a model without
+        context fields; a field the request does not give reads the out-of-vocabulary row)."""
+        fields = self.model.context_fields
+        if not fields:
+            return None
+        if raw is not None and not isinstance(raw, Mapping):
+            raise TypeError(f"context: expected a mapping of field name to value, got {type(raw).__name__}")
+        raw = {} if raw is None else raw
+        unknown = sorted(set(raw) - {f.name for f in fields})
+        if unknown:
+            raise ValueError(
+                f"context: {unknown} are not context fields of the model (it reads {sorted(f.name for f in fields)})"
+            )
+        rows = default_context(fields, num_users, "cpu")
+        for f in fields:
+            if f.name in raw:
+                value = raw[f.name]
+                if f.kind == "dense":
+                    values = np.tile(np.asarray(value, dtype=np.float32), (num_users, 1))
+                else:
+                    values = [value] * num_users
+                rows[f.name] = torch.from_numpy(f.encode(values, lambda j: "context"))
+        return rows
+
+    def _score_group(self, batch: list[_Checked]) -> list[list[dict]]:
+        """The rows of checked requests of one group, scored together."""
+        first = batch[0]
+        users = [u for request in batch for u in request.users]
+        rows = np.concatenate([request.rows for request in batch])
+        histories = [(request.histories or {}).get(u) for request in batch for u in request.users]
+        context = None
+        if first.context is not None:
+            context = {name: torch.cat([request.context[name] for request in batch]) for name in first.context}
+        ids, scores = self._top_k(rows, histories, first.items, first.k, first.exclude_seen, context)
+        ranked = [self._row(user, ids[j], scores[j]) for j, user in enumerate(users)]
+        bounds = np.cumsum([0, *(len(request.users) for request in batch)])
+        return [ranked[start:stop] for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _top_k(self, rows: np.ndarray, histories: list, items, k: int, exclude_seen: bool, context=None):
+        """``(ids, scores)`` ``[len(rows), k]`` (``k`` at most the candidates) of contiguous user
+        ids ``rows``; a row of -1 is a cold-start user scored from ``histories[j]``; ``context``:
+        each row's encoded context (None without context fields)."""
+        items = None if items is None else torch.from_numpy(items)
+        ids = np.full((len(rows), k), -1, dtype=np.int64)
+        scores = np.full((len(rows), k), -np.inf, dtype=np.float64)
+        known = rows >= 0
         if known.any():
-            rows = torch.from_numpy(self.user_ids.index(np.asarray(users)[known], name="users"))
-            history, lengths = self._stored_history(rows)
-            exclude = self._seen(rows) if exclude_seen else None
-            got_ids, got_scores = score(self.model, rows, items, k=k, exclude=exclude, history=history, lengths=lengths)
+            users = torch.from_numpy(rows[known])
+            history, lengths = self._stored_history(users)
+            exclude = self._seen(users) if exclude_seen else None
+            known_context = None if context is None else {n: v[torch.from_numpy(known)] for n, v in context.items()}
+            got_ids, got_scores = score(
+                self.model, users, items, k=k, exclude=exclude, history=history, lengths=lengths, context=known_context
+            )
             ids[known], scores[known] = got_ids.cpu().numpy(), got_scores.cpu().numpy()
         if not known.all():
             cold = np.flatnonzero(~known)
             ids[cold], scores[cold] = self._score_cold([histories[j] for j in cold], items, k, exclude_seen)
-        return [self._row(user, ids[j], scores[j]) for j, user in enumerate(users)]
+        return ids, scores
 
     def _row(self, user, ids: np.ndarray, scores: np.ndarray) -> dict:
-        valid = ids >= 0  # rows with fewer than k eligible candidates are padded with -1
-        user = user.item() if isinstance(user, np.generic) else user
+        valid = ids >= 0  # rows with fewer eligible candidates than k are padded with -1
         return {"user": user, "items": self.item_ids.to_raw(ids[valid]).tolist(), "scores": scores[valid].tolist()}
 
     def _seen(self, rows: torch.Tensor) -> list:
@@ -194,6 +313,59 @@ class Ranker:
         if not self.model.uses_history:
             return None, None
         return self._users["history"][rows], self._users["lengths"][rows]
+
+    # --- explanations -------------------------------------------------------------------
+
+    def explain(self, user, item, top: int = 5) -> list[dict]:
+        """The history items that weighed most in ``user``'s score of ``item``.
+
+        For a model that pools the user's history with attention (it has
+        ``history_weights(users, items, history, lengths) -> [B, L]``, as
+        :class:`~rankfast.models.AttentionModel` does): the weight each item of
+        the user's stored history gets in the pooled history for this
+        candidate (the softmax over the history, or DIN's raw weights with
+        ``normalize=False``; an item that appears several times gets the sum).
+
+        Returns up to ``top`` ``{"item": raw id, "weight": float}``, largest
+        weight first (ties: the more recent item first); fewer when the
+        history is shorter. Raises ``KeyError`` for an unknown user or item
+        and ``TypeError`` for a model without attention over a history.
+        """
+        return self.explain_items(user, [item], top)[0]
+
+    def explain_items(self, user, items, top: int = 5) -> list[list[dict]]:
+        """:meth:`explain` of each of ``items`` (raw ids) for one ``user``, in one model call."""
+        if not hasattr(self.model, "history_weights"):
+            raise TypeError(
+                f"explain: this {type(self.model).__name__} does not weigh history items "
+                "(models with history_weights do, e.g. AttentionModel)"
+            )
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+            raise ValueError(f"top: expected a positive int, got {top!r}")
+        if user not in self.user_ids.raw:
+            raise KeyError(f"user: unknown user id {user!r}")
+        row = torch.from_numpy(self.user_ids.index(np.asarray([user]), name="user"))
+        candidates = torch.from_numpy(self.item_ids.index(np.asarray(_as_list(items, "items")), name="items"))
+        history, lengths = self._stored_history(row)
+        n, valid = len(candidates), int(lengths[0])
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            weights = self.model.history_weights(
+                *(t.to(device) for t in (row.expand(n), candidates, history.expand(n, -1), lengths.expand(n)))
+            )
+        recent_first = history[0, :valid].flip(0)
+        return [self._top_items(w[:valid].flip(0).double().cpu(), recent_first, top) for w in weights]
+
+    def _top_items(self, weights: torch.Tensor, history: torch.Tensor, top: int) -> list[dict]:
+        """``weights`` of ``history`` slots (most recent first), summed per item; the ``top`` largest."""
+        ids, column = torch.unique(history, return_inverse=True)
+        totals = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, column, weights)
+        latest = torch.full((len(ids),), len(history), dtype=torch.int64).scatter_reduce_(
+            0, column, torch.arange(len(history)), reduce="amin"
+        )
+        order = sorted(range(len(ids)), key=lambda j: (-float(totals[j]), int(latest[j])))[:top]
+        raw = self.item_ids.to_raw(ids[order].numpy()).tolist()
+        return [{"item": item, "weight": float(totals[j])} for item, j in zip(raw, order, strict=True)]
 
     # --- cold start ---------------------------------------------------------------------
 

@@ -5,8 +5,11 @@ CUDA tensors or when the extension is missing):
 
 * NaN ranks below every number, whatever ``largest`` says; ``-0.0`` ties ``0.0``;
 * ties go to the lower index, so results are deterministic;
-* a row with fewer than ``k`` eligible entries is padded with index ``-1`` and
-  value ``-inf`` (``+inf`` when ``largest=False``); ``k=0`` gives empty results.
+* ``k`` is clamped to the row length ``n``: results are ``[rows, min(k, n)]``,
+  so a huge ``k`` costs no more than ``k = n``;
+* a row with fewer than ``min(k, n)`` eligible entries (some excluded) is padded
+  with index ``-1`` and value ``-inf`` (``+inf`` when ``largest=False``);
+  ``k=0`` gives empty results.
 
 Input dtypes: float32 and float64 are used as they are; float16 and bfloat16
 are widened to float32 (exact, so the ranking is unchanged) and the values
@@ -49,7 +52,8 @@ def topk(scores, k, *, exclude=None, largest=True, sorted=True, num_threads=None
     Args:
         scores: 1-D ``[n]`` or 2-D ``[rows, n]`` numpy array or torch tensor.
             A CUDA tensor is processed on its device.
-        k: how many entries to return per row (``>= 0``; may exceed ``n``).
+        k: how many entries to return per row (``>= 0``); a ``k`` above the
+            row length ``n`` is taken as ``n``.
         exclude: ids each row must never return (e.g. already-seen items).
             For 2-D scores: a ``list`` of per-row id sequences (one per row),
             or CSR as a ``tuple`` ``(indptr, indices)`` or any object with
@@ -63,12 +67,13 @@ def topk(scores, k, *, exclude=None, largest=True, sorted=True, num_threads=None
 
     Returns:
         ``values`` in the input's dtype and int64 ``indices``, shaped
-        ``[k]`` or ``[rows, k]``; torch in gives torch out, numpy in numpy out.
+        ``[min(k, n)]`` or ``[rows, min(k, n)]``; torch in gives torch out,
+        numpy in numpy out.
     """
-    k = check_k(k)
     _check_num_threads(num_threads)
     x, restore = _as_2d_tensor(scores, "scores")
     rows, n = x.shape
+    k = check_k(k, n)
     indptr, ids = exclude_csr(exclude, rows, n, one_row=restore.one_row)
     if x.is_cuda or _use_fallback():
         ineligible = None
@@ -90,9 +95,10 @@ def topk_merge(values, indices, k, *, largest=True, sorted=True, num_threads=Non
     shards' results concatenated along the last axis, or as lists of arrays
     to concatenate. Entries with index ``-1`` (padding) are ignored. Shards
     must be disjoint: an id present in two shards may be returned twice.
-    Same rules, dtypes and return types as :func:`topk`.
+    Ids lie in ``[-1, 2^32 - 1)``. Same rules, dtypes and return types as
+    :func:`topk`, with ``n`` the total length of the lists (``k`` is clamped
+    to it); the values returned are the inputs' own (``-0.0`` stays ``-0.0``).
     """
-    k = check_k(k)
     _check_num_threads(num_threads)
     if isinstance(values, (list, tuple)):
         values = _concat(values, "values")
@@ -102,8 +108,7 @@ def topk_merge(values, indices, k, *, largest=True, sorted=True, num_threads=Non
     ids = _as_2d_ids(indices, x.device)
     if tuple(ids.shape) != tuple(x.shape):
         raise ValueError(f"indices: shape {tuple(ids.shape)} does not match values {tuple(x.shape)}")
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= 2**32 - 1):
-        raise ValueError("indices: ids must lie in [-1, 2^32 - 1)")
+    k = check_k(k, x.shape[1])
     if x.is_cuda or _use_fallback():
         # Order each row by id so that "lower position" means "lower id", then
         # select with padding excluded, and map positions back to ids.
@@ -138,11 +143,10 @@ def _order_keys(x: torch.Tensor, largest: bool) -> torch.Tensor:
 
 
 def _select_torch(x, k, largest, sorted, ineligible):
-    """Row-wise top-k of a 2-D float32/float64 tensor, positions as ids."""
-    rows, n = x.shape
+    """Row-wise top-k (``k <= n``) of a 2-D float32/float64 tensor, positions as ids."""
+    n = x.shape[1]
     sentinel = torch.iinfo(torch.int64).min
     keys = _order_keys(x, largest)
-    kk = min(k, n)
     if x.dtype == torch.float32:
         # 32-bit score key and 32-bit reversed position packed into one unique
         # int64, so torch.topk needs no tie-breaking of its own.
@@ -150,19 +154,16 @@ def _select_torch(x, k, largest, sorted, ineligible):
         keys = (keys << 32) | (0xFFFFFFFF - position)
         if ineligible is not None:
             keys = keys.masked_fill(ineligible, sentinel)
-        picked_keys, picked = torch.topk(keys, kk, dim=1, largest=True, sorted=sorted)
+        picked_keys, picked = torch.topk(keys, k, dim=1, largest=True, sorted=sorted)
     else:
         if ineligible is not None:
             keys = keys.masked_fill(ineligible, sentinel)
         picked_keys, picked = torch.sort(keys, dim=1, descending=True, stable=True)
-        picked_keys, picked = picked_keys[:, :kk], picked[:, :kk]
+        picked_keys, picked = picked_keys[:, :k], picked[:, :k]
     fill = float("-inf") if largest else float("inf")
     padding = picked_keys == sentinel
     values = x.gather(1, picked).masked_fill(padding, fill)
     picked = picked.masked_fill(padding, -1)
-    if kk < k:
-        values = torch.cat([values, values.new_full((rows, k - kk), fill)], dim=1)
-        picked = torch.cat([picked, picked.new_full((rows, k - kk), -1)], dim=1)
     if not sorted and ineligible is not None:
         # Keep the documented "padding last" rule for unsorted output too.
         order = torch.argsort(picked < 0, dim=1, stable=True)
@@ -205,8 +206,8 @@ class _Restore:
 
 def _as_2d_tensor(scores, name):
     if isinstance(scores, np.ndarray):
-        if scores.dtype == np.float16:
-            x, dtype = torch.from_numpy(scores.astype(np.float32)), torch.float16
+        if scores.dtype == np.float16:  # widened into a C-ordered copy, whatever the input's layout
+            x, dtype = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)), torch.float16
         elif scores.dtype in (np.float32, np.float64):
             x = torch.from_numpy(np.ascontiguousarray(scores))
             dtype = x.dtype
@@ -231,12 +232,22 @@ def _as_2d_tensor(scores, name):
 
 
 def _as_2d_ids(indices, device):
+    """Merge ids as a 2-D int64 tensor, each in ``[-1, 2^32 - 1)``: checked in the input's
+    own dtype, so that an unsigned id such as ``2**64 - 1`` cannot wrap to the padding ``-1``."""
+    if isinstance(indices, torch.Tensor) and indices.dtype == torch.uint64:
+        indices = indices.cpu().numpy()  # torch has no min/max of uint64
     if isinstance(indices, np.ndarray):
-        indices = torch.from_numpy(np.ascontiguousarray(indices))
-    if not isinstance(indices, torch.Tensor):
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"indices: expected integer ids, got {indices.dtype}")
+    elif not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices: expected a numpy array or torch tensor, got {type(indices).__name__}")
-    if indices.dtype.is_floating_point or indices.dtype in (torch.bool, torch.complex64, torch.complex128):
+    elif indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"indices: expected integer ids, got {indices.dtype}")
+    count = indices.size if isinstance(indices, np.ndarray) else indices.numel()
+    if count and (int(indices.min()) < -1 or int(indices.max()) >= 2**32 - 1):
+        raise ValueError("indices: ids must lie in [-1, 2^32 - 1)")
+    if isinstance(indices, np.ndarray):
+        indices = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
     ids = indices.detach().to(device=device, dtype=torch.int64).contiguous()
     return ids.unsqueeze(0) if ids.dim() == 1 else ids
 

@@ -9,27 +9,54 @@ import copy
 import numpy as np
 import torch
 
-from rankfast.data import Interactions
+from rankfast.data import Field, Interactions
 from rankfast.models import (
+    GMF,
     AttentionConfig,
     AttentionModel,
+    DCNConfig,
+    DCNv2,
+    DeepFM,
+    DeepFMConfig,
     DotConfig,
     DotModel,
+    FMConfig,
+    FMModel,
+    GMFConfig,
     MLPConfig,
     MLPModel,
     NeuMF,
     NeuMFConfig,
+    RecommenderNet,
+    RecommenderNetConfig,
+    SASRec,
+    SASRecConfig,
 )
 
 NUM_USERS, NUM_ITEMS, DIM = 7, 31, 6
+
+# Feature fields of every side and kind, fitted (the field models' CASES: tables left at the
+# out-of-vocabulary rows, tests/test_field_models.py fills them).
+FIELDS = (
+    Field("age", "user", vocab=("20s", "30s", "40s")),
+    Field("genres", "item", "multi", vocab=("a", "b", "c", "d", "e"), max_len=3),
+    Field("year", "item", buckets=5),
+    Field("price", "item", "dense", dim=2),
+    Field("hour", "context", vocab=tuple(str(h) for h in range(24))),
+    Field("moods", "context", "multi", vocab=("x", "y", "z"), max_len=2, pooling="sum"),
+    Field("temperature", "context", "dense", dim=1),
+)
+SIDE_FIELDS = tuple(f for f in FIELDS if f.side != "context")
 
 # Small models with awkward widths; dropout is present everywhere it exists
 # (it must be off whenever scores are compared).
 CASES = {
     "dot": (DotModel, DotConfig, {}),
+    "gmf": (GMF, GMFConfig, {}),
     "mlp": (MLPModel, MLPConfig, dict(hidden=(9, 5), activation="gelu", dropout=0.3)),
     "mlp-linear": (MLPModel, MLPConfig, dict(hidden=())),
     "neumf": (NeuMF, NeuMFConfig, dict(hidden=(10, 4), activation="silu", dropout=0.2)),
+    "neumf-sizes": (NeuMF, NeuMFConfig, dict(hidden=(9, 4), gmf_dim=3, mlp_dim=5)),
     "din": (AttentionModel, AttentionConfig, dict(hidden=(8,), unit_hidden=(7, 3), dropout=0.25)),
     "din-raw": (AttentionModel, AttentionConfig, dict(unit_hidden=(5,), normalize=False, activation="gelu")),
     "dot-attention": (AttentionModel, AttentionConfig, dict(attention="dot", hidden=(8, 3), dropout=0.1)),
@@ -53,6 +80,16 @@ CASES = {
         AttentionConfig,
         dict(hidden=(4,), unit_hidden=(6,), item_feature_dim=4, item_hybrid=True),
     ),
+    # Feature fields: factorization machines and DCN-v2 on every kind of field (context too), the
+    # other models with user and item fields folded into the ids' vectors (DIN: history items' fields).
+    "fm": (FMModel, FMConfig, dict(fields=FIELDS)),
+    "deepfm": (DeepFM, DeepFMConfig, dict(fields=FIELDS, hidden=(9, 5), activation="gelu", dropout=0.2)),
+    "dcn": (DCNv2, DCNConfig, dict(fields=FIELDS, cross_layers=2, hidden=(7,), dropout=0.1)),
+    "din-fields": (AttentionModel, AttentionConfig, dict(fields=SIDE_FIELDS, hidden=(5,), unit_hidden=(4,))),
+    "recnet": (RecommenderNet, RecommenderNetConfig, dict(fields=SIDE_FIELDS, classes=(1, 2, 3, 4.5), hidden=(6,))),
+    # max_len 4 is below the tests' history lengths, so histories are cut to their last items.
+    "sasrec": (SASRec, SASRecConfig, dict(max_len=4, num_layers=2, num_heads=2, dropout=0.2)),
+    "sasrec-features": (SASRec, SASRecConfig, dict(max_len=8, num_layers=1, item_feature_dim=3, item_hybrid=True)),
 }
 
 

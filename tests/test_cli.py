@@ -12,7 +12,7 @@ import torch
 
 import rankfast
 from rankfast import Ranker
-from rankfast.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_USAGE, main
+from rankfast.cli import EXIT_FAILED, EXIT_MISSING_DEPENDENCY, EXIT_USAGE, main, workflow
 from rankfast.data import synthetic_interactions, temporal_split
 from rankfast.evaluate import evaluate
 
@@ -202,6 +202,42 @@ def test_score_writes_json_lines(model_dir, tmp_path, capsys):
     assert all(len(r["items"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
 
 
+def test_train_logs_epochs_and_score_explains(model_dir, tmp_path, capsys):
+    """`rankfast train` reports each epoch on stderr (through logging, terminal or not);
+    `rankfast score --explain N` adds each item's most weighed history items."""
+    out = tmp_path / "att"
+    code, _, err = run(
+        [
+            "train",
+            "--model",
+            "attention",
+            "--users",
+            "60",
+            "--items",
+            "40",
+            "--dim",
+            "4",
+            "--epochs",
+            "2",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ") and ": loss " in line]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    (tmp_path / "users.txt").write_text("3\n17\n")
+    code, stdout, _ = run(["score", out, "-i", tmp_path / "users.txt", "-k", "3", "--explain", "2"], capsys)
+    assert code == 0
+    ranker = Ranker.load(out)
+    for line, user in zip(stdout.splitlines(), (3, 17), strict=True):
+        row = json.loads(line)
+        assert row["explanations"] == [ranker.explain(user, item, top=2) for item in row["items"]]
+    code, _, err = run(["score", model_dir, "--explain", "2"], capsys)
+    assert code == 2 and "--explain: this MLPModel does not weigh history items" in err
+
+
 def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
     """An unknown id in a later batch: the output file keeps its old content, or is not created."""
     (tmp_path / "users.txt").write_text("3\n17\n999\n")
@@ -284,6 +320,89 @@ def test_bad_config_and_bad_input(model_dir, tmp_path, capsys, monkeypatch):
         assert code == EXIT_FAILED and message in err and err.count("\n") == 1
 
 
+def _config(out, *, top="", data="synthetic = {num_users = 60, num_items = 40, seed = 1}", model=None, train=None):
+    """A train config file's text: a valid one, but for the parts given (None leaves a table out)."""
+    model = 'type = "dot"\ndim = 4' if model is None else model
+    train = "epochs = 1\nbatch_size = 256" if train is None else train
+    tables = [("data", data), ("model", model), ("train", train)]
+    return f'out = "{out}"\n{top}\n' + "".join(f"[{name}]\n{body}\n" for name, body in tables if body != "-")
+
+
+# Every train config of the reliability probe (docs: shared/reviews/reliability.md, the CLI table):
+# 14 printed a traceback, 6 exited 1 and one trained. Each is one line and exit 2 (a bad config).
+BAD_CONFIGS = {
+    "not UTF-8": (None, "is not UTF-8 (byte"),
+    "model = 5": ({"top": "model = 5", "model": "-"}, "[model]: expected a table, got 5"),
+    "train = 'x'": ({"top": "train = 'x'", "train": "-"}, "[train]: expected a table, got 'x'"),
+    "data = 5": ({"top": "data = 5", "data": "-"}, "[data]: expected movielens = NAME or DIR"),
+    "unknown top-level key": ({"top": "colour = 1"}, "--config: unknown keys ['colour']"),
+    "synthetic = 5": ({"data": "synthetic = 5"}, "[data] synthetic: expected a table of num_users"),
+    "synthetic bogus key": ({"data": "synthetic = {bogus = 1}"}, "[data] synthetic: expected a table of"),
+    "num_users = 'abc'": ({"data": "synthetic = {num_users = 'abc'}"}, "num_users: expected an int, got 'abc'"),
+    "num_users = 0": ({"data": "synthetic = {num_users = 0}"}, "[data] synthetic: num_users: must be at least 1"),
+    "movielens = 5": ({"data": "movielens = 5"}, "[data] movielens: '5' is neither a data set name"),
+    "movielens missing": ({"data": "movielens = '/nonexistent'"}, "'/nonexistent' is neither a data set name"),
+    "type = 5": ({"model": "type = 5"}, "model type: expected one of"),
+    "type = []": ({"model": "type = []"}, f"model type: expected one of {sorted(workflow.MODELS)}, got []"),
+    "dim = '32'": ({"model": "dim = '32'"}, "[model]: DotConfig.dim: expected a positive int, got '32'"),
+    "dim = 10**12": ({"model": "dim = 1000000000000"}, "[model]: a DotModel of these sizes holds 372,529 GiB"),
+    "model bogus key": ({"model": "bogus = 1"}, "unexpected keyword argument 'bogus'"),
+    "hidden = 'abc'": ({"model": "type = 'mlp'\nhidden = 'abc'"}, "MLPConfig.hidden: expected a sequence"),
+    "epochs = '3'": ({"train": "epochs = '3'"}, "[train]: epochs: expected int, got '3'"),
+    "epochs = 1.7": ({"train": "epochs = 1.7"}, "[train]: epochs: expected int, got 1.7"),
+    "lr = 'fast'": ({"train": "lr = 'fast'"}, "[train]: lr: expected float, got 'fast'"),
+    "lr = -1": ({"train": "lr = -1.0"}, "[train]: lr: must be positive, got -1.0"),
+    "weight_decay = 'x'": ({"train": "weight_decay = 'x'"}, "[train]: weight_decay: expected float, got 'x'"),
+    "batch_size = 0": ({"train": "batch_size = 0"}, "[train]: batch_size: must be at least 1, got 0"),
+    "train bogus key": ({"train": "bogus = 1"}, "unexpected keyword argument 'bogus'"),
+    "checkpoint_dir = 5": ({"train": "checkpoint_dir = 5"}, "checkpoint_dir: expected str or os.PathLike, got 5"),
+    "seed = 'abc'": ({"train": "seed = 'abc'"}, "[train]: seed: expected int, got 'abc'"),
+    "eval_ks = 'abc'": ({"train": "eval_ks = 'abc'"}, "[train]: invalid literal for int()"),
+    "all + bce": ({"train": "negatives = 'all'\nloss = 'bce'"}, "negatives: 'all' (full softmax) needs loss='softmax'"),
+    "grad_clip = 'x'": ({"train": "grad_clip = 'x'"}, "[train]: grad_clip: expected float, got 'x'"),
+    "test_ratio = 1.5": ({"top": "test_ratio = 1.5"}, "test_ratio: expected a number in (0, 1), got 1.5"),
+    "threads = 0": ({"top": "threads = 0"}, "threads: expected a positive int, got 0"),
+    "out = 5": ("out = 5\n", "out: expected a path, got 5"),
+    "out = ''": ("out = ''\n", "--out: where to write the model directory"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_bad_config_files_are_one_line_and_exit_2(name, tmp_path, capsys):
+    parts, message = BAD_CONFIGS[name]
+    config = tmp_path / "train.toml"
+    if parts is None:
+        config.write_bytes(_config(tmp_path / "m").encode() + b"\xff = 1\n")
+    else:
+        config.write_text(parts if isinstance(parts, str) else _config(tmp_path / "m", **parts))
+    code, _, err = run(["train", "--config", config], capsys)
+    assert code == EXIT_USAGE and err.count("\n") == 1 and err.startswith("rankfast: error: "), err
+    assert message in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_valid_config_base_trains(tmp_path, capsys):
+    """The base of the bad configs above is valid: each case is bad for its own reason."""
+    (tmp_path / "train.toml").write_text(_config(tmp_path / "m"))
+    code, _, err = run(["train", "--config", tmp_path / "train.toml"], capsys)
+    assert code == 0 and Ranker.load(tmp_path / "m").model.config.dim == 4, err
+
+
+def test_score_extreme_arguments(model_dir, tmp_path, capsys):
+    """-k 10**12 and 10**8 were an allocator traceback: k is clamped to the items. A user id
+    beyond int64 was an AttributeError: it is an unknown id."""
+    (tmp_path / "users.txt").write_text("5\n7\n")
+    for k in ("1000000000000", "100000000"):
+        code, out, err = run(["score", model_dir, "-i", tmp_path / "users.txt", "-k", k, "--include-seen"], capsys)
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and [len(row["items"]) for row in rows] == [40, 40], err
+    (tmp_path / "users.txt").write_text("5\n1180591620717411303424\n")
+    code, out, err = run(["score", model_dir, "-i", tmp_path / "users.txt"], capsys)
+    assert code == EXIT_FAILED and err == "rankfast: error: users: unknown user id 1180591620717411303424 " + (
+        "(load the Ranker with cold_start=True to score new users)\n"
+    )
+
+
 def test_corrupted_model_directory(model_dir, tmp_path, capsys):
     import shutil
 
@@ -358,3 +477,41 @@ def test_python_dash_m_in_a_subprocess(tmp_path):
     )
     assert done.returncode == EXIT_FAILED
     assert done.stderr.strip().count("\n") == 0 and "no such model directory" in done.stderr
+
+
+def test_train_a_click_task_with_a_schema_and_evaluate_it(tmp_path, capsys):
+    """task and [[fields]] from the TOML file; evaluate prints the click metrics of the library."""
+    folder = _movielens_dir(tmp_path / "ml")
+    config = tmp_path / "ctr.toml"
+    fields = "".join(
+        f'[[fields]]\nname = "{name}"\nside = "{side}"\nkind = "{kind}"\n'
+        for name, side, kind in (
+            ("genres", "item", "multi"),
+            ("year", "item", "categorical"),
+            ("hour", "context", "categorical"),
+        )
+    )
+    config.write_text(
+        f'out = "{tmp_path / "m"}"\ntask = "click"\nclick_threshold = 4.0\n[data]\nmovielens = "{folder}"\n'
+        '[model]\ntype = "deepfm"\ndim = 4\nhidden = [8]\n[train]\nepochs = 1\nbatch_size = 64\n' + fields
+    )
+    code, out, err = run(["train", "--config", config], capsys)
+    assert code == 0 and "DeepFM (click task)" in out, err
+    ranker = Ranker.load(tmp_path / "m")
+    assert [f.name for f in ranker.model.config.fields] == ["genres", "year", "hour"]
+    assert ranker.meta["data"]["task"] == "click"
+    code, out, err = run(["evaluate", tmp_path / "m"], capsys)
+    assert code == 0, err
+    header, _, row = out.splitlines()[:3]
+    assert header.split()[:5] == ["model", "logloss", "auc", "gauc", "accuracy"]
+    from rankfast.data import load_movielens
+    from rankfast.evaluate import evaluate_pointwise
+
+    train, test = temporal_split(load_movielens(folder, fields=ranker.model.config.fields).clicks(4.0), 0.2)
+    expected = evaluate_pointwise(ranker.model, train, test, task="click")
+    assert [float(v) for v in row.split()[1:5]] == pytest.approx(
+        [expected[m] for m in ("logloss", "auc", "gauc", "accuracy")], abs=1e-4
+    )
+    config.write_text(config.read_text() + '[[fields]]\nname = "tags"\nside = "item"\nkind = "multi"\n')
+    code, _, err = run(["train", "--config", config, "--out", tmp_path / "m2"], capsys)
+    assert code == EXIT_USAGE and "field 'tags': not in the data" in err

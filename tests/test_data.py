@@ -137,6 +137,49 @@ def test_malformed_movielens_lines_name_file_and_line(tmp_path, name, text, mess
         load_movielens(tmp_path)
 
 
+HEADER = b"userId,movieId,rating,timestamp\n"
+BIG = b"1180591620717411303424"  # 2**70
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        # Bytes that are not UTF-8 were a UnicodeDecodeError without file or line.
+        ({"ratings.csv": HEADER + b"1,10,4.0,100\n1,1\xff1,4.0,101\n"}, r"ratings.csv:3: not utf-8 text \(byte 4 "),
+        (
+            {"ratings.csv": HEADER + b"1,10,4.0,100\n", "movies.csv": b"movieId,title,genres\n10,Caf\xe9,Drama\n"},
+            r"movies.csv:2: not utf-8 text",
+        ),
+        # Ints beyond int64 were an OverflowError.
+        ({"ratings.csv": HEADER + b"1,10,4.0,100\n" + BIG + b",10,4.0,1\n"}, r"ratings.csv:3: user id '1180\d+' does"),
+        (
+            {"ratings.csv": HEADER + b"1,10,4.0," + BIG + b"\n"},
+            r"ratings.csv:2: timestamp '1180\d+' does not fit in 64",
+        ),
+        # Ratings that are no finite float32 were accepted (1e39 became inf).
+        ({"ratings.csv": HEADER + b"1,10,nan,100\n"}, r"ratings.csv:2: rating 'nan' is not a finite float32"),
+        ({"ratings.dat": b"1::10::inf::100\n"}, r"ratings.dat:1: rating 'inf' is not a finite float32"),
+        ({"u.data": b"1\t10\t1e39\t100\n"}, r"u.data:1: rating '1e39' is not a finite float32"),
+        # Files without interactions gave an empty data set.
+        ({"ratings.csv": b""}, r"ratings.csv: no interactions"),
+        ({"ratings.csv": HEADER}, r"ratings.csv: no interactions"),
+        # A field over the csv module's limit was a bare _csv.Error.
+        ({"ratings.csv": HEADER + b"1,10,4.0,100\n1," + b"9" * 200_000 + b",4.0,1\n"}, r"ratings.csv:3: field larger"),
+    ],
+)
+def test_malformed_movielens_files_name_file_and_line(tmp_path, files, message):
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataFormatError, match=message):
+        load_movielens(tmp_path)
+
+
+def test_movielens_csv_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "ratings.csv").write_bytes(b"\xef\xbb\xbf" + HEADER + b"1,10,4.0,100\n2,10,3.5,101\n")
+    data = load_movielens(tmp_path)
+    assert data.user_ids.to_list() == [1, 2] and data.ratings.tolist() == [4.0, 3.5]
+
+
 def test_movielens_directory_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="has none of u.data"):
         load_movielens(tmp_path)
@@ -164,6 +207,26 @@ def test_ncf_files(tmp_path):
     assert ncf.negatives.tolist() == [[3, 4], [1, 3]]
 
 
+def test_ncf_files_without_timestamps(tmp_path):
+    """NCF's own loader reads three columns; some of its files have only those."""
+    prefix = _ncf_files(tmp_path, "(0,2)\t3\t4\n(1,0)\t1\t3\n")
+    with_stamps = load_ncf(prefix)
+    _write(tmp_path / "t.train.rating", "0\t0\t5\n0\t1\t4\n1\t2\t3\n")
+    _write(tmp_path / "t.test.rating", "0\t2\t5\n1\t0\t4\n")
+    ncf = load_ncf(prefix)
+    assert ncf.train.timestamps is None and ncf.test.timestamps is None
+    for got, want in ((ncf.train, with_stamps.train), (ncf.test, with_stamps.test)):
+        assert (got.users.tolist(), got.items.tolist()) == (want.users.tolist(), want.items.tolist())
+        assert got.ratings.tolist() == want.ratings.tolist()
+    assert ncf.negatives.tolist() == with_stamps.negatives.tolist()
+    _write(tmp_path / "t.train.rating", "0\t0\t5\n0\t1\t4\t7\n")
+    with pytest.raises(DataFormatError, match=r"t.train.rating:2: expected 3 fields separated by '\\t', got 4"):
+        load_ncf(prefix)
+    _write(tmp_path / "t.train.rating", "0\t0\t5\t1\t2\n")
+    with pytest.raises(DataFormatError, match=r"t.train.rating:1: expected 4 fields separated by '\\t', got 5"):
+        load_ncf(prefix)
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
@@ -178,6 +241,13 @@ def test_ncf_malformed(tmp_path, lines, message):
         load_ncf(_ncf_files(tmp_path, lines))
 
 
+def test_ncf_empty_training_file(tmp_path):
+    prefix = _ncf_files(tmp_path, "(0,2)\t3\t4\n(1,0)\t1\t3\n")
+    _write(tmp_path / "t.train.rating", "")
+    with pytest.raises(DataFormatError, match=r"t.train.rating: no interactions"):
+        load_ncf(prefix)
+
+
 def test_csv_table_with_column_mapping(tmp_path):
     path = _write(tmp_path / "log.tsv", "ts\tclient\tproduct\tscore\n5\tu1\tp9\t1\n3\tu2\tp9\t0\n")
     data = load_table(path, user="client", item="product", rating="score", timestamp="ts", sep="\t")
@@ -190,6 +260,18 @@ def test_csv_table_with_column_mapping(tmp_path):
     bad = _write(tmp_path / "bad2.csv", "u,i,r\n1,2,x\n")
     with pytest.raises(DataFormatError, match=r"bad2.csv:2: r 'x' is not a valid float"):
         load_table(bad, user="u", item="i", rating="r")
+    for text, message in (
+        (b"u,i,r\n1,2,3\n1,\xfe,3\n", r"bad3.csv:3: not utf-8 text"),
+        (b"u,i,r,t\n1,2,3,1\n1,2,3," + b"1180591620717411303424\n", r"bad3.csv:3: t '1180\d+' does not fit in 64 bits"),
+        (b"u,i,r\n1,2,NaN\n", r"bad3.csv:2: r 'NaN' is not a finite float32"),
+        (b"u,i,r\n", r"bad3.csv: no interactions"),
+    ):
+        (tmp_path / "bad3.csv").write_bytes(text)
+        with pytest.raises(DataFormatError, match=message):
+            load_table(tmp_path / "bad3.csv", user="u", item="i", rating="r", timestamp="t" if b",t" in text else None)
+    # Ids beyond int64 are ids all the same: strings, as for any non-integer id (was an OverflowError).
+    big = _write(tmp_path / "big.csv", "u,i\n1180591620717411303424,2\n7,2\n")
+    assert load_table(big, user="u", item="i").user_ids.to_list() == ["1180591620717411303424", "7"]
 
 
 def test_parquet_table(tmp_path):

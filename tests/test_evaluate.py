@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from rankfast import metrics
 from rankfast.baselines import EASE
 from rankfast.data import Interactions, temporal_split
 from rankfast.evaluate import evaluate, evaluate_pointwise, evaluate_sampled
@@ -143,3 +144,50 @@ def test_full_ranking_of_rankfast_models_through_score():
     scores = _dense_forward_scores(attention, train.num_users, train.num_items, history, lengths)
     got = evaluate(attention, train, test, ks=(5,), batch_size=4, max_history=3, progress=False)
     assert (got["recall@5"], got["ndcg@5"]) == pytest.approx(_brute_full_ranking(scores, train, test, 5), rel=1e-6)
+
+
+def _sampled_pair_by_pair(pair_scores, test, negatives, ks):
+    """The sampled protocol as evaluate_sampled used to run it: every (user, candidate) pair
+    scored on its own by ``pair_scores(users, items)``."""
+    candidates = np.concatenate([test.items[:, None], negatives], axis=1)
+    users = np.repeat(test.users, candidates.shape[1])
+    scores = np.asarray(pair_scores(users, candidates.reshape(-1)), dtype=np.float64).reshape(candidates.shape)
+    valid = negatives != test.items[:, None]
+    ranks = metrics.sampled_ranks(scores[:, 0], scores[:, 1:], valid)
+    return metrics.rank_metrics(ranks, ks, num_negatives=valid.sum(axis=1))
+
+
+def test_sampled_ranking_scores_each_user_once_as_pairs_would(monkeypatch):
+    from rankfast.data import user_histories
+    from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel
+
+    train, test = _split(seed=4)  # several test rows per user
+    negatives = np.random.default_rng(2).integers(0, train.num_items, size=(len(test), 7))
+    ks = (1, 3, 5)
+
+    ease = EASE(train, lam=3.0)
+    want = _sampled_pair_by_pair(lambda u, i: ease(u, i).numpy(), test, negatives, ks)
+    rows_scored = []
+    whole_rows = EASE.score
+    monkeypatch.setattr(EASE, "score", lambda self, users: rows_scored.append(len(users)) or whole_rows(self, users))
+    assert evaluate_sampled(ease, train, test, negatives, ks=ks) == pytest.approx(want)
+    assert rows_scored == [len(np.unique(test.users))]  # one row per distinct user, one call
+    assert evaluate_sampled(ease, train, test, negatives, ks=ks, batch_size=3) == pytest.approx(want)
+
+    torch.manual_seed(0)
+    dims = {"num_users": train.num_users, "num_items": train.num_items, "dim": 8}
+    history, lengths = (torch.from_numpy(a) for a in user_histories(train, 3))
+    for model in (
+        DotModel(DotConfig(**dims)).double(),
+        AttentionModel(AttentionConfig(**dims, hidden=(8,), unit_hidden=(4,))).double().eval(),
+    ):
+
+        def pairs(u, i, model=model):
+            u, i = torch.from_numpy(u), torch.from_numpy(i)
+            with torch.no_grad():
+                return model(u, i, history[u], lengths[u]).numpy()
+
+        want = _sampled_pair_by_pair(pairs, test, negatives, ks)
+        for batch_size in (1024, 5):
+            got = evaluate_sampled(model, train, test, negatives, ks=ks, max_history=3, batch_size=batch_size)
+            assert got == pytest.approx(want), type(model).__name__

@@ -164,8 +164,11 @@ def test_bfloat16_values_are_ranked_as_rounded_scores():
 def test_k_is_checked():
     model = integer_model("mlp")
     users = torch.tensor([0], device=DEVICE)
+    many = torch.arange(NUM_ITEMS, device=DEVICE).repeat(topk_mod.MAX_K // NUM_ITEMS + 1)  # more than MAX_K
     with pytest.raises(ValueError, match="k"):
-        fused_backend.model_topk(model, users, k=topk_mod.MAX_K + 1)
+        fused_backend.model_topk(model, users, many, k=topk_mod.MAX_K + 1)
+    ids, values = fused_backend.model_topk(model, users, k=10**12)  # clamped to the candidates, as score does
+    assert ids.shape == values.shape == (1, NUM_ITEMS)
     with pytest.raises(ValueError, match="k"):
         fused_backend.model_topk(model, users, k=-1)
     with pytest.raises(TypeError, match="k"):

@@ -9,11 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rankfast.models import (
+    GMF,
     AttentionConfig,
     DotConfig,
     DotModel,
+    GMFConfig,
     MLPConfig,
     MLPModel,
+    NeuMF,
     NeuMFConfig,
     Representation,
     load_model,
@@ -35,6 +38,8 @@ from helpers import CASES, DIM, NUM_ITEMS, NUM_USERS, make_model, random_history
         (lambda: MLPConfig(3, 5, 4, activation="tanh"), "activation"),
         (lambda: MLPConfig(3, 5, 4, dropout=1.0), "dropout"),
         (lambda: NeuMFConfig(3, 5, 4, hidden=()), "hidden"),
+        (lambda: NeuMFConfig(3, 5, 4, gmf_dim=0), "gmf_dim"),
+        (lambda: NeuMFConfig(3, 5, 4, mlp_dim=2.0), "mlp_dim"),
         (lambda: AttentionConfig(3, 5, 4, attention="mha"), "attention"),
         (lambda: AttentionConfig(3, 5, 4, unit_hidden=(-1,)), "unit_hidden"),
         (lambda: AttentionConfig(3, 5, 4, normalize="yes"), "normalize"),
@@ -126,6 +131,38 @@ def test_dot_model_formula():
     e_u, e_i = model.user_repr.embedding.weight[u], model.item_repr.embedding.weight[i]
     expected = (e_u * e_i).sum(1) + model.user_bias[u] + model.item_bias[i] + model.bias
     torch.testing.assert_close(model(u, i), expected)
+
+
+def test_neumf_branch_widths_by_hand():
+    model = make_model("neumf-sizes")  # gmf_dim 3, mlp_dim 5
+    assert model.user_repr.dim == 8 and model.branch.linears[0].in_features == 10
+    u, i = torch.tensor([0, 6, 2]), torch.tensor([30, 0, 2])
+    e_u, e_i = model.user_repr.embedding.weight[u], model.item_repr.embedding.weight[i]
+    mlp = model.branch(torch.cat([e_u[:, 3:], e_i[:, 3:]], dim=1))
+    expected = model.output(torch.cat([e_u[:, :3] * e_i[:, :3], mlp], dim=1))[:, 0]
+    torch.testing.assert_close(model(u, i), expected)
+    assert NeuMFConfig(3, 5, 4).gmf_dim == NeuMFConfig(3, 5, 4).mlp_dim == 4  # default: dim each
+
+
+def test_neumf_from_pretrained_scores_the_alpha_mix():
+    torch.manual_seed(0)
+    gmf = GMF(GMFConfig(NUM_USERS, NUM_ITEMS, 3)).double()
+    mlp = MLPModel(MLPConfig(NUM_USERS, NUM_ITEMS, 5, hidden=(6, 4), activation="gelu")).double()
+    for p in (*gmf.parameters(), *mlp.parameters()):
+        torch.nn.init.normal_(p)
+    u, i = torch.randint(0, NUM_USERS, (20,)), torch.randint(0, NUM_ITEMS, (20,))
+    model = NeuMF.from_pretrained(gmf, mlp, alpha=0.3)
+    assert (model.config.gmf_dim, model.config.mlp_dim, model.config.hidden) == (3, 5, (6, 4))
+    assert model.output.weight.dtype == torch.float64
+    torch.testing.assert_close(model(u, i), 0.3 * gmf(u, i) + 0.7 * mlp(u, i))
+    with pytest.raises(TypeError, match="gmf: expected a rankfast.models.GMF"):
+        NeuMF.from_pretrained(make_model("dot"), mlp)
+    with pytest.raises(ValueError, match="alpha: expected a weight in"):
+        NeuMF.from_pretrained(gmf, mlp, alpha=1.5)
+    with pytest.raises(ValueError, match="mlp: has 7 users and 9 items"):
+        NeuMF.from_pretrained(gmf, MLPModel(MLPConfig(NUM_USERS, 9, 5, hidden=(4,))))
+    with pytest.raises(ValueError, match="mlp: from_pretrained takes models with ID embeddings"):
+        NeuMF.from_pretrained(gmf, make_model("mlp-features"))
 
 
 @pytest.mark.parametrize("name", ["din", "din-raw", "dot-attention", "dot-attention-raw"])

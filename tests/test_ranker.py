@@ -19,7 +19,7 @@ import rankfast.ranker as ranker_module
 from rankfast import Ranker, TrainConfig, fit
 from rankfast.data import Interactions, synthetic_interactions, user_histories
 from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
-from rankfast.ranker import ModelDirError, save_model_dir
+from rankfast.ranker import Limits, ModelDirError, save_model_dir
 
 from helpers import assert_rankings_match
 
@@ -122,20 +122,133 @@ def test_candidates_include_seen_and_short_rows(saved, train):
 def test_score_many_batches_requests_into_one_call(saved, monkeypatch):
     ranker = Ranker.load(saved[1])
     requests = [
-        {"users": [100], "k": 3},
+        {"users": [100], "k": 7},
         {"users": [107, 114], "k": 7},
         {"users": [121], "k": 2, "exclude_seen": False},
+        {"users": [128], "k": 3},
     ]
     expected = [ranker.score(**r) for r in requests]
     calls = []
     real = ranker_module.score
-    monkeypatch.setattr(ranker_module, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ranker_module, "score", lambda *a, **kw: calls.append(kw["k"]) or real(*a, **kw))
     got = ranker.score_many(requests)
-    assert len(calls) == 2  # the two exclude_seen=True requests share one call
+    assert sorted(calls) == [2, 3, 7]  # the two requests with the same k and exclude_seen share one call
     for rows, want in zip(got, expected, strict=True):  # a bigger batch may round the last bits differently
         assert [r["user"] for r in rows] == [r["user"] for r in want]
         for row, one in zip(rows, want, strict=True):
             assert_rankings_match(row["items"], row["scores"], one["items"], one["scores"])
+
+
+def test_score_many_scores_each_request_at_its_own_k(saved, monkeypatch):
+    """One huge k among many small ones costs only itself: it was the whole group's k (all
+    64 users at k=10**12, a MemoryError for every request)."""
+    ranker = Ranker.load(saved[1])
+    good = [{"users": [100 + 7 * (u % NUM_USERS)], "k": 10} for u in range(63)]
+    calls = []
+    real = ranker_module.score
+    monkeypatch.setattr(
+        ranker_module,
+        "score",
+        lambda m, users, *a, **kw: calls.append((len(users), kw["k"])) or real(m, users, *a, **kw),
+    )
+    got = ranker.score_many([*good, {"users": [121], "k": 10**12}])
+    assert sorted(calls) == [(1, NUM_ITEMS), (63, 10)]  # each at its own k, clamped to the 30 items
+    assert all(len(rows[0]["items"]) == 10 for rows in got[:63])
+    assert got[63] == ranker.score([121], k=NUM_ITEMS)
+
+
+def test_score_many_checks_every_request_first_and_can_return_errors(saved, monkeypatch):
+    ranker = Ranker.load(saved[1])
+    good = [{"users": [100], "k": 3}, {"users": [107, 114], "k": 3, "exclude_seen": False}]
+    bad = [
+        ({"users": [999]}, KeyError, "users: unknown user id 999"),
+        ({"users": [100], "k": 0}, ValueError, "k: expected a positive int, got 0"),
+        ({"users": [None]}, TypeError, r"users\[0\]: expected a raw id"),
+        ({"users": [100], "exclude_seen": "no"}, TypeError, "exclude_seen: expected true or false"),
+        ({"user": [100]}, TypeError, "request: unknown fields"),
+    ]
+    calls = []
+    real = ranker_module.score
+    monkeypatch.setattr(ranker_module, "score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for request, error, match in bad:
+        with pytest.raises(error, match=match):
+            ranker.score_many([*good, request])
+    assert calls == []  # checked before anything was scored
+    got = ranker.score_many([good[0], *(r for r, _, _ in bad), good[1]], return_errors=True)
+    assert got[0] == ranker.score(**good[0]) and got[-1] == ranker.score(**good[1])
+    for answer, (_, error, match) in zip(got[1:-1], bad, strict=True):
+        assert isinstance(answer, error)
+        with pytest.raises(error, match=match):
+            raise answer
+
+
+def test_score_many_isolates_a_request_whose_scoring_fails(saved, monkeypatch):
+    """A request that fails while scored (here a MemoryError whenever user 121 is in the batch)
+    fails alone with return_errors=True; without it the error propagates."""
+    ranker = Ranker.load(saved[1])
+    requests = [{"users": [100], "k": 4}, {"users": [121, 107], "k": 4}, {"users": [114], "k": 4}]
+    expected = [ranker.score(**r) for r in requests]
+    real = ranker_module.score
+    row_121 = int(ranker.user_ids.index([121])[0])
+
+    def failing(model, users, *args, **kwargs):
+        if row_121 in users.tolist():
+            raise MemoryError("cannot allocate")
+        return real(model, users, *args, **kwargs)
+
+    monkeypatch.setattr(ranker_module, "score", failing)
+    with pytest.raises(MemoryError):
+        ranker.score_many(requests)
+    got = ranker.score_many(requests, return_errors=True)
+    assert isinstance(got[1], MemoryError)
+    for n in (0, 2):
+        for row, want in zip(got[n], expected[n], strict=True):
+            assert_rankings_match(row["items"], row["scores"], want["items"], want["scores"])
+
+
+def test_hostile_arguments_get_clear_errors(saved):
+    """Ids of the wrong kind were an AttributeError from deep inside (None, 2**70), or scored
+    as another id (True as user 1); a repeated candidate came back several times."""
+    ranker = Ranker.load(saved[1])
+    for users, error, match in (
+        ([None], TypeError, r"users\[0\]: expected a raw id \(an int or a string\), got None"),
+        ([100, True], TypeError, r"users\[1\]: expected a raw id"),
+        ([[100]], TypeError, r"users\[0\]: expected a raw id"),
+        ([2**70], KeyError, "users: unknown user id 1180591620717411303424"),
+        ([100, "i001"], TypeError, "users: ids must be all numbers or all strings"),
+        ("100", TypeError, "users: expected a sequence of ids, got str"),
+        ({100: 1}, TypeError, "users: expected a sequence of ids, got dict"),
+    ):
+        with pytest.raises(error, match=match):
+            ranker.score(users)
+    with pytest.raises(TypeError, match="exclude_seen: expected true or false, got 'no'"):
+        ranker.score([100], exclude_seen="no")
+    with pytest.raises(KeyError, match="candidates: unknown raw id 'i999'"):
+        ranker.score([100], candidates=["i001", "i999"])
+    with pytest.raises(KeyError, match="candidates: unknown raw id 7"):
+        ranker.score([100], candidates=[7])  # a number among string ids
+    with pytest.raises(ValueError, match="k: expected a positive int, got 'xxxxx.*\\.\\.\\.$"):
+        ranker.score([100], k="x" * 1000)  # what a client sent is echoed cut short
+    (row,) = ranker.score([100], candidates=["i003", "i003", "i010", "i003"], k=10, exclude_seen=False)
+    assert sorted(row["items"]) == ["i003", "i010"]
+    (row,) = ranker.score([100], k=10**12, exclude_seen=False)
+    assert sorted(row["items"]) == ranker.item_ids.raw.tolist()
+
+
+def test_limits(saved):
+    ranker = Ranker.load(saved[1], limits=Limits(max_k=5, max_users=2, max_candidates=3))
+    assert len(ranker.score([100, 107], candidates=["i001", "i002", "i003"], k=5, exclude_seen=False)[0]["items"]) == 3
+    for kwargs, match in (
+        ({"users": [100], "k": 6}, "k: 6 is more than this Ranker's limit max_k=5"),
+        ({"users": [100, 107, 114], "k": 2}, "users: 3 ids, more than this Ranker's limit max_users=2"),
+        (
+            {"users": [100], "candidates": ["i001", "i002", "i003", "i004"], "k": 2},
+            "candidates: 4 ids, more than this Ranker's limit max_candidates=3",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ranker.score(**kwargs)
+    assert Ranker.load(saved[1]).limits == Limits()  # none by default
 
 
 def test_threads_match_serial_and_restore_thread_count(saved):
@@ -696,3 +809,55 @@ def test_export_failure_is_clear(int_train, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="torch.export cannot trace this MLPModel"):
         ranker.export(tmp_path / "x.pt2")
     assert os.listdir(tmp_path) == ["model"]
+
+
+@pytest.mark.parametrize(
+    "fields", [{}, {"normalize": False}, {"attention": "dot"}], ids=["din", "din-raw-weights", "dot-attention"]
+)
+def test_explain_reports_the_models_attention_weights(train, tmp_path, fields):
+    """Against a hand computation: the unit's logits (or scaled dot products) over the user's
+    stored history, their softmax (or the raw logits), summed per item, largest first."""
+    users = np.concatenate([train.user_ids.raw[train.users], [100, 100]])  # user 100 sees two items again
+    items = np.concatenate([train.item_ids.raw[train.items], ["i004", "i004"]])
+    stamps = np.concatenate([train.timestamps, [10**10, 10**10 + 1]])
+    data = Interactions.from_raw(users, items, timestamps=stamps)
+    torch.manual_seed(4)
+    config = AttentionConfig(data.num_users, data.num_items, 8, hidden=(8,), unit_hidden=(6,), **fields)
+    model = AttentionModel(config).double()
+    ranker = Ranker.load(save_model_dir(tmp_path / "att", model, data, max_history=5))
+    user, item = 100, "i017"
+    history, lengths = user_histories(data, 5)
+    row = int(data.user_ids.index(np.array([user]))[0])
+    past = history[row, : lengths[row]]
+    assert (data.item_ids.to_raw(past)[-2:] == "i004").all()  # the repeated item, twice in the history
+    with torch.no_grad():
+        q = model.item_repr(torch.tensor(data.item_ids.index(np.array([item]))))[0]
+        h = model.item_repr(torch.from_numpy(past))
+        if config.attention == "din":
+            logits = model.unit(torch.cat([h, q.expand_as(h), h - q, h * q], dim=1))[:, 0]
+        else:
+            logits = h @ q / np.sqrt(8)
+        weights = torch.softmax(logits, 0) if config.normalize else logits
+    expected = {}
+    for item_id, weight in zip(data.item_ids.to_raw(past).tolist(), weights.tolist(), strict=True):
+        expected[item_id] = expected.get(item_id, 0.0) + weight
+    got = ranker.explain(user, item, top=10)
+    assert [g["item"] for g in got] == sorted(expected, key=lambda i: -expected[i])
+    assert [g["weight"] for g in got] == pytest.approx([expected[g["item"]] for g in got], rel=1e-6, abs=1e-9)
+    assert ranker.explain(user, item, top=2) == got[:2]
+    # Two items in one call: another batch shape, so the weights may differ in the last bits.
+    batched = ranker.explain_items(user, [item, "i003"], top=3)[0]
+    assert [g["item"] for g in batched] == [g["item"] for g in got[:3]]
+    assert [g["weight"] for g in batched] == pytest.approx([g["weight"] for g in got[:3]], rel=1e-9, abs=1e-12)
+
+
+def test_explain_errors(train, saved, tmp_path):
+    with pytest.raises(TypeError, match="explain: this MLPModel does not weigh history items"):
+        Ranker.load(saved[1]).explain(100, "i001")
+    ranker = Ranker.load(save_model_dir(tmp_path / "att", attention(train), train, max_history=4))
+    with pytest.raises(KeyError, match="user: unknown user id 5"):
+        ranker.explain(5, "i001")
+    with pytest.raises(KeyError, match="items"):
+        ranker.explain(100, "nope")
+    with pytest.raises(ValueError, match="top: expected a positive int"):
+        ranker.explain(100, "i001", top=0)

@@ -277,7 +277,21 @@ def test_empty_users_and_candidates():
     assert rankfast.score(model, [], history=torch.zeros(0, 3, dtype=torch.long), lengths=[]).shape == (0, NUM_ITEMS)
     assert rankfast.score(model, [0, 1], [], history=history, lengths=lengths).shape == (2, 0)
     ids, values = rankfast.score(model, [0, 1], [], k=2, history=history, lengths=lengths)
-    assert (ids == -1).all() and torch.isinf(values).all()
+    assert ids.shape == values.shape == (2, 0)
+
+
+@pytest.mark.parametrize("k", [NUM_ITEMS + 1, 10**12])
+def test_k_is_clamped_to_the_candidates(k):
+    """Results are [B, min(k, N)]: k = 10**12 on a small model is what k = N is (it allocated [B, k])."""
+    model = make_model("mlp")
+    users = torch.tensor([3, 0, 6])
+    exclude = [[4, 17], [], list(range(NUM_ITEMS))]
+    for items, n in ((None, NUM_ITEMS), (torch.tensor([5, 9, 2]), 3), (torch.randint(0, NUM_ITEMS, (3, 4)), 4)):
+        ids, values = rankfast.score(model, users, items, k=k, exclude=exclude)
+        assert ids.shape == values.shape == (3, n)
+        want_ids, want_values = rankfast.score(model, users, items, k=n, exclude=exclude)
+        assert torch.equal(ids, want_ids) and torch.equal(values, want_values)
+        assert (ids[2] == -1).all()  # every candidate excluded: padding, n wide
 
 
 def _bad(**overrides):

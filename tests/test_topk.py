@@ -18,9 +18,10 @@ BACKENDS = [
 
 
 def reference_topk(x, k, largest=True, exclude=None):
-    """Stable sort on (NaN last, -score, index); excluded ids removed; padded."""
+    """Stable sort on (NaN last, -score, index); excluded ids removed; k clamped to n; padded."""
     x = np.asarray(x, dtype=np.float64)  # exact for every float input dtype
     rows, n = x.shape
+    k = min(k, n)
     fill = -np.inf if largest else np.inf
     values = np.full((rows, k), fill)
     ids = np.full((rows, k), -1, dtype=np.int64)
@@ -144,10 +145,25 @@ def test_k_zero_and_empty_rows(backend):
     values, ids = run_topk(backend, x, 0)
     assert values.shape == (3, 0) and ids.shape == (3, 0)
     values, ids = run_topk(backend, np.zeros((2, 0), np.float32), 3)
-    np.testing.assert_array_equal(ids, -np.ones((2, 3)))
-    np.testing.assert_array_equal(values, np.full((2, 3), -np.inf))
+    assert values.shape == ids.shape == (2, 0)
     values, ids = run_topk(backend, np.zeros((0, 5), np.float32), 3)
     assert values.shape == (0, 3)
+
+
+@pytest.mark.parametrize("k", [9, 10**12, 2**70])
+def test_k_is_clamped_to_the_row_length(backend, k):
+    """Results are [rows, min(k, n)]: a huge k costs what k = n does (it used to allocate [rows, k])."""
+    rng = np.random.default_rng(12)
+    x = rng.random((3, 8)).astype(np.float32)
+    exclude = [[1, 2], [], list(range(8))]
+    for excl in (None, exclude):
+        values, ids = run_topk(backend, x, k, exclude=excl)
+        ref_values, ref_ids = reference_topk(x, 8, exclude=excl)
+        assert ids.shape == (3, 8)
+        np.testing.assert_array_equal(ids, ref_ids)  # excluded entries leave padding, up to n
+        np.testing.assert_array_equal(values, ref_values.astype(np.float32))
+    values, ids = run_topk(backend, x[0], k)
+    assert ids.shape == (8,)
 
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -210,12 +226,19 @@ def test_numpy_float16(backend):
     np.testing.assert_array_equal(values, ref_values.astype(np.float16))
 
 
-def test_non_contiguous_input_is_copied_not_misread(backend):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_non_contiguous_input_is_copied_not_misread(backend, dtype):
     rng = np.random.default_rng(7)
-    base = rng.random((300, 40)).astype(np.float32)
+    base = rng.random((300, 40)).astype(dtype)
     x = base.T  # [40, 300], Fortran-ordered view
     assert not x.flags.c_contiguous
     check(backend, x, 6)
+    shards = x[:, :150], x[:, 150:]  # strided shard values (float16 ones were a pybind11 TypeError)
+    ids = [np.broadcast_to(np.arange(150) + lo, (40, 150)) for lo in (0, 150)]
+    values, merged = rankfast.topk_merge(list(shards), ids, 6)
+    ref_values, ref_ids = reference_topk(x, 6)
+    np.testing.assert_array_equal(merged, ref_ids)
+    np.testing.assert_array_equal(values, ref_values.astype(dtype))
     t = torch.from_numpy(base).t()
     values, ids = rankfast.topk(t.cuda() if backend == "cuda" else t, 6)
     np.testing.assert_array_equal(ids.cpu().numpy(), reference_topk(x, 6)[1])
@@ -243,10 +266,43 @@ def test_merge_equals_topk_of_the_whole(backend):
         values, ids = values.cpu().numpy(), ids.cpu().numpy()
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_array_equal(values, ref_values.astype(np.float32))
-    # More k than entries: padded; padding inputs (-1) are ignored.
+    # More k than entries: k is clamped to the entries; padding inputs (-1) are ignored, and padded.
     v, i = rankfast.topk_merge(np.array([[1.0, 2.0, 0.0]]), np.array([[5, -1, 2]]), 4)
-    np.testing.assert_array_equal(i, [[5, 2, -1, -1]])
-    np.testing.assert_array_equal(v, [[1.0, 0.0, -np.inf, -np.inf]])
+    np.testing.assert_array_equal(i, [[5, 2, -1]])
+    np.testing.assert_array_equal(v, [[1.0, 0.0, -np.inf]])
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_merge_returns_the_values_given(backend, largest):
+    """Values come back bit for bit: -0.0 stays -0.0 (the C++ merge rebuilt it as +0.0 from its sort key)."""
+    if backend == "cuda":
+        pytest.skip("numpy input never reaches CUDA")
+    values = np.array([[-0.0, 1.0, 0.0, -1.0], [0.0, -0.0, np.nan, 2.0]], np.float32)
+    values[1, 2] = np.frombuffer(np.uint32(0xFFC00001).tobytes(), np.float32)[0]  # a NaN with a payload
+    ids = np.array([[3, 4, 9, 7], [5, 2, 8, -1]])
+    got_values, got_ids = rankfast.topk_merge(values, ids, 4, largest=largest)
+    for row in range(2):
+        for value, item in zip(got_values[row], got_ids[row], strict=True):
+            if item >= 0:
+                given = values[row][ids[row] == item][0]
+                assert value.tobytes() == given.tobytes(), (row, item, value, given)
+    # -0.0 ties 0.0, so the lower id comes first; the value stays its own.
+    if largest:
+        np.testing.assert_array_equal(got_ids, [[4, 3, 9, 7], [2, 5, 8, -1]])
+        assert np.signbit(got_values[0, 1]) and not np.signbit(got_values[0, 2])
+        assert np.signbit(got_values[1, 0]) and not np.signbit(got_values[1, 1])
+
+
+def test_merge_rejects_unsigned_ids_that_would_wrap(backend):
+    """uint64 2**64 - 1 was cast to -1 and silently dropped as padding."""
+    if backend == "cuda":
+        pytest.skip("argument checks do not depend on the device")
+    values = np.array([[5.0, 1.0]], np.float32)
+    for ids in (np.array([[2**64 - 1, 1]], np.uint64), torch.tensor([[2**64 - 1, 1]], dtype=torch.uint64)):
+        with pytest.raises(ValueError, match=r"indices: ids must lie in \[-1, 2\^32 - 1\)"):
+            rankfast.topk_merge(values, ids, 2)
+    got_values, got_ids = rankfast.topk_merge(values, np.array([[7, 1]], np.uint64), 2)
+    np.testing.assert_array_equal(got_ids, [[7, 1]])
 
 
 def test_concurrent_python_threads_match_serial(backend):

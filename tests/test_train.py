@@ -200,6 +200,44 @@ def test_rating_regression_bf16_and_multitask():
         fit(multi, train, TrainConfig(loss="mse", **QUIET))
 
 
+def test_multitask_rating_head_works_in_the_ratings_units():
+    train = planted(n_users=60, per_user=10)
+    multi = MultiTask(dot_model(train, dim=8), hidden=(16,))
+    fit(multi, train, TrainConfig(epochs=1, loss="bce", batch_size=64, **QUIET))
+    ratings = torch.from_numpy(train.ratings).double()
+    assert float(multi.rating_mean) == pytest.approx(float(ratings.mean()))
+    assert float(multi.rating_std) == pytest.approx(float(ratings.std(correction=0)))
+    users, items = torch.tensor([0, 5, 9]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        _, predicted = multi(users, items)
+        head = multi.rating_head(torch.cat([multi.base.user_repr(users), multi.base.item_repr(items)], dim=1))[:, 0]
+    torch.testing.assert_close(predicted, multi.rating_mean + multi.rating_std * head)
+    loss = multi.rating_loss(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0]))
+    assert float(loss) == pytest.approx(1.0 / float(multi.rating_std) ** 2, rel=1e-6)  # MSE 1 in rating_std units
+
+
+def test_multitask_loss_rates_the_positives():
+    """A step's loss against a hand computation from the forward over every pair."""
+    from rankfast.train.batching import Examples
+    from rankfast.train.distributed import distributed_context
+
+    train = planted(n_users=30, per_user=6)
+    multi = MultiTask(dot_model(train, dim=8), hidden=(16,), rating_weight=0.7)
+    multi.set_rating_scale(train.ratings)
+    config = TrainConfig(loss="bce", num_negatives=3, batch_size=16, **QUIET)
+    strategy = SampledNegatives(
+        multi, train, Examples(train, 5, False), config, distributed_context(), torch.device("cpu"), backend=None
+    )
+    idx, negatives = strategy.micro_batches(1)[0]
+    users, items = torch.from_numpy(train.users)[idx], torch.from_numpy(train.items)[idx]
+    candidates = torch.cat([items[:, None], negatives], dim=1)
+    clicks, ratings = multi(users.repeat_interleave(4), candidates.reshape(-1))
+    clicks, ratings = clicks.view(-1, 4), ratings.view(-1, 4)[:, 0]  # the positives' ratings
+    target = torch.from_numpy(train.ratings)[idx]
+    expected = bce_loss(clicks[:, 0], clicks[:, 1:]) + 0.7 * ((ratings - target) / multi.rating_std).pow(2).mean()
+    torch.testing.assert_close(strategy.loss(multi, idx, negatives), expected)
+
+
 def test_attention_model_trains_on_leakage_free_histories():
     train, valid = temporal_split(planted(n_users=40, per_user=10), 0.25)
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import NamedTuple
 
@@ -89,9 +90,29 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """rankfast's INFO log lines (e.g. one per training epoch) on the current ``sys.stderr``,
+    so a command whose output goes to a file or pipe still reports progress."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's rule: a failing handler must not raise
+            self.handleError(record)
+
+
+def _log_to_stderr():
+    logger = logging.getLogger("rankfast")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     """Runs one command; returns its exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    _log_to_stderr()
     try:
         args = build_parser(argv).parse_args(argv)
         args.run(args)

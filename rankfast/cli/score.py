@@ -7,7 +7,7 @@ import json
 import sys
 
 from rankfast._io import atomic_file
-from rankfast.cli import CLIError, add_command, positive_int
+from rankfast.cli import EXIT_USAGE, CLIError, add_command, positive_int
 
 # numpy, tqdm and the Ranker (torch) load inside run_score, so that --help answers at once.
 
@@ -36,7 +36,11 @@ def run_score(args):
 
     from rankfast.ranker import Ranker
 
+    if args.explain and args.cold_start:
+        raise CLIError("--explain: explains known users from their stored history; not with --cold-start", EXIT_USAGE)
     ranker = Ranker.load(args.model_dir, cold_start=args.cold_start)
+    if args.explain and not hasattr(ranker.model, "history_weights"):
+        raise CLIError(f"--explain: this {type(ranker.model).__name__} does not weigh history items", EXIT_USAGE)
     integer_ids = np.issubdtype(ranker.user_ids.raw.dtype, np.integer)
     with _open(args.input, "r", sys.stdin) as f:
         users = read_users(f, integer_ids)
@@ -46,6 +50,8 @@ def run_score(args):
             for row in ranker.score(
                 users[start : start + args.batch_size], k=args.k, exclude_seen=not args.include_seen
             ):
+                if args.explain:
+                    row["explanations"] = ranker.explain_items(row["user"], row["items"], top=args.explain)
                 out.write(json.dumps(row) + "\n")
 
 
@@ -81,6 +87,13 @@ def add_parsers(sub):
         "--cold-start",
         action="store_true",
         help="score unknown users from an empty history where the model can (else they are an error)",
+    )
+    p.add_argument(
+        "--explain",
+        type=positive_int,
+        metavar="N",
+        help="add each recommended item's N most weighed history items, "
+        '"explanations": [[{"item", "weight"}, ...] per item] (attention models)',
     )
     p.add_argument("--batch-size", type=positive_int, default=1024, help="users per scoring call (default 1024)")
     p.set_defaults(run=run_score)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from rankfast._io import atomic_file
+from rankfast.data.fields import Features
 
 __all__ = ["IdMap", "Interactions", "MAPPINGS_FILE"]
 
@@ -60,20 +61,37 @@ class IdMap:
         """Raw ids, indexed by contiguous id."""
         return self._raw
 
-    def index(self, values, *, name: str = "ids") -> np.ndarray:
-        """Contiguous ids (int64) of raw ids; an unknown id raises ``KeyError``."""
-        values = _as_numpy(values, name).reshape(-1)
+    def find(self, values) -> np.ndarray:
+        """Contiguous ids (int64) of raw ids, ``-1`` for each one the map does not hold
+        (whatever its type: ``None``, an int too large for int64 or a string among
+        integer ids is not found, never an error)."""
+        values = _as_numpy(values, "values").reshape(-1)
+        if values.dtype == object:  # mixed types, or ints beyond int64: one at a time
+            return np.array([self._find_one(v) for v in values.tolist()], dtype=np.int64)
+        if not len(self._raw) or not len(values):
+            return np.full(len(values), -1, dtype=np.int64)
         try:
-            pos = np.searchsorted(self._raw, values)
-        except TypeError:
-            raise KeyError(
-                f"{name}: ids of type {values.dtype} cannot match raw ids of type {self._raw.dtype}"
-            ) from None
-        pos = np.minimum(pos, max(len(self._raw) - 1, 0))
-        found = self._raw[pos] == values if len(self._raw) else np.zeros(len(values), dtype=bool)
-        if not np.all(found):
-            raise KeyError(f"{name}: unknown raw id {values[~found][0].item()!r}")
-        return pos.astype(np.int64)
+            pos = np.minimum(np.searchsorted(self._raw, values), len(self._raw) - 1)
+            found = self._raw[pos] == values
+        except TypeError:  # e.g. strings against integer ids: nothing matches
+            return np.full(len(values), -1, dtype=np.int64)
+        return np.where(found, pos, -1).astype(np.int64)
+
+    def _find_one(self, value) -> int:
+        try:
+            pos = min(int(np.searchsorted(self._raw, value)), len(self._raw) - 1)
+            return pos if len(self._raw) and bool(self._raw[pos] == value) else -1
+        except (TypeError, ValueError, OverflowError):
+            return -1
+
+    def index(self, values, *, name: str = "ids") -> np.ndarray:
+        """Contiguous ids (int64) of raw ids; an unknown id raises ``KeyError`` naming it."""
+        values = _as_numpy(values, name).reshape(-1)
+        pos = self.find(values)
+        unknown = np.flatnonzero(pos < 0)
+        if unknown.size:
+            raise KeyError(f"{name}: unknown raw id {values[unknown[:1]].tolist()[0]!r}")
+        return pos
 
     def to_raw(self, index) -> np.ndarray:
         """Raw ids of contiguous ids."""
@@ -95,6 +113,9 @@ class Interactions:
     int64 (optional). ``user_ids``/``item_ids`` map back to the raw ids, and
     ``item_text`` (optional) holds one string per contiguous item id for text
     encoders. Splits share the maps, so every part has the same id space.
+    ``features`` (optional, :class:`rankfast.data.fields.Features`) holds the
+    encoded feature fields: a row per user, per item and per interaction
+    (context); subsets keep their interactions' context rows.
     """
 
     users: np.ndarray
@@ -104,6 +125,7 @@ class Interactions:
     user_ids: IdMap
     item_ids: IdMap
     item_text: list[str] | None = None
+    features: Features | None = None
 
     def __post_init__(self):
         n = len(self.users)
@@ -116,6 +138,13 @@ class Interactions:
                 raise ValueError(f"{name}: contiguous ids must lie in [0, {size})")
         if self.item_text is not None and len(self.item_text) != len(self.item_ids):
             raise ValueError(f"item_text: {len(self.item_text)} entries for {len(self.item_ids)} items")
+        if self.features is not None:
+            sizes = {"user": len(self.user_ids), "item": len(self.item_ids), "context": n}
+            for side, size in sizes.items():
+                if len(getattr(self.features, side)) != size:
+                    raise ValueError(
+                        f"features: the {side} table has {len(getattr(self.features, side))} rows for {size}"
+                    )
 
     # --- construction ---------------------------------------------------------------
 
@@ -188,7 +217,15 @@ class Interactions:
             items=self.items[index],
             ratings=pick(self.ratings),
             timestamps=pick(self.timestamps),
+            features=None if self.features is None else self.features.subset(index),
         )
+
+    def clicks(self, threshold: float) -> Interactions:
+        """The same interactions with 0/1 labels: 1 where the rating is at least
+        ``threshold`` (e.g. click = rating >= 4 on MovieLens), else 0."""
+        if self.ratings is None:
+            raise ValueError("data: clicks from ratings need ratings, and the interactions have none")
+        return replace(self, ratings=(self.ratings >= float(threshold)).astype(np.float32))
 
     def chronological_order(self) -> np.ndarray:
         """Positions sorted by user, then timestamp, then item id (the tie rule)."""

@@ -10,7 +10,7 @@ import torch
 from rankfast._ids import as_ids
 from rankfast.data.interactions import Interactions
 
-__all__ = ["NegativeSampler", "event_histories", "user_histories", "history_features"]
+__all__ = ["NegativeSampler", "event_histories", "user_histories", "history_features", "sequence_windows"]
 
 
 class NegativeSampler:
@@ -115,6 +115,54 @@ def user_histories(data: Interactions, max_len: int) -> tuple[np.ndarray, np.nda
     counts = np.bincount(data.users, minlength=data.num_users)
     ends = np.cumsum(counts)
     return _padded_windows(data.items[order], ends - counts, ends, max_len)
+
+
+def sequence_windows(data: Interactions, max_len: int) -> tuple[np.ndarray, ...]:
+    """Each user's items cut into windows for next-item training of a causal
+    sequence model (:class:`rankfast.models.SASRec`): one pass over a window
+    gives the user vector before each of its items at once.
+
+    A user's items in time order (ties by item id, as in
+    :func:`event_histories`) ``x_0 .. x_{n-1}`` give windows
+    ``x[kS : kS + max_len]`` for ``k = 0, 1, ...``, stride
+    ``S = max(1, max_len // 2)``. Every interaction but a user's first (which
+    has no history) is the target of exactly one window position: ``x_e`` of
+    position ``e - 1 - kS`` in the latest-starting window that holds
+    ``x_{e-1}``, so its history is ``x[kS : e]``: all earlier items for the
+    first ``max_len`` of a user's events, and more than ``max_len - S`` of
+    them for later ones.
+
+    Returns ``windows [W, max_len]`` (item ids, zero-padded on the right),
+    ``lengths [W]``, ``targets [W, max_len]`` (the item each position
+    predicts, -1 where none), ``users [W]`` and ``events [W, max_len]`` (the
+    row of ``data`` of each target, -1 where none), all int64.
+    """
+    max_len = _check_max_len(max_len)
+    stride = max(1, max_len // 2)
+    order = data.chronological_order()
+    items = data.items[order]
+    counts = np.bincount(data.users, minlength=data.num_users)
+    firsts = np.cumsum(counts) - counts
+    # Window k of a user with n items holds positions up to kS + max_len - 1; the last event
+    # (e = n - 1) needs k = ceil((e - max_len) / S) at most. Users with one item have no target.
+    per_user = np.where(counts >= 2, np.maximum(0, -(-(counts - 1 - max_len) // stride)) + 1, 0)
+    users = np.repeat(np.arange(data.num_users, dtype=np.int64), per_user)
+    k = np.arange(len(users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+    start = k * stride  # within the user's items
+    n = counts[users]
+    lengths = np.minimum(max_len, n - start)
+    cols = np.arange(max_len)
+    local = start[:, None] + cols  # item index within the user of each window slot
+    glob = np.minimum(firsts[users][:, None] + local, max(len(items) - 1, 0))
+    windows = np.where(cols < lengths[:, None], items[glob] if len(items) else 0, 0)
+    event = local + 1  # the event each position predicts
+    owner = np.maximum(0, -(-(event - max_len) // stride))  # the window k each event belongs to
+    assigned = (event <= n[:, None] - 1) & (owner == k[:, None])
+    target_glob = np.minimum(firsts[users][:, None] + event, max(len(items) - 1, 0))
+    targets = np.where(assigned, items[target_glob] if len(items) else 0, -1)
+    events = np.where(assigned, order[target_glob] if len(items) else 0, -1)
+    as64 = (a.astype(np.int64) for a in (windows, lengths, targets, users, events))
+    return tuple(as64)
 
 
 def history_features(data: Interactions, *, half_life: float | None = None, floor: float = 0.0) -> torch.Tensor:

@@ -54,14 +54,29 @@ class AttentionModel(RankingModel):
     config_class = AttentionConfig
     uses_history = True
 
-    def __init__(self, config: AttentionConfig, *, user_features=None, item_features=None):
-        super().__init__(config, config.dim, user_features, item_features)
+    def __init__(self, config: AttentionConfig, *, user_features=None, item_features=None, features=None):
+        super().__init__(config, config.dim, user_features, item_features, features)
         d = config.dim
         if config.attention == "din":
             self.unit = MLP(4 * d, (*config.unit_hidden, 1), config.activation, dropout=0.0)
         self.tower = MLP(3 * d, (*config.hidden, 1), config.activation, config.dropout)
 
     def forward(self, users, items, history=None, lengths=None):
+        h, q, mask = self._history_and_candidates(items, history, lengths)
+        weights = attention_weights(self._logits(h, q), mask, self.config.normalize)
+        pooled = (weights.unsqueeze(-1) * h).sum(1)
+        return self.tower(torch.cat([self.user_repr(users), pooled, q], dim=-1)).squeeze(-1)
+
+    def history_weights(self, users, items, history, lengths) -> torch.Tensor:
+        """``[B, L]``: the weight of each history item in the pooled history of
+        pair ``(users[j], items[j])``, as :meth:`forward` uses it (with
+        ``normalize`` the softmax over the valid items, else the raw
+        scores); 0 at padding. What :meth:`rankfast.Ranker.explain` reports."""
+        h, q, mask = self._history_and_candidates(items, history, lengths)
+        return attention_weights(self._logits(h, q), mask, self.config.normalize)
+
+    def _history_and_candidates(self, items, history, lengths):
+        """``(h [B, L, D], q [B, D], mask [B, L])``, padding read as item 0 and masked."""
         if history is None or lengths is None:
             raise ValueError("history: AttentionModel needs history [B, L] and lengths [B]")
         if history.dim() != 2 or lengths.shape != history.shape[:1]:
@@ -69,19 +84,23 @@ class AttentionModel(RankingModel):
                 f"history: expected [B, L] with lengths [B], got {tuple(history.shape)} and {tuple(lengths.shape)}"
             )
         mask = history_mask(lengths, history.shape[1])
-        h = self.item_repr(history.masked_fill(~mask, 0))  # [B, L, D]
-        q = self.item_repr(items)  # [B, D]
+        return self.item_repr(history.masked_fill(~mask, 0)), self.item_repr(items), mask
+
+    def _logits(self, h, q):
+        """Attention scores ``[B, L]`` of history items ``h [B, L, D]`` for candidates ``q [B, D]``."""
         if self.config.attention == "din":
             qe = q.unsqueeze(1).expand_as(h)
-            logits = self.unit(torch.cat([h, qe, h - qe, h * qe], dim=-1)).squeeze(-1)
-        else:
-            logits = (h * q.unsqueeze(1)).sum(-1) / math.sqrt(self.config.dim)
-        if self.config.normalize:
-            # A finite fill keeps an empty history's weights (and gradients) finite;
-            # multiplying by the mask then zeroes them.
-            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-            weights = torch.softmax(logits, dim=-1) * mask
-        else:
-            weights = logits * mask
-        pooled = (weights.unsqueeze(-1) * h).sum(1)
-        return self.tower(torch.cat([self.user_repr(users), pooled, q], dim=-1)).squeeze(-1)
+            return self.unit(torch.cat([h, qe, h - qe, h * qe], dim=-1)).squeeze(-1)
+        return (h * q.unsqueeze(1)).sum(-1) / math.sqrt(self.config.dim)
+
+
+def attention_weights(logits: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Pooling weights of attention ``logits [..., L]`` over the valid history items
+    ``mask`` (broadcastable): their softmax (``normalize``) or the logits themselves,
+    0 at padding. An empty history gets all-zero weights (and finite gradients)."""
+    if not normalize:
+        return logits * mask
+    # A finite fill keeps an empty history's weights (and gradients) finite;
+    # multiplying by the mask then zeroes them.
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1) * mask

@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from rankfast._io import atomic_file
+from rankfast.data.fields import Features, Schema
+from rankfast.models.fields import FieldEmbedding, FieldRepresentation, default_context
 from rankfast.models.layers import ACTIVATIONS, Representation
 
 CONFIG_FILE = "config.json"
@@ -67,6 +69,11 @@ class ModelConfig:
     ``user_hybrid`` / ``item_hybrid``: that side's rows are an ID embedding
     plus the projected feature vectors (needs the feature dim); rows added
     after training (cold start) have a zero ID part.
+    ``fields``: feature fields (:class:`rankfast.data.fields.Field`, fitted, e.g.
+    ``train.features.schema``; saved with the model, vocabularies included). A
+    user-side field's vector joins the user's, an item-side field's the item's
+    (:class:`rankfast.models.fields.FieldRepresentation`); context fields are read
+    by the models that take a context (``reads_context``).
     """
 
     num_users: int
@@ -76,9 +83,20 @@ class ModelConfig:
     item_feature_dim: int | None = None
     user_hybrid: bool = False
     item_hybrid: bool = False
+    fields: tuple = ()
 
     def __post_init__(self):
         owner = type(self).__name__
+        try:
+            self.fields = Schema(self.fields).fields
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{owner}.fields: {err}") from None
+        for f in self.fields:
+            if not f.fitted:
+                raise ValueError(
+                    f"{owner}.fields: field {f.name!r} is not fitted (no vocabulary, max_len or dim); take the fields "
+                    "of the data's features (data.features.schema)"
+                )
         for name in ("num_users", "num_items", "dim"):
             check_positive_int(owner, name, getattr(self, name))
         for name in ("user_feature_dim", "item_feature_dim"):
@@ -107,33 +125,93 @@ class RankingModel(nn.Module):
     config_class: ClassVar[type[ModelConfig]]
     #: Whether ``forward`` needs the users' histories (``history`` and ``lengths``).
     uses_history: ClassVar[bool] = False
+    #: Whether ``forward`` takes ``context=`` (the context fields of an impression).
+    reads_context: ClassVar[bool] = False
+    #: Whether the model has a user representation ``user_repr`` (a model that
+    #: represents a user by their history alone, such as SASRec, has none).
+    has_user_repr: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _MODEL_TYPES[cls.__name__] = cls
 
-    def __init__(self, config: ModelConfig, repr_dim: int, user_features=None, item_features=None):
+    def __init__(
+        self, config: ModelConfig, repr_dim: int, user_features=None, item_features=None, features: Features = None
+    ):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(
                 f"config: {type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
-        self.user_repr = Representation(
-            config.num_users,
+        schema = Schema(config.fields)
+        self.context_fields = schema.side("context")
+        if self.context_fields and not self.reads_context:
+            raise ValueError(
+                f"config.fields: {type(self).__name__} reads no context fields, and "
+                f"{[f.name for f in self.context_fields]} are context fields (FMModel, DeepFM and DCNv2 read them)"
+            )
+        if features is not None:
+            if not isinstance(features, Features):
+                raise TypeError(f"features: expected rankfast.data.fields.Features, got {type(features).__name__}")
+            if not schema:
+                raise ValueError("features: given, but config.fields is empty (the model reads no feature fields)")
+            features = features.select(schema)
+        if self.has_user_repr:
+            self.user_repr = _representation(
+                "user",
+                config,
+                repr_dim,
+                features,
+                _check_features(
+                    "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
+                ),
+            )
+        elif user_features is not None or schema.side("user"):
+            raise ValueError(
+                f"user_features, config.fields: {type(self).__name__} represents users by their history alone; "
+                "it takes no user features or user-side fields"
+            )
+        self.item_repr = _representation(
+            "item",
+            config,
             repr_dim,
-            _check_features(
-                "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
-            ),
-            config.user_hybrid,
-        )
-        self.item_repr = Representation(
-            config.num_items,
-            repr_dim,
+            features,
             _check_features(
                 "item_features", item_features, config.num_items, config.item_feature_dim, "item_feature_dim"
             ),
-            config.item_hybrid,
+        )
+        if self.context_fields:
+            self.context_repr = FieldEmbedding(self.context_fields, repr_dim)
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether the model reads context fields (``forward(..., context=)``)."""
+        return bool(self.context_fields)
+
+    def context_vectors(self, context, like: torch.Tensor) -> list[torch.Tensor]:
+        """The vectors of the context fields, each ``[*like.shape, repr_dim]``, from ``context``
+        (``{name: encoded values}`` with ``like``'s leading shape) or, when None, the
+        out-of-vocabulary values (:func:`rankfast.models.fields.default_context`)."""
+        if not self.context_fields:
+            return []
+        if context is None:
+            flat = default_context(self.context_fields, like.numel(), like.device)
+            context = {k: v.view(*like.shape, *v.shape[1:]) for k, v in flat.items()}
+        return self.context_repr.vectors(context)
+
+    def request_fields(self, users, context=None) -> torch.Tensor:
+        """``[U, Fu + Fc, repr_dim]``: the user side's field vectors then the context's, the part
+        of :meth:`field_vectors` that is the same for all of a request's candidates."""
+        return torch.stack([*self.user_repr.vectors(users), *self.context_vectors(context, users)], dim=-2)
+
+    def field_vectors(self, users, items, context=None) -> torch.Tensor:
+        """``[B, F, repr_dim]``: every field's vector for aligned pairs, in the order the
+        field models concatenate them: the user side (the user id first, then the user
+        fields), the context fields, the item side (the item id first, then the item fields)."""
+        return torch.stack(
+            [*self.user_repr.vectors(users), *self.context_vectors(context, users), *self.item_repr.vectors(items)],
+            dim=-2,
         )
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -224,10 +302,26 @@ def model_from_bytes(
     if len(float_dtypes) == 1:
         model.to(float_dtypes.pop())
     model.load_state_dict(tensors)
+    for name, module in model.named_modules():  # encoded field values must fit the vocabularies in the config
+        if isinstance(module, FieldRepresentation):
+            module.tables.check(module.field_list, f"{weights_path}: {name}.tables")
     return model.to(device).eval()
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _representation(side: str, config: ModelConfig, dim: int, features: Features | None, vectors):
+    """A side's :class:`Representation`, or with feature fields on that side a
+    :class:`FieldRepresentation` holding their encoded values (``features``'s table)."""
+    num, hybrid = getattr(config, f"num_{side}s"), getattr(config, f"{side}_hybrid")
+    fields = Schema(config.fields).side(side)
+    if not fields:
+        return Representation(num, dim, vectors, hybrid)
+    table = None if features is None else getattr(features, side)
+    if table is not None and len(table) != num:
+        raise ValueError(f"features: the {side} table has {len(table)} rows, the model {num} {side}s")
+    return FieldRepresentation(num, dim, fields, table, vectors, hybrid)
 
 
 def _check_features(name, features, num, feature_dim, config_field):

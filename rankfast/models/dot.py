@@ -18,8 +18,8 @@ class DotConfig(ModelConfig):
 class DotModel(RankingModel):
     config_class = DotConfig
 
-    def __init__(self, config: DotConfig, *, user_features=None, item_features=None):
-        super().__init__(config, config.dim, user_features, item_features)
+    def __init__(self, config: DotConfig, *, user_features=None, item_features=None, features=None):
+        super().__init__(config, config.dim, user_features, item_features, features)
         self.user_bias = nn.Parameter(torch.zeros(config.num_users))
         self.item_bias = nn.Parameter(torch.zeros(config.num_items))
         self.bias = nn.Parameter(torch.zeros(()))

@@ -55,6 +55,15 @@ class Representation(nn.Module):
             return self.project(self.features[ids], ids)
         return self.embedding(ids)
 
+    def vectors(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The side's field vectors of ``ids``, each ``[..., dim]``: here the one field, the ids' rows
+        (a side with feature fields, :class:`rankfast.models.fields.FieldRepresentation`, has more)."""
+        return [self(ids)]
+
+    def per_field(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[..., F, dim]``: :meth:`vectors` stacked."""
+        return torch.stack(self.vectors(ids), dim=-2)
+
     def all(self) -> torch.Tensor:
         """Every row, ``[num, dim]``."""
         if self.uses_features:

@@ -28,8 +28,8 @@ class MLPConfig(ModelConfig):
 class MLPModel(RankingModel):
     config_class = MLPConfig
 
-    def __init__(self, config: MLPConfig, *, user_features=None, item_features=None):
-        super().__init__(config, config.dim, user_features, item_features)
+    def __init__(self, config: MLPConfig, *, user_features=None, item_features=None, features=None):
+        super().__init__(config, config.dim, user_features, item_features, features)
         self.tower = MLP(2 * config.dim, (*config.hidden, 1), config.activation, config.dropout)
 
     def forward(self, users, items, history=None, lengths=None):

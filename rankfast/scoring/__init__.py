@@ -10,7 +10,7 @@
 
 from rankfast.scoring.api import DEFAULT_MEMORY_BUDGET, score
 from rankfast.scoring.protocol import Footprint, Scorer
-from rankfast.scoring.registry import BACKEND_ENV, BACKENDS, select_scorer, trains_fused
+from rankfast.scoring.registry import BACKEND_ENV, BACKENDS, select_scorer, training_backend, trains_fused
 
 __all__ = [
     "BACKEND_ENV",
@@ -20,5 +20,6 @@ __all__ = [
     "Scorer",
     "score",
     "select_scorer",
+    "training_backend",
     "trains_fused",
 ]

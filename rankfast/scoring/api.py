@@ -10,6 +10,7 @@ import torch
 
 from rankfast._ids import as_ids, check_history, check_k, exclude_csr
 from rankfast.models.base import RankingModel
+from rankfast.models.fields import check_context
 from rankfast.scoring.plan import Plan, execution, fill, make_plan, tile_runner
 from rankfast.scoring.positions import csr_rows, excluded_positions, positions_to_ids
 from rankfast.scoring.protocol import Scorer
@@ -31,6 +32,7 @@ def score(
     exclude=None,
     history=None,
     lengths=None,
+    context=None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ):
     """Scores users against candidate items with ``model``.
@@ -43,9 +45,10 @@ def score(
         items: candidate item ids: ``None`` (every item), one shared set
             ``[N]``, or one set per user ``[B, N]``.
         k: return each user's top ``k`` instead of all scores (through
-            :func:`rankfast.topk`: NaN last, ties to the earlier candidate,
-            rows with fewer than ``k`` eligible candidates padded with id
-            ``-1`` and score ``-inf``).
+            :func:`rankfast.topk`: NaN last, ties to the earlier candidate).
+            ``k`` is clamped to the number of candidates ``N``; rows with
+            fewer than ``min(k, N)`` eligible candidates (some excluded) are
+            padded with id ``-1`` and score ``-inf``.
         exclude: with ``k``, item ids each user must not get back (e.g.
             already-seen items): a list of ``B`` id sequences or CSR
             ``(indptr, indices)``. Every candidate position holding an
@@ -53,7 +56,15 @@ def score(
             ignored.
         history, lengths: the users' past items ``[B, L]`` (padded; padding
             values are ignored) and valid counts ``[B]``; required by models
-            with ``uses_history`` (:class:`AttentionModel`), ignored by others.
+            with ``uses_history`` (:class:`AttentionModel`, :class:`SASRec`), ignored by
+            others.
+        context: for models that read context fields (``model.uses_context``:
+            :class:`FMModel`, :class:`DeepFM`, :class:`DCNv2`), each user's
+            request context, the same for all its candidates: ``{field name:
+            encoded values}``, one row per user (``[B]`` categorical rows,
+            ``[B, max_len]`` bags padded with -1, ``[B, dim]`` numbers; encode raw
+            values with ``field.encode``). ``None``: every context field at its
+            out-of-vocabulary row (zeros for dense fields). Ignored by other models.
         memory_budget: bytes the scoring may hold besides the model and the
             returned scores; candidates (and users, if needed) are processed
             in chunks that fit.
@@ -66,7 +77,7 @@ def score(
 
     Returns:
         Scores ``[B, N]`` in the model's dtype, or with ``k`` the pair
-        ``(ids, scores)``, both ``[B, k]``: int64 item ids, best first.
+        ``(ids, scores)``, both ``[B, min(k, N)]``: int64 item ids, best first.
 
     The backend is picked in one place, :func:`rankfast.scoring.select_scorer`:
     CUDA models go through the fused Triton kernels (``rankfast.kernels``;
@@ -90,8 +101,9 @@ def score(
         if items.dim() == 2 and items.shape[0] != num_users:
             raise ValueError(f"items: per-user candidates must be [B={num_users}, N], got {tuple(items.shape)}")
     history, lengths = _check_history(model, history, lengths, num_users, device)
+    context = check_context(model.context_fields, context, num_users, device)
     if k is not None:
-        k = check_k(k)
+        k = check_k(k, items.shape[-1])
     if exclude is not None:
         if k is None:
             raise ValueError("exclude: only used with k (top-K results)")
@@ -125,7 +137,11 @@ def score(
     with _eval_mode(model), torch.inference_mode(), tile_runner(plan.workers) as run:
         for start in range(0, num_users, plan.block_users):
             rows = slice(start, min(start + plan.block_users, num_users))
-            block = scorer(model, users[rows], *(None if t is None else t[rows] for t in (history, lengths)))
+            block_args = [users[rows], *(None if t is None else t[rows] for t in (history, lengths))]
+            if context is None:
+                block = scorer(model, *block_args)
+            else:  # only models that read context fields get it (their scorers take it)
+                block = scorer(model, *block_args, context={name: v[rows] for name, v in context.items()})
             block_items = items[rows] if per_user else items
             if k is None:
                 fill(block, block_items, out[rows], plan, run)

@@ -26,7 +26,15 @@ from rankfast.models.base import RankingModel
 from rankfast.scoring.backends import factorized, reference
 from rankfast.scoring.protocol import Scorer
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "backend_name", "select_scorer", "trains_fused"]
+__all__ = [
+    "BACKEND_ENV",
+    "BACKENDS",
+    "backend_name",
+    "backend_scorer",
+    "select_scorer",
+    "training_backend",
+    "trains_fused",
+]
 
 BACKEND_ENV = "RANKFAST_BACKEND"
 #: Accepted values of ``RANKFAST_BACKEND`` (``triton`` is an alias of ``fused``).
@@ -47,11 +55,11 @@ def select_scorer(model: RankingModel, device: torch.device) -> type[Scorer]:
     if name == "auto":
         order = ("fused", "factorized") if device.type == "cuda" else ("factorized",)
         for candidate in order:
-            scorer = _scorer(candidate, model)
+            scorer = backend_scorer(candidate, model)
             if scorer is not None:
                 return scorer
         return reference.ReferenceScorer
-    return _scorer(name, model, required=True)
+    return backend_scorer(name, model, required=True)
 
 
 def trains_fused(model: RankingModel) -> bool:
@@ -66,13 +74,32 @@ def trains_fused(model: RankingModel) -> bool:
     kernels lack), is then an error."""
     if backend_name() != "fused":
         return False
-    _scorer("fused", model, required=True)
+    scorer = backend_scorer("fused", model, required=True)
+    if not getattr(scorer, "trains", True):
+        raise ValueError(
+            f"{BACKEND_ENV}=fused: the fused kernels score this {type(model).__name__} but do not train it; "
+            f"unset {BACKEND_ENV} to train it eagerly"
+        )
     if model.config.dropout > 0:
         raise ValueError(
             f"{BACKEND_ENV}=fused: the fused kernels have no dropout, and this model's "
             f"dropout is {model.config.dropout}"
         )
     return True
+
+
+def training_backend(model: RankingModel) -> str | None:
+    """The backend whose ``training_scores`` :func:`rankfast.fit` scores ``model`` through
+    when each user is ranked against its own sampled candidates: ``"fused"`` when
+    :func:`trains_fused`; ``"factorized"`` by default (``auto`` or ``factorized``) for the
+    models it covers (AttentionModel: the unit once per distinct candidate and history
+    item); None for the model's own forward over expanded pairs (other models, or
+    ``RANKFAST_BACKEND=reference``)."""
+    if trains_fused(model):
+        return "fused"
+    if backend_name() in ("auto", "factorized") and factorized.trains(model):
+        return "factorized"
+    return None
 
 
 def _fused_backend():
@@ -85,7 +112,7 @@ def _fused_backend():
 _BACKEND_MODULES = {"reference": lambda: reference, "factorized": lambda: factorized, "fused": _fused_backend}
 
 
-def _scorer(name: str, model: RankingModel, *, required: bool = False) -> type[Scorer] | None:
+def backend_scorer(name: str, model: RankingModel, *, required: bool = False) -> type[Scorer] | None:
     """Backend ``name``'s scorer class for ``model``, or None where it has none (an error with ``required``)."""
     try:
         backend = _BACKEND_MODULES[name]()

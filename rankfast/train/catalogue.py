@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from rankfast.models import DotModel, RankingModel
+from rankfast.models import DotModel, RankingModel, SASRec
 
-__all__ = ["catalogue_scores", "CatalogueScores"]
+__all__ = ["catalogue_scores", "CatalogueScores", "sequence_scores", "SequenceScores"]
 
 
 def catalogue_scores(model: RankingModel, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,3 +43,35 @@ class CatalogueScores(torch.nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         return catalogue_scores(self.model, users, items)
+
+
+def sequence_scores(
+    model: SASRec,
+    windows: torch.Tensor,
+    lengths: torch.Tensor,
+    select: torch.Tensor,
+    items: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scores, with gradients, of the user vectors at the positions ``select
+    [W, L]`` (bool) of a sequence model's windows ``[W, L]`` (one causal pass
+    over each window; :func:`rankfast.data.sequence_windows`): ``[T, num_items]``
+    against every item, or with ``items [T, C]`` against each selected
+    position's own candidates, ``[T, C]``; ``T`` the selected positions in
+    row-major order."""
+    vectors = model.encode(windows, lengths)[select]  # [T, D]
+    if items is None:
+        return vectors @ model.item_repr.all().T + model.item_bias[None, :]
+    rows = model.item_repr(items)  # [T, C, D]
+    return torch.bmm(rows, vectors.unsqueeze(-1)).squeeze(-1) + model.item_bias[items]
+
+
+class SequenceScores(torch.nn.Module):
+    """``forward(windows, lengths, select, items=None) -> sequence_scores(model, ...)``: a module to
+    wrap in DistributedDataParallel."""
+
+    def __init__(self, model: SASRec):
+        super().__init__()
+        self.model = model
+
+    def forward(self, windows, lengths, select, items=None):
+        return sequence_scores(self.model, windows, lengths, select, items)

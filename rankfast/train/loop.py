@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -14,28 +16,40 @@ from tqdm.auto import tqdm
 
 from rankfast.data import Interactions
 from rankfast.encoders.transfer import FineTuning, apply_strategy, attach_text_encoder, refresh_features
-from rankfast.evaluate import evaluate, evaluate_pointwise
-from rankfast.models import RankingModel
-from rankfast.scoring import trains_fused
+from rankfast.evaluate import evaluate, evaluate_pointwise, evaluate_sampled
+from rankfast.models import RankingModel, SASRec
+from rankfast.scoring.registry import training_backend
 from rankfast.train.batching import Examples, strategy_for
 from rankfast.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from rankfast.train.distributed import DistContext, distributed_context
-from rankfast.train.losses import LOSSES
 from rankfast.train.multitask import MultiTask
-from rankfast.train.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+from rankfast.train.optim import build_optimizer, build_scheduler, check_optimizer, check_schedule
+from rankfast.train.tasks import resolve_task
 
 __all__ = ["TrainConfig", "fit"]
 
+#: One INFO line per epoch (loss, learning rate, validation metrics, seconds).
+logger = logging.getLogger(__name__)
+
 #: Validation metrics where lower is better; all others are maximised.
-_LOWER_IS_BETTER = ("mae", "rmse")
+_LOWER_IS_BETTER = ("mae", "mse", "rmse", "logloss")
 
 #: Fields that may change between a checkpointed run and its resumption.
-_RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_dir", "resume")
+_RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_dir", "resume", "log_dir")
+#: ``TrainConfig.valid_protocol`` values.
+VALID_PROTOCOLS = ("full", "sampled")
 
 
 @dataclass
 class TrainConfig:
     """How :func:`fit` trains.
+
+    ``task``: ``"ranking"`` (implicit feedback), ``"click"`` (0/1 labels,
+    point-wise log-loss on exactly the labelled rows) or ``"rating"`` (``"mse"``
+    regression or ``"ce"``, cross-entropy over a :class:`RecommenderNet`'s rating
+    classes); see :mod:`rankfast.train.tasks` for the losses and negatives each
+    takes (a mix that does not fit is a ``ValueError``). Unset, it follows the
+    loss; unset ``loss`` and ``negatives`` take the task's defaults.
 
     Loss: ``"mse"`` regresses ``data.ratings``; ``"bce"``, ``"bpr"`` and
     ``"softmax"`` (sampled softmax with logQ correction) rank each
@@ -47,7 +61,8 @@ class TrainConfig:
     that row is shared by the user's interactions, so a step costs
     ``[users in batch, num_items]`` scores (one matrix product for a
     :class:`DotModel`); models that read histories, and :class:`MultiTask`,
-    need sampled negatives.
+    need sampled negatives, except :class:`rankfast.models.SASRec`, which
+    trains on next-item targets with either (``rankfast.train.batching.NextItem``).
 
     ``negatives="partition"`` (with ``loss="softmax"`` only) is the full
     softmax over a random part of the catalogue: each epoch the items are
@@ -70,6 +85,18 @@ class TrainConfig:
     ranking losses, ``"rmse"`` for ``"mse"``) is computed every
     ``eval_every`` epochs; with ``patience`` training stops after that many
     evaluations without improvement, and the best weights are restored.
+    ``valid_protocol``: ``"full"`` ranks each validation user's items against
+    every item (:func:`rankfast.evaluate.evaluate`: recall, ndcg, ... at
+    ``eval_ks``); ``"sampled"`` ranks each validation item among
+    ``valid_num_negatives`` items the user has in neither split, drawn once
+    from ``seed`` (:func:`rankfast.evaluate.evaluate_sampled`: ``hr@K``,
+    ``ndcg@K``, ``mrr``, ``auc``), the leave-one-out protocol of the NCF paper.
+
+    ``log_dir``: TensorBoard scalars per epoch (``train/loss``, ``train/lr``,
+    ``valid/<metric>``) written there through ``torch.utils.tensorboard``
+    (needs the ``tensorboard`` package: ``pip install "rankfast[tensorboard]"``).
+    Every epoch is also logged as one INFO line of the ``rankfast.train.loop``
+    logger (``logging.basicConfig(level=logging.INFO)`` shows them).
 
     ``checkpoint_dir``: after every epoch the full training state is written
     there atomically (rank 0 only), and with ``resume`` a run finds it and
@@ -78,14 +105,20 @@ class TrainConfig:
     the model, the data's id mappings, each user's seen items and histories)
     is written to ``checkpoint_dir/model``, which must be absent, empty or an
     earlier model directory.
+
+    Every field is checked when the config is made: a value not of the
+    field's type (``epochs=1.7``, ``lr="fast"``; a bool is not a number) is a
+    ``TypeError`` naming the field, a value out of range (``lr=-1``) a
+    ``ValueError``.
     """
 
     epochs: int = 10
     batch_size: int = 1024
     grad_accum: int = 1
-    loss: str = "bce"
+    task: str | None = None
+    loss: str | None = None
     num_negatives: int = 4
-    negatives: str = "uniform"
+    negatives: str | None = None
     negative_alpha: float = 0.75
     optimizer: str = "adamw"
     lr: float = 1e-3
@@ -101,35 +134,53 @@ class TrainConfig:
     eval_ks: tuple[int, ...] = (10, 20)
     eval_every: int = 1
     patience: int | None = None
-    checkpoint_dir: str | None = None
+    valid_protocol: str = "full"
+    valid_num_negatives: int = 99
+    checkpoint_dir: str | os.PathLike | None = None
+    log_dir: str | os.PathLike | None = None
     resume: bool = True
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
+        _check_field_types(self)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "max_history"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        choices = {
-            "loss": LOSSES,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "negatives": ("uniform", "popularity", "all", "partition"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        resolve_task(self)  # task, loss, negatives and monitor: filled in and checked together
+        check_optimizer(self.optimizer, lr=self.lr, weight_decay=self.weight_decay)
+        check_schedule(self.schedule, warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio)
+        if self.valid_protocol not in VALID_PROTOCOLS:
+            raise ValueError(f"valid_protocol: expected one of {VALID_PROTOCOLS}, got {self.valid_protocol!r}")
         if self.negatives in ("all", "partition") and self.loss != "softmax":
             raise ValueError(f"negatives: {self.negatives!r} (full softmax) needs loss='softmax', got {self.loss!r}")
-        if self.loss != "mse" and self.negatives != "all" and int(self.num_negatives) < 1:
+        if self.negatives not in ("all", "none") and int(self.num_negatives) < 1:
             raise ValueError(f"num_negatives: must be at least 1 for loss {self.loss!r}, got {self.num_negatives}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip: must be positive or None, got {self.grad_clip}")
+        if int(self.valid_num_negatives) < 1:
+            raise ValueError(f"valid_num_negatives: must be at least 1, got {self.valid_num_negatives}")
         if self.patience is not None and int(self.patience) < 1:
             raise ValueError(f"patience: must be at least 1 or None, got {self.patience}")
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
-        if self.monitor is None:
-            self.monitor = "rmse" if self.loss == "mse" else f"ndcg@{max(self.eval_ks)}"
+
+
+#: The annotations of TrainConfig's fields, as types (``tuple`` fields convert themselves).
+_FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool, "os.PathLike": os.PathLike}
+
+
+def _check_field_types(config) -> None:
+    """Raises ``TypeError`` naming the first field of ``config`` whose value is not of its
+    annotated type (an int is a float; a bool is neither; ``None`` where the type allows)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kinds = [kind.strip() for kind in field.type.split("|")]
+        if kinds[0].startswith("tuple") or (value is None and "None" in kinds):
+            continue
+        types = tuple(_FIELD_TYPES[kind] for kind in kinds if kind != "None")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(kind for kind in kinds if kind != "None")
+            raise TypeError(f"{field.name}: expected {want}, got {value!r}")
 
 
 class _Trainer:
@@ -145,11 +196,13 @@ class _Trainer:
         self.model, self.data, self.config, self.valid, self.context = model, train, config, valid, context
         self.multitask = isinstance(model, MultiTask)
         self.ranker = model.base if self.multitask else model
-        needs_ratings = config.loss == "mse" or self.multitask
+        needs_ratings = config.task == "rating" or self.multitask
         if needs_ratings and train.ratings is None:
             raise ValueError(f"train: loss {config.loss!r} (or a MultiTask model) needs ratings, and the data has none")
-        if self.multitask and config.loss == "mse":
+        if self.multitask and config.task != "ranking":
             raise ValueError("loss: a MultiTask model trains ratings itself; pick a ranking loss (bce, bpr, softmax)")
+        if self.multitask:  # a resumed run reads the same values back from its checkpoint
+            model.set_rating_scale(train.ratings)
         self.fine_tuning = fine_tuning
         # While training, the encoder lives inside the model; if setting up fails, it leaves again.
         with contextlib.ExitStack() as scope:
@@ -158,9 +211,9 @@ class _Trainer:
             # A fine-tuned encoder has weights its pooling never reads (e.g. BERT's pooler).
             unused = fine_tuning is not None and fine_tuning.trains_encoder
             self.device = next(model.parameters()).device
-            fused = not self.multitask and config.negatives != "partition" and trains_fused(model)
-            self.strategy = strategy_for(config.negatives)(
-                model, train, examples, config, context, self.device, fused=fused
+            backend = None if self.multitask or config.negatives == "partition" else training_backend(model)
+            self.strategy = strategy_for(config, model)(
+                model, train, examples, config, context, self.device, backend=backend
             )
             module = self.strategy.module()
             self.net = DistributedDataParallel(module, find_unused_parameters=unused) if context.enabled else module
@@ -243,11 +296,25 @@ class _Trainer:
             config = self.config
             kwargs = {"max_history": config.max_history}
             metrics = {}
-            if config.loss != "mse":
+            if config.task == "ranking" and config.valid_protocol == "sampled":
+                metrics.update(
+                    evaluate_sampled(
+                        self.ranker,
+                        self.data,
+                        self.valid,
+                        num_negatives=config.valid_num_negatives,
+                        ks=config.eval_ks,
+                        seed=config.seed,
+                        **kwargs,
+                    )
+                )
+            elif config.task == "ranking":
                 metrics.update(
                     evaluate(self.ranker, self.data, self.valid, ks=config.eval_ks, progress=False, **kwargs)
                 )
-            if (config.loss == "mse" or self.multitask) and self.valid.ratings is not None:
+            if config.task == "click":
+                metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="click", **kwargs))
+            if (config.task == "rating" or self.multitask) and self.valid.ratings is not None:
                 metrics.update(evaluate_pointwise(self.model, self.data, self.valid, task="rating", **kwargs))
             if config.monitor not in metrics:
                 raise ValueError(f"monitor: {config.monitor!r} is not among the validation metrics {sorted(metrics)}")
@@ -327,6 +394,16 @@ class _Trainer:
             self._restore(load_checkpoint(path), path)
         else:
             torch.manual_seed(config.seed + context.rank)
+        scalars = contextlib.nullcontext()
+        if config.log_dir is not None and context.is_main:  # a resumed run drops events after its checkpoint
+            scalars = summary_writer_class()(config.log_dir, purge_step=self.epoch + 1 if self.epoch else None)
+        with scalars as writer:
+            self._epochs(path, writer)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def _epochs(self, path, writer):
+        config, context = self.config, self.context
         while self.epoch < config.epochs and not self.stopped:
             self.epoch += 1
             started = time.perf_counter()
@@ -350,13 +427,46 @@ class _Trainer:
                     bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", config.monitor)})
                 record["seconds"] = time.perf_counter() - started
             self.history.append(record)
+            if context.is_main:
+                self._report(record, writer)
             if path is not None:
                 state = self._state()  # collective (gathers RNG states): every rank takes part
                 if context.is_main:
                     save_checkpoint(state, path)
             context.barrier()
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+
+    def _report(self, record: dict, writer):
+        """The epoch's log line and, with a TensorBoard ``writer``, its scalars."""
+        metrics = {k: v for k, v in record.items() if k not in ("epoch", "loss", "lr", "seconds")}
+        logger.info(
+            "epoch %d/%d: loss %.4f, lr %.3g%s, %.1f s",
+            record["epoch"],
+            self.config.epochs,
+            record["loss"],
+            record["lr"],
+            "".join(f", {name} {value:.4f}" for name, value in metrics.items()),
+            record["seconds"],
+        )
+        if writer is not None:
+            step = record["epoch"]
+            writer.add_scalar("train/loss", record["loss"], step)
+            writer.add_scalar("train/lr", record["lr"], step)
+            for name, value in metrics.items():
+                writer.add_scalar(f"valid/{name}", value, step)
+            writer.flush()
+
+
+def summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``; without the tensorboard package, an
+    ImportError that says how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            'log_dir: TensorBoard logs need the tensorboard package: pip install "rankfast[tensorboard]" '
+            f"(or pip install tensorboard); importing torch.utils.tensorboard failed: {err}"
+        ) from None
+    return SummaryWriter
 
 
 def fit(
@@ -400,7 +510,7 @@ def fit(
             f"{ranker.config.num_users} and {ranker.config.num_items}"
         )
     if config.negatives in ("all", "partition") and (
-        isinstance(model, MultiTask) or getattr(ranker, "uses_history", False)
+        isinstance(model, MultiTask) or (getattr(ranker, "uses_history", False) and not isinstance(ranker, SASRec))
     ):
         raise ValueError(
             f"negatives: {config.negatives!r} (full softmax) needs a history-free RankingModel, got "
@@ -410,6 +520,8 @@ def fit(
         raise ValueError("patience: early stopping needs validation data (valid=...)")
     if valid is not None and (valid.user_ids != train.user_ids or valid.item_ids != train.item_ids):
         raise ValueError("valid: must share train's id maps (split one Interactions)")
+    if config.log_dir is not None:
+        summary_writer_class()  # a missing tensorboard fails before any training
     if fine_tuning is not None and not isinstance(fine_tuning, FineTuning):
         raise TypeError(f"fine_tuning: expected a rankfast.encoders.FineTuning, got {type(fine_tuning).__name__}")
     return _Trainer(model, train, config, valid, distributed_context(), fine_tuning).run()

@@ -51,4 +51,5 @@ def full_softmax_loss(logits: torch.Tensor, rows: torch.Tensor, targets: torch.T
     return (log_norm[rows] - logits[rows, targets]).mean()
 
 
-LOSSES = ("mse", "bce", "bpr", "softmax")
+#: ``ce``: cross-entropy over rating classes (task ``rating``, :class:`rankfast.models.RecommenderNet`).
+LOSSES = ("mse", "bce", "bpr", "softmax", "ce")

@@ -26,13 +26,14 @@ from typing import ClassVar
 import torch
 from torch.utils._pytree import tree_map
 
-from rankfast._ids import as_ids, check_history, check_range, exclude_csr, history_mask
+from rankfast._ids import as_ids, check_history, check_k, check_range, exclude_csr, history_mask
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as kernel_topk
 from rankfast.kernels._common import COMPUTE_DTYPES, MAX_WIDTH, split_term
 from rankfast.models.attention import AttentionModel
 from rankfast.models.base import RankingModel
+from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
 from rankfast.scoring.positions import excluded_positions, positions_to_ids
@@ -40,6 +41,7 @@ from rankfast.scoring.protocol import Footprint, Scorer
 
 __all__ = [
     "FusedAttentionScorer",
+    "FusedFMScorer",
     "FusedMLPScorer",
     "OpCall",
     "model_scores",
@@ -59,7 +61,7 @@ class _MLPAdapter:
     def __init__(self, model: MLPModel | NeuMF):
         self.model = model
         if isinstance(model, NeuMF):
-            d = model.config.dim
+            d = model.config.gmf_dim
             self.first, rest = model.branch.linears[0], model.branch.linears[1:]
             w_out, self.w_gmf = model.output.weight[0, d:], model.output.weight[0, :d]
             b_out = model.output.bias
@@ -79,7 +81,7 @@ class _MLPAdapter:
     def covers(model: RankingModel) -> bool:
         cfg = model.config
         if isinstance(model, NeuMF):
-            return len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.dim,)) <= MAX_WIDTH
+            return len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.gmf_dim, cfg.mlp_dim)) <= MAX_WIDTH
         if isinstance(model, MLPModel):  # without hidden layers there are no pair activations to fuse
             return 1 <= len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.dim,)) <= MAX_WIDTH
         return False
@@ -90,7 +92,7 @@ class _MLPAdapter:
         e = self.model.user_repr(users)
         if self.w_gmf is None:
             return split_term(e, self.w_user, self.first.bias), None
-        gmf, mlp = e.chunk(2, dim=-1)
+        gmf, mlp = self.model.split(e)
         return split_term(mlp, self.w_user, self.first.bias), gmf * self.w_gmf
 
     def items(self, ids):
@@ -98,7 +100,7 @@ class _MLPAdapter:
         e = self.model.item_repr(ids)
         if self.w_gmf is None:
             return split_term(e, self.w_item), None
-        gmf, mlp = e.chunk(2, dim=-1)
+        gmf, mlp = self.model.split(e)
         return split_term(mlp, self.w_item), gmf
 
 
@@ -180,6 +182,8 @@ def scorer_for(model: RankingModel) -> type[Scorer] | None:
         return FusedMLPScorer
     if _AttentionAdapter.covers(model):
         return FusedAttentionScorer
+    if _FMAdapter.covers(model):
+        return FusedFMScorer
     return None
 
 
@@ -264,9 +268,8 @@ class FusedMLPScorer(_FusedScorer):
     @staticmethod
     def footprint(model, history_len: int):
         cfg = model.config
-        side = (
-            (2 * cfg.dim if isinstance(model, NeuMF) else cfg.dim) + _float32_elements(model, cfg.hidden[0]) + cfg.dim
-        )
+        rep = cfg.gmf_dim + cfg.mlp_dim if isinstance(model, NeuMF) else cfg.dim
+        side = rep + _float32_elements(model, cfg.hidden[0]) + cfg.dim
         return Footprint(user=side, item=side, pair=1)
 
 
@@ -298,6 +301,86 @@ class FusedAttentionScorer(_FusedScorer):
             item=cfg.dim + _float32_elements(model, a1 + cfg.hidden[0]),
             pair=1,
         )
+
+
+class _FMAdapter:
+    """An :class:`FMModel` or :class:`DeepFM` as arguments of ``rankfast::mlp_score``, no kernel
+    of its own: the GMF slot carries the factorization machine. A pair's FM score is
+    ``s_u + s_i + <S_u, S_i>`` (:func:`rankfast.models.fm.fm_terms`, the user's context on the
+    user side), so ``gu = [S_u, 1, s_u]`` and ``gi = [S_i, s_i, 1]`` give it as one dot product.
+    DeepFM's MLP is the op's MLP, its first layer split into the request fields' term ``a``
+    and the item fields' term ``c``; a plain FM runs a zero MLP of width 1 (``act(0) = 0``)."""
+
+    def __init__(self, model: FMModel):
+        self.model = model
+        self.deep = isinstance(model, DeepFM)
+        if self.deep:
+            linears = model.tower.linears
+            self.first = linears[0]
+            self.layers = dict(
+                weights=[m.weight for m in linears[1:-1]],
+                biases=[m.bias for m in linears[1:-1]],
+                w_out=linears[-1].weight[0],
+                b_out=linears[-1].bias,
+                activation=model.config.activation,
+            )
+        else:
+            zero = model.bias.new_zeros(1)
+            self.layers = dict(weights=[], biases=[], w_out=zero, b_out=zero, activation="relu")
+
+    @staticmethod
+    def covers(model: RankingModel) -> bool:
+        if not isinstance(model, FMModel) or model.config.dim + 2 > MAX_WIDTH:
+            return False
+        if isinstance(model, DeepFM):
+            hidden = model.config.hidden
+            return 1 <= len(hidden) <= ms.MAX_LAYERS and max(hidden) <= MAX_WIDTH
+        return True
+
+    def _side(self, x: torch.Tensor, weight: torch.Tensor | None, bias=None):
+        """``(mlp term, S, s)`` of fields ``x [..., F, dim + 1]`` (the term: float32, zeros for an FM)."""
+        s, total = fm_terms(x)
+        if self.deep:
+            term = split_term(x[..., :-1].flatten(-2), weight, bias)
+        else:
+            term = x.new_zeros(*x.shape[:-2], 1, dtype=torch.float32)
+        return term, total, s
+
+    def users(self, users, context=None):
+        """``(a, gu)``: the MLP's user term (its first bias included) and ``[S_u, 1, s_u + bias]``."""
+        x = self.model.request_fields(users, context)
+        weight = self.first.weight[:, : x.shape[-2] * self.model.config.dim] if self.deep else None
+        a, total, s = self._side(x, weight, self.first.bias if self.deep else None)
+        return a, torch.cat([total, torch.ones_like(s)[:, None], (s + self.model.bias)[:, None]], dim=-1)
+
+    def items(self, ids):
+        """``(c, gi)``: the MLP's item term and ``[S_i, s_i, 1]``."""
+        x = self.model.item_repr.per_field(ids)
+        weight = self.first.weight[:, -x.shape[-2] * self.model.config.dim :] if self.deep else None
+        c, total, s = self._side(x, weight)
+        return c, torch.cat([total, s[..., None], torch.ones_like(s)[..., None]], dim=-1)
+
+
+class FusedFMScorer(FusedMLPScorer):
+    """FMModel and DeepFM through ``rankfast::mlp_score`` (and ``mlp_score_topk``), see
+    :class:`_FMAdapter`: an :class:`FusedMLPScorer` whose user side carries the request's
+    context. Training through the kernels does not cover them (``trains``)."""
+
+    #: :func:`rankfast.scoring.trains_fused` refuses these models: they train eagerly.
+    trains = False
+
+    def __init__(self, model, users, history=None, lengths=None, context=None):
+        self.model, self.device = model, users.device
+        self.adapter = _FMAdapter(model)
+        a, self.gu = self.adapter.users(users, context)
+        self.a = scoring_terms(model, a)
+
+    @staticmethod
+    def footprint(model, history_len: int):
+        cfg = model.config
+        width = cfg.hidden[0] if isinstance(model, DeepFM) else 1
+        side = (model.num_fields + 3) * (cfg.dim + 1) + _float32_elements(model, width)
+        return Footprint(user=side, item=side, pair=1)
 
 
 # --- a model's scores in one call -----------------------------------------------------------
@@ -353,10 +436,10 @@ def op_call(model: RankingModel, users, items=None, history=None, lengths=None, 
     if items.dim() == 2 and items.shape[0] != users.shape[0]:
         raise ValueError(f"items: per-user candidates must be [B={users.shape[0]}, N], got {tuple(items.shape)}")
     rows, idx = _candidate_rows(items, cfg.num_items)
-    if scorer is FusedMLPScorer:
+    if issubclass(scorer, FusedMLPScorer):
         if validate:
             _check_ids(cfg, users, items)
-        adapter = _MLPAdapter(model)
+        adapter = _FMAdapter(model) if scorer is FusedFMScorer else _MLPAdapter(model)
         (a, gu), (c, gi) = adapter.users(users), adapter.items(rows)
         a, c = scoring_terms(model, a), scoring_terms(model, c)
         kw = dict(a=a, c=c, idx=idx, gu=gu, gi=gi, check_ids=False, **adapter.layers)
@@ -385,13 +468,14 @@ def model_scores(model: RankingModel, users, items=None, history=None, lengths=N
 def model_topk(
     model: RankingModel, users, items=None, history=None, lengths=None, *, k, exclude=None, splits=0, precision=None
 ):
-    """Fused score + top-K: each user's best ``k`` candidates as ``(item ids, scores)`` ``[B, k]``,
-    the rules of :func:`rankfast.score` with ``k`` (``exclude`` by item id, NaN last, ties to the
-    earlier candidate, padding id -1 / score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``).
-    ``splits``: programs per user (0: automatic)."""
+    """Fused score + top-K: each user's best ``k`` candidates as ``(item ids, scores)``
+    ``[B, min(k, N)]``, the rules of :func:`rankfast.score` with ``k`` (``k`` clamped to the ``N``
+    candidates, ``exclude`` by item id, NaN last, ties to the earlier candidate, padding id -1 /
+    score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``). ``splits``: programs per user (0: automatic)."""
     with torch.no_grad():
         call = op_call(model, users, items, history, lengths)
         candidates, num_users = call.candidates, call.kwargs["a"].shape[0]
+        k = check_k(k, candidates.shape[-1])
         mask = None
         if exclude is not None:
             skip = excluded_positions(candidates, exclude_csr(exclude, num_users, model.config.num_items))

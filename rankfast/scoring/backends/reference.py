@@ -14,8 +14,9 @@ class ReferenceScorer(Scorer):
     """Expands a tile to aligned pairs and runs ``model(users, items, history, lengths)``:
     slow, but exact for every :class:`RankingModel`, which is what makes any model scorable."""
 
-    def __init__(self, model: RankingModel, users, history=None, lengths=None):
+    def __init__(self, model: RankingModel, users, history=None, lengths=None, context=None):
         self.model, self.users, self.history, self.lengths = model, users, history, lengths
+        self.context = context  # per user; models that read context fields only
 
     def items(self, ids):
         return ids
@@ -28,7 +29,14 @@ class ReferenceScorer(Scorer):
             history = self.history[rows, None].expand(t, n, -1).reshape(t * n, -1)
             lengths = self.lengths[rows, None].expand(t, n).reshape(-1)
         pair_users = users[:, None].expand(t, n).reshape(-1)
-        return self.model(pair_users, ids.expand(t, n).reshape(-1), history, lengths).view(t, n)
+        pair_items = ids.expand(t, n).reshape(-1)
+        if self.context is None:
+            return self.model(pair_users, pair_items, history, lengths).view(t, n)
+        context = {
+            name: v[rows, None].expand(t, n, *v.shape[1:]).reshape(t * n, *v.shape[1:])
+            for name, v in self.context.items()
+        }
+        return self.model(pair_users, pair_items, history, lengths, context=context).view(t, n)
 
     @staticmethod
     def footprint(model: RankingModel, history_len: int) -> Footprint:

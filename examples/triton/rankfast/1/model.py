@@ -5,13 +5,18 @@ Lay out a model repository as in ``examples/triton/`` (this file as
 ``model_dir`` parameter in config.pbtxt, and start ``tritonserver
 --model-repository examples/triton`` in an image that has rankfast installed.
 
-For models whose raw ids are integers. Inputs: ``USER_IDS`` (int64 ``[B]``) and optionally ``K`` (int64 ``[1]``,
-default 10). Outputs: ``ITEM_IDS`` (int64 ``[B, K]``) and ``SCORES`` (fp32
-``[B, K]``), best first; a user with fewer than K eligible items gets id -1
-and score -inf in the remaining places. The requests that reach one
-``execute`` call go to :meth:`Ranker.score_many` together, which scores them
-in one call; if that fails, they are scored one by one, so only a bad request
-(an unknown user id, K < 1) gets an error response.
+For models whose raw ids are integers. Inputs: ``USER_IDS`` (int64 ``[B]``) and
+optionally ``K`` (int64 ``[1]``, default 10). Outputs: ``ITEM_IDS`` (int64
+``[B, min(K, items)]``, ``items`` the catalogue size) and ``SCORES`` (fp32, the
+same shape), best first; a user with fewer eligible items gets id -1 and score
+-inf in the remaining places. The requests of one ``execute`` call go to
+:meth:`Ranker.score_many` together, which checks each before scoring any and
+scores requests with the same ``K`` together: a bad request (an unknown user
+id, ``K`` < 1, over the limits) gets its own error response and costs only
+itself; the others are answered. The limits come from ``RANKFAST_MAX_K``,
+``RANKFAST_MAX_USERS`` and ``RANKFAST_MAX_CANDIDATES`` in the server's
+environment (:meth:`rankfast.request.Limits.from_env`; default 1000, 1000 and
+100000).
 """
 
 from __future__ import annotations
@@ -22,39 +27,30 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from rankfast import Ranker
+from rankfast.request import Limits, describe
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.ranker = Ranker.load(config["parameters"]["model_dir"]["string_value"])
+        model_dir = config["parameters"]["model_dir"]["string_value"]
+        self.ranker = Ranker.load(model_dir, limits=Limits.from_env())
 
     def execute(self, requests):
-        parsed, responses = [], [None] * len(requests)
-        for n, request in enumerate(requests):
+        parsed = []
+        for request in requests:
             users = pb_utils.get_input_tensor_by_name(request, "USER_IDS").as_numpy().reshape(-1)
             k_tensor = pb_utils.get_input_tensor_by_name(request, "K")
             k = 10 if k_tensor is None else int(k_tensor.as_numpy().reshape(-1)[0])
-            parsed.append((n, {"users": users.tolist(), "k": k}))
-        try:
-            results = self.ranker.score_many([request for _, request in parsed])
-        except (KeyError, ValueError, TypeError):
-            # One bad request (an unknown user, k < 1) must not fail the others batched with it:
-            # score them one by one, and only the bad ones get an error.
-            results = [self._score_one(request) for _, request in parsed]
-        for (n, request), rows in zip(parsed, results, strict=True):
-            if isinstance(rows, Exception):
-                error = pb_utils.TritonError(rows.args[0] if rows.args else str(rows))
-                responses[n] = pb_utils.InferenceResponse(output_tensors=[], error=error)
-            else:
-                responses[n] = pb_utils.InferenceResponse(output_tensors=_outputs(rows, request["k"]))
-        return responses
-
-    def _score_one(self, request):
-        try:
-            return self.ranker.score(**request)
-        except (KeyError, ValueError, TypeError) as err:
-            return err
+            parsed.append({"users": users.tolist(), "k": k})
+        results = self.ranker.score_many(parsed, return_errors=True)
+        width = len(self.ranker.item_ids)
+        return [
+            pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(describe(rows)))
+            if isinstance(rows, Exception)
+            else pb_utils.InferenceResponse(output_tensors=_outputs(rows, min(request["k"], width)))
+            for request, rows in zip(parsed, results, strict=True)
+        ]
 
 
 def _outputs(rows, k):
