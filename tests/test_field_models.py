@@ -235,6 +235,23 @@ def _with_context_free(model, users, cand, history, lengths):
     return reference_scores(model, users, cand, history, lengths)
 
 
+@pytest.mark.parametrize("name", ["fm", "deepfm"])
+def test_fused_model_scores_cover_fm_and_deepfm(name):
+    """``fused.model_scores`` (one op call, what ``training_scores`` runs on) of FM and DeepFM
+    without a request context (the default context) against the float64 forward: the FM
+    adapter feeds ``mlp_score``'s GMF slot, as it does for ``rankfast.score``."""
+    from helpers import reference_scores
+
+    model = field_model(name, dtype=torch.float32)
+    users = torch.tensor([3, 0, 6])
+    gen = torch.Generator().manual_seed(5)
+    for items in (torch.tensor([4, 17, 4, 0]), torch.randint(0, NUM_ITEMS, (len(users), 5), generator=gen)):
+        want = reference_scores(model, users, items)
+        with torch.no_grad():
+            got = fused.model_scores(model, users, items, precision="ieee")
+        assert float((got.double() - want).norm() / want.norm()) < 1e-4
+
+
 def test_context_is_checked_by_field_name():
     model = field_model("fm")
     ctx = context_rows(random_features(), np.arange(2))
