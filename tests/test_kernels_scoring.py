@@ -119,6 +119,30 @@ def test_dispatch(monkeypatch):
         select_scorer(mlp, cpu)
 
 
+def test_dispatch_weighs_the_unit_table_by_history_reuse(monkeypatch):
+    """On a GPU, ``auto`` scores DIN against shared candidates through the factorized unit table
+    when the valid history slots are GPU_UNIT_TABLE_MIN_REUSE times the distinct items or more
+    (counted by hand below), through the fused kernel otherwise (per-user candidates, dot
+    attention, histories that rarely repeat an item, or any CPU)."""
+    from rankfast.scoring.backends.factorized import AttentionScorer
+    from rankfast.scoring.registry import GPU_UNIT_TABLE_MIN_REUSE
+
+    monkeypatch.delenv("RANKFAST_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    din, dot = make("din"), make("dot")
+    history = torch.tensor([[1, 2, 1, 2, 1, 9], [2, 1, 2, 1, 0, 0], [1, 1, 2, 2, 3, 3]])
+    repeated = torch.tensor([5, 4, 4])  # 13 valid slots over items {1, 2}: 6.5 per item
+    rare = torch.tensor([2, 2, 6])  # 10 valid slots over items {1, 2, 3}: 3.3 per item
+    assert 10 / 3 < GPU_UNIT_TABLE_MIN_REUSE <= 6.5
+    assert select_scorer(din, cuda, history, repeated) is AttentionScorer
+    assert select_scorer(din, cuda, history, rare) is fused_backend.FusedAttentionScorer
+    assert select_scorer(din, cuda, history, repeated, shared=False) is fused_backend.FusedAttentionScorer
+    assert select_scorer(dot, cuda, history, repeated) is fused_backend.FusedAttentionScorer
+    assert select_scorer(din, cpu, history, rare) is AttentionScorer
+    monkeypatch.setenv("RANKFAST_BACKEND", "fused")  # a forced backend is never second-guessed
+    assert select_scorer(din, cuda, history, repeated) is fused_backend.FusedAttentionScorer
+
+
 def test_positions_bitmask_sets_one_bit_per_excluded_position():
     """By hand: rows 0 and 2 exclude positions {0, 31} and {4, 7, 34} (34 twice) of 40 candidates."""
     indptr, positions = torch.tensor([0, 2, 2, 6]), torch.tensor([0, 31, 4, 7, 34, 34])

@@ -113,8 +113,8 @@ def score(
     if memory_budget < 1:
         raise ValueError(f"memory_budget must be >= 1 byte, got {memory_budget}")
 
-    scorer = select_scorer(model, device)
     per_user, num_items = items.dim() == 2, items.shape[-1]
+    scorer = select_scorer(model, device, history, lengths, shared=not per_user)
     tile_bytes, workers = execution(scorer, device, memory_budget)
     plan = make_plan(
         scorer.footprint(model, 0 if history is None else history.shape[1]),

@@ -49,11 +49,32 @@ def backend_name() -> str:
     return "fused" if name == "triton" else name
 
 
-def select_scorer(model: RankingModel, device: torch.device) -> type[Scorer]:
-    """The scorer class for ``model`` on ``device``, by ``RANKFAST_BACKEND``."""
+#: ``auto`` on a GPU scores a DIN model against shared candidates through the factorized
+#: backend's unit table (the unit once per candidate and distinct history item: cuBLAS matmuls
+#: and a gather) rather than the fused kernel (once per pair and history slot, on tensor cores)
+#: when the history's valid slots are at least this many times its distinct items
+#: (:func:`~rankfast.scoring.backends.factorized.unit_table_reuse`). A prior, not yet
+#: calibrated on a GPU: bench_kernels' DIN rows ``rankfast-factorized`` and ``rankfast-op``
+#: measure the two sides on repeated and unrepeated histories.
+GPU_UNIT_TABLE_MIN_REUSE = 4.0
+
+
+def select_scorer(
+    model: RankingModel, device: torch.device, history=None, lengths=None, *, shared: bool = True
+) -> type[Scorer]:
+    """The scorer class for ``model`` on ``device``, by ``RANKFAST_BACKEND``. ``history`` and
+    ``lengths`` (checked, on ``device``) and ``shared`` (the candidates are the same for every
+    user) let ``auto`` weigh a DIN model's unit table against the fused kernel on a GPU
+    (:data:`GPU_UNIT_TABLE_MIN_REUSE`)."""
     name = backend_name()
     if name == "auto":
         order = ("fused", "factorized") if device.type == "cuda" else ("factorized",)
+        if (
+            shared
+            and "fused" in order
+            and factorized.unit_table_reuse(model, history, lengths) >= GPU_UNIT_TABLE_MIN_REUSE
+        ):
+            order = ("factorized",)
         for candidate in order:
             scorer = backend_scorer(candidate, model)
             if scorer is not None:

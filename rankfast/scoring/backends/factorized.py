@@ -59,6 +59,7 @@ __all__ = [
     "scorer_for",
     "trains",
     "training_scores",
+    "unit_table_reuse",
 ]
 
 #: History items processed at once by the attention path (blocks are balanced: L=100 gives 2 x 50).
@@ -305,6 +306,16 @@ def _unit_logits(model: AttentionModel, w_x, h, h_term, q, q_term, *, inplace: b
     z += h_term.unsqueeze(1)  # in place is safe with gradients too: linear's backward never reads z
     z += q_term.unsqueeze(-2)
     return model.unit.from_first(z, inplace=inplace).squeeze(-1)
+
+
+def unit_table_reuse(model: RankingModel, history, lengths) -> float:
+    """A history's valid slots per distinct item in them: how many times a DIN model's unit
+    would run per (pair, slot) for each time it runs through the unit table, for shared
+    candidates (0 for models without a DIN unit or without a history). Costs a device sync."""
+    if not isinstance(model, AttentionModel) or model.config.attention != "din" or history is None:
+        return 0.0
+    distinct = torch.unique(history[history_mask(lengths, history.shape[1])]).numel()
+    return float(lengths.sum()) / distinct if distinct else 0.0
 
 
 def trains(model: RankingModel) -> bool:
