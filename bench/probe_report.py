@@ -232,9 +232,9 @@ def targets(cases) -> tuple[list[str], list[str]]:
             decisions.append(
                 f"DIN with repeated items: the fused kernel is {f:.2f}x the factorized (unit-table) path; "
                 + (
-                    "keep the GPU dispatch on the kernel."
+                    "keep the GPU dispatch on the kernel (raise GPU_UNIT_TABLE_MIN_REUSE above this case's reuse)."
                     if f >= 1
-                    else "the unit table wins: dispatch to it by reuse."
+                    else "the unit table wins: keep dispatching to it by reuse (GPU_UNIT_TABLE_MIN_REUSE)."
                 )
             )
     din = next((r for c, r in cases.items() if c.startswith("din bf16")), None)
