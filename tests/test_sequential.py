@@ -163,7 +163,8 @@ def test_next_item_step_is_the_mean_of_per_event_losses():
     config = SASRecConfig(num_users=4, num_items=data.num_items, dim=6, max_len=4, num_heads=2, dropout=0.0)
     model = SASRec(config).double()
     config = TrainConfig(loss="softmax", negatives="all", batch_size=10_000, max_history=50)
-    strategy = NextItem(model, data, Examples(data, 50, False), config, DistContext(), torch.device("cpu"), backend=None)
+    examples = Examples(data, 50, False)
+    strategy = NextItem(model, data, examples, config, DistContext(), torch.device("cpu"), backend=None)
     [(idx, extra)] = strategy.micro_batches(0)
     got = strategy.loss(strategy.module(), idx, extra)  # the strategy takes the loss in float32
     torch.testing.assert_close(got.double(), _next_item_loss_by_events(model, data, 4), rtol=1e-6, atol=1e-6)
