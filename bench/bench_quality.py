@@ -12,7 +12,11 @@ scores with the history weighted by recency (``history_features``'
 yardstick of issue 17 (plain EASE^R that of the earlier issue); implicit-feedback
 ALS (``rankfast.baselines.ALS``, settings chosen by ``bench_peers.py``) is the
 plain matrix factorization beside them. "SASRec" is the sequential model: causal
-self-attention over the user's last items, trained on next-item targets.
+self-attention over the user's last items, trained on next-item targets. "ItemItem" is
+EASE^R's form learned by gradient descent: it starts from EASE^R's weights (lambda 300,
+fitted on the binary rows of the data it trains on; that start, scored alone, is a row
+too) and is fine-tuned with the full softmax on the recency-weighted history it is scored
+with.
 
     python bench/bench_quality.py [--data ml-latest-small] [--out bench/results/quality-ml-latest-small.md]
 
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 from rankfast import datasets
-from rankfast.baselines import ALS, EASE, Popularity
+from rankfast.baselines import ALS, EASE, Popularity, ease_weights
 from rankfast.data import history_features, temporal_split
 from rankfast.ensemble import Blend
 from rankfast.evaluate import evaluate
@@ -48,6 +52,8 @@ from rankfast.models import (
     AttentionModel,
     DotConfig,
     DotModel,
+    ItemItem,
+    ItemItemConfig,
     MLPConfig,
     MLPModel,
     NeuMF,
@@ -156,6 +162,12 @@ MODELS = {
             "max_history": 50,
         },
     ),
+    "ItemItem": (
+        ItemItem,
+        ItemItemConfig,
+        {},
+        {"epochs": 4, "loss": "softmax", "negatives": "all", "lr": 3e-5, "batch_size": 8192},
+    ),
 }
 
 #: Models whose user features are the history of the data they train on: binary while
@@ -164,6 +176,10 @@ MODELS = {
 #: split less the validation split; the retrained model, and so the test evaluation, from
 #: the whole training split.
 HISTORY_USERS = {"DotModel (history)": {"half_life": 5.0, "floor": 0.1}}
+#: Models that start from EASE^R's item-item weights (``ease_weights`` with this lambda) fitted on
+#: the binary rows of the data they train on, and train and score with that data's history weighted
+#: by recency (these ``history_features`` arguments, chosen on the validation split).
+EASE_STARTS = {"ItemItem": (300.0, {"half_life": 5.0, "floor": 0.1})}
 #: The yardsticks: plain EASE^R (the earlier issue's), EASE^R scored from recency-weighted rows (issue 17's).
 YARDSTICK = "EASE^R l=100"
 RECENCY_YARDSTICK = f"{YARDSTICK}, recency-weighted history"
@@ -223,6 +239,13 @@ def main():
         (YARDSTICK, lambda: EASE(train, lam=100.0)),
         (RECENCY_YARDSTICK, lambda: EASE(train, lam=100.0, history=history_features(train, **recency))),
         (f"ALS {ALS_SETTINGS['factors']} factors", lambda: ALS(train, **ALS_SETTINGS)),
+        *(  # a learned model's closed-form start, scored as the model is: what its training adds
+            (
+                f"EASE^R l={lam:g}, history_features({weighting}): {name}'s start",
+                lambda lam=lam, weighting=weighting: EASE(train, lam=lam, history=history_features(train, **weighting)),
+            )
+            for name, (lam, weighting) in EASE_STARTS.items()
+        ),
     )
     for name, build in baselines:
         started = time.perf_counter()
@@ -237,6 +260,11 @@ def main():
 
         def build(data):
             torch.manual_seed(0)
+            if name in EASE_STARTS:
+                lam, weighting = EASE_STARTS[name]
+                config = config_cls(num_users=train.num_users, num_items=train.num_items, **fields)
+                rows, weights = history_features(data, **weighting), ease_weights(data, lam)
+                return model_cls(config, user_features=rows, weights=weights)
             if name not in HISTORY_USERS:
                 return model_cls(config_cls(num_users=train.num_users, num_items=train.num_items, **fields))
             config = config_cls(
@@ -245,7 +273,10 @@ def main():
             return model_cls(config, user_features=history_features(data))
 
         def serve(model, data):
-            """History users score with their recency-weighted history; returns a note."""
+            """History users score with their recency-weighted history (ItemItem trains on it too); returns a note."""
+            if name in EASE_STARTS:
+                lam, weighting = EASE_STARTS[name]
+                return f"; from ease_weights(lam={lam}), trained and scored with history_features({weighting})"
             if name not in HISTORY_USERS:
                 return ""
             model.user_repr.set_features(history_features(data, **HISTORY_USERS[name]))
@@ -267,8 +298,8 @@ def main():
             served = f" (binary history; recency-weighted at epoch {len(history)}: {recent['ndcg@20']:.4f})"
         # 2. Retrain on all of train for that many epochs (the schedule spans them); evaluate once on test.
         final = dataclasses.replace(config, epochs=best["epoch"], patience=None)
+        started = time.perf_counter()  # building counts: ItemItem's start is EASE^R's closed form
         model = build(train)
-        started = time.perf_counter()
         fit(model, train, final)
         seconds = time.perf_counter() - started
         serving = serve(model, train)

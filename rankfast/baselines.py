@@ -17,7 +17,7 @@ from rankfast._ids import as_ids
 from rankfast.data import Interactions
 from rankfast.selection import topk
 
-__all__ = ["ALS", "EASE", "Popularity", "als_half_step", "training_pattern"]
+__all__ = ["ALS", "EASE", "Popularity", "als_half_step", "ease_weights", "training_pattern"]
 
 
 class _Baseline:
@@ -79,31 +79,20 @@ class EASE(_Baseline):
     """
 
     def __init__(self, train: Interactions, lam: float = 100.0, *, history: torch.Tensor | None = None):
-        if not float(lam) > 0:
-            raise ValueError(f"lam: must be positive, got {lam}")
         self.num_users, self.num_items = train.num_users, train.num_items
-        self.lam = float(lam)
-        x = torch.zeros(self.num_users, self.num_items, dtype=torch.float64)
-        x[torch.from_numpy(train.users), torch.from_numpy(train.items)] = 1.0
+        self.lam = _check_lam(lam)
+        x = _binary_rows(train)
         if history is not None:
             history = self._check_history(history)
         if self.num_items <= self.num_users:
-            p = torch.cholesky_inverse(
-                torch.linalg.cholesky(x.T @ x + self.lam * torch.eye(self.num_items, dtype=x.dtype))
-            )
-            weights = -p / torch.diagonal(p)
-            weights.fill_diagonal_(0.0)
+            weights = _primal_weights(x, self.lam)
             if history is None:
                 self.weights, self.user_scores = weights.float(), None
                 self.indptr, self.indices = (torch.from_numpy(a) for a in train.user_items())
             else:  # the given rows are fixed, so keep their scores rather than the weights
                 self.weights, self.user_scores = None, (history @ weights).float()
         else:
-            m = torch.cholesky_inverse(
-                torch.linalg.cholesky(x @ x.T + self.lam * torch.eye(self.num_users, dtype=x.dtype))
-            )
-            mx = m @ x  # = X P, with P = (X^T X + lam I)^-1
-            p_diag = (1.0 - (mx * x).sum(dim=0)) / self.lam
+            mx, p_diag = _dual(x, self.lam)
             rows, rows_p = x, mx
             if history is not None:  # H P = (H - H X^T M X) / lam
                 rows, rows_p = history, (history - (history @ x.T) @ mx) / self.lam
@@ -141,6 +130,51 @@ class EASE(_Baseline):
         x = torch.zeros(len(users), self.num_items)
         x[rows, cols] = 1.0
         return x
+
+
+def ease_weights(train: Interactions, lam: float = 100.0) -> torch.Tensor:
+    """EASE^R's item-item weights ``B [num_items, num_items]`` (float32, zero diagonal), fitted
+    on the binary rows of ``train`` as :class:`EASE` fits them (``scores = rows @ B``): e.g.
+    the starting point of a :class:`rankfast.models.ItemItem`.
+
+    :class:`EASE` keeps only the users' scores when users are fewer than items; here the
+    whole matrix is formed (``num_items ** 2`` floats, float64 while it is computed), from
+    the dual form then: ``B_ij = (X^T M X)_ij / (lam P_jj)`` off the diagonal.
+    """
+    lam = _check_lam(lam)
+    x = _binary_rows(train)
+    if train.num_items <= train.num_users:
+        return _primal_weights(x, lam).float()
+    mx, p_diag = _dual(x, lam)
+    b = (x.T @ mx).div_(lam * p_diag)
+    return b.fill_diagonal_(0.0).float()
+
+
+def _check_lam(lam) -> float:
+    if not float(lam) > 0:
+        raise ValueError(f"lam: must be positive, got {lam}")
+    return float(lam)
+
+
+def _binary_rows(train: Interactions) -> torch.Tensor:
+    """The binary user-item matrix ``X [users, items]``, float64."""
+    x = torch.zeros(train.num_users, train.num_items, dtype=torch.float64)
+    x[torch.from_numpy(train.users), torch.from_numpy(train.items)] = 1.0
+    return x
+
+
+def _primal_weights(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """EASE^R's ``B = -P / diag(P)`` with a zero diagonal, ``P = (X^T X + lam I)^-1``: an ``[items, items]`` solve."""
+    p = torch.cholesky_inverse(torch.linalg.cholesky(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype)))
+    return (-p / torch.diagonal(p)).fill_diagonal_(0.0)
+
+
+def _dual(x: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X P, diag(P))`` through the ``[users, users]`` solve ``M = (X X^T + lam I)^-1`` (Woodbury:
+    ``P = (I - X^T M X) / lam``), for when users are fewer than items."""
+    m = torch.cholesky_inverse(torch.linalg.cholesky(x @ x.T + lam * torch.eye(x.shape[0], dtype=x.dtype)))
+    mx = m @ x  # = X P
+    return mx, (1.0 - (mx * x).sum(dim=0)) / lam
 
 
 class ALS(_Baseline):

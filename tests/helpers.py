@@ -23,6 +23,8 @@ from rankfast.models import (
     FMConfig,
     FMModel,
     GMFConfig,
+    ItemItem,
+    ItemItemConfig,
     MLPConfig,
     MLPModel,
     NeuMF,
@@ -90,6 +92,8 @@ CASES = {
     # max_len 4 is below the tests' history lengths, so histories are cut to their last items.
     "sasrec": (SASRec, SASRecConfig, dict(max_len=4, num_layers=2, num_heads=2, dropout=0.2)),
     "sasrec-features": (SASRec, SASRecConfig, dict(max_len=8, num_layers=1, item_feature_dim=3, item_hybrid=True)),
+    # Item-item weights: the width is the catalogue's, and the user rows are dense random ones here.
+    "itemitem": (ItemItem, ItemItemConfig, dict(dim=NUM_ITEMS)),
 }
 
 
@@ -97,7 +101,7 @@ def make_model(name, seed=0, dtype=torch.float64):
     """A model of case ``name`` with every parameter random (biases too), in ``dtype``."""
     cls, config_cls, fields = CASES[name]
     gen = torch.Generator().manual_seed(seed)
-    config = config_cls(NUM_USERS, NUM_ITEMS, DIM, **fields)
+    config = config_cls(NUM_USERS, NUM_ITEMS, **{"dim": DIM, **fields})
     features = {}
     if config.user_feature_dim:
         features["user_features"] = torch.randn(NUM_USERS, config.user_feature_dim, generator=gen)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankfast.baselines import ALS, EASE, Popularity, als_half_step, training_pattern
+from rankfast.baselines import ALS, EASE, Popularity, als_half_step, ease_weights, training_pattern
 from rankfast.data import Interactions, temporal_split
 from rankfast.evaluate import evaluate
 
@@ -17,13 +17,22 @@ def _random_data(n_users, n_items, density=0.3, seed=0):
     return Interactions.from_raw(users, items)
 
 
-def _ease_reference(data, lam, history=None):
+def _binary(data):
     x = np.zeros((data.num_users, data.num_items))
     x[data.users, data.items] = 1.0
+    return x
+
+
+def _ease_weights_reference(data, lam):
+    x = _binary(data)
     p = np.linalg.inv(x.T @ x + lam * np.eye(data.num_items))
     b = -p / np.diag(p)
     np.fill_diagonal(b, 0.0)
-    return (x if history is None else history) @ b
+    return b
+
+
+def _ease_reference(data, lam, history=None):
+    return (_binary(data) if history is None else history) @ _ease_weights_reference(data, lam)
 
 
 @pytest.mark.parametrize("n_users, n_items", [(40, 15), (15, 40)])  # primal and dual (Woodbury) forms
@@ -37,6 +46,14 @@ def test_ease_matches_closed_form(n_users, n_items):
     np.testing.assert_allclose(model(users, items).numpy(), expected[users, items], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="lam: must be positive"):
         EASE(data, lam=0)
+
+
+@pytest.mark.parametrize("n_users, n_items", [(40, 15), (15, 40)])  # primal and dual (Woodbury) forms
+def test_ease_weights_match_closed_form(n_users, n_items):
+    data = _random_data(n_users, n_items, seed=4)
+    got = ease_weights(data, lam=3.0)
+    assert got.dtype == torch.float32 and not torch.diagonal(got).any()
+    np.testing.assert_allclose(got.numpy(), _ease_weights_reference(data, 3.0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_users, n_items", [(40, 15), (15, 40)])

@@ -17,6 +17,7 @@ from rankfast.models.dcn import DCNConfig, DCNv2
 from rankfast.models.dot import DotConfig, DotModel
 from rankfast.models.fields import FieldEmbedding, FieldRepresentation
 from rankfast.models.fm import DeepFM, DeepFMConfig, FMConfig, FMModel
+from rankfast.models.itemitem import ItemItem, ItemItemConfig
 from rankfast.models.layers import MLP, Representation
 from rankfast.models.mlp import MLPConfig, MLPModel
 from rankfast.models.neumf import GMF, GMFConfig, NeuMF, NeuMFConfig
@@ -38,6 +39,8 @@ __all__ = [
     "FieldRepresentation",
     "GMF",
     "GMFConfig",
+    "ItemItem",
+    "ItemItemConfig",
     "MLP",
     "MLPConfig",
     "MLPModel",

@@ -130,6 +130,9 @@ class RankingModel(nn.Module):
     #: Whether the model has a user representation ``user_repr`` (a model that
     #: represents a user by their history alone, such as SASRec, has none).
     has_user_repr: ClassVar[bool] = True
+    #: Whether user feature vectors go through a learned projection (False: the vectors are the
+    #: user rows themselves, as :class:`rankfast.models.ItemItem` reads its history rows).
+    projects_user_features: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -166,6 +169,7 @@ class RankingModel(nn.Module):
                 _check_features(
                     "user_features", user_features, config.num_users, config.user_feature_dim, "user_feature_dim"
                 ),
+                project=self.projects_user_features,
             )
         elif user_features is not None or schema.side("user"):
             raise ValueError(
@@ -311,13 +315,14 @@ def model_from_bytes(
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _representation(side: str, config: ModelConfig, dim: int, features: Features | None, vectors):
+def _representation(side: str, config: ModelConfig, dim: int, features: Features | None, vectors, project: bool = True):
     """A side's :class:`Representation`, or with feature fields on that side a
-    :class:`FieldRepresentation` holding their encoded values (``features``'s table)."""
+    :class:`FieldRepresentation` holding their encoded values (``features``'s table);
+    ``project=False``: the feature vectors are the rows themselves (no fields then)."""
     num, hybrid = getattr(config, f"num_{side}s"), getattr(config, f"{side}_hybrid")
     fields = Schema(config.fields).side(side)
     if not fields:
-        return Representation(num, dim, vectors, hybrid)
+        return Representation(num, dim, vectors, hybrid, project=project)
     table = None if features is None else getattr(features, side)
     if table is not None and len(table) != num:
         raise ValueError(f"features: the {side} table has {len(table)} rows, the model {num} {side}s")

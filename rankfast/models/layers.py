@@ -28,12 +28,27 @@ class Representation(nn.Module):
     ``embedding[i] + projection(features[i])``: an ID part, zero at first,
     learns what the features miss. Rows added by :meth:`extend` (cold start)
     get a zero ID part, so they are represented by their features alone.
+    With ``features`` and ``project=False`` row ``i`` is ``features[i]``
+    itself, unprojected (``dim`` must be the features' width): e.g. a user's
+    history row, as :class:`rankfast.models.ItemItem` reads it.
     """
 
-    def __init__(self, num: int, dim: int, features: torch.Tensor | None = None, hybrid: bool = False):
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        features: torch.Tensor | None = None,
+        hybrid: bool = False,
+        project: bool = True,
+    ):
         super().__init__()
         if hybrid and features is None:
             raise ValueError("hybrid: an ID part plus projected features needs features")
+        if not project:
+            if features is None or hybrid:
+                raise ValueError("project: rows that are the features themselves need features and no ID part")
+            if features.shape[-1] != dim:
+                raise ValueError(f"project: unprojected features are the rows, so dim={dim} must be their width")
         self.num, self.dim, self.hybrid = num, dim, bool(hybrid)
         if features is None or self.hybrid:
             self.embedding = nn.Embedding(num, dim)
@@ -43,7 +58,7 @@ class Representation(nn.Module):
                 nn.init.normal_(self.embedding.weight, std=dim**-0.5)
         if features is not None:
             self.register_buffer("features", features.to(torch.get_default_dtype()).contiguous())
-            self.projection = nn.Linear(features.shape[1], dim)
+            self.projection = nn.Linear(features.shape[1], dim) if project else nn.Identity()
 
     @property
     def uses_features(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rankfast.models import DotModel, RankingModel, SASRec
+from rankfast.models import DotModel, ItemItem, RankingModel, SASRec
 
 __all__ = ["catalogue_scores", "CatalogueScores", "sequence_scores", "SequenceScores"]
 
@@ -14,7 +14,9 @@ def catalogue_scores(model: RankingModel, users: torch.Tensor, items: torch.Tens
     gradients; with ``items [N]``, against those items only (``[len(users), N]``).
 
     A :class:`DotModel` is one matrix product (its forward, restructured),
-    reading each item's row once; any other model without history runs its
+    reading each item's row once; an :class:`ItemItem` sums the weight rows of
+    each user's history items (:meth:`ItemItem.user_scores`) and takes the
+    candidates' columns; any other model without history runs its
     forward on every (user, item) pair, which is exact but costs
     ``len(users) * N`` forward rows.
     """
@@ -27,6 +29,9 @@ def catalogue_scores(model: RankingModel, users: torch.Tensor, items: torch.Tens
             rows, item_bias = model.item_repr(items), model.item_bias[items]
         user_term = model.user_bias[users] + model.bias
         return model.user_repr(users) @ rows.T + item_bias[None, :] + user_term[:, None]
+    if isinstance(model, ItemItem):
+        scores = model.user_scores(users)
+        return scores if items is None else scores[:, items]
     if items is None:
         items = torch.arange(model.config.num_items, device=users.device)
     pair_users = users.repeat_interleave(len(items))

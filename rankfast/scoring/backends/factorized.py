@@ -39,6 +39,7 @@ from rankfast.models.base import RankingModel
 from rankfast.models.dcn import DCNv2
 from rankfast.models.dot import DotModel
 from rankfast.models.fm import DeepFM, FMModel, fm_terms
+from rankfast.models.itemitem import ItemItem
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import GMF, NeuMF
 from rankfast.models.rating import RecommenderNet
@@ -52,6 +53,7 @@ __all__ = [
     "DotScorer",
     "FMScorer",
     "GMFScorer",
+    "ItemItemScorer",
     "MLPScorer",
     "NeuMFScorer",
     "RecommenderNetScorer",
@@ -113,6 +115,27 @@ class SASRecScorer(DotScorer):
         # The transformer's activations while a block's user vectors are computed: the
         # residual stream, q/k/v, attention weights and the feed-forward hidden layer.
         return Footprint(user=length * (8 * cfg.dim + cfg.num_heads * length) + cfg.dim + 1, item=cfg.dim + 1, pair=1)
+
+
+class ItemItemScorer(Scorer):
+    """The block's users against the whole catalogue once (:meth:`ItemItem.user_scores`: the
+    weight rows of each user's history items summed, the diagonal left out, the item bias
+    added); candidates then only gather their columns."""
+
+    def __init__(self, model: ItemItem, users, history=None, lengths=None):
+        self.scores = model.user_scores(users)  # [U, num_items]
+
+    def items(self, ids):
+        return ids
+
+    def pairs(self, rows: slice, ids):
+        scores = self.scores[rows]
+        return scores[:, ids] if ids.dim() == 1 else scores.gather(1, ids)
+
+    @staticmethod
+    def footprint(model: ItemItem, history_len: int) -> Footprint:
+        # A block holds its users' history rows and their scores of every item.
+        return Footprint(user=2 * model.config.num_items, item=1, pair=1)
 
 
 class MLPScorer(Scorer):
@@ -488,6 +511,7 @@ _SCORERS = {
     DCNv2: DCNScorer,
     RecommenderNet: RecommenderNetScorer,
     SASRec: SASRecScorer,
+    ItemItem: ItemItemScorer,
 }
 
 
