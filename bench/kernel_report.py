@@ -75,7 +75,7 @@ SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 89: 101376, 86: 101376}
 
 #: Functions whose dots are pair layers: they multiply (user, candidate) pair rows, or
 #: (pair, history item) rows, by a weight (the hot loops; rule 3).
-PAIR_LAYERS = frozenset({"_h2", "_mlp_pairs", "_tail_bwd", "_unit_logits", "_unit_bwd", "_unit_chunk"})
+PAIR_LAYERS = frozenset({"_h2", "_mlp_pairs", "_cross_pairs", "_tail_bwd", "_unit_logits", "_unit_bwd", "_unit_chunk"})
 
 
 # --- the cases: rankfast's own dispatch at the benchmark shapes ----------------------------------
@@ -151,10 +151,32 @@ def run_din_topk():
     model_topk(model, torch.arange(256), torch.arange(512), *_history(256, 512, 100), k=100)
 
 
+def run_dcn_fwd():
+    """DCN-v2 at a CTR shape: 5 fields (2 user, 1 context, 2 item) of dim 16, so
+    ``D = 7 x 16 = 112`` (a 128-wide tile), 2 cross layers, deep 256-128."""
+    from rankfast.data import Field
+    from rankfast.models import DCNConfig, DCNv2
+    from rankfast.scoring.backends.fused import model_scores
+
+    torch.manual_seed(0)
+    fields = (
+        Field("segment", "user", buckets=64),
+        Field("region", "user", buckets=64),
+        Field("hour", "context", buckets=24),
+        Field("category", "item", buckets=64),
+        Field("brand", "item", buckets=64),
+    )
+    config = DCNConfig(1024, 4096, 16, fields=fields, cross_layers=2, hidden=(256, 128))
+    model = DCNv2(config).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        model_scores(model, torch.arange(1024), torch.arange(4096))
+
+
 CASES = {
     "mlp bf16 B1024xN4096": lambda: run_mlp_fwd(torch.bfloat16),
     "mlp fp32(tf32) B1024xN4096": lambda: run_mlp_fwd(torch.float32),
     "mlp topk bf16 B1024xN4096 k100": run_mlp_topk,
+    "dcn bf16 B1024xN4096 D112": run_dcn_fwd,
     "din bf16 B256xN512 L100": run_din_fwd,
     "din topk bf16 B256xN512 L100 k100": run_din_topk,
     "train mlp bf16 B1024xN512": lambda: run_train("mlp"),

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import torch
 
-from rankfast.data import Field, Interactions
+from rankfast.data import Field, Interactions, build_features
 from rankfast.models import (
     GMF,
     AttentionConfig,
@@ -141,6 +141,48 @@ def reference_scores(model, users, candidates, history=None, lengths=None):
     in eval mode (dropout off), without autograd."""
     with torch.no_grad():
         return pair_forward(copy.deepcopy(model).double().eval(), users, candidates, history, lengths)
+
+
+#: Interaction rows of :func:`random_features` (its context values).
+ROWS = 40
+
+
+def random_features(seed=0, num_rows=ROWS):
+    """Raw values of every field in ``FIELDS`` (some unknown categories and empty bags), encoded."""
+    rng = np.random.default_rng(seed)
+    return build_features(
+        FIELDS,
+        num_users=NUM_USERS,
+        num_items=NUM_ITEMS,
+        num_rows=num_rows,
+        user={"age": rng.choice(["20s", "30s", "40s", "50s"], NUM_USERS)},
+        item={
+            "genres": [list(rng.choice(list("abcdeq"), rng.integers(0, 4), replace=False)) for _ in range(NUM_ITEMS)],
+            "year": rng.integers(1990, 2000, NUM_ITEMS),
+            "price": rng.normal(size=(NUM_ITEMS, 2)),
+        },
+        context={
+            "hour": rng.integers(0, 24, num_rows),
+            "moods": [list(rng.choice(list("xyz"), rng.integers(0, 3))) for _ in range(num_rows)],
+            "temperature": rng.normal(size=num_rows),
+        },
+    )
+
+
+def context_rows(features, rows):
+    """The context values of interaction ``rows`` of ``features``, as tensors (a request's context)."""
+    return {k: torch.from_numpy(v[rows]) for k, v in features.context.values.items()}
+
+
+def context_scores(model, users, candidates, context):
+    """The float64 forward over every (user, candidate) pair, each with its user's context."""
+    b = len(users)
+    cand = candidates.expand(b, -1)
+    n = cand.shape[1]
+    per_pair = {k: v[:, None].expand(b, n, *v.shape[1:]).reshape(b * n, *v.shape[1:]) for k, v in context.items()}
+    twin = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return twin(users[:, None].expand(b, n).reshape(-1), cand.reshape(-1), context=per_pair).view(b, n)
 
 
 def rel_err(got, expected) -> float:

@@ -21,6 +21,7 @@ KERNELS = {
     "_mlp_fwd_kernel",
     "_mlp_topk_kernel",
     "_mlp_bwd_kernel",
+    "_cross_fwd_kernel",
     "_attn_fwd_kernel",
     "_attn_topk_kernel",
     "_attn_bwd_tail_kernel",

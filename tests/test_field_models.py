@@ -2,7 +2,6 @@
 cross layers, RecommenderNet's expected rating), every scoring backend with context against the
 float64 forward, context checks, and saving the fields (vocabularies and tables) with a model."""
 
-import copy
 import itertools
 import json
 
@@ -11,38 +10,25 @@ import pytest
 import torch
 
 import rankfast
-from rankfast.data import build_features
 from rankfast.data.fields import PAD
 from rankfast.models import FieldRepresentation, load_model
 from rankfast.models.fields import default_context
 from rankfast.scoring import BACKEND_ENV
 from rankfast.scoring.backends import factorized, fused, reference
 
-from helpers import CASES, DIM, FIELDS, NUM_ITEMS, NUM_USERS, assert_rankings_match, make_model, random_history
-
-ROWS = 40
-
-
-def random_features(seed=0, num_rows=ROWS):
-    """Raw values of every field in ``FIELDS`` (some unknown categories and empty bags), encoded."""
-    rng = np.random.default_rng(seed)
-    return build_features(
-        FIELDS,
-        num_users=NUM_USERS,
-        num_items=NUM_ITEMS,
-        num_rows=num_rows,
-        user={"age": rng.choice(["20s", "30s", "40s", "50s"], NUM_USERS)},
-        item={
-            "genres": [list(rng.choice(list("abcdeq"), rng.integers(0, 4), replace=False)) for _ in range(NUM_ITEMS)],
-            "year": rng.integers(1990, 2000, NUM_ITEMS),
-            "price": rng.normal(size=(NUM_ITEMS, 2)),
-        },
-        context={
-            "hour": rng.integers(0, 24, num_rows),
-            "moods": [list(rng.choice(list("xyz"), rng.integers(0, 3))) for _ in range(num_rows)],
-            "temperature": rng.normal(size=num_rows),
-        },
-    )
+from helpers import (
+    CASES,
+    DIM,
+    FIELDS,
+    NUM_ITEMS,
+    NUM_USERS,
+    assert_rankings_match,
+    context_rows,
+    context_scores,
+    make_model,
+    random_features,
+    random_history,
+)
 
 
 def field_model(name, seed=0, dtype=torch.float64):
@@ -51,10 +37,6 @@ def field_model(name, seed=0, dtype=torch.float64):
     model = type(base)(base.config, features=random_features(seed))
     model.load_state_dict({k: v for k, v in base.state_dict().items() if ".tables." not in k}, strict=False)
     return model.to(dtype).eval()
-
-
-def context_rows(features, rows):
-    return {k: torch.from_numpy(v[rows]) for k, v in features.context.values.items()}
 
 
 def by_hand(model, embedding, field, value):
@@ -173,17 +155,6 @@ def test_no_context_is_the_out_of_vocabulary_context():
     torch.testing.assert_close(model(users, items), model(users, items, context=oov))
 
 
-def _with_context(model, users, candidates, context):
-    """The float64 forward over every (user, candidate) pair, each with its user's context."""
-    b = len(users)
-    cand = candidates.expand(b, -1)
-    n = cand.shape[1]
-    per_pair = {k: v[:, None].expand(b, n, *v.shape[1:]).reshape(b * n, *v.shape[1:]) for k, v in context.items()}
-    twin = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        return twin(users[:, None].expand(b, n).reshape(-1), cand.reshape(-1), context=per_pair).view(b, n)
-
-
 BACKENDS = {"reference": reference, "factorized": factorized, "fused": fused}
 
 
@@ -194,7 +165,7 @@ def test_every_backend_scores_field_models_with_context(backend, name, monkeypat
     model = field_model(name, dtype=dtype)
     monkeypatch.setenv(BACKEND_ENV, backend)
     if BACKENDS[backend].scorer_for(model) is None:
-        assert name in ("dcn", "recnet") and backend == "fused"  # no kernel: factorized under "auto"
+        assert name == "recnet" and backend == "fused"  # no kernel: factorized under "auto"
         return
     users = torch.tensor([3, 0, 6, 6, 1])
     history, lengths = random_history(len(users), 4) if model.uses_history else (None, None)
@@ -210,7 +181,7 @@ def test_every_backend_scores_field_models_with_context(backend, name, monkeypat
         if ctx is None:
             want = _with_context_free(model, users, cand, history, lengths)
         else:
-            want = _with_context(model, users, cand, ctx)
+            want = context_scores(model, users, cand, ctx)
         for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):
             got = rankfast.score(
                 model, users, items, history=history, lengths=lengths, context=ctx, memory_budget=budget

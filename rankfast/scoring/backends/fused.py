@@ -6,10 +6,11 @@ layer's per-user term ``a`` and per-item term ``c`` (float32, see
 ``split_term``), the layers after it, and for attention the history and its
 unit terms. On top of the adapters:
 
-- :class:`FusedMLPScorer` and :class:`FusedAttentionScorer`, the
-  :class:`~rankfast.scoring.protocol.Scorer` classes of ``rankfast.score``:
-  ``pairs`` is one kernel launch, so a pair costs only its score in memory,
-  and ``topk`` the fused score + top-K;
+- :class:`FusedMLPScorer`, :class:`FusedAttentionScorer`, :class:`FusedFMScorer`
+  and :class:`FusedDCNScorer`, the :class:`~rankfast.scoring.protocol.Scorer`
+  classes of ``rankfast.score``: ``pairs`` is one kernel launch, so a pair costs
+  only its score in memory, and ``topk`` the fused score + top-K (DCN-v2:
+  ``rankfast.score`` selects from the scores);
 - :func:`model_scores` (differentiable) and :func:`model_topk`, a model's
   scores or top-K for users x candidates in one call;
 - :func:`training_scores`, what :func:`rankfast.fit` trains on when
@@ -27,12 +28,14 @@ import torch
 from torch.utils._pytree import tree_map
 
 from rankfast._ids import as_ids, check_history, check_k, check_range, exclude_csr, history_mask
+from rankfast.kernels import cross_score as cs
 from rankfast.kernels import mlp_score as ms
 from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as kernel_topk
 from rankfast.kernels._common import COMPUTE_DTYPES, MAX_WIDTH, split_term
 from rankfast.models.attention import AttentionModel
 from rankfast.models.base import RankingModel
+from rankfast.models.dcn import DCNv2
 from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
@@ -41,6 +44,7 @@ from rankfast.scoring.protocol import Footprint, Scorer
 
 __all__ = [
     "FusedAttentionScorer",
+    "FusedDCNScorer",
     "FusedFMScorer",
     "FusedMLPScorer",
     "OpCall",
@@ -184,6 +188,8 @@ def scorer_for(model: RankingModel) -> type[Scorer] | None:
         return FusedAttentionScorer
     if _FMAdapter.covers(model):
         return FusedFMScorer
+    if _DCNAdapter.covers(model):
+        return FusedDCNScorer
     return None
 
 
@@ -383,6 +389,92 @@ class FusedFMScorer(FusedMLPScorer):
         return Footprint(user=side, item=side, pair=1)
 
 
+class _DCNAdapter:
+    """A :class:`DCNv2` as arguments of ``rankfast::cross_score``: the request's field vectors
+    (user, then context fields) and the item's as the row tables ``xu`` and ``xi`` the kernel
+    assembles ``x0`` from, the cross layers and the output layer's two blocks as they are, and
+    the deep network's first layer split into the request columns' term ``a`` (its bias
+    included) and the item columns' term ``c``. The kernel only scores, so the split terms are
+    always :func:`scoring_terms`."""
+
+    def __init__(self, model: DCNv2):
+        self.model = model
+        width = model.cross[0].weight.shape[0]
+        self.first, rest = (model.tower.linears[0], model.tower.linears[1:]) if model.tower is not None else (None, [])
+        w_out = model.output.weight[0]
+        self.layers = dict(
+            cross_weights=[m.weight for m in model.cross],
+            cross_biases=[m.bias for m in model.cross],
+            w_cross=w_out[:width],
+            weights=[m.weight for m in rest],
+            biases=[m.bias for m in rest],
+            w_deep=None if self.first is None else w_out[width:],
+            b_out=model.output.bias,
+            activation=model.config.activation,
+        )
+
+    @staticmethod
+    def covers(model: RankingModel) -> bool:
+        if not isinstance(model, DCNv2):
+            return False
+        cfg = model.config
+        return (
+            model.cross[0].weight.shape[0] <= cs.MAX_CROSS_WIDTH
+            and cfg.cross_layers <= cs.MAX_CROSS_LAYERS
+            and len(cfg.hidden) <= ms.MAX_LAYERS
+            and max(cfg.hidden, default=0) <= MAX_WIDTH
+        )
+
+    def users(self, users, context=None) -> dict:
+        """``xu [U, Du]`` (the request's fields, flattened) and the deep network's user term ``a``."""
+        xu = self.model.request_fields(users, context).flatten(-2)
+        a = None
+        if self.first is not None:
+            a = scoring_terms(self.model, split_term(xu, self.first.weight[:, : xu.shape[-1]], self.first.bias))
+        return dict(xu=xu, a=a)
+
+    def items(self, ids) -> dict:
+        """``xi [..., Di]`` (the item's fields, flattened) and the deep network's item term ``c``."""
+        xi = self.model.item_repr.per_field(ids).flatten(-2)
+        c = None
+        if self.first is not None:
+            c = scoring_terms(self.model, split_term(xi, self.first.weight[:, -xi.shape[-1] :]))
+        return dict(xi=xi, c=c)
+
+
+class FusedDCNScorer(_FusedScorer):
+    """DCNv2 through ``rankfast::cross_score`` (:class:`_DCNAdapter`), the request's context on
+    the user side. The kernel has no top-K variant (``rankfast.score`` selects from the tiles'
+    scores) and no backward (``trains``)."""
+
+    op = staticmethod(cs.cross_score)
+    max_fused_k = 0
+    #: :func:`rankfast.scoring.trains_fused` refuses these models: they train eagerly.
+    trains = False
+
+    def __init__(self, model, users, history=None, lengths=None, context=None):
+        self.model, self.device = model, users.device
+        self.adapter = _DCNAdapter(model)
+        self.user_side = self.adapter.users(users, context)
+
+    def items(self, ids):
+        rows, idx = _candidate_rows(ids, self.model.config.num_items)
+        return self.adapter.items(rows), idx, ids.shape[-1]
+
+    def _op_args(self, rows, state):
+        item_side, idx, _ = state
+        user_side = {name: None if t is None else t[rows] for name, t in self.user_side.items()}
+        return dict(user_side, **item_side, idx=idx, **self.adapter.layers)
+
+    @staticmethod
+    def footprint(model, history_len: int):
+        cfg = model.config
+        item_width = (1 + sum(f.side == "item" for f in cfg.fields)) * cfg.dim
+        request_width = (2 + len(cfg.fields)) * cfg.dim - item_width
+        h1 = _float32_elements(model, cfg.hidden[0]) if cfg.hidden else 0
+        return Footprint(user=request_width + h1, item=item_width + h1, pair=1)
+
+
 # --- a model's scores in one call -----------------------------------------------------------
 
 
@@ -436,6 +528,12 @@ def op_call(model: RankingModel, users, items=None, history=None, lengths=None, 
     if items.dim() == 2 and items.shape[0] != users.shape[0]:
         raise ValueError(f"items: per-user candidates must be [B={users.shape[0]}, N], got {tuple(items.shape)}")
     rows, idx = _candidate_rows(items, cfg.num_items)
+    if scorer is FusedDCNScorer:
+        if validate:
+            _check_ids(cfg, users, items)
+        adapter = _DCNAdapter(model)
+        kw = dict(adapter.users(users), **adapter.items(rows), idx=idx, check_ids=False, **adapter.layers)
+        return OpCall(cs.cross_score, kw, (kw["a"], kw["c"]), items)
     if issubclass(scorer, FusedMLPScorer):
         if validate:
             _check_ids(cfg, users, items)
@@ -460,7 +558,8 @@ def op_call(model: RankingModel, users, items=None, history=None, lengths=None, 
 def model_scores(model: RankingModel, users, items=None, history=None, lengths=None, *, precision=None):
     """Scores ``[B, N]`` of ``users [B]`` against ``items`` (``None``: every item, shared ``[N]``,
     or per-user ``[B, N]``) through one fused kernel; ``history [B, L]`` and ``lengths [B]`` for an
-    :class:`AttentionModel`. Differentiable with respect to the model's parameters."""
+    :class:`AttentionModel`. Differentiable with respect to the model's parameters, except for
+    a :class:`DCNv2`, whose kernel only scores (call it under ``torch.no_grad()``)."""
     call = op_call(model, users, items, history, lengths)
     return call.op(**call.kwargs, precision=precision)
 
@@ -472,6 +571,8 @@ def model_topk(
     ``[B, min(k, N)]``, the rules of :func:`rankfast.score` with ``k`` (``k`` clamped to the ``N``
     candidates, ``exclude`` by item id, NaN last, ties to the earlier candidate, padding id -1 /
     score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``). ``splits``: programs per user (0: automatic)."""
+    if isinstance(model, DCNv2):
+        raise ValueError("model: DCNv2 has no fused score + top-K; rankfast.score(..., k=) scores and selects it")
     with torch.no_grad():
         call = op_call(model, users, items, history, lengths)
         candidates, num_users = call.candidates, call.kwargs["a"].shape[0]
