@@ -48,7 +48,7 @@ from rankfast.kernels._common import (
 
 #: Widest ``x0`` (``D``, all fields' coordinates): a tile holds ``x0`` and ``x`` at full
 #: width and a layer's whole ``[D, D]`` weight feeds one dot.
-MAX_CROSS_WIDTH = 256
+MAX_CROSS_WIDTH = 128
 #: Most cross layers (the layer loop is unrolled).
 MAX_CROSS_LAYERS = 4
 
