@@ -259,6 +259,27 @@ def _w4(W4, cj, c4, H3, H4):
 
 
 @triton.jit
+def _out(acc, h, WO, cols, H, NC, CP: tl.constexpr, PREC: tl.constexpr):
+    """The output layer on hidden units ``cols`` (activations ``h``, of ``H``), added to ``acc``
+    unless it is None: one unit (``CP`` 0; ``WO [H]``, a ``[BLOCK_P]`` sum) or ``NC`` class units
+    padded to ``CP`` (``WO [NC, H]``, a ``[BLOCK_P, CP]`` ``tl.dot``)."""
+    if CP == 0:
+        out = tl.sum(h * _vec(WO, cols, H)[None, :], axis=1)
+        if acc is not None:
+            out = acc + out
+    else:
+        k = tl.arange(0, CP)
+        w = tl.load(
+            WO + k[None, :] * H + cols[:, None],
+            mask=(k[None, :] < NC) & (cols[:, None] < H),
+            other=0.0,
+            eviction_policy="evict_last",
+        )
+        out = dot(cast(h, w.dtype), w, acc, PREC=PREC)
+    return out
+
+
+@triton.jit
 def _mlp_pairs(
     a_row,
     c_row,
@@ -287,14 +308,21 @@ def _mlp_pairs(
     BLOCK_P: tl.constexpr,
     ACT: tl.constexpr,
     PREC: tl.constexpr,
+    NC=1,
+    CP: tl.constexpr = 0,
 ):
-    """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32."""
-    score = tl.zeros([BLOCK_P], dtype=tl.float32)
+    """The MLP on the tile's pairs, without the output bias: ``[BLOCK_P]`` fp32, or with a class
+    head (``CP > 0``: ``NC`` output units, ``WO [NC, H_last]``) the logits ``[BLOCK_P, CP]``, zero
+    past ``NC`` (see :func:`_out`; ``CP`` 0 compiles the head out)."""
+    if CP == 0:
+        score = tl.zeros([BLOCK_P], dtype=tl.float32)
+    else:
+        score = tl.zeros([BLOCK_P, CP], dtype=tl.float32)
     if NL == 1:
         for j in range(0, H1, BJ1):
             cj = j + tl.arange(0, BJ1)
             a1 = act_fn(_z1(a_row, c_row, rmask, cj, H1, D, WPS, pooled, WP, HAS_POOL, PREC), ACT)
-            score += tl.sum(a1 * _vec(WO, cj, H1)[None, :], axis=1)
+            score = _out(score, a1, WO, cj, H1, NC, CP, PREC)
     else:
         z2, h2 = _h2(
             a_row,
@@ -317,7 +345,7 @@ def _mlp_pairs(
         )
         c2 = tl.arange(0, H2P)
         if NL == 2:
-            score = tl.sum(h2 * _vec(WO, c2, H2)[None, :], axis=1)
+            score = _out(None, h2, WO, c2, H2, NC, CP, PREC)
         else:
             h2c = cast(h2, W3.dtype.element_ty)
             c4 = tl.arange(0, H4P)
@@ -329,13 +357,13 @@ def _mlp_pairs(
                     ACT,
                 )
                 if NL == 3:
-                    score += tl.sum(a3 * _vec(WO, cj, H3)[None, :], axis=1)
+                    score = _out(score, a3, WO, cj, H3, NC, CP, PREC)
                 else:
                     w4 = _w4(W4, cj, c4, H3, H4)
                     acc4 = dot(cast(a3, w4.dtype), w4, acc4, PREC=PREC)
             if NL == 4:
                 h4 = act_fn(acc4 + _vec(B4, c4, H4)[None, :], ACT)
-                score = tl.sum(h4 * _vec(WO, c4, H4)[None, :], axis=1)
+                score = _out(None, h4, WO, c4, H4, NC, CP, PREC)
     return score
 
 
@@ -988,7 +1016,7 @@ class _Layers:
         self.nl = len(weights) + 1
         self.widths = [a.shape[1]] + [w.shape[0] for w in weights]
         absent = MAX_LAYERS - self.nl
-        self.wo, self.bo = weight_arg(w_out), weight_arg(b_out).reshape(1)
+        self.wo, self.bo = weight_arg(w_out), weight_arg(b_out).reshape(-1)
         self.w = [weight_arg(w) for w in weights] + [self.wo] * absent
         self.b = [weight_arg(b) for b in biases] + [self.wo] * absent
         self.h = self.widths + [1] * absent
