@@ -164,9 +164,7 @@ def test_every_backend_scores_field_models_with_context(backend, name, monkeypat
     dtype = torch.float32 if backend == "fused" else torch.float64
     model = field_model(name, dtype=dtype)
     monkeypatch.setenv(BACKEND_ENV, backend)
-    if BACKENDS[backend].scorer_for(model) is None:
-        assert name == "recnet" and backend == "fused"  # no kernel: factorized under "auto"
-        return
+    assert BACKENDS[backend].scorer_for(model) is not None
     users = torch.tensor([3, 0, 6, 6, 1])
     history, lengths = random_history(len(users), 4) if model.uses_history else (None, None)
     ctx = context_rows(random_features(), np.array([4, 8, 15, 16, 23])) if model.uses_context else None

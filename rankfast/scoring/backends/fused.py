@@ -6,11 +6,11 @@ layer's per-user term ``a`` and per-item term ``c`` (float32, see
 ``split_term``), the layers after it, and for attention the history and its
 unit terms. On top of the adapters:
 
-- :class:`FusedMLPScorer`, :class:`FusedAttentionScorer`, :class:`FusedFMScorer`
-  and :class:`FusedDCNScorer`, the :class:`~rankfast.scoring.protocol.Scorer`
-  classes of ``rankfast.score``: ``pairs`` is one kernel launch, so a pair costs
-  only its score in memory, and ``topk`` the fused score + top-K (DCN-v2:
-  ``rankfast.score`` selects from the scores);
+- :class:`FusedMLPScorer`, :class:`FusedAttentionScorer`, :class:`FusedFMScorer`,
+  :class:`FusedDCNScorer` and :class:`FusedRecommenderNetScorer`, the
+  :class:`~rankfast.scoring.protocol.Scorer` classes of ``rankfast.score``: ``pairs``
+  is one kernel launch, so a pair costs only its score in memory, and ``topk`` the
+  fused score + top-K (DCN-v2, RecommenderNet: ``rankfast.score`` selects from the scores);
 - :func:`model_scores` (differentiable) and :func:`model_topk`, a model's
   scores or top-K for users x candidates in one call;
 - :func:`training_scores`, what :func:`rankfast.fit` trains on when
@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 from rankfast._ids import as_ids, check_history, check_k, check_range, exclude_csr, history_mask
 from rankfast.kernels import cross_score as cs
 from rankfast.kernels import mlp_score as ms
+from rankfast.kernels import rating_score as rs
 from rankfast.kernels import target_attention as ta
 from rankfast.kernels import topk as kernel_topk
 from rankfast.kernels._common import COMPUTE_DTYPES, MAX_WIDTH, split_term
@@ -39,6 +40,7 @@ from rankfast.models.dcn import DCNv2
 from rankfast.models.fm import DeepFM, FMModel, fm_terms
 from rankfast.models.mlp import MLPModel
 from rankfast.models.neumf import NeuMF
+from rankfast.models.rating import RecommenderNet
 from rankfast.scoring.positions import excluded_positions, positions_to_ids
 from rankfast.scoring.protocol import Footprint, Scorer
 
@@ -47,6 +49,7 @@ __all__ = [
     "FusedDCNScorer",
     "FusedFMScorer",
     "FusedMLPScorer",
+    "FusedRecommenderNetScorer",
     "OpCall",
     "model_scores",
     "model_topk",
@@ -60,9 +63,12 @@ __all__ = [
 
 
 class _MLPAdapter:
-    """An :class:`MLPModel` or :class:`NeuMF` as arguments of ``rankfast::mlp_score``."""
+    """An :class:`MLPModel` or :class:`NeuMF` as arguments of ``rankfast::mlp_score``, or a
+    :class:`RecommenderNet` as arguments of ``rankfast::rating_score``: the same split first
+    layer and hidden layers, its output layer the class head (``w_classes``, ``b_classes``,
+    ``class_values``) rather than one unit."""
 
-    def __init__(self, model: MLPModel | NeuMF):
+    def __init__(self, model: MLPModel | NeuMF | RecommenderNet):
         self.model = model
         if isinstance(model, NeuMF):
             d = model.config.gmf_dim
@@ -72,12 +78,15 @@ class _MLPAdapter:
         else:
             self.first, rest, last = model.tower.linears[0], model.tower.linears[1:-1], model.tower.linears[-1]
             w_out, b_out, self.w_gmf = last.weight[0], last.bias, None
+        if isinstance(model, RecommenderNet):
+            head = dict(w_classes=last.weight, b_classes=last.bias, class_values=model.class_values)
+        else:
+            head = dict(w_out=w_out, b_out=b_out)
         self.w_user, self.w_item = self.first.weight.chunk(2, dim=1)
         self.layers = dict(
             weights=[m.weight for m in rest],
             biases=[m.bias for m in rest],
-            w_out=w_out,
-            b_out=b_out,
+            **head,
             activation=model.config.activation,
         )
 
@@ -86,7 +95,9 @@ class _MLPAdapter:
         cfg = model.config
         if isinstance(model, NeuMF):
             return len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.gmf_dim, cfg.mlp_dim)) <= MAX_WIDTH
-        if isinstance(model, MLPModel):  # without hidden layers there are no pair activations to fuse
+        if isinstance(model, RecommenderNet) and len(cfg.classes) > rs.MAX_CLASSES:
+            return False
+        if isinstance(model, MLPModel | RecommenderNet):  # without hidden layers there are no pair activations
             return 1 <= len(cfg.hidden) <= ms.MAX_LAYERS and max(cfg.hidden + (cfg.dim,)) <= MAX_WIDTH
         return False
 
@@ -183,7 +194,7 @@ def scorer_for(model: RankingModel) -> type[Scorer] | None:
     if next(model.parameters()).dtype not in COMPUTE_DTYPES:
         return None
     if _MLPAdapter.covers(model):
-        return FusedMLPScorer
+        return FusedRecommenderNetScorer if isinstance(model, RecommenderNet) else FusedMLPScorer
     if _AttentionAdapter.covers(model):
         return FusedAttentionScorer
     if _FMAdapter.covers(model):
@@ -475,6 +486,21 @@ class FusedDCNScorer(_FusedScorer):
         return Footprint(user=request_width + h1, item=item_width + h1, pair=1)
 
 
+class FusedRecommenderNetScorer(FusedMLPScorer):
+    """RecommenderNet through ``rankfast::rating_score``: :class:`FusedMLPScorer`'s split terms
+    and hidden layers, the class head and expected rating in the kernel. It has no top-K variant
+    (``rankfast.score`` selects from the tiles' scores) and no backward (``trains``)."""
+
+    op = staticmethod(rs.rating_score)
+    max_fused_k = 0
+    #: :func:`rankfast.scoring.trains_fused` refuses these models: they train eagerly.
+    trains = False
+
+    def _op_args(self, rows, state):
+        item_side, idx, _ = state
+        return dict(a=self.a[rows], c=item_side["c"], idx=idx, **self.adapter.layers)
+
+
 # --- a model's scores in one call -----------------------------------------------------------
 
 
@@ -540,8 +566,10 @@ def op_call(model: RankingModel, users, items=None, history=None, lengths=None, 
         adapter = _FMAdapter(model) if scorer is FusedFMScorer else _MLPAdapter(model)
         (a, gu), (c, gi) = adapter.users(users), adapter.items(rows)
         a, c = scoring_terms(model, a), scoring_terms(model, c)
-        kw = dict(a=a, c=c, idx=idx, gu=gu, gi=gi, check_ids=False, **adapter.layers)
-        return OpCall(ms.mlp_score, kw, (a, c), items)
+        kw = dict(a=a, c=c, idx=idx, check_ids=False, **adapter.layers)
+        if scorer is not FusedRecommenderNetScorer:  # the class head has no GMF term
+            kw.update(gu=gu, gi=gi)
+        return OpCall(scorer.op, kw, (a, c), items)
     if history is None or lengths is None:
         raise ValueError("history, lengths: required by AttentionModel ([B, L] and [B])")
     history, lengths = check_history(
@@ -559,7 +587,8 @@ def model_scores(model: RankingModel, users, items=None, history=None, lengths=N
     """Scores ``[B, N]`` of ``users [B]`` against ``items`` (``None``: every item, shared ``[N]``,
     or per-user ``[B, N]``) through one fused kernel; ``history [B, L]`` and ``lengths [B]`` for an
     :class:`AttentionModel`. Differentiable with respect to the model's parameters, except for
-    a :class:`DCNv2`, whose kernel only scores (call it under ``torch.no_grad()``)."""
+    a :class:`DCNv2` or :class:`RecommenderNet`, whose kernels only score (call them under
+    ``torch.no_grad()``)."""
     call = op_call(model, users, items, history, lengths)
     return call.op(**call.kwargs, precision=precision)
 
@@ -571,8 +600,10 @@ def model_topk(
     ``[B, min(k, N)]``, the rules of :func:`rankfast.score` with ``k`` (``k`` clamped to the ``N``
     candidates, ``exclude`` by item id, NaN last, ties to the earlier candidate, padding id -1 /
     score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``). ``splits``: programs per user (0: automatic)."""
-    if isinstance(model, DCNv2):
-        raise ValueError("model: DCNv2 has no fused score + top-K; rankfast.score(..., k=) scores and selects it")
+    if isinstance(model, DCNv2 | RecommenderNet):
+        raise ValueError(
+            f"model: {type(model).__name__} has no fused score + top-K; rankfast.score(..., k=) scores and selects it"
+        )
     with torch.no_grad():
         call = op_call(model, users, items, history, lengths)
         candidates, num_users = call.candidates, call.kwargs["a"].shape[0]
