@@ -75,7 +75,9 @@ SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 89: 101376, 86: 101376}
 
 #: Functions whose dots are pair layers: they multiply (user, candidate) pair rows, or
 #: (pair, history item) rows, by a weight (the hot loops; rule 3).
-PAIR_LAYERS = frozenset({"_h2", "_mlp_pairs", "_cross_pairs", "_tail_bwd", "_unit_logits", "_unit_bwd", "_unit_chunk"})
+PAIR_LAYERS = frozenset(
+    {"_h2", "_mlp_pairs", "_out", "_cross_pairs", "_tail_bwd", "_unit_logits", "_unit_bwd", "_unit_chunk"}
+)
 
 
 # --- the cases: rankfast's own dispatch at the benchmark shapes ----------------------------------
@@ -172,11 +174,28 @@ def run_dcn_fwd():
         model_scores(model, torch.arange(1024), torch.arange(4096))
 
 
+def run_recnet_fwd():
+    """RecommenderNet with a user and an item field, dim 32, hidden 256-128, 10 rating classes
+    (MovieLens' half stars: the class head is a 16-wide dot)."""
+    from rankfast.data import Field
+    from rankfast.models import RecommenderNet, RecommenderNetConfig
+    from rankfast.scoring.backends.fused import model_scores
+
+    torch.manual_seed(0)
+    fields = (Field("segment", "user", buckets=64), Field("category", "item", buckets=64))
+    classes = tuple(0.5 * c for c in range(1, 11))
+    config = RecommenderNetConfig(1024, 4096, 32, fields=fields, classes=classes, hidden=(256, 128))
+    model = RecommenderNet(config).to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        model_scores(model, torch.arange(1024), torch.arange(4096))
+
+
 CASES = {
     "mlp bf16 B1024xN4096": lambda: run_mlp_fwd(torch.bfloat16),
     "mlp fp32(tf32) B1024xN4096": lambda: run_mlp_fwd(torch.float32),
     "mlp topk bf16 B1024xN4096 k100": run_mlp_topk,
     "dcn bf16 B1024xN4096 D112": run_dcn_fwd,
+    "recnet bf16 B1024xN4096 C10": run_recnet_fwd,
     "din bf16 B256xN512 L100": run_din_fwd,
     "din topk bf16 B256xN512 L100 k100": run_din_topk,
     "train mlp bf16 B1024xN512": lambda: run_train("mlp"),

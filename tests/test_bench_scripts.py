@@ -22,6 +22,7 @@ KERNELS = {
     "_mlp_topk_kernel",
     "_mlp_bwd_kernel",
     "_cross_fwd_kernel",
+    "_rating_fwd_kernel",
     "_attn_fwd_kernel",
     "_attn_topk_kernel",
     "_attn_bwd_tail_kernel",
