@@ -89,6 +89,7 @@ def test_representation_rows_match_all(features):
 def test_set_features_equals_a_model_built_with_them(hybrid):
     config = DotConfig(NUM_USERS, NUM_ITEMS, DIM, user_feature_dim=5, user_hybrid=hybrid)
     old, new = torch.randn(NUM_USERS, 5), torch.randn(NUM_USERS, 5)
+    given = old.clone()
     model = DotModel(config, user_features=old)
     with torch.no_grad():
         for p in model.parameters():
@@ -98,6 +99,7 @@ def test_set_features_equals_a_model_built_with_them(hybrid):
     model.user_repr.set_features(new)
     users, items = torch.tensor([0, 6, 3]), torch.tensor([30, 0, 7])
     assert torch.equal(model.user_repr.features, new)
+    assert torch.equal(old, given), "the model holds a copy: the caller's features are untouched"
     torch.testing.assert_close(model(users, items), reference(users, items), rtol=0, atol=0)
     with pytest.raises(ValueError, match="expected shape"):
         model.user_repr.set_features(torch.randn(NUM_USERS, 4))

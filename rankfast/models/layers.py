@@ -57,7 +57,8 @@ class Representation(nn.Module):
             else:
                 nn.init.normal_(self.embedding.weight, std=dim**-0.5)
         if features is not None:
-            self.register_buffer("features", features.to(torch.get_default_dtype()).contiguous())
+            # A copy: set_features writes into the buffer, which must not be the caller's tensor.
+            self.register_buffer("features", features.to(torch.get_default_dtype(), copy=True).contiguous())
             self.projection = nn.Linear(features.shape[1], dim) if project else nn.Identity()
 
     @property
