@@ -321,10 +321,11 @@ class Ranker:
 
         For a model that pools the user's history with attention (it has
         ``history_weights(users, items, history, lengths) -> [B, L]``, as
-        :class:`~rankfast.models.AttentionModel` does): the weight each item of
-        the user's stored history gets in the pooled history for this
-        candidate (the softmax over the history, or DIN's raw weights with
-        ``normalize=False``; an item that appears several times gets the sum).
+        :class:`~rankfast.models.AttentionModel` and :class:`~rankfast.models.SASRec`
+        do): the weight each item of the user's stored history gets in the pooled
+        history for this candidate (the softmax over the history, or DIN's raw
+        weights with ``normalize=False``; SASRec's last block's attention from the
+        last item read; an item that appears several times gets the sum).
 
         Returns up to ``top`` ``{"item": raw id, "weight": float}``, largest
         weight first (ties: the more recent item first); fewer when the
@@ -338,7 +339,7 @@ class Ranker:
         if not hasattr(self.model, "history_weights"):
             raise TypeError(
                 f"explain: this {type(self.model).__name__} does not weigh history items "
-                "(models with history_weights do, e.g. AttentionModel)"
+                "(models with history_weights do: AttentionModel, SASRec)"
             )
         if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
             raise ValueError(f"top: expected a positive int, got {top!r}")

@@ -202,15 +202,17 @@ def test_score_writes_json_lines(model_dir, tmp_path, capsys):
     assert all(len(r["items"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
 
 
-def test_train_logs_epochs_and_score_explains(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("model", ["attention", "sasrec"])
+def test_train_logs_epochs_and_score_explains(model, model_dir, tmp_path, capsys):
     """`rankfast train` reports each epoch on stderr (through logging, terminal or not);
-    `rankfast score --explain N` adds each item's most weighed history items."""
-    out = tmp_path / "att"
+    `rankfast score --explain N` adds each item's most weighed history items (attention and
+    sequential models)."""
+    out = tmp_path / model
     code, _, err = run(
         [
             "train",
             "--model",
-            "attention",
+            model,
             "--users",
             "60",
             "--items",

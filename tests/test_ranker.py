@@ -18,7 +18,17 @@ import rankfast.model_dir as model_dir_module
 import rankfast.ranker as ranker_module
 from rankfast import Ranker, TrainConfig, fit
 from rankfast.data import Interactions, synthetic_interactions, user_histories
-from rankfast.models import AttentionConfig, AttentionModel, DotConfig, DotModel, MLPConfig, MLPModel, load_model
+from rankfast.models import (
+    AttentionConfig,
+    AttentionModel,
+    DotConfig,
+    DotModel,
+    MLPConfig,
+    MLPModel,
+    SASRec,
+    SASRecConfig,
+    load_model,
+)
 from rankfast.ranker import Limits, ModelDirError, save_model_dir
 
 from helpers import assert_rankings_match
@@ -849,6 +859,31 @@ def test_explain_reports_the_models_attention_weights(train, tmp_path, fields):
     batched = ranker.explain_items(user, [item, "i003"], top=3)[0]
     assert [g["item"] for g in batched] == [g["item"] for g in got[:3]]
     assert [g["weight"] for g in batched] == pytest.approx([g["weight"] for g in got[:3]], rel=1e-9, abs=1e-12)
+
+
+def test_explain_sasrec_reports_the_last_blocks_attention(train, tmp_path):
+    """SASRec's explanation is its history_weights over the stored history (the last block's
+    attention at the last item read, summed per item), the same for every candidate; the items
+    read are the last max_len of the stored history, so their weights sum to 1."""
+    torch.manual_seed(5)
+    config = SASRecConfig(train.num_users, train.num_items, 8, max_len=4, num_heads=2, dropout=0.0)
+    model = SASRec(config).double().eval()
+    ranker = Ranker.load(save_model_dir(tmp_path / "sas", model, train, max_history=6))
+    user = 100
+    history, lengths = user_histories(train, 6)
+    row = int(train.user_ids.index(np.array([user]))[0])
+    n = int(lengths[row])
+    assert n > config.max_len  # the window matters
+    with torch.no_grad():
+        weights = model.history_weights(None, None, torch.from_numpy(history[row : row + 1]), torch.tensor([n]))[0]
+    expected = {}
+    for item_id, weight in zip(train.item_ids.to_raw(history[row, :n]).tolist(), weights[:n].tolist(), strict=True):
+        expected[item_id] = expected.get(item_id, 0.0) + weight
+    got = ranker.explain(user, "i017", top=10)
+    assert [g["weight"] for g in got] == pytest.approx(sorted(expected.values(), reverse=True), rel=1e-9, abs=1e-12)
+    assert {g["item"] for g in got if g["weight"] > 0} == {i for i, w in expected.items() if w > 0}
+    assert sum(g["weight"] for g in got) == pytest.approx(1.0)
+    assert ranker.explain(user, "i003", top=10) == got
 
 
 def test_explain_errors(train, saved, tmp_path):

@@ -27,14 +27,16 @@ def _layer_norm(x, norm):
 def _by_hand(model, items):
     """The user vector of one history ``items`` (a list of ids, oldest first), written out:
     embeddings plus positions, then per block pre-norm causal attention head by head and
-    the feed-forward network, then the final norm at the last item."""
+    the feed-forward network, then the final norm at the last item; and the last block's
+    attention weights at the last item, averaged over the heads (``[n]``, n the items read)."""
     cfg = model.config
     items = items[-cfg.max_len :]
     n = len(items)
     if n == 0:
-        return torch.zeros(cfg.dim, dtype=torch.float64)
+        return torch.zeros(cfg.dim, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     x = torch.stack([model.item_repr(torch.tensor(i)) + model.positions.weight[t] for t, i in enumerate(items)])
     dh = cfg.dim // cfg.num_heads
+    last = None
     for block in model.blocks:
         h = _layer_norm(x, block.attn_norm)
         qkv = h @ block.qkv.weight.T + block.qkv.bias
@@ -48,12 +50,14 @@ def _by_hand(model, items):
                 weights = torch.exp(logits - logits.max())
                 weights = weights / weights.sum()
                 rows.append(sum(w * v[s, cols] for s, w in enumerate(weights)))
+                if t == n - 1:  # the last block's overwrites the earlier blocks'
+                    last = last + weights / cfg.num_heads if head else weights / cfg.num_heads
             heads.append(torch.stack(rows))
         x = x + torch.cat(heads, dim=1) @ block.out.weight.T + block.out.bias
         first, second = block.ff.linears
         hidden = F.gelu(_layer_norm(x, block.ff_norm) @ first.weight.T + first.bias)
         x = x + hidden @ second.weight.T + second.bias
-    return _layer_norm(x[-1], model.norm)
+    return _layer_norm(x[-1], model.norm), last
 
 
 @pytest.mark.parametrize("name", ["sasrec", "sasrec-features"])
@@ -63,9 +67,29 @@ def test_forward_matches_a_transformer_written_by_hand(name):
     users, items = torch.arange(NUM_USERS), torch.randint(0, NUM_ITEMS, (NUM_USERS,))
     got = model(users, items, history, lengths)
     for b in range(NUM_USERS):
-        u = _by_hand(model, history[b, : lengths[b]].tolist())
+        u, _ = _by_hand(model, history[b, : lengths[b]].tolist())
         expected = u @ model.item_repr(items[b]) + model.item_bias[items[b]]
         torch.testing.assert_close(got[b], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec-features"])
+def test_history_weights_are_the_last_blocks_attention_at_the_last_item(name):
+    """Against the transformer written by hand: each history slot's weight is the last block's
+    attention from the last item read, averaged over the heads; 0 at padding and at items
+    older than the last max_len; the same for every candidate."""
+    model = make_model(name).eval()
+    history, lengths = random_history(NUM_USERS, 6)  # longer than sasrec's max_len=4, some empty
+    users, items = torch.arange(NUM_USERS), torch.randint(0, NUM_ITEMS, (NUM_USERS,))
+    got = model.history_weights(users, items, history, lengths)
+    assert got.shape == history.shape
+    for b in range(NUM_USERS):
+        n = int(lengths[b])
+        _, last = _by_hand(model, history[b, :n].tolist())
+        want = torch.zeros(history.shape[1], dtype=torch.float64)
+        want[n - len(last) : n] = last
+        torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.history_weights(users, items.flip(0), history, lengths), got)
+    assert torch.equal(model.history_weights(users, items, history[:, :0], lengths * 0), history[:, :0].double())
 
 
 def test_history_handling():

@@ -28,7 +28,7 @@ model directory. Settings come from flags or a TOML file (flags win):
     movielens = "ml-latest-small"   # a name (downloaded once) or a MovieLens directory
     # or: synthetic = {num_users = 3000, num_items = 1500}
     [model]
-    type = "dot"              # dot | mlp | neumf | attention | fm | deepfm | dcn | recnet;
+    type = "dot"              # dot | mlp | neumf | attention | sasrec | fm | deepfm | dcn | recnet;
     dim = 32                  # other keys go to its config
     [train]                   # rankfast.TrainConfig fields
     epochs = 6
@@ -49,6 +49,7 @@ MODELS = {
     "deepfm": ("DeepFM", "DeepFMConfig"),
     "dcn": ("DCNv2", "DCNConfig"),
     "recnet": ("RecommenderNet", "RecommenderNetConfig"),
+    "sasrec": ("SASRec", "SASRecConfig"),
 }
 TASKS = ("ranking", "click", "rating")
 KS = (10, 20)

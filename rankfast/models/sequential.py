@@ -63,9 +63,21 @@ class _Block(nn.Module):
         self.ff = MLP(dim, (dim, dim), activation, dropout)
         self.dropout = nn.Dropout(dropout)
 
+    def _qkv(self, x: torch.Tensor):
+        b, length, d = x.shape
+        return self.qkv(self.attn_norm(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, L, L]``: each head's causal attention weights (row: query position), as
+        :meth:`forward` applies them without dropout."""
+        q, k, _ = self._qkv(x)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
+        return torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self._qkv(x)
         p = self.dropout_p if self.training else 0.0
         attn = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # [B, H, L, d/H]
         x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, d)))
@@ -103,20 +115,23 @@ class SASRec(RankingModel):
         (``L <= max_len``); position ``t`` depends on the row's items ``0..t``
         only (causal attention), so it is the user vector of the history
         ``history[:, :t + 1]``. Outputs at padding positions mean nothing."""
-        b, length = history.shape
-        if length > self.config.max_len:
-            raise ValueError(f"history: SASRec.encode reads at most max_len={self.config.max_len} items, got {length}")
-        steps = torch.arange(length, device=history.device)
-        valid = steps < lengths[:, None]
-        # Padding sits after the valid items, so causal attention never lets a valid item see it.
-        x = self.dropout(self.item_repr(history.masked_fill(~valid, 0)) + self.positions.weight[:length])
+        x = self._embed(history, lengths)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def user_vectors(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``[B, dim]``: the output at each row's last valid item of ``history [B, L]``
-        (the row's last ``max_len`` items are read); zero for an empty history."""
+    def _embed(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The first block's input ``[B, L, dim]``: item plus position embeddings."""
+        length = history.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(f"history: SASRec.encode reads at most max_len={self.config.max_len} items, got {length}")
+        valid = torch.arange(length, device=history.device) < lengths[:, None]
+        # Padding sits after the valid items, so causal attention never lets a valid item see it.
+        return self.dropout(self.item_repr(history.masked_fill(~valid, 0)) + self.positions.weight[:length])
+
+    def _window(self, history, lengths):
+        """``(history, lengths, start)``: each row's last ``max_len`` valid items (``start [B]``:
+        where they begin in the given rows), after checking the shapes."""
         if history is None or lengths is None:
             raise ValueError("history: SASRec needs history [B, L] and lengths [B]")
         if history.dim() != 2 or lengths.shape != history.shape[:1]:
@@ -124,15 +139,41 @@ class SASRec(RankingModel):
                 f"history: expected [B, L] with lengths [B], got {tuple(history.shape)} and {tuple(lengths.shape)}"
             )
         max_len = self.config.max_len
+        start = torch.zeros_like(lengths)
         if history.shape[1] > max_len:  # the last max_len valid items of each row
             start = (lengths - max_len).clamp(min=0)
             history = history.gather(1, start[:, None] + torch.arange(max_len, device=history.device))
             lengths = lengths.clamp(max=max_len)
+        return history, lengths, start
+
+    def user_vectors(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``[B, dim]``: the output at each row's last valid item of ``history [B, L]``
+        (the row's last ``max_len`` items are read); zero for an empty history."""
+        history, lengths, _ = self._window(history, lengths)
         b, length = history.shape
         if length == 0:
             return self.norm.weight.new_zeros(b, self.config.dim)
         out = self.encode(history, lengths)[torch.arange(b, device=history.device), (lengths - 1).clamp(min=0)]
         return out * (lengths > 0)[:, None].to(out.dtype)
+
+    def history_weights(self, users, items, history, lengths) -> torch.Tensor:
+        """``[B, L]``: how much each item of ``history`` weighs in the user vector: the last
+        block's attention from the last valid position, averaged over its heads (the weights
+        over the items read sum to 1). The same for every candidate (``items`` is unused: the
+        user vector does not depend on it); 0 at padding and at items older than the last
+        ``max_len``. What :meth:`rankfast.Ranker.explain` reports."""
+        window, lens, start = self._window(history, lengths)
+        weights = self.norm.weight.new_zeros(history.shape)
+        b, length = window.shape
+        if length == 0:
+            return weights
+        x = self._embed(window, lens)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        rows = torch.arange(b, device=history.device)
+        last = self.blocks[-1].attention(x)[rows, :, (lens - 1).clamp(min=0)].mean(1)  # [B, length]
+        valid = torch.arange(length, device=history.device) < lens[:, None]
+        return weights.scatter_(1, start[:, None] + torch.arange(length, device=history.device), last * valid)
 
     def forward(self, users, items, history=None, lengths=None):
         u = self.user_vectors(history, lengths)
