@@ -77,6 +77,7 @@ from rankfast.scoring import BACKEND_ENV  # noqa: E402
 from rankfast.scoring.backends.fused import model_scores, model_topk, op_call, training_scores  # noqa: E402
 
 from memory import peak_memory  # noqa: E402
+from probe_report import PYTORCH  # noqa: E402  (the PyTorch rows; "best PyTorch" is the fastest of them)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # fp32 cases: TF32 tensor cores for every implementation (eager, torch.compile and the kernels,
@@ -90,15 +91,6 @@ COMPILE_TIMEOUT = float(os.environ.get("BENCH_COMPILE_TIMEOUT", "240"))
 D = 16 if SMALL else 64
 HIDDEN = (32, 16) if SMALL else (256, 128)
 UNIT = (20, 10) if SMALL else (80, 40)
-#: PyTorch rows ("best PyTorch" is the fastest of them).
-PYTORCH = (
-    "eager",
-    "eager-split",
-    "torch.compile",
-    "torch.compile-split",
-    "torch.compile-max",
-    "torch.compile-split-max",
-)
 
 
 def sync():

@@ -27,6 +27,7 @@ from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
+#: The PyTorch rows of bench_kernels.py ("best PyTorch" is the fastest of them).
 PYTORCH = (
     "eager",
     "eager-split",
