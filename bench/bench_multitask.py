@@ -2,15 +2,14 @@
 
 The same DotModel (dim 64, sampled softmax over 32 popularity negatives) trains alone
 and inside ``rankfast.train.MultiTask`` (a rating head on the shared embeddings) with
-each rating weight and schedule of a grid (``constant``, or ``linear``: the weight
-lowered to 0 by the run's last step). Protocol as in bench_quality: per-user temporal
-80/20; each user's last 10% of training interactions are a validation split on which the
-rating weight, its schedule and the epoch count are chosen (validation NDCG@20); the chosen settings
+each rating weight of a grid. Protocol as in bench_quality: per-user temporal 80/20;
+each user's last 10% of training interactions are a validation split on which the
+rating weight and the epoch count are chosen (validation NDCG@20); the chosen settings
 are retrained from scratch on the whole training split and evaluated once on the test
 split: NDCG@20 / Recall@20 of the ranking and RMSE of the rating head on the test
 ratings, averaged over ``--seeds`` seeds (initial weights, data order, negatives).
 
-    python bench/bench_multitask.py [--weights 1 0.3 0.1 0.03] [--schedules constant linear] [--seeds 3] [--out FILE]
+    python bench/bench_multitask.py [--weights 1 0.3 0.1 0.03] [--seeds 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from rankfast.data import temporal_split
 from rankfast.evaluate import evaluate, evaluate_pointwise
 from rankfast.models import DotConfig, DotModel
 from rankfast.train import MultiTask, TrainConfig, fit
-from rankfast.train.multitask import RATING_SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = dict(
@@ -38,24 +36,16 @@ TRAINING = dict(
 )
 
 
-def build(data, setting, seed=0):
-    """``(base, model)``: single-task for ``setting`` None, else a MultiTask of ``(weight, schedule)``."""
+def build(data, weight, seed=0):
     torch.manual_seed(seed)
     base = DotModel(DotConfig(num_users=data.num_users, num_items=data.num_items, dim=64))
-    if setting is None:
-        return base, base
-    weight, schedule = setting
-    return base, MultiTask(base, rating_weight=weight, rating_schedule=schedule)
+    return base, (base if weight is None else MultiTask(base, rating_weight=weight))
 
 
-def name(setting) -> str:
-    return "single-task" if setting is None else f"weight {setting[0]}, {setting[1]}"
-
-
-def run(data, valid, setting, epochs=None, seed=0):
+def run(data, valid, weight, epochs=None, seed=0):
     """``(base, model, history)`` trained on ``data``: monitored on ``valid`` (the best epoch's
     weights restored), or for ``epochs``."""
-    base, model = build(data, setting, seed)
+    base, model = build(data, weight, seed)
     config = TrainConfig(eval_ks=(20,), progress=False, seed=seed, **TRAINING)
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
@@ -67,7 +57,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="ml-latest-small")
     parser.add_argument("--weights", type=float, nargs="*", default=[1.0, 0.3, 0.1, 0.03])
-    parser.add_argument("--schedules", nargs="*", default=["constant", "linear"], choices=RATING_SCHEDULES)
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the test runs (default 3)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "multitask-ml-latest-small.md")
     args = parser.parse_args()
@@ -76,29 +65,28 @@ def main():
     train, test = temporal_split(datasets.load(args.data), 0.2)
     part, valid = temporal_split(train, 0.1)
     selection = []
-    settings = [(w, schedule) for schedule in args.schedules for w in args.weights]
-    for setting in [None, *settings]:
-        _, _, history = run(part, valid, setting)
+    for weight in [None, *args.weights]:
+        _, _, history = run(part, valid, weight)
         best = max(history, key=lambda r: r["ndcg@20"])
-        selection.append((setting, best["epoch"], best["ndcg@20"], best.get("rmse")))
-        print(f"selection: {name(setting)}: valid NDCG@20 {best['ndcg@20']:.4f} at epoch {best['epoch']}", flush=True)
+        selection.append((weight, best["epoch"], best["ndcg@20"], best.get("rmse")))
+        print(f"selection: rating weight {weight}: valid NDCG@20 {best['ndcg@20']:.4f} at epoch {best['epoch']}")
     chosen = max((s for s in selection if s[0] is not None), key=lambda s: s[2])
     rows = []
-    for setting, epochs, *_ in [selection[0], chosen, *(s for s in selection[1:2] if s is not chosen)]:
+    for weight, epochs, *_ in [selection[0], chosen, *(s for s in selection[1:2] if s is not chosen)]:
         started = time.perf_counter()
         ndcg, recall, rmse = [], [], []
         for seed in range(args.seeds):
-            base, model, _ = run(train, None, setting, epochs, seed)
+            base, model, _ = run(train, None, weight, epochs, seed)
             ranking = evaluate(base, train, test, ks=(20,), progress=False)
             ndcg.append(ranking["ndcg@20"])
             recall.append(ranking["recall@20"])
-            if setting is not None:
+            if weight is not None:
                 rmse.append(evaluate_pointwise(model, train, test, task="rating")["rmse"])
-            print(f"test: {name(setting)}, seed {seed}: NDCG@20 {ndcg[-1]:.4f} RMSE {rmse[-1:]}", flush=True)
+            print(f"test: rating weight {weight}, seed {seed}: NDCG@20 {ndcg[-1]:.4f} RMSE {rmse[-1:]}", flush=True)
         seconds = (time.perf_counter() - started) / args.seeds
         mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
         spread = ", ".join(f"{v:.4f}" for v in ndcg)
-        rows.append((setting, epochs, mean(ndcg), mean(recall), mean(rmse), seconds, spread))
+        rows.append((weight, epochs, mean(ndcg), mean(recall), mean(rmse), seconds, spread))
     single = rows[0][2]
     met = rows[1][2] >= single
     lines = [
@@ -113,16 +101,19 @@ def main():
         "",
         "Selection (validation split):",
         "",
-        "| rating weight, schedule | best epoch | valid NDCG@20 | valid RMSE |",
+        "| rating weight | best epoch | valid NDCG@20 | valid RMSE |",
         "| --- | --- | --- | --- |",
-        *(f"| {name(w)} | {e} | {n:.4f} | {'-' if r is None else f'{r:.4f}'} |" for w, e, n, r in selection),
+        *(
+            f"| {'single-task' if w is None else w} | {e} | {n:.4f} | {'-' if r is None else f'{r:.4f}'} |"
+            for w, e, n, r in selection
+        ),
         "",
         f"Test (retrained on the whole training split; means over {args.seeds} seeds):",
         "",
         "| model | epochs | NDCG@20 | Recall@20 | rating RMSE | seconds a run | NDCG@20 by seed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {'single-task' if w is None else f'MultiTask, {name(w)}'} | {e} | {n:.4f} | {r:.4f} | "
+            f"| {'single-task' if w is None else f'MultiTask, rating_weight={w}'} | {e} | {n:.4f} | {r:.4f} | "
             f"{'-' if m is None else f'{m:.4f}'} | {s:.0f} | {spread} |"
             for w, e, n, r, m, s, spread in rows
         ),

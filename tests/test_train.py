@@ -238,32 +238,6 @@ def test_multitask_loss_rates_the_positives():
     torch.testing.assert_close(strategy.loss(multi, idx, negatives), expected)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_multitask_linear_schedule_lowers_the_rating_weight_to_zero(grad_accum, monkeypatch):
-    """``rating_schedule="linear"``: each optimizer step's micro-batches see the rating weight
-    ``0.8 * (1 - step / (steps - 1))`` over the whole run (2 epochs here), 0.8 at the first step
-    and 0 at the last; "constant" keeps 0.8 throughout."""
-    train = planted(n_users=30, per_user=6)  # 180 rows: 6 micro-batches of 32 an epoch
-    seen = []
-    real_loss = SampledNegatives.loss
-
-    def recording_loss(self, net, idx, negatives):
-        seen.append(self.model.current_rating_weight)
-        return real_loss(self, net, idx, negatives)
-
-    monkeypatch.setattr(SampledNegatives, "loss", recording_loss)
-    config = TrainConfig(epochs=2, loss="bce", batch_size=32, grad_accum=grad_accum, **QUIET)
-    fit(MultiTask(dot_model(train, dim=8), rating_weight=0.8, rating_schedule="linear"), train, config)
-    steps = 2 * -(-6 // grad_accum)
-    expected = [0.8 * (1 - s / (steps - 1)) for s in range(steps) for _ in range(grad_accum)][: len(seen)]
-    assert len(seen) == 12 and seen == pytest.approx(expected)
-    seen.clear()
-    fit(MultiTask(dot_model(train, dim=8), rating_weight=0.8), train, config)
-    assert seen == [0.8] * 12
-    with pytest.raises(ValueError, match="rating_schedule: expected one of"):
-        MultiTask(dot_model(train, dim=8), rating_schedule="cosine")
-
-
 def test_attention_model_trains_on_leakage_free_histories():
     train, valid = temporal_split(planted(n_users=40, per_user=10), 0.25)
     torch.manual_seed(0)

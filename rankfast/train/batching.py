@@ -204,7 +204,7 @@ class SampledNegatives(Strategy):
         loss = _ranking_loss(self.config.loss, scores, items.view(len(idx), -1), self.log_q, self.device)
         if multitask:
             rating_loss = self.model.rating_loss(ratings.float(), self._to_device(self.examples.ratings[idx]))
-            loss = self.model.click_weight * loss + self.model.current_rating_weight * rating_loss
+            loss = self.model.click_weight * loss + self.model.rating_weight * rating_loss
         return loss
 
 

@@ -269,9 +269,6 @@ class _Trainer:
         self.model.train()
         total, count = 0.0, 0
         for step in range(0, len(batches), config.grad_accum):
-            if self.multitask:  # where its rating_schedule stands
-                done = (self.epoch - 1) * self.steps_per_epoch + step // config.grad_accum
-                self.model.progress = done / max(1, self.steps_per_epoch * config.epochs - 1)
             group = batches[step : step + config.grad_accum]
             for j, (idx, neg) in enumerate(group):
                 last = j == len(group) - 1

@@ -7,11 +7,7 @@ from torch import nn
 
 from rankfast.models import MLP, RankingModel
 
-__all__ = ["MultiTask", "RATING_SCHEDULES"]
-
-#: How the rating loss's weight moves over a run: ``constant``, or ``linear`` from
-#: ``rating_weight`` at the first step down to 0 at the last.
-RATING_SCHEDULES = ("constant", "linear")
+__all__ = ["MultiTask"]
 
 
 class MultiTask(nn.Module):
@@ -36,23 +32,9 @@ class MultiTask(nn.Module):
     weights tried on that validation split and above the single-task model
     (``bench/results/multitask-ml-latest-small.md``). Check it on your data's
     validation split the same way.
-
-    ``rating_schedule="linear"`` lowers the rating loss's weight from
-    ``rating_weight`` at a run's first step to 0 at its last (:attr:`progress`,
-    which :func:`rankfast.fit` sets each step), so that the run ends on the
-    ranking loss alone: the auxiliary task shapes the shared representations
-    early and cannot pull them away from the ranking at the end.
     """
 
-    def __init__(
-        self,
-        base: RankingModel,
-        *,
-        hidden=(64,),
-        click_weight: float = 1.0,
-        rating_weight: float = 1.0,
-        rating_schedule: str = "constant",
-    ):
+    def __init__(self, base: RankingModel, *, hidden=(64,), click_weight: float = 1.0, rating_weight: float = 1.0):
         super().__init__()
         if not isinstance(base, RankingModel):
             raise TypeError(f"base: expected a rankfast.models.RankingModel, got {type(base).__name__}")
@@ -60,13 +42,8 @@ class MultiTask(nn.Module):
             raise ValueError(
                 f"click_weight, rating_weight: must be non-negative and not both 0, got {click_weight}, {rating_weight}"
             )
-        if rating_schedule not in RATING_SCHEDULES:
-            raise ValueError(f"rating_schedule: expected one of {RATING_SCHEDULES}, got {rating_schedule!r}")
         self.base = base
         self.click_weight, self.rating_weight = float(click_weight), float(rating_weight)
-        self.rating_schedule = rating_schedule
-        #: The fraction of the training run done, in [0, 1] (set by ``rankfast.fit`` each step).
-        self.progress = 0.0
         dim = base.user_repr.dim + base.item_repr.dim
         self.rating_head = MLP(dim, (*hidden, 1), "relu", 0.0)
         self.register_buffer("rating_mean", torch.zeros(()))
@@ -83,13 +60,6 @@ class MultiTask(nn.Module):
         with torch.no_grad():
             self.rating_mean.fill_(float(ratings.mean()) if len(ratings) else 0.0)
             self.rating_std.fill_(std if std > 0 else 1.0)
-
-    @property
-    def current_rating_weight(self) -> float:
-        """The rating loss's weight at :attr:`progress` under ``rating_schedule``."""
-        if self.rating_schedule == "linear":
-            return self.rating_weight * (1.0 - self.progress)
-        return self.rating_weight
 
     def rating_loss(self, predicted: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
         """The mean squared error of ``predicted`` ratings in units of ``rating_std``."""
