@@ -372,9 +372,14 @@ def _source(loc: str, defs: dict):
 
 @cache
 def _functions(path: str):
-    """``[(first line, last line, name)]`` of every function in a source file."""
+    """``[(first line, last line, name)]`` of every function in a source file. A kernel compiled
+    in another checkout (Triton's cache is keyed by source, not path) names files that may be
+    gone: those are read from this checkout's ``kernels/``."""
+    source = Path(path)
+    if not source.exists():
+        source = ROOT / "kernels" / source.name
     try:
-        tree = ast.parse(Path(path).read_text())
+        tree = ast.parse(source.read_text())
     except (OSError, SyntaxError):
         return []
     return [(n.lineno, n.end_lineno, n.name) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]

@@ -376,6 +376,80 @@ def _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP: tl.constexpr):
     return gu, gi
 
 
+@triton.jit
+def _mlp_scores(
+    A,
+    C,
+    GU,
+    GI,
+    u64,
+    item,
+    rmask,
+    stride_a,
+    stride_c,
+    stride_gu,
+    stride_gi,
+    H1,
+    H2,
+    H3,
+    H4,
+    G,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    NL: tl.constexpr,
+    H2P: tl.constexpr,
+    H4P: tl.constexpr,
+    GP: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_GMF: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """MLPModel's / NeuMF's score of pairs ``(u64, item)`` without the output bias, ``[BLOCK]``
+    fp32: the MLP on the split first layer's rows, plus the GMF term; what the score kernel
+    stores and its top-K twin ranks."""
+    score = _mlp_pairs(
+        A + u64 * stride_a,
+        C + item * stride_c,
+        rmask,
+        H1,
+        H2,
+        H3,
+        H4,
+        0,
+        0,
+        0.0,
+        WO,
+        False,
+        W2,
+        B2,
+        W3,
+        B3,
+        W4,
+        B4,
+        WO,
+        NL,
+        H2P,
+        H4P,
+        BJ1,
+        BJ3,
+        BLOCK,
+        ACT,
+        PREC,
+    )
+    if HAS_GMF:
+        gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
+        score += tl.sum(gu * gi, axis=1)
+    return score
+
+
 @triton.autotune(configs=_configs(False), key=_KEY)
 @triton.heuristics(_tile_heuristics())
 @triton.jit
@@ -432,19 +506,23 @@ def _mlp_fwd_kernel(
     bo = tl.load(BO).to(tl.float32)
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         u64, n, item, rmask = _tile(tile, B, N, IDX, stride_ib, stride_in, BLOCK_U, BLOCK_N, HAS_IDX)
-        score = _mlp_pairs(
-            A + u64 * stride_a,
-            C + item * stride_c,
+        score = _mlp_scores(
+            A,
+            C,
+            GU,
+            GI,
+            u64,
+            item,
             rmask,
+            stride_a,
+            stride_c,
+            stride_gu,
+            stride_gi,
             H1,
             H2,
             H3,
             H4,
-            0,
-            0,
-            0.0,
-            WO,
-            False,
+            G,
             W2,
             B2,
             W3,
@@ -455,15 +533,14 @@ def _mlp_fwd_kernel(
             NL,
             H2P,
             H4P,
+            GP,
             BJ1,
             BJ3,
             BLOCK_P,
             ACT,
+            HAS_GMF,
             PREC,
         )
-        if HAS_GMF:
-            gu, gi = _gmf(GU, GI, u64, item, rmask, stride_gu, stride_gi, G, GP)
-            score += tl.sum(gu * gi, axis=1)
         tl.store(
             OUT + u64 * stride_ob + n,
             cast(score + bo, OUT.dtype.element_ty),
@@ -966,19 +1043,23 @@ def _mlp_topk_kernel(
         n = n0 + tl.arange(0, R)
         nmask = n < end
         item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-        score = _mlp_pairs(
-            A + u64 * stride_a,
-            C + item * stride_c,
+        score = _mlp_scores(
+            A,
+            C,
+            GU,
+            GI,
+            u64,
+            item,
             nmask,
+            stride_a,
+            stride_c,
+            stride_gu,
+            stride_gi,
             H1,
             H2,
             H3,
             H4,
-            0,
-            0,
-            0.0,
-            WO,
-            False,
+            G,
             W2,
             B2,
             W3,
@@ -989,15 +1070,14 @@ def _mlp_topk_kernel(
             NL,
             H2P,
             H4P,
+            GP,
             BJ1,
             BJ3,
             R,
             ACT,
+            HAS_GMF,
             PREC,
         )
-        if HAS_GMF:
-            gu, gi = _gmf(GU, GI, u64, item, nmask, stride_gu, stride_gi, G, GP)
-            score += tl.sum(gu * gi, axis=1)
         score = cast(score + bo, WO.dtype.element_ty).to(tl.float32)  # ranked as the unfused scores are
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))
         running = merge(running, tile_keys(score, n, eligible))

@@ -307,6 +307,142 @@ def _pool(
     return acc, m, denom
 
 
+@triton.jit
+def _attn_scores(
+    b64,
+    item,
+    nmask,
+    A,
+    CQ,
+    WP,
+    stride_a,
+    stride_cq,
+    stride_wp,
+    LENS,
+    HIST,
+    HT,
+    Q,
+    QT,
+    WX,
+    UW2,
+    UB2,
+    UW3,
+    UB3,
+    UWO,
+    UBO,
+    D,
+    A1,
+    A2,
+    A3,
+    stride_wx,
+    stride_hb,
+    stride_hl,
+    stride_tb,
+    stride_tl,
+    stride_q,
+    stride_qt,
+    scale,
+    KIND: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    NU: tl.constexpr,
+    DP: tl.constexpr,
+    A2P: tl.constexpr,
+    A3P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UJ: tl.constexpr,
+    ACT: tl.constexpr,
+    PREC: tl.constexpr,
+    H1,
+    H2,
+    H3,
+    H4,
+    W2,
+    B2,
+    W3,
+    B3,
+    W4,
+    B4,
+    WO,
+    NL: tl.constexpr,
+    H2P: tl.constexpr,
+    H4P: tl.constexpr,
+    BJ1: tl.constexpr,
+    BJ3: tl.constexpr,
+):
+    """The score of user ``b64``'s candidates ``item`` without the output bias, ``[BLOCK_N]``
+    fp32: the history pooled by attention, then the output MLP on the split first layer's user
+    and candidate rows and the pooled history; what the score kernel stores and its top-K
+    twin ranks."""
+    pooled, _, _ = _pool(
+        b64,
+        item,
+        nmask,
+        LENS,
+        HIST,
+        HT,
+        Q,
+        QT,
+        WX,
+        UW2,
+        UB2,
+        UW3,
+        UB3,
+        UWO,
+        UBO,
+        D,
+        A1,
+        A2,
+        A3,
+        stride_wx,
+        stride_hb,
+        stride_hl,
+        stride_tb,
+        stride_tl,
+        stride_q,
+        stride_qt,
+        scale,
+        KIND,
+        NORMALIZE,
+        NU,
+        DP,
+        A2P,
+        A3P,
+        BLOCK_N,
+        UJ,
+        ACT,
+        PREC,
+    )
+    return _mlp_pairs(
+        A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64),
+        CQ + item * stride_cq,
+        nmask,
+        H1,
+        H2,
+        H3,
+        H4,
+        D,
+        stride_wp,
+        pooled,
+        WP,
+        True,
+        W2,
+        B2,
+        W3,
+        B3,
+        W4,
+        B4,
+        WO,
+        NL,
+        H2P,
+        H4P,
+        BJ1,
+        BJ3,
+        BLOCK_N,
+        ACT,
+        PREC,
+    )
+
+
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _fitting})
 @triton.heuristics({"BJ1": lambda a: min(a["BJ"], a["H1P"]), "BJ3": lambda a: min(a["BJ"], a["H3P"])})
 @triton.jit
@@ -387,10 +523,16 @@ def _attn_fwd_kernel(
     n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-    pooled, _, _ = _pool(
+    score = _attn_scores(
         b64,
         item,
         nmask,
+        A,
+        CQ,
+        WP,
+        stride_a,
+        stride_cq,
+        stride_wp,
         LENS,
         HIST,
         HT,
@@ -425,20 +567,10 @@ def _attn_fwd_kernel(
         UJ,
         ACT,
         PREC,
-    )
-    score = _mlp_pairs(
-        A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64),
-        CQ + item * stride_cq,
-        nmask,
         H1,
         H2,
         H3,
         H4,
-        D,
-        stride_wp,
-        pooled,
-        WP,
-        True,
         W2,
         B2,
         W3,
@@ -451,9 +583,6 @@ def _attn_fwd_kernel(
         H4P,
         BJ1,
         BJ3,
-        BLOCK_N,
-        ACT,
-        PREC,
     )
     score += tl.load(BO).to(tl.float32)
     tl.store(OUT + b64 * stride_ob + n, cast(score, OUT.dtype.element_ty), mask=nmask)
@@ -557,15 +686,20 @@ def _attn_topk_kernel(
     end = tl.minimum(start + CHUNK, N)
     bo = tl.load(BO).to(tl.float32)
     running = tl.full([R], -(2**63), dtype=tl.int64)
-    a_row = A + b64 * stride_a + tl.zeros([BLOCK_N], dtype=tl.int64)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
         item = item_rows(IDX, b64, n, nmask, stride_ib, stride_in, HAS_IDX)
-        pooled, _, _ = _pool(
+        score = _attn_scores(
             b64,
             item,
             nmask,
+            A,
+            CQ,
+            WP,
+            stride_a,
+            stride_cq,
+            stride_wp,
             LENS,
             HIST,
             HT,
@@ -600,20 +734,10 @@ def _attn_topk_kernel(
             UJ,
             ACT,
             PREC,
-        )
-        score = _mlp_pairs(
-            a_row,
-            CQ + item * stride_cq,
-            nmask,
             H1,
             H2,
             H3,
             H4,
-            D,
-            stride_wp,
-            pooled,
-            WP,
-            True,
             W2,
             B2,
             W3,
@@ -626,9 +750,6 @@ def _attn_topk_kernel(
             H4P,
             BJ1,
             BJ3,
-            BLOCK_N,
-            ACT,
-            PREC,
         )
         score = cast(score + bo, HIST.dtype.element_ty).to(tl.float32)
         eligible = nmask & (~excluded(EXCL, b64, stride_e, n, nmask, HAS_EXCL))

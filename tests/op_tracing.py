@@ -23,16 +23,16 @@ class _Calls(torch.nn.Module):
         return self.fn(self.model, *inputs)
 
 
-def assert_op_traces(op, op_args, model, fn, inputs):
+def assert_op_traces(op, op_args, model, fn, inputs, *, differentiable=True):
     """``torch.library.opcheck`` of ``op`` on ``op_args`` (floating tensors become leaves that
-    require grad: schema, fake tensor, autograd registration, AOT dispatch), then
+    require grad: schema, fake tensor, autograd registration, AOT dispatch; an op that is not
+    ``differentiable`` gets its arguments as they are and no autograd check), then
     ``fn(model, *inputs)`` compiled with ``fullgraph=True`` and exported with ``torch.export``
     gives the eager scores, with ``op`` in the exported graph."""
-    torch.library.opcheck(
-        op,
-        tuple(_grad_leaf(x) for x in op_args),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"),
-    )
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if differentiable:
+        op_args, checks = tuple(_grad_leaf(x) for x in op_args), (*checks, "test_autograd_registration")
+    torch.library.opcheck(op, tuple(op_args), test_utils=checks)
     module = _Calls(model, fn)
     expected = module(*inputs).detach()
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")

@@ -18,6 +18,7 @@ from rankfast.scoring import BACKEND_ENV, select_scorer, trains_fused
 from rankfast.scoring.backends import fused
 
 from helpers import NUM_ITEMS, NUM_USERS, SIDE_FIELDS, random_features, reference_scores, rel_err
+from op_tracing import assert_op_traces
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 USERS = [3, 0, 6, 6, 1]
@@ -171,22 +172,11 @@ def test_op_matches_its_fake_and_traces_without_graph_breaks():
     kw = _op_args(model, users, torch.arange(NUM_ITEMS, device=DEVICE))
     names = ["a", "c", "idx", "weights", "biases", "w_classes", "b_classes", "class_values"]
     args = (*(dict(kw, idx=items)[k] for k in names), "relu", "ieee")
-    torch.library.opcheck(
+    assert_op_traces(
         torch.ops.rankfast.rating_score.default,
         args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        model,
+        lambda m, u, i: fused.model_scores(m, u, i, precision="ieee"),
+        (users, items),
+        differentiable=False,
     )
-
-    class Scores(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, users, items):
-            return fused.model_scores(self.model, users, items, precision="ieee")
-
-    want = Scores()(users, items)
-    torch.testing.assert_close(torch.compile(Scores(), fullgraph=True, backend="aot_eager")(users, items), want)
-    exported = torch.export.export(Scores(), (users, items))
-    assert any(node.target == torch.ops.rankfast.rating_score.default for node in exported.graph.nodes)
-    torch.testing.assert_close(exported.module()(users, items), want)
