@@ -196,6 +196,26 @@ def rel_err(got, expected) -> float:
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-6
 
 
+def assert_score_and_select(model, users, items, want, *, context=None, rtol=1e-4):
+    """``rankfast.score`` of ``users`` (5 of them) against ``items`` (None, ``[N]`` or ``[B, N]``)
+    within ``rtol`` of ``want`` (float64 ``[B, N]``) in one block and in many (a 3,000-byte
+    budget), and its top-3 with exclusions: the best 3 values of ``want`` among the kept
+    candidates, ids among them. For scorers without a fused top-K (``rankfast.score`` selects)."""
+    import rankfast
+
+    for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):
+        got = rankfast.score(model, users, items, context=context, memory_budget=budget)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert rel_err(got, want) < rtol, budget
+    exclude = [[4], [], [9, 22], [], [0]]
+    ids, values = rankfast.score(model, users, items, context=context, k=3, exclude=exclude)
+    cand = (torch.arange(want.shape[1], device=users.device) if items is None else items).expand(len(users), -1)
+    for row, skip in enumerate(exclude):
+        kept = ~torch.isin(cand[row], torch.tensor(skip, dtype=cand.dtype, device=cand.device))
+        assert rel_err(values[row], want[row][kept].topk(3).values) < rtol
+        assert set(ids[row].tolist()) <= set(cand[row][kept].tolist())
+
+
 def assert_rankings_match(got_ids, got_scores, want_ids, want_scores, *, rtol=SCORE_RTOL, atol=SCORE_ATOL):
     """Two best-first lists of one user (ids and scores) agree up to float rounding.
 

@@ -22,6 +22,7 @@ from helpers import (
     FIELDS,
     NUM_ITEMS,
     NUM_USERS,
+    assert_score_and_select,
     context_rows,
     context_scores,
     random_features,
@@ -77,18 +78,7 @@ def test_scores_match_the_float64_forward(cross_layers, hidden, dim, activation,
     users, items, ctx = torch.tensor(USERS, device=DEVICE), candidates(kind), context()
     cand = torch.arange(NUM_ITEMS, device=DEVICE) if items is None else items
     want = context_scores(model, users, cand, ctx)
-    for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):  # one block; several blocks and chunks
-        got = rankfast.score(model, users, items, context=ctx, memory_budget=budget)
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        assert rel_err(got, want) < 1e-4, budget
-    exclude = [[4], [], [9, 22], [], [0]]  # no fused top-K: rankfast.score selects from the kernel's scores
-    ids, values = rankfast.score(model, users, items, context=ctx, k=3, exclude=exclude)
-    cand = cand.expand(len(USERS), -1)
-    for row, skip in enumerate(exclude):
-        kept = ~torch.isin(cand[row], torch.tensor(skip, dtype=cand.dtype, device=DEVICE))
-        best = want[row][kept].topk(3).values
-        assert rel_err(values[row], best) < 1e-4
-        assert set(ids[row].tolist()) <= set(cand[row][kept].tolist())
+    assert_score_and_select(model, users, items, want, context=ctx)
 
 
 @pytest.mark.parametrize("kind", ["shared", "per_user"])

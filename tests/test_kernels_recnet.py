@@ -17,7 +17,15 @@ from rankfast.models import RecommenderNet, RecommenderNetConfig
 from rankfast.scoring import BACKEND_ENV, select_scorer, trains_fused
 from rankfast.scoring.backends import fused
 
-from helpers import NUM_ITEMS, NUM_USERS, SIDE_FIELDS, random_features, reference_scores, rel_err
+from helpers import (
+    NUM_ITEMS,
+    NUM_USERS,
+    SIDE_FIELDS,
+    assert_score_and_select,
+    random_features,
+    reference_scores,
+    rel_err,
+)
 from op_tracing import assert_op_traces
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,18 +76,7 @@ def test_scores_match_the_float64_forward(hidden, classes, activation, kind, mon
     users, items = torch.tensor(USERS, device=DEVICE), candidates(kind)
     cand = torch.arange(NUM_ITEMS, device=DEVICE) if items is None else items
     want = reference_scores(model, users, cand)
-    for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):  # one block; several blocks and chunks
-        got = rankfast.score(model, users, items, memory_budget=budget)
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        assert rel_err(got, want) < 1e-4, budget
-    exclude = [[4], [], [9, 22], [], [0]]  # no fused top-K: rankfast.score selects from the kernel's scores
-    ids, values = rankfast.score(model, users, items, k=3, exclude=exclude)
-    cand = cand.expand(len(USERS), -1)
-    for row, skip in enumerate(exclude):
-        kept = ~torch.isin(cand[row], torch.tensor(skip, dtype=cand.dtype, device=DEVICE))
-        best = want[row][kept].topk(3).values
-        assert rel_err(values[row], best) < 1e-4
-        assert set(ids[row].tolist()) <= set(cand[row][kept].tolist())
+    assert_score_and_select(model, users, items, want)
 
 
 @pytest.mark.parametrize("kind", ["shared", "per_user"])
