@@ -12,6 +12,7 @@ import torch
 import rankfast
 from rankfast.data.fields import PAD
 from rankfast.models import FieldRepresentation, load_model
+from rankfast.models import fields as fields_module
 from rankfast.models.fields import default_context
 from rankfast.scoring import BACKEND_ENV
 from rankfast.scoring.backends import factorized, fused, reference
@@ -132,6 +133,36 @@ def test_side_fields_fold_into_the_ids_vectors():
     by_hand = genres[valid].mean(0) if len(valid) else torch.zeros(DIM, dtype=genres.dtype)
     torch.testing.assert_close(model.item_repr.field_vectors(items)[1, 0], by_hand)
     torch.testing.assert_close(model.item_repr.all()[items], model.item_repr(items))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+@pytest.mark.parametrize("multi_hot", [True, False], ids=["multi-hot", "embedding_bag"])
+def test_both_bag_poolings_match_a_hand_computation_with_gradients(pooling, multi_hot, monkeypatch):
+    """A small table pools by a multi-hot matmul on a CPU, a large one through embedding_bag
+    (``pool_bags``): both give each bag's mean or sum, zero for an empty bag, and no gradient
+    to the padding row."""
+    monkeypatch.setattr(fields_module, "MULTI_HOT_MAX_ROWS", 1 << 30 if multi_hot else 0)
+    torch.manual_seed(0)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)  # 5 rows, then the padding's
+    bags = torch.tensor([[[0, 4, 4], [2, PAD, PAD]], [[PAD, PAD, PAD], [1, 3, 0]]])
+    pooled = fields_module.pool_bags(bags, weight, pooling)
+    expected = torch.zeros(2, 2, 3, dtype=torch.float64)
+    for i, j in itertools.product(range(2), range(2)):
+        valid = [int(v) for v in bags[i, j] if int(v) != PAD]
+        if valid:
+            expected[i, j] = weight.detach()[valid].sum(0) / (len(valid) if pooling == "mean" else 1)
+    torch.testing.assert_close(pooled, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(2, 2, 3, dtype=torch.float64)
+    (pooled * upstream).sum().backward()
+    grad = torch.zeros_like(weight)
+    for i, j in itertools.product(range(2), range(2)):
+        valid = [int(v) for v in bags[i, j] if int(v) != PAD]
+        for v in valid:
+            grad[v] += upstream[i, j] / (len(valid) if pooling == "mean" else 1)
+    torch.testing.assert_close(weight.grad, grad, rtol=1e-12, atol=1e-12)
+    assert not weight.grad[-1].any()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # pooled in the table's dtype, as embedding_bag pools
+        assert fields_module.pool_bags(bags, weight.float(), pooling).dtype == torch.float32
 
 
 @torch.no_grad()

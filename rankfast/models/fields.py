@@ -34,6 +34,7 @@ __all__ = [
     "check_context",
     "default_context",
     "init_factors",
+    "pool_bags",
 ]
 
 #: The standard deviation the field models (FM, DeepFM, DCN-v2) draw their embedding tables
@@ -70,14 +71,48 @@ class FieldEmbedding(nn.Module):
                 out.append(F.linear(v.to(weight.dtype), weight))
             elif f.kind == "categorical":
                 out.append(F.embedding(v, weight))
-            else:  # one fused gather-and-pool; an empty bag pools to zero
-                bags = torch.where(v == PAD, f.rows, v).reshape(-1, v.shape[-1])
-                pooled = F.embedding_bag(bags, weight, mode=f.pooling, padding_idx=f.rows)
-                out.append(pooled.view(*v.shape[:-1], -1))
+            else:
+                out.append(pool_bags(v, weight, f.pooling))
         return out
 
     def forward(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(self.vectors(values), dim=-2)
+
+
+#: Bags over at most this many table rows pool on a CPU as one matmul, ``multi_hot(bags) @ table``,
+#: when the multi-hot matrix has at most :data:`MULTI_HOT_MAX_ELEMENTS` entries; others go through
+#: ``F.embedding_bag``. Measured on one CPU core (batch 256, dim 16, bags of up to 10), forward and
+#: backward: 110 us for a 21-row table against embedding_bag's 280 us (most of it its backward's
+#: sort and zeroing), about 4% of a DCN-v2 training step on MovieLens' genres; the two break even
+#: near 500 rows. On a GPU embedding_bag is one kernel and stays.
+MULTI_HOT_MAX_ROWS = 256
+MULTI_HOT_MAX_ELEMENTS = 1 << 20
+
+
+def pool_bags(bags: torch.Tensor, weight: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The ``pooling`` (``"mean"`` or ``"sum"``) of ``weight``'s rows named by ``bags [..., max_len]``
+    (:data:`PAD` slots left out; an empty bag pools to zero), ``[..., dim]``. The table's last row
+    is the padding's, which no bag reads and which gets no gradient."""
+    pad = weight.shape[0] - 1
+    valid = bags != PAD
+    slots = torch.where(valid, bags, pad)
+    flat = slots.reshape(-1, bags.shape[-1])
+    multi_hot = (
+        weight.device.type == "cpu"
+        and weight.shape[0] <= MULTI_HOT_MAX_ROWS
+        and flat.shape[0] * weight.shape[0] <= MULTI_HOT_MAX_ELEMENTS
+    )
+    if not multi_hot:
+        pooled = F.embedding_bag(flat, weight, mode=pooling, padding_idx=pad)
+        return pooled.view(*bags.shape[:-1], -1)
+    share = valid.to(weight.dtype)
+    if pooling == "mean":
+        share = share / valid.sum(-1, keepdim=True).clamp_min(1)
+    hot = weight.new_zeros(*bags.shape[:-1], weight.shape[0]).scatter_add_(-1, slots, share)
+    if not torch.is_autocast_enabled("cpu"):
+        return hot @ weight
+    with torch.autocast("cpu", enabled=False):  # pooled in the table's dtype, as embedding_bag pools
+        return hot @ weight
 
 
 class _Table(nn.Module):
