@@ -4,18 +4,20 @@ The same DotModel (dim 64, sampled softmax over 32 popularity negatives) trains 
 and inside ``rankfast.train.MultiTask`` (a rating head on the shared embeddings) with
 each rating weight of a grid. Protocol as in bench_quality: per-user temporal 80/20;
 each user's last 10% of training interactions are a validation split on which the
-rating weight and the epoch count are chosen (validation NDCG@20); the chosen settings
-are retrained from scratch on the whole training split and evaluated once on the test
-split: NDCG@20 / Recall@20 of the ranking and RMSE of the rating head on the test
-ratings, averaged over ``--seeds`` seeds (initial weights, data order, negatives).
+rating weight and the number of epochs are chosen (validation NDCG@20 at the end of a
+run); the chosen settings are retrained from scratch on the whole training split and
+evaluated once on the test split: NDCG@20 / Recall@20 of the ranking and RMSE of the
+rating head on the test ratings, averaged over ``--seeds`` seeds (initial weights, data
+order, negatives). Each number of epochs of the grid is its own run, its cosine
+learning-rate schedule spanning that many epochs, so that a test run repeats the
+schedule of the validation run that chose it.
 
-    python bench/bench_multitask.py [--weights 1 0.3 0.1 0.03] [--seeds 3] [--out FILE]
+    python bench/bench_multitask.py [--weights 1 0.3 0.1 0.03] [--epochs 4 6 8 10 12 16] [--seeds 3] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import time
@@ -31,9 +33,7 @@ from rankfast.models import DotConfig, DotModel
 from rankfast.train import MultiTask, TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINING = dict(
-    loss="softmax", negatives="popularity", negative_alpha=1.0, num_negatives=32, epochs=12, lr=1e-2, batch_size=2048
-)
+TRAINING = dict(loss="softmax", negatives="popularity", negative_alpha=1.0, num_negatives=32, lr=1e-2, batch_size=2048)
 
 
 def build(data, weight, seed=0):
@@ -42,21 +42,25 @@ def build(data, weight, seed=0):
     return base, (base if weight is None else MultiTask(base, rating_weight=weight))
 
 
-def run(data, valid, weight, epochs=None, seed=0):
-    """``(base, model, history)`` trained on ``data``: monitored on ``valid`` (the best epoch's
-    weights restored), or for ``epochs``."""
+def run(data, weight, epochs, seed=0):
+    """``(base, model)`` trained on ``data`` for ``epochs`` (the schedule spanning them)."""
     base, model = build(data, weight, seed)
-    config = TrainConfig(eval_ks=(20,), progress=False, seed=seed, **TRAINING)
-    if epochs is not None:
-        config = dataclasses.replace(config, epochs=epochs)
-    history = fit(model, data, config, valid=valid)
-    return base, model, history
+    fit(model, data, TrainConfig(progress=False, seed=seed, **{**TRAINING, "epochs": epochs}))
+    return base, model
+
+
+def scores(base, model, train, held_out, weight):
+    """``(NDCG@20, Recall@20, rating RMSE or None)`` on ``held_out``."""
+    ranking = evaluate(base, train, held_out, ks=(20,), progress=False)
+    rmse = None if weight is None else evaluate_pointwise(model, train, held_out, task="rating")["rmse"]
+    return ranking["ndcg@20"], ranking["recall@20"], rmse
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="ml-latest-small")
     parser.add_argument("--weights", type=float, nargs="*", default=[1.0, 0.3, 0.1, 0.03])
+    parser.add_argument("--epochs", type=int, nargs="*", default=[4, 6, 8, 10, 12, 16])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the test runs (default 3)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "multitask-ml-latest-small.md")
     args = parser.parse_args()
@@ -64,25 +68,26 @@ def main():
     load = os.getloadavg()
     train, test = temporal_split(datasets.load(args.data), 0.2)
     part, valid = temporal_split(train, 0.1)
-    selection = []
+    selection = []  # (weight, epochs, valid NDCG@20, valid RMSE)
     for weight in [None, *args.weights]:
-        _, _, history = run(part, valid, weight)
-        best = max(history, key=lambda r: r["ndcg@20"])
-        selection.append((weight, best["epoch"], best["ndcg@20"], best.get("rmse")))
-        print(f"selection: rating weight {weight}: valid NDCG@20 {best['ndcg@20']:.4f} at epoch {best['epoch']}")
-    chosen = max((s for s in selection if s[0] is not None), key=lambda s: s[2])
+        for epochs in args.epochs:
+            ndcg, _, rmse = scores(*run(part, weight, epochs), part, valid, weight)
+            selection.append((weight, epochs, ndcg, rmse))
+            print(f"selection: rating weight {weight}, {epochs} epochs: valid NDCG@20 {ndcg:.4f}", flush=True)
+    best = lambda rows: max(rows, key=lambda s: s[2])  # noqa: E731
+    single_choice = best(s for s in selection if s[0] is None)
+    chosen = best(s for s in selection if s[0] is not None)
     rows = []
-    for weight, epochs, *_ in [selection[0], chosen, *(s for s in selection[1:2] if s is not chosen)]:
+    for weight, epochs, *_ in (single_choice, chosen):
         started = time.perf_counter()
         ndcg, recall, rmse = [], [], []
         for seed in range(args.seeds):
-            base, model, _ = run(train, None, weight, epochs, seed)
-            ranking = evaluate(base, train, test, ks=(20,), progress=False)
-            ndcg.append(ranking["ndcg@20"])
-            recall.append(ranking["recall@20"])
-            if weight is not None:
-                rmse.append(evaluate_pointwise(model, train, test, task="rating")["rmse"])
-            print(f"test: rating weight {weight}, seed {seed}: NDCG@20 {ndcg[-1]:.4f} RMSE {rmse[-1:]}", flush=True)
+            n, r, m = scores(*run(train, weight, epochs, seed), train, test, weight)
+            ndcg.append(n)
+            recall.append(r)
+            if m is not None:
+                rmse.append(m)
+            print(f"test: rating weight {weight}, seed {seed}: NDCG@20 {n:.4f} RMSE {m}", flush=True)
         seconds = (time.perf_counter() - started) / args.seeds
         mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
         spread = ", ".join(f"{v:.4f}" for v in ndcg)
@@ -101,7 +106,7 @@ def main():
         "",
         "Selection (validation split):",
         "",
-        "| rating weight | best epoch | valid NDCG@20 | valid RMSE |",
+        "| rating weight | epochs | valid NDCG@20 | valid RMSE |",
         "| --- | --- | --- | --- |",
         *(
             f"| {'single-task' if w is None else w} | {e} | {n:.4f} | {'-' if r is None else f'{r:.4f}'} |"
