@@ -240,6 +240,24 @@ def test_train_logs_epochs_and_score_explains(model, model_dir, tmp_path, capsys
     assert code == 2 and "--explain: this MLPModel does not weigh history items" in err
 
 
+def test_train_itemitem_starts_from_ease_weights_over_recency_weighted_rows(tmp_path, capsys):
+    """`rankfast train --model itemitem`: EASE^R's weights (lambda 300 by default) over the
+    history rows weighted by recency, fine-tuned; at a vanishing learning rate the saved model
+    scores what EASE^R scores from the same rows. A width is an error naming the config field."""
+    out = tmp_path / "itemitem"
+    argv = ["train", "--model", "itemitem", "--users", "60", "--items", "40", "--epochs", "1", "--out", out]
+    code, stdout, _ = run([*argv, "--lr", "1e-12"], capsys)
+    assert code == 0 and "trained ItemItem" in stdout
+    train, _ = workflow.split({"synthetic": {"num_users": 60, "num_items": 40, "seed": 0}}, 0.2)
+    rows = rankfast.data.history_features(train, half_life=5.0, floor=0.1)
+    want = rankfast.baselines.EASE(train, lam=300.0, history=rows).score(np.arange(train.num_users))
+    model = Ranker.load(out).model
+    torch.testing.assert_close(model.user_repr.features, rows)
+    torch.testing.assert_close(model.user_scores(torch.arange(train.num_users)).detach(), want, rtol=1e-4, atol=1e-5)
+    code, _, err = run([*argv[:-2], "--dim", "8", "--out", tmp_path / "other"], capsys)
+    assert code == EXIT_USAGE and "[model]: ItemItemConfig.dim" in err
+
+
 def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
     """An unknown id in a later batch: the output file keeps its old content, or is not created."""
     (tmp_path / "users.txt").write_text("3\n17\n999\n")

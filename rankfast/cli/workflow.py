@@ -28,8 +28,10 @@ model directory. Settings come from flags or a TOML file (flags win):
     movielens = "ml-latest-small"   # a name (downloaded once) or a MovieLens directory
     # or: synthetic = {num_users = 3000, num_items = 1500}
     [model]
-    type = "dot"              # dot | mlp | neumf | attention | sasrec | fm | deepfm | dcn | recnet;
-    dim = 32                  # other keys go to its config
+    type = "dot"              # dot | mlp | neumf | attention | sasrec | itemitem | fm |
+    dim = 32                  # deepfm | dcn | recnet; other keys go to its config, except
+    # itemitem's ease_lambda = 300.0 (its start: EASE^R's weights; 0: zeros), half_life = 5.0
+    # and floor = 0.1 (its users' history rows, weighted by recency)
     [train]                   # rankfast.TrainConfig fields
     epochs = 6
     loss = "softmax"
@@ -50,7 +52,11 @@ MODELS = {
     "dcn": ("DCNv2", "DCNConfig"),
     "recnet": ("RecommenderNet", "RecommenderNetConfig"),
     "sasrec": ("SASRec", "SASRecConfig"),
+    "itemitem": ("ItemItem", "ItemItemConfig"),
 }
+#: ``[model]`` keys of ``itemitem`` that build it rather than configure it, and their defaults
+#: (bench_quality's, chosen on a validation split of ml-latest-small).
+ITEMITEM_BUILD = {"ease_lambda": 300.0, "half_life": 5.0, "floor": 0.1}
 TASKS = ("ranking", "click", "rating")
 KS = (10, 20)
 TABLE_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -76,7 +82,10 @@ def defaults(data: dict, model_type: str, task: str = "ranking") -> dict:
         if model_type == "recnet":
             train["loss"] = "ce"
         return {"data": data, "test_ratio": 0.2, "threads": 1, "model": {"type": model_type, "dim": 32}, "train": train}
-    if model_type == "dot":
+    if model_type == "itemitem":  # EASE^R's weights fine-tuned by the full softmax, as in bench_quality
+        model = {"type": "itemitem", **ITEMITEM_BUILD}
+        train = {"loss": "softmax", "negatives": "all", "epochs": 4, "lr": 3e-5, "batch_size": 8192}
+    elif model_type == "dot":
         model = {"type": "dot", "dim": 256 if movielens else 32}
         train = {
             "loss": "softmax",
@@ -268,13 +277,16 @@ def build_model(model_settings: dict, train):
     from rankfast import models
 
     fields = dict(model_settings)
-    cls, config_cls = (getattr(models, name) for name in MODELS[fields.pop("type")])
+    model_type = fields.pop("type")
+    cls, config_cls = (getattr(models, name) for name in MODELS[model_type])
     schema = () if train.features is None else train.features.schema
     features = train.features if schema else None
+    build = {key: fields.pop(key, value) for key, value in ITEMITEM_BUILD.items()} if model_type == "itemitem" else {}
     try:
         config = config_cls(num_users=train.num_users, num_items=train.num_items, fields=schema, **fields)
         with torch.device("meta"):  # sized before anything is allocated
-            size = sum(p.numel() * p.element_size() for p in cls(config, features=features).parameters())
+            rows = {"user_features": torch.empty(train.num_users, train.num_items)} if build else {}
+            size = sum(p.numel() * p.element_size() for p in cls(config, features=features, **rows).parameters())
     except (TypeError, ValueError) as err:  # unknown or invalid fields of the config file
         raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -284,7 +296,23 @@ def build_model(model_settings: dict, train):
             f"more than this machine's {memory / 2**30:,.0f} GiB of memory",
             EXIT_USAGE,
         )
+    if build:
+        return _item_item(cls, config, train, **build)
     return cls(config, features=features)
+
+
+def _item_item(cls, config, train, *, ease_lambda, half_life, floor):
+    """An :class:`rankfast.models.ItemItem` over ``train``'s history rows (weighted by recency),
+    started from EASE^R's weights at ``ease_lambda`` (0: from zero)."""
+    from rankfast.baselines import ease_weights
+    from rankfast.data import history_features
+
+    try:
+        rows = history_features(train, half_life=half_life, floor=floor)
+        weights = ease_weights(train, ease_lambda) if ease_lambda else None
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
+    return cls(config, user_features=rows, weights=weights)
 
 
 def train_model(settings: dict):
