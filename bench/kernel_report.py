@@ -1,7 +1,8 @@
 """What the Triton kernels compile to on a GPU, without a GPU.
 
 Runs rankfast's real dispatch (models -> fused backend -> ops -> launchers) at
-the benchmark shapes of ``bench/bench_kernels.py`` on CPU tensors, records
+the benchmark shapes of ``bench/bench_kernels.py`` (and the deepest DCN-v2 cross
+network the dispatch takes) on CPU tensors, records
 every kernel launch instead of running it, and compiles each launch's autotune
 configurations ahead of time for a GPU target (default sm_90a, the H200:
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``). For every config
@@ -153,9 +154,10 @@ def run_din_topk():
     model_topk(model, torch.arange(256), torch.arange(512), *_history(256, 512, 100), k=100)
 
 
-def run_dcn_fwd():
+def run_dcn_fwd(layers=2, dim=16):
     """DCN-v2 at a CTR shape: 5 fields (2 user, 1 context, 2 item) of dim 16, so
-    ``D = 7 x 16 = 112`` (a 128-wide tile), 2 cross layers, deep 256-128."""
+    ``D = 7 x 16 = 112`` (a 128-wide tile), 2 cross layers, deep 256-128; or ``layers`` and
+    ``dim`` (the deepest cross network the dispatch takes: 4 layers at dim 8, ``D = 56``)."""
     from rankfast.data import Field
     from rankfast.models import DCNConfig, DCNv2
     from rankfast.scoring.backends.fused import model_scores
@@ -168,7 +170,7 @@ def run_dcn_fwd():
         Field("category", "item", buckets=64),
         Field("brand", "item", buckets=64),
     )
-    config = DCNConfig(1024, 4096, 16, fields=fields, cross_layers=2, hidden=(256, 128))
+    config = DCNConfig(1024, 4096, dim, fields=fields, cross_layers=layers, hidden=(256, 128))
     model = DCNv2(config).to(torch.bfloat16).eval()
     with torch.inference_mode():
         model_scores(model, torch.arange(1024), torch.arange(4096))
@@ -195,6 +197,7 @@ CASES = {
     "mlp fp32(tf32) B1024xN4096": lambda: run_mlp_fwd(torch.float32),
     "mlp topk bf16 B1024xN4096 k100": run_mlp_topk,
     "dcn bf16 B1024xN4096 D112": run_dcn_fwd,
+    "dcn bf16 B1024xN4096 D56 L4": lambda: run_dcn_fwd(layers=4, dim=8),
     "recnet bf16 B1024xN4096 C10": run_recnet_fwd,
     "din bf16 B256xN512 L100": run_din_fwd,
     "din topk bf16 B256xN512 L100 k100": run_din_topk,
@@ -532,7 +535,7 @@ def markdown(rows: list[dict], arch: int, every: bool, elapsed: float, note: str
         f"- rankfast commit: {_git('rev-parse', '--short', 'HEAD') or '?'}"
         + (" (with uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else ""),
         f"- Configs: {'every autotune config' if every else 'those the dispatch can pick for the case'}"
-        " (the benchmark shapes of bench/bench_kernels.py).",
+        " (the benchmark shapes of bench/bench_kernels.py, and the deepest DCN-v2 cross network the dispatch takes).",
         "- Regs and spill bytes from `ptxas -v` (Triton's flags), smem = the kernel's shared memory, "
         "HGMMA/HMMA = SASS wgmma / mma.sync instructions, dots from the TTGIR (A = where wgmma's A "
         "operand comes from), atomics = PTX opcodes with their semantics.",

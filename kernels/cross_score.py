@@ -49,8 +49,16 @@ from rankfast.kernels._common import (
 #: Widest ``x0`` (``D``, all fields' coordinates): a tile holds ``x0`` and ``x`` at full
 #: width and a layer's whole ``[D, D]`` weight feeds one dot.
 MAX_CROSS_WIDTH = 128
-#: Most cross layers (the layer loop is unrolled).
+#: Most cross layers (the layer loop is unrolled) while ``x0`` pads to at most 64 columns, and
+#: above that (:func:`max_cross_layers`): at a 128-wide tile, 3 and 4 layers spill 4 to 372 B a
+#: thread on sm_90a in every autotune config, 2 none (bench/kernel_report.py).
 MAX_CROSS_LAYERS = 4
+MAX_WIDE_CROSS_LAYERS = 2
+
+
+def max_cross_layers(width: int) -> int:
+    """Most cross layers the kernel takes for ``x0`` of ``width`` coordinates."""
+    return MAX_CROSS_LAYERS if pad_width(width) <= 64 else MAX_WIDE_CROSS_LAYERS
 
 
 def _configs():
@@ -210,9 +218,10 @@ def _check_inputs(
     for name, t in (("xu", xu), ("xi", xi)):
         check_dtype(name, t, dtype)
         check_device(name, t, device)
-    if not 1 <= len(cross_weights) <= MAX_CROSS_LAYERS or len(cross_biases) != len(cross_weights):
+    most = max_cross_layers(width)
+    if not 1 <= len(cross_weights) <= most or len(cross_biases) != len(cross_weights):
         raise ValueError(
-            f"cross_weights: expected 1..{MAX_CROSS_LAYERS} cross layers with one bias each, "
+            f"cross_weights: expected 1..{most} cross layers with one bias each at width Du + Di = {width}, "
             f"got {len(cross_weights)} weights and {len(cross_biases)} biases"
         )
     for i, (w, b) in enumerate(zip(cross_weights, cross_biases, strict=True)):
@@ -368,7 +377,7 @@ def cross_score(
         idx: ``None`` (candidates are the rows of ``xi``), ``[N]`` shared or ``[B, N]``
             per-user rows of ``xi`` (and of ``c``).
         cross_weights, cross_biases: the cross layers, ``nn.Linear`` layout ``[D, D]``, ``[D]``
-            (1 to :data:`MAX_CROSS_LAYERS`).
+            (1 to :func:`max_cross_layers` of ``D``: 4 up to 64 coordinates, 2 above).
         w_cross: ``[D]``, the output layer's weights over ``x_L``.
         a, c: the deep network's first layer split as in :func:`~rankfast.kernels.mlp_score.mlp_score`
             (``[B, H1]`` with its bias, ``[M, H1]``); None without a deep network.

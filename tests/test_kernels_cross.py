@@ -139,6 +139,10 @@ def test_scoring_only_and_its_limits(monkeypatch):
     with pytest.raises(ValueError, match="do not train it"):
         trains_fused(model)
     assert fused.scorer_for(dcn(cs.MAX_CROSS_LAYERS + 1, (7,))) is None
+    # Past 64 coordinates (D = 9 x 8 = 72, a 128-wide tile) 3 layers would spill: 2 is the most.
+    assert fused.scorer_for(dcn(cs.MAX_WIDE_CROSS_LAYERS, (7,), dim=8)) is not None
+    assert fused.scorer_for(dcn(cs.MAX_WIDE_CROSS_LAYERS + 1, (7,), dim=8)) is None
+    assert fused.scorer_for(dcn(cs.MAX_CROSS_LAYERS, (7,), dim=7)) is not None  # D = 63 takes 4
     assert fused.scorer_for(dcn(1, (7,), dim=cs.MAX_CROSS_WIDTH // 9 + 1)) is None  # D over the widest
     assert fused.scorer_for(dcn(1, (8, 8, 8, 8, 8))) is None
     assert fused.scorer_for(model.double()) is None
@@ -168,6 +172,10 @@ def test_op_level_inputs_are_checked():
             cs.cross_score(**dict(kw, xi=kw["xi"].double()))
         with pytest.raises(ValueError, match="activation"):
             cs.cross_score(**dict(kw, activation="tanh"))
+        # 3 layers past 64 coordinates (D = 72) would spill registers: the op takes 2.
+        kw = _op_args(dcn(3, (7,), dim=8), torch.tensor([0, 1], device=DEVICE), torch.arange(5, device=DEVICE))
+        with pytest.raises(ValueError, match=r"expected 1\.\.2 cross layers with one bias each at width Du \+ Di = 72"):
+            cs.cross_score(**kw)
 
 
 def test_op_matches_its_fake_and_traces_without_graph_breaks():

@@ -428,10 +428,10 @@ class _DCNAdapter:
     def covers(model: RankingModel) -> bool:
         if not isinstance(model, DCNv2):
             return False
-        cfg = model.config
+        cfg, width = model.config, model.cross[0].weight.shape[0]
         return (
-            model.cross[0].weight.shape[0] <= cs.MAX_CROSS_WIDTH
-            and cfg.cross_layers <= cs.MAX_CROSS_LAYERS
+            width <= cs.MAX_CROSS_WIDTH
+            and cfg.cross_layers <= cs.max_cross_layers(width)
             and len(cfg.hidden) <= ms.MAX_LAYERS
             and max(cfg.hidden, default=0) <= MAX_WIDTH
         )
