@@ -81,7 +81,8 @@ def defaults(data: dict, model_type: str, task: str = "ranking") -> dict:
         train = {"task": task, "epochs": 5, "lr": 1e-3, "batch_size": 1024}
         if model_type == "recnet":
             train["loss"] = "ce"
-        return {"data": data, "test_ratio": 0.2, "threads": 1, "model": {"type": model_type, "dim": 32}, "train": train}
+        model = {"type": "itemitem", **ITEMITEM_BUILD} if model_type == "itemitem" else {"type": model_type, "dim": 32}
+        return {"data": data, "test_ratio": 0.2, "threads": 1, "model": model, "train": train}
     if model_type == "itemitem":  # EASE^R's weights fine-tuned by the full softmax, as in bench_quality
         model = {"type": "itemitem", **ITEMITEM_BUILD}
         train = {"loss": "softmax", "negatives": "all", "epochs": 4, "lr": 3e-5, "batch_size": 8192}
