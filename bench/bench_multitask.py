@@ -2,7 +2,7 @@
 
 The same DotModel (dim 64, sampled softmax over 32 popularity negatives) trains alone
 and inside ``rankfast.train.MultiTask`` (a rating head on the shared embeddings) with
-each rating weight of a grid. Protocol as in bench_quality: per-user temporal 80/20;
+each rating weight of a grid. Split as in bench_quality: per-user temporal 80/20;
 each user's last 10% of training interactions are a validation split on which the
 rating weight and the number of epochs are chosen (validation NDCG@20 at the end of a
 run); the chosen settings are retrained from scratch on the whole training split and
