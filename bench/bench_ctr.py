@@ -15,17 +15,18 @@ vocabularies; its bags use 0 as padding, so bag values are shifted by one). Each
 epoch of every model is one call ("train one more epoch": rankfast's ``fit``
 resuming from its checkpoint, deepctr-torch's ``fit(epochs=1)``), the models
 alternating epoch by epoch so that all see the same load on a shared machine,
-with ``torch.set_num_threads(1)`` for all. An epoch's seconds are deepctr-torch's
+with the same ``torch.set_num_threads`` for all (``--threads``, default 1: one core's
+efficiency; torch's own default is the machine's cores). An epoch's seconds are deepctr-torch's
 whole ``fit`` call and rankfast's epoch as ``fit`` times it (its history's
 ``seconds``: the epoch's micro-batches, steps and losses); the wall time of
 rankfast's call, which also reads and writes the checkpoint and the model
 directory that the epoch-by-epoch resumption needs, is listed beside it. The
-process's CPU time of each call (``time.process_time``, one thread: what the
+process's CPU time of each call (``time.process_time``, all its threads: what the
 epoch cost, whatever else ran on the machine) is reported too. After each epoch the test AUC and
 log-loss are computed the same way for every model (``rankfast.metrics``, from
 the model's logits or probabilities).
 
-    python bench/bench_ctr.py [--epochs 5] [--out bench/results/<date>-ctr-ml-latest-small.md]
+    python bench/bench_ctr.py [--epochs 5] [--threads 1] [--out bench/results/<date>-ctr-ml-latest-small.md]
 
 Needs ``pip install deepctr-torch`` (a bench-only dependency; rankfast never imports it).
 """
@@ -156,9 +157,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="ml-latest-small")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every model (default 1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     import deepctr_torch
 
     data = datasets.load(args.data).clicks(4.0)
@@ -233,13 +235,13 @@ def report(results, args, deepctr_version, n_train, n_test, schema) -> str:
         f"jobs (load average {os.getloadavg()[0]:.1f} at the end); {platform.platform()}",
         f"- rankfast commit: {_commit()}",
         f"- versions: rankfast {rankfast.__version__}, deepctr-torch {deepctr_version}, torch {torch.__version__}, "
-        f"numpy {np.__version__}, python {platform.python_version()}; torch threads 1",
+        f"numpy {np.__version__}, python {platform.python_version()}; torch threads {args.threads}",
         f"- task: click = rating >= 4, point-wise log-loss; random 80/20 split (seed {SEED}): {n_train} training, "
         f"{n_test} test ratings",
         f"- fields: user, item, {', '.join(schema.names)}; dim {DIM}, deep {HIDDEN}, batch {BATCH}, Adam {LR}, "
         f"{args.epochs} epochs; models alternate epoch by epoch; seconds: deepctr-torch's `fit(epochs=1)` call, "
         "rankfast's epoch as `fit` times it (the whole resuming call in parentheses below)",
-        "- command: `python bench/bench_ctr.py`",
+        f"- command: `python bench/bench_ctr.py --threads {args.threads}`",
         "",
         "| model | test AUC | test log-loss | best AUC (epoch) | s / epoch | vs deepctr-torch DeepFM | "
         "vs deepctr-torch's same model | CPU s / epoch | CPU time vs deepctr-torch DeepFM |",
