@@ -82,9 +82,9 @@ class FieldEmbedding(nn.Module):
 #: Bags over at most this many table rows pool on a CPU as one matmul, ``multi_hot(bags) @ table``,
 #: when the multi-hot matrix has at most :data:`MULTI_HOT_MAX_ELEMENTS` entries; others go through
 #: ``F.embedding_bag``. Measured on one CPU core (batch 256, dim 16, bags of up to 10), forward and
-#: backward: 110 us for a 21-row table against embedding_bag's 280 us (most of it its backward's
-#: sort and zeroing), about 4% of a DCN-v2 training step on MovieLens' genres; the two break even
-#: near 500 rows. On a GPU embedding_bag is one kernel and stays.
+#: backward: 109 us for a 21-row table against embedding_bag's 242 us (most of it its backward's
+#: sort and zeroing), 2% of a DCN-v2 training step on MovieLens' genres; at 1,474 rows the matmul
+#: takes 1.9x as long (bench/bench_pooling.py). On a GPU embedding_bag is one kernel and stays.
 MULTI_HOT_MAX_ROWS = 256
 MULTI_HOT_MAX_ELEMENTS = 1 << 20
 
