@@ -200,7 +200,7 @@ def assert_score_and_select(model, users, items, want, *, context=None, rtol=1e-
     """``rankfast.score`` of ``users`` (5 of them) against ``items`` (None, ``[N]`` or ``[B, N]``)
     within ``rtol`` of ``want`` (float64 ``[B, N]``) in one block and in many (a 3,000-byte
     budget), and its top-3 with exclusions: the best 3 values of ``want`` among the kept
-    candidates, ids among them. For scorers without a fused top-K (``rankfast.score`` selects)."""
+    candidates, each id the kept candidate whose reference score is its value. For scorers without a fused top-K (``rankfast.score`` selects)."""
     import rankfast
 
     for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):
@@ -214,6 +214,9 @@ def assert_score_and_select(model, users, items, want, *, context=None, rtol=1e-
         kept = ~torch.isin(cand[row], torch.tensor(skip, dtype=cand.dtype, device=cand.device))
         assert rel_err(values[row], want[row][kept].topk(3).values) < rtol
         assert set(ids[row].tolist()) <= set(cand[row][kept].tolist())
+        # Each id is the candidate its value scores: its reference score is that value.
+        scored = torch.stack([want[row][cand[row] == i][0] for i in ids[row]])
+        assert rel_err(values[row], scored) < rtol
 
 
 def assert_rankings_match(got_ids, got_scores, want_ids, want_scores, *, rtol=SCORE_RTOL, atol=SCORE_ATOL):

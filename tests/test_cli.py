@@ -257,10 +257,8 @@ def test_train_itemitem_starts_from_ease_weights_over_recency_weighted_rows(tmp_
     code, _, err = run([*argv[:-2], "--dim", "8", "--out", tmp_path / "other"], capsys)
     assert code == EXIT_USAGE and "[model]: ItemItemConfig.dim" in err
     for task in workflow.TASKS:  # no default width, which the item-item weights would reject
-        assert workflow.defaults({"synthetic": {}}, "itemitem", task)["model"] == {
-            "type": "itemitem",
-            **workflow.ITEMITEM_BUILD,
-        }
+        model = workflow.defaults({"synthetic": {}}, "itemitem", task)["model"]
+        assert model["type"] == "itemitem" and "dim" not in model and model["ease_lambda"] == 300.0
 
 
 def test_score_failure_leaves_no_partial_output(model_dir, tmp_path, capsys):
