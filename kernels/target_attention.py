@@ -75,6 +75,7 @@ from rankfast.kernels.mlp_score import (
     _n_key,
     _tail_bwd,
     _to_rows,
+    _vec,
 )
 from rankfast.kernels.topk import excluded, merge, store_keys, tile_keys
 
@@ -127,11 +128,6 @@ def _ux(WX, cj, dd, A1, D, stride_wx):
         other=0.0,
         eviction_policy="evict_last",
     )
-
-
-@triton.jit
-def _uvec(PTR, cols, n):
-    return tl.load(PTR + cols, mask=cols < n, other=0.0, eviction_policy="evict_last").to(tl.float32)
 
 
 @triton.jit
@@ -195,16 +191,16 @@ def _unit(
             )
             acc2 = dot(cast(a1, w2.dtype), w2, acc2, PREC=PREC)
         else:
-            logit += tl.sum(a1 * _uvec(UWO, cj, A1)[None, :], axis=1)
+            logit += tl.sum(a1 * _vec(UWO, cj, A1)[None, :], axis=1)
     if NU >= 2:
-        a2 = act_fn(acc2 + _uvec(UB2, c2, A2)[None, :], ACT)
+        a2 = act_fn(acc2 + _vec(UB2, c2, A2)[None, :], ACT)
         if NU == 3:
             c3 = tl.arange(0, A3P)
             w3 = tl.load(UW3 + c3[None, :] * A2 + c2[:, None], mask=(c3[None, :] < A3) & (c2[:, None] < A2), other=0.0)
-            a3 = act_fn(dot(cast(a2, w3.dtype), w3, PREC=PREC) + _uvec(UB3, c3, A3)[None, :], ACT)
-            logit = tl.sum(a3 * _uvec(UWO, c3, A3)[None, :], axis=1)
+            a3 = act_fn(dot(cast(a2, w3.dtype), w3, PREC=PREC) + _vec(UB3, c3, A3)[None, :], ACT)
+            logit = tl.sum(a3 * _vec(UWO, c3, A3)[None, :], axis=1)
         else:
-            logit = tl.sum(a2 * _uvec(UWO, c2, A2)[None, :], axis=1)
+            logit = tl.sum(a2 * _vec(UWO, c2, A2)[None, :], axis=1)
     return logit + tl.load(UBO).to(tl.float32), acc2
 
 
@@ -808,16 +804,16 @@ def _unit_bwd(
     accumulate(DUBO, tl.sum(ds, axis=0))
     if NU >= 2:
         # Step 1: the layers after the first, from the forward's acc2, backpropagated to dz2.
-        z2 = acc2 + _uvec(UB2, c2, A2)[None, :]
+        z2 = acc2 + _vec(UB2, c2, A2)[None, :]
         a2 = act_fn(z2, ACT)
         if NU == 3:
             c3 = tl.arange(0, A3P)
             m3 = c3 < A3
             w3 = tl.load(UW3 + c3[None, :] * A2 + c2[:, None], mask=m3[None, :] & m2[:, None], other=0.0)
             a2c = cast(a2, w3.dtype)
-            z3 = dot(a2c, w3, PREC=PREC) + _uvec(UB3, c3, A3)[None, :]
+            z3 = dot(a2c, w3, PREC=PREC) + _vec(UB3, c3, A3)[None, :]
             accumulate(DUWO + c3, tl.sum(act_fn(z3, ACT) * ds[:, None], axis=0), m3)
-            dz3 = ds[:, None] * _uvec(UWO, c3, A3)[None, :] * act_grad(z3, ACT)
+            dz3 = ds[:, None] * _vec(UWO, c3, A3)[None, :] * act_grad(z3, ACT)
             accumulate(DUB3 + c3, tl.sum(dz3, axis=0), m3)
             dz3c = cast(dz3, w3.dtype)
             dw3 = dot(tl.trans(dz3c), a2c, PREC=PREC)  # [A3P, A2P] = DUW3
@@ -825,7 +821,7 @@ def _unit_bwd(
             da2 = dot(dz3c, tl.trans(w3), PREC=PREC)
         else:
             accumulate(DUWO + c2, tl.sum(a2 * ds[:, None], axis=0), m2)
-            da2 = ds[:, None] * _uvec(UWO, c2, A2)[None, :]
+            da2 = ds[:, None] * _vec(UWO, c2, A2)[None, :]
         dz2 = da2 * act_grad(z2, ACT)
         accumulate(DUB2 + c2, tl.sum(dz2, axis=0), m2)
         dz2c = cast(dz2, UW2.dtype.element_ty)
@@ -844,7 +840,7 @@ def _unit_bwd(
             da1 = dot(dz2c, tl.trans(w2), PREC=PREC)
         else:
             accumulate(DUWO + cj, tl.sum(a1 * ds[:, None], axis=0), mj)
-            da1 = ds[:, None] * _uvec(UWO, cj, A1)[None, :]
+            da1 = ds[:, None] * _vec(UWO, cj, A1)[None, :]
         dz1 = da1 * act_grad(z1, ACT)
         dz1c = cast(dz1, wx.dtype)
         dwx = dot(tl.trans(x), dz1c, PREC=PREC)  # [DP, UJ] = DWX[cj, :]^T
