@@ -200,7 +200,8 @@ def assert_score_and_select(model, users, items, want, *, context=None, rtol=1e-
     """``rankfast.score`` of ``users`` (5 of them) against ``items`` (None, ``[N]`` or ``[B, N]``)
     within ``rtol`` of ``want`` (float64 ``[B, N]``) in one block and in many (a 3,000-byte
     budget), and its top-3 with exclusions: the best 3 values of ``want`` among the kept
-    candidates, each id the kept candidate whose reference score is its value. For scorers without a fused top-K (``rankfast.score`` selects)."""
+    candidates, each id the kept candidate whose reference score is its value. For scorers
+    without a fused top-K (``rankfast.score`` selects)."""
     import rankfast
 
     for budget in (rankfast.scoring.DEFAULT_MEMORY_BUDGET, 3000):
