@@ -109,8 +109,6 @@ def pool_bags(bags: torch.Tensor, weight: torch.Tensor, pooling: str) -> torch.T
     if pooling == "mean":
         share = share / valid.sum(-1, keepdim=True).clamp_min(1)
     hot = weight.new_zeros(*bags.shape[:-1], weight.shape[0]).scatter_add_(-1, slots, share)
-    if not torch.is_autocast_enabled("cpu"):
-        return hot @ weight
     with torch.autocast("cpu", enabled=False):  # pooled in the table's dtype, as embedding_bag pools
         return hot @ weight
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfast._ids import history_mask
 from rankfast.models.base import ModelConfig, RankingModel, check_activation, check_dropout, check_positive_int
 from rankfast.models.layers import MLP
 
@@ -125,7 +126,7 @@ class SASRec(RankingModel):
         length = history.shape[1]
         if length > self.config.max_len:
             raise ValueError(f"history: SASRec.encode reads at most max_len={self.config.max_len} items, got {length}")
-        valid = torch.arange(length, device=history.device) < lengths[:, None]
+        valid = history_mask(lengths, length)
         # Padding sits after the valid items, so causal attention never lets a valid item see it.
         return self.dropout(self.item_repr(history.masked_fill(~valid, 0)) + self.positions.weight[:length])
 
@@ -172,7 +173,7 @@ class SASRec(RankingModel):
             x = block(x)
         rows = torch.arange(b, device=history.device)
         last = self.blocks[-1].attention(x)[rows, :, (lens - 1).clamp(min=0)].mean(1)  # [B, length]
-        valid = torch.arange(length, device=history.device) < lens[:, None]
+        valid = history_mask(lens, length)
         return weights.scatter_(1, start[:, None] + torch.arange(length, device=history.device), last * valid)
 
     def forward(self, users, items, history=None, lengths=None):

@@ -600,7 +600,7 @@ def model_topk(
     ``[B, min(k, N)]``, the rules of :func:`rankfast.score` with ``k`` (``k`` clamped to the ``N``
     candidates, ``exclude`` by item id, NaN last, ties to the earlier candidate, padding id -1 /
     score -inf; ``k`` up to ``rankfast.kernels.topk.MAX_K``). ``splits``: programs per user (0: automatic)."""
-    if isinstance(model, DCNv2 | RecommenderNet):
+    if (scorer := scorer_for(model)) is not None and scorer.max_fused_k == 0:
         raise ValueError(
             f"model: {type(model).__name__} has no fused score + top-K; rankfast.score(..., k=) scores and selects it"
         )
