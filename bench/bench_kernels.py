@@ -398,8 +398,8 @@ def topk_case(dtype=torch.bfloat16, k=100):
 
     def check():
         outs = first_calls(case)
-        values = outs["rankfast"][1]
-        _close(values, outs["rankfast-unfused"].values, "fused vs unfused top-K values", 1e-6)
+        if "rankfast" in outs:  # BENCH_IMPLS may leave the fused top-K out; the references always run
+            _close(outs["rankfast"][1], outs["rankfast-unfused"].values, "fused vs unfused top-K values", 1e-6)
         for name, got in outs.items():
             if name != "rankfast":
                 _close(got.values, outs["eager"].values, f"{name} vs eager top-K values", 2e-2)

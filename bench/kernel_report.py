@@ -20,7 +20,7 @@ ship with Triton:
 "Dispatchable" configs are those the autotuner can pick for the case's shapes
 (after its pruning); ``--all`` compiles every config of every autotuner.
 
-The rules (``--check``; ``tests/test_kernel_report.py`` runs them in CI) for
+The rules (``--check``; ``tests/test_bench_scripts.py`` runs them in CI) for
 every dispatchable config: no spills, shared memory within the target's
 limit, and every dot of a pair layer (a layer applied to (user, candidate)
 pair rows or (pair, history item) rows; ``PAIR_LAYERS`` names their
