@@ -62,6 +62,7 @@ def test_forward_and_user_scores_match_a_hand_computation_without_the_diagonal()
     forward = pair_forward(model, every, torch.arange(ITEMS))
     torch.testing.assert_close(model.user_scores(every), forward, rtol=1e-12, atol=1e-12)
     subset = torch.tensor([5, 0, 5, 12])
+    np.testing.assert_allclose(model.user_scores(every, subset).detach().numpy(), want[:, subset], rtol=1e-12)
     torch.testing.assert_close(catalogue_scores(model, users, subset), forward[users][:, subset])
 
 

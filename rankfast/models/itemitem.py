@@ -93,13 +93,17 @@ class ItemItem(RankingModel):
         own = rows.gather(-1, items[..., None])[..., 0] * self.weights[items, items]
         return (rows * columns).sum(-1) - own + self.item_bias[items]
 
-    def user_scores(self, users: torch.Tensor) -> torch.Tensor:
-        """``[len(users), num_items]``: each user's score of every item, with gradients. The
-        rows are sparse (a user's items), so the product sums the weights' rows of each user's
-        items (``F.embedding_bag``) rather than multiplying a dense ``[users, items]`` matrix."""
+    def user_scores(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(users), len(items)]``: each user's score of ``items [N]`` (None: every item, in
+        order), with gradients. The rows are sparse (a user's items), so the product sums the
+        weights' rows of each user's items, restricted to the candidates' columns
+        (``F.embedding_bag``), rather than multiplying a dense ``[users, items]`` matrix."""
         rows = self.user_repr(users)
         owner, cols = rows.nonzero(as_tuple=True)  # row-major: owners ascending
         offsets = torch.searchsorted(owner, torch.arange(len(rows), device=rows.device))
-        w = self.weights
+        w, bias = self.weights, self.item_bias
+        own = rows * torch.diagonal(w)
+        if items is not None:  # only the candidates' columns: a part of the catalogue costs its share
+            w, bias, own = w[:, items], bias[items], own[:, items]
         out = F.embedding_bag(cols, w, offsets, mode="sum", per_sample_weights=rows[owner, cols].to(w.dtype))
-        return out - rows * torch.diagonal(w) + self.item_bias
+        return out - own + bias

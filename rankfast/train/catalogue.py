@@ -30,8 +30,7 @@ def catalogue_scores(model: RankingModel, users: torch.Tensor, items: torch.Tens
         user_term = model.user_bias[users] + model.bias
         return model.user_repr(users) @ rows.T + item_bias[None, :] + user_term[:, None]
     if isinstance(model, ItemItem):
-        scores = model.user_scores(users)
-        return scores if items is None else scores[:, items]
+        return model.user_scores(users, items)
     if items is None:
         items = torch.arange(model.config.num_items, device=users.device)
     pair_users = users.repeat_interleave(len(items))
