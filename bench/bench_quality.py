@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from rankfast import datasets
-from rankfast.baselines import ALS, EASE, Popularity, ease_weights
+from rankfast.baselines import ALS, EASE, Popularity
 from rankfast.data import history_features, temporal_split
 from rankfast.ensemble import Blend
 from rankfast.evaluate import evaluate
@@ -263,8 +263,7 @@ def main():
             if name in EASE_STARTS:
                 lam, weighting = EASE_STARTS[name]
                 config = config_cls(num_users=train.num_users, num_items=train.num_items, **fields)
-                rows, weights = history_features(data, **weighting), ease_weights(data, lam)
-                return model_cls(config, user_features=rows, weights=weights)
+                return model_cls.from_interactions(config, data, ease_lambda=lam, **weighting)
             if name not in HISTORY_USERS:
                 return model_cls(config_cls(num_users=train.num_users, num_items=train.num_items, **fields))
             config = config_cls(

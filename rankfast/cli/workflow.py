@@ -298,22 +298,11 @@ def build_model(model_settings: dict, train):
             EXIT_USAGE,
         )
     if build:
-        return _item_item(cls, config, train, **build)
+        try:
+            return cls.from_interactions(config, train, **build)
+        except (TypeError, ValueError) as err:  # a bad ease_lambda, half_life or floor
+            raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
     return cls(config, features=features)
-
-
-def _item_item(cls, config, train, *, ease_lambda, half_life, floor):
-    """An :class:`rankfast.models.ItemItem` over ``train``'s history rows (weighted by recency),
-    started from EASE^R's weights at ``ease_lambda`` (0: from zero)."""
-    from rankfast.baselines import ease_weights
-    from rankfast.data import history_features
-
-    try:
-        rows = history_features(train, half_life=half_life, floor=floor)
-        weights = ease_weights(train, ease_lambda) if ease_lambda else None
-    except (TypeError, ValueError) as err:
-        raise CLIError(f"[model]: {err}", EXIT_USAGE) from None
-    return cls(config, user_features=rows, weights=weights)
 
 
 def train_model(settings: dict):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankfast.baselines import ease_weights
+from rankfast.data import history_features
 from rankfast.models.base import ModelConfig, RankingModel
 
 
@@ -81,6 +83,17 @@ class ItemItem(RankingModel):
                 if tuple(weights.shape) != shape:
                     raise ValueError(f"weights: expected shape {shape}, got {tuple(weights.shape)}")
                 self.weights.copy_(weights)
+
+    @classmethod
+    def from_interactions(
+        cls, config: ItemItemConfig, data, *, ease_lambda: float | None, half_life: float | None, floor: float
+    ) -> ItemItem:
+        """An ItemItem over ``data``'s users: their history rows weighted by recency
+        (:func:`rankfast.data.history_features` with ``half_life`` and ``floor``), its weights
+        starting at EASE^R's fitted on ``data`` at ``ease_lambda``
+        (:func:`rankfast.baselines.ease_weights`; None or 0: at zero)."""
+        rows = history_features(data, half_life=half_life, floor=floor)
+        return cls(config, user_features=rows, weights=ease_weights(data, ease_lambda) if ease_lambda else None)
 
     @property
     def weights(self) -> torch.Tensor:
