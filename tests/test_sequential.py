@@ -89,6 +89,8 @@ def test_history_weights_are_the_last_blocks_attention_at_the_last_item(name):
         want[n - len(last) : n] = last
         torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(model.history_weights(users, items.flip(0), history, lengths), got)
+    rows = torch.tensor([2, 2, 5, 2])  # a history repeated per candidate, as explanations ask: encoded once
+    torch.testing.assert_close(model.history_weights(users[rows], items[rows], history[rows], lengths[rows]), got[rows])
     assert torch.equal(model.history_weights(users, items, history[:, :0], lengths * 0), history[:, :0].double())
 
 

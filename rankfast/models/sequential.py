@@ -162,7 +162,12 @@ class SASRec(RankingModel):
         block's attention from the last valid position, averaged over its heads (the weights
         over the items read sum to 1). The same for every candidate (``items`` is unused: the
         user vector does not depend on it); 0 at padding and at items older than the last
-        ``max_len``. What :meth:`rankfast.Ranker.explain` reports."""
+        ``max_len``. What :meth:`rankfast.Ranker.explain` reports. Each distinct history is
+        encoded once (an explanation repeats the user's history for every candidate)."""
+        self._window(history, lengths)  # the shapes, checked before deduplicating
+        keys, inverse = torch.unique(torch.cat([history, lengths[:, None]], dim=1), dim=0, return_inverse=True)
+        if len(keys) < len(history):
+            return self.history_weights(None, None, keys[:, :-1], keys[:, -1])[inverse]
         window, lens, start = self._window(history, lengths)
         weights = self.norm.weight.new_zeros(history.shape)
         b, length = window.shape
