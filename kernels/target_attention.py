@@ -2323,8 +2323,14 @@ def _check_values(hist, lengths, q, idx):
     if torch.compiler.is_compiling() or not lengths.numel():
         return
     length = hist.shape[1]
-    bad = torch.stack([(lengths < 0).any(), (lengths > length).any()])
-    if bool(bad.any()):
-        raise ValueError(f"lengths: each must lie in [0, L={length}], got [{int(lengths.min())}, {int(lengths.max())}]")
+    flags = [(lengths < 0).any(), (lengths > length).any()]
     if idx is not None:
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
+        flags.append(((idx < 0) | (idx >= q.shape[0])).any())
+    if bool(torch.stack(flags).any()):  # the one sync; the messages below only run when a check failed
+        if bool(flags[0] | flags[1]):
+            raise ValueError(
+                f"lengths: each must lie in [0, L={length}], got [{int(lengths.min())}, {int(lengths.max())}]"
+            )
         check_index("idx", idx, q.shape[0])

@@ -263,6 +263,27 @@ def test_inputs_are_checked():
     assert fused_backend.scorer_for(dot) is fused_backend.FusedAttentionScorer
 
 
+def test_op_level_values_are_checked():
+    """The op's own value checks (one device sync for all): a length past L and a candidate
+    index out of range are errors naming them, a float index a TypeError."""
+    from rankfast.kernels import target_attention as ta
+
+    model = make(hidden=(24,), unit_hidden=(20,))
+    users, items, history, lengths = inputs(b=2, n=3, lengths=(3, 0))
+    with torch.no_grad():
+        kw = dict(fused_backend.op_call(model, users, items, history, lengths).kwargs, check_ids=True)
+        ta.target_attention_score(**kw)  # as given: valid
+        with pytest.raises(ValueError, match=r"lengths: each must lie in \[0, L="):
+            ta.target_attention_score(**dict(kw, lengths=kw["lengths"] + history.shape[1]))
+        rows = kw["q"].shape[0]
+        idx = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
+        ta.target_attention_score(**dict(kw, idx=idx))
+        with pytest.raises(ValueError, match=f"idx: id {rows} out of range"):
+            ta.target_attention_score(**dict(kw, idx=idx + rows))
+        with pytest.raises(TypeError, match="idx: expected int32 or int64"):
+            ta.target_attention_score(**dict(kw, idx=idx.float()))
+
+
 def test_op_fake_and_tracing():
     model = make(hidden=(24, 16), unit_hidden=(20, 10))
     users, items, history, lengths = inputs(b=3, n=7, lengths=(4, 0, 21))
