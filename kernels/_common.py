@@ -132,6 +132,18 @@ def check_device(name: str, t: torch.Tensor, device: torch.device):
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
 
 
+def check_index_layout(idx: torch.Tensor | None, rows: int, device: torch.device):
+    """A candidate index ``idx`` (None: none): ``[N]`` shared or ``[B=rows, N]`` per row, int32 or
+    int64, on ``device``."""
+    if idx is None:
+        return
+    if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != rows):
+        raise ValueError(f"idx: expected [N] or [B={rows}, N], got {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
+    check_device("idx", idx, device)
+
+
 def check_index(name: str, idx: torch.Tensor, high: int):
     """A candidate index: int32 or int64 rows in ``[0, high)`` (an id out of range would read out of bounds)."""
     if idx.dtype not in (torch.int32, torch.int64):

@@ -38,6 +38,7 @@ from rankfast.kernels._common import (
     check_device,
     check_dtype,
     check_index,
+    check_index_layout,
     check_precision,
     configs,
     default_precision,
@@ -237,12 +238,7 @@ def _check_inputs(
         raise ValueError(f"w_cross: expected [{width}] (the output layer's cross weights), got {tuple(w_cross.shape)}")
     if b_out.numel() != 1:
         raise ValueError(f"b_out: expected one element, got shape {tuple(b_out.shape)}")
-    if idx is not None:
-        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != xu.shape[0]):
-            raise ValueError(f"idx: expected [N] or [B={xu.shape[0]}, N], got {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
-        check_device("idx", idx, device)
+    check_index_layout(idx, xu.shape[0], device)
     if (a is None) != (c is None) or (a is None) != (w_deep is None):
         raise ValueError("a, c, w_deep: give the deep network's split terms and output weights, or none of them")
     if a is None:

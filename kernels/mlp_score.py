@@ -57,6 +57,7 @@ from rankfast.kernels._common import (
     check_device,
     check_dtype,
     check_index,
+    check_index_layout,
     check_precision,
     check_split_term,
     configs,
@@ -1155,12 +1156,7 @@ def _check_inputs(a, c, idx, gu, gi, weights, biases, w_out, b_out, activation, 
         raise ValueError(f"w_out: expected [{width}] (the output layer's weights), got {tuple(w_out.shape)}")
     if b_out.numel() != 1:
         raise ValueError(f"b_out: expected one element, got shape {tuple(b_out.shape)}")
-    if idx is not None:
-        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != a.shape[0]):
-            raise ValueError(f"idx: expected [N] or [B={a.shape[0]}, N], got {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
-        check_device("idx", idx, device)
+    check_index_layout(idx, a.shape[0], device)
     if (gu is None) != (gi is None):
         raise ValueError("gu, gi: give both GMF inputs or neither")
     if gu is not None:

@@ -56,6 +56,7 @@ from rankfast.kernels._common import (
     check_device,
     check_dtype,
     check_index,
+    check_index_layout,
     check_precision,
     check_split_term,
     configs,
@@ -1349,12 +1350,7 @@ def _prepare(
         check_split_term(name, t, dtype)
     for name, t in (("q", q), ("cq", cq), ("a", a), ("wp", wp)):
         check_device(name, t, device)
-    if idx is not None:
-        if idx.dim() not in (1, 2) or (idx.dim() == 2 and idx.shape[0] != B):
-            raise ValueError(f"idx: expected [N] or [B={B}, N], got {tuple(idx.shape)}")
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
-        check_device("idx", idx, device)
+    check_index_layout(idx, B, device)
     if not 1 <= len(weights) + 1 <= MAX_LAYERS or len(biases) != len(weights):
         raise ValueError(f"weights: expected 0..{MAX_LAYERS - 1} output-MLP layers after the first, one bias each")
     widths = [a.shape[1]]
@@ -2325,8 +2321,7 @@ def _check_values(hist, lengths, q, idx):
     length = hist.shape[1]
     flags = [(lengths < 0).any(), (lengths > length).any()]
     if idx is not None:
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"idx: expected int32 or int64 ids, got {idx.dtype}")
+        check_index_layout(idx, hist.shape[0], idx.device)
         flags.append(((idx < 0) | (idx >= q.shape[0])).any())
     if bool(torch.stack(flags).any()):  # the one sync; the messages below only run when a check failed
         if bool(flags[0] | flags[1]):
